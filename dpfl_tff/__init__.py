@@ -1,0 +1,1 @@
+"""dpfl_tff: differentially private federated learning simulations on TFF."""

@@ -1,0 +1,240 @@
+"""Experiment configuration: frozen dataclasses, validated in one place.
+
+Drivers parse flags into these objects and nothing else; the library reads
+only these objects. Every check raises `ConfigError` with one line naming the
+flag, the value and the allowed range, before any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+DP_MODES = ("none", "central")
+CLIENT_SAMPLING = ("poisson", "uniform")
+ACCOUNTANTS = ("rdp", "pld")
+OPTIMIZERS = ("sgd", "sgdm", "adam")
+PARTITIONS = ("iid", "dirichlet")
+
+
+class ConfigError(ValueError):
+    """A flag value outside its allowed range. The message is one line."""
+
+
+def _finite(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"--{name}={value}: must be a finite number")
+
+
+def _positive(name: str, value: float) -> None:
+    _finite(name, value)
+    if value <= 0:
+        raise ConfigError(f"--{name}={value}: must be > 0")
+
+
+def _nonnegative(name: str, value: float) -> None:
+    _finite(name, value)
+    if value < 0:
+        raise ConfigError(f"--{name}={value}: must be >= 0")
+
+
+def _int_at_least(name: str, value: int, low: int) -> None:
+    if not isinstance(value, int) or value < low:
+        raise ConfigError(f"--{name}={value}: must be an integer >= {low}")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"--{name}={value}: must be one of {', '.join(allowed)}")
+
+
+def _open_unit(name: str, value: float) -> None:
+    _finite(name, value)
+    if not 0 < value < 1:
+        raise ConfigError(f"--{name}={value}: must be in the open interval (0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """Which federated data set and how it is split into clients.
+
+    Attributes:
+      task: registered task name (`dpfl_tff.tasks.TASKS`).
+      num_clients: number of clients the training data is split into (tasks
+        with a natural client split may ignore it; see the task).
+      partition: `iid` (equal random shards) or `dirichlet` (label skew).
+      dirichlet_alpha: concentration of the per-label Dirichlet; smaller is
+        more skewed. Used when partition is `dirichlet`.
+      test_fraction: share of the data held out as the central test set.
+      synthetic_examples_per_client: `synthetic` task only.
+      synthetic_input_dim: `synthetic` task only; flat input size.
+      synthetic_num_classes: `synthetic` task only.
+    """
+
+    task: str = "digits"
+    num_clients: int = 100
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    test_fraction: float = 0.2
+    synthetic_examples_per_client: int = 20
+    synthetic_input_dim: int = 32
+    synthetic_num_classes: int = 10
+
+    def validate(self) -> None:
+        from dpfl_tff import tasks  # late import: registry imports TF
+
+        _choice("task", self.task, tuple(tasks.TASKS))
+        _int_at_least("num_clients", self.num_clients, 1)
+        _choice("partition", self.partition, PARTITIONS)
+        _positive("dirichlet_alpha", self.dirichlet_alpha)
+        _open_unit("test_fraction", self.test_fraction)
+        _int_at_least("synthetic_examples_per_client", self.synthetic_examples_per_client, 1)
+        _int_at_least("synthetic_input_dim", self.synthetic_input_dim, 1)
+        _int_at_least("synthetic_num_classes", self.synthetic_num_classes, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The federated optimisation (FedAvg) and its schedule.
+
+    Attributes:
+      model: registered model name (`dpfl_tff.models.MODELS`).
+      rounds: number of federated rounds to run.
+      clients_per_round: expected cohort size m. Poisson sampling includes
+        each client with probability m / num_clients; uniform sampling draws
+        exactly m without replacement.
+      client_sampling: `poisson` or `uniform`.
+      client_epochs: local passes over each client's data per round.
+      client_batch_size: local minibatch size.
+      client_optimizer, server_optimizer: `sgd`, `sgdm` (momentum 0.9), `adam`.
+      client_learning_rate, server_learning_rate: step sizes.
+      eval_every: evaluate on the test split every this many rounds (and after
+        the last round); 0 evaluates only after the last round.
+      seed: seeds the client split, client sampling and model initialisation.
+        It never seeds the DP noise.
+    """
+
+    model: str = "mlp"
+    rounds: int = 50
+    clients_per_round: int = 10
+    client_sampling: str = "poisson"
+    client_epochs: int = 1
+    client_batch_size: int = 20
+    client_optimizer: str = "sgd"
+    client_learning_rate: float = 0.1
+    server_optimizer: str = "sgdm"
+    server_learning_rate: float = 1.0
+    eval_every: int = 5
+    seed: int = 0
+
+    def validate(self, num_clients: int) -> None:
+        from dpfl_tff import models
+
+        _choice("model", self.model, tuple(models.MODELS))
+        _int_at_least("rounds", self.rounds, 1)
+        _int_at_least("clients_per_round", self.clients_per_round, 1)
+        if self.clients_per_round > num_clients:
+            raise ConfigError(
+                f"--clients_per_round={self.clients_per_round}: must be <= --num_clients={num_clients}"
+            )
+        _choice("client_sampling", self.client_sampling, CLIENT_SAMPLING)
+        _int_at_least("client_epochs", self.client_epochs, 1)
+        _int_at_least("client_batch_size", self.client_batch_size, 1)
+        _choice("client_optimizer", self.client_optimizer, OPTIMIZERS)
+        _choice("server_optimizer", self.server_optimizer, OPTIMIZERS)
+        _positive("client_learning_rate", self.client_learning_rate)
+        _positive("server_learning_rate", self.server_learning_rate)
+        _int_at_least("eval_every", self.eval_every, 0)
+        _int_at_least("seed", self.seed, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPConfig:
+    """Differential privacy of the aggregation, and how it is accounted.
+
+    Attributes:
+      mode: `none` (plain averaging, no guarantee) or `central` (the server
+        clips each client update to L2 norm `clip_norm` and adds Gaussian
+        noise of standard deviation `noise_multiplier * clip_norm` to the sum).
+      noise_multiplier: z, noise std in units of the clip norm.
+      clip_norm: C, L2 clip of each client's model update (the initial clip
+        when adaptive).
+      adaptive_clipping: adapt C towards a quantile of the update norms
+        (Andrew et al. 2021, arXiv:1905.03871).
+      target_unclipped_quantile: quantile the adaptive clip tracks.
+      clip_learning_rate: geometric learning rate of the adaptive clip.
+      clipped_count_stddev: noise std of the clipped-count release; None is
+        TFF's default 0.05 * clients_per_round.
+      target_delta: delta of the reported (epsilon, delta); None is
+        1 / num_clients**1.1.
+      accountant: `rdp` or `pld`.
+      noise_seed: seeds the DP noise. For tests only: a published seed lets
+        anyone subtract the noise. None draws noise from OS entropy.
+    """
+
+    mode: str = "central"
+    noise_multiplier: float = 1.0
+    clip_norm: float = 1.0
+    adaptive_clipping: bool = False
+    target_unclipped_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    clipped_count_stddev: float | None = None
+    target_delta: float | None = None
+    accountant: str = "rdp"
+    noise_seed: int | None = None
+
+    def validate(self) -> None:
+        _choice("dp_mode", self.mode, DP_MODES)
+        _nonnegative("noise_multiplier", self.noise_multiplier)
+        _positive("clip_norm", self.clip_norm)
+        _open_unit("target_unclipped_quantile", self.target_unclipped_quantile)
+        _positive("clip_learning_rate", self.clip_learning_rate)
+        if self.clipped_count_stddev is not None:
+            _positive("clipped_count_stddev", self.clipped_count_stddev)
+        if self.target_delta is not None:
+            _open_unit("target_delta", self.target_delta)
+        _choice("accountant", self.accountant, ACCOUNTANTS)
+        if self.noise_seed is not None:
+            _int_at_least("noise_seed", self.noise_seed, 0)
+        if self.mode == "central" and self.noise_multiplier == 0:
+            raise ConfigError(
+                "--noise_multiplier=0 with --dp_mode=central: zero noise gives no privacy "
+                "(epsilon is infinite); use --dp_mode=none to train without DP, "
+                "or set --noise_multiplier > 0"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one run needs; `validate()` checks all of it at once."""
+
+    task: TaskConfig = TaskConfig()
+    train: TrainConfig = TrainConfig()
+    dp: DPConfig = DPConfig()
+    output_dir: str = "/tmp/dpfl_tff/quickstart"
+
+    def validate(self) -> ExperimentConfig:
+        self.task.validate()
+        self.train.validate(self.task.num_clients)
+        self.dp.validate()
+        if not self.output_dir:
+            raise ConfigError("--output_dir is empty: give a folder for the experiment's outputs")
+        return self
+
+    @property
+    def target_delta(self) -> float:
+        """The delta every reported epsilon is computed at."""
+        if self.dp.target_delta is not None:
+            return self.dp.target_delta
+        return default_delta(self.task.num_clients)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["resolved_target_delta"] = self.target_delta
+        return d
+
+
+def default_delta(num_clients: int) -> float:
+    """1 / N**1.1: below 1/N, so that 'release one client's data' is excluded."""
+    return 1.0 / num_clients**1.1

@@ -1,0 +1,162 @@
+"""Privacy accounting: configuration -> DpEvent -> (epsilon, delta).
+
+The event of one round is built from the same `ExperimentConfig` that builds
+the aggregator (`aggregators.central_noise`) and the client sampler
+(`sampling.py`), so the number reported is the number of what runs.
+
+Guarantees (client-level DP: neighbouring data sets differ in one client's
+whole data):
+
+* `client_sampling=poisson`: each client joins a round independently with
+  probability q = m / N. One round is `PoissonSampledDpEvent(q,
+  GaussianDpEvent(z))` under the add-or-remove-one relation; the sum's L2
+  sensitivity is C and the noise std is z C.
+* `client_sampling=uniform`: exactly m of N clients, drawn without
+  replacement. Only the replace-one relation has a sound analysis
+  (`SampledWithoutReplacementDpEvent`, Wang, Balle, Kasiviswanathan 2019,
+  arXiv:1808.00087). Replacing one client moves the sum of updates clipped
+  to C by up to 2C, so with noise std z C the event's noise multiplier is z/2.
+
+Rounds compose; epsilon is reported at `ExperimentConfig.target_delta`.
+Composition is linear in RDP, so the per-round RDP curve is computed once and
+scaled; PLD self-composes the per-round distribution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import dp_accounting
+from dp_accounting import pld
+from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
+
+from dpfl_tff.config import ConfigError, ExperimentConfig
+from dpfl_tff.privacy.aggregators import central_noise
+
+ADD_OR_REMOVE_ONE = "add_or_remove_one"
+REPLACE_ONE = "replace_one"
+_RELATIONS = {
+    ADD_OR_REMOVE_ONE: dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+    REPLACE_ONE: dp_accounting.NeighboringRelation.REPLACE_ONE,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundPrivacy:
+    """The DP event of one training round and the relation it holds under."""
+
+    event: dp_accounting.DpEvent
+    neighboring_relation: str  # ADD_OR_REMOVE_ONE or REPLACE_ONE
+    noise_multiplier: float  # effective z of what the server adds, in clip units
+    description: str
+
+
+def round_privacy(cfg: ExperimentConfig) -> RoundPrivacy | None:
+    """The DP event of one round of `cfg`, or None without DP.
+
+    Raises:
+      ValueError: if the adaptive-clipping noise split is impossible.
+    """
+    if cfg.dp.mode == "none":
+        return None
+    n, m = cfg.task.num_clients, cfg.train.clients_per_round
+    z = central_noise(cfg.dp, m).effective_noise_multiplier
+    if cfg.train.client_sampling == "poisson":
+        q = m / n
+        return RoundPrivacy(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)),
+            ADD_OR_REMOVE_ONE,
+            z,
+            f"Poisson sampling q={q:.6g}, Gaussian z={z:.6g}, add-or-remove-one",
+        )
+    return RoundPrivacy(
+        dp_accounting.SampledWithoutReplacementDpEvent(n, m, dp_accounting.GaussianDpEvent(z / 2)),
+        REPLACE_ONE,
+        z,
+        f"fixed cohort {m} of {n} without replacement, Gaussian z/2={z / 2:.6g} "
+        "(replace-one sensitivity 2C), replace-one",
+    )
+
+
+def make_accountant(kind: str, relation: str) -> dp_accounting.PrivacyAccountant:
+    """An empty RDP or PLD accountant for `relation`."""
+    rel = _RELATIONS[relation]
+    if kind == "rdp":
+        return dp_accounting.rdp.RdpAccountant(neighboring_relation=rel)
+    if kind == "pld":
+        return pld.PLDAccountant(neighboring_relation=rel)
+    raise ValueError(f"--accountant={kind}: must be one of rdp, pld")
+
+
+def epsilon_after(rp: RoundPrivacy, rounds: int, delta: float, accountant: str) -> float:
+    """Epsilon of `rounds` composed rounds at `delta` (inf if unsupported)."""
+    if rounds == 0:
+        return 0.0
+    acc = make_accountant(accountant, rp.neighboring_relation)
+    if not acc.supports(rp.event):
+        raise ConfigError(
+            f"--accountant={accountant}: dp-accounting cannot account {rp.description}; use --accountant=rdp"
+        )
+    acc.compose(rp.event, rounds)
+    return float(acc.get_epsilon(delta))
+
+
+class EpsilonTracker:
+    """Epsilon after each round, computed incrementally.
+
+    RDP: the per-round RDP curve is computed once; after t rounds it is t
+    times that curve (RDP composes additively), converted at `delta`.
+    PLD: the per-round privacy loss distribution is built once and
+    self-composed t times.
+    """
+
+    def __init__(self, rp: RoundPrivacy, delta: float, accountant: str):
+        self.round_privacy = rp
+        self.delta = delta
+        self.accountant = accountant
+        acc = make_accountant(accountant, rp.neighboring_relation)
+        if not acc.supports(rp.event):
+            raise ConfigError(
+                f"--accountant={accountant}: dp-accounting cannot account {rp.description}; use --accountant=rdp"
+            )
+        acc.compose(rp.event)
+        if accountant == "rdp":
+            self._orders = acc.orders
+            self._rdp_one = acc.rdp
+        else:
+            self._pld_one = acc._pld  # noqa: SLF001  (the accountant exposes no getter)
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019  (one tracker per run)
+    def epsilon(self, rounds: int) -> float:
+        """Epsilon after `rounds` rounds at `self.delta`."""
+        if rounds <= 0:
+            return 0.0
+        if self.accountant == "rdp":
+            eps, _ = rdp_lib.compute_epsilon(self._orders, self._rdp_one * rounds, self.delta)
+            return float(eps)
+        return float(self._pld_one.self_compose(rounds).get_epsilon_for_delta(self.delta))
+
+
+def rounds_within_budget(tracker: EpsilonTracker, max_epsilon: float, max_rounds: int) -> int:
+    """Largest t <= max_rounds with epsilon(t) <= max_epsilon (epsilon grows with t)."""
+    lo, hi = 0, max_rounds
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tracker.epsilon(mid) <= max_epsilon:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+__all__ = [
+    "ADD_OR_REMOVE_ONE",
+    "REPLACE_ONE",
+    "EpsilonTracker",
+    "RoundPrivacy",
+    "epsilon_after",
+    "make_accountant",
+    "round_privacy",
+    "rounds_within_budget",
+]

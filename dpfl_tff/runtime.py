@@ -1,0 +1,186 @@
+"""TFF execution context whose C++ worker process cannot outlive us.
+
+`import tensorflow_federated` installs a default context that starts the
+`worker_binary` lazily, with the parent's stdout/stderr, and stops it only from
+a garbage-collection `__del__`. A driver that is killed, or whose stdout is a
+pipe, then leaves an orphan worker that keeps the pipe open.
+
+`local_context()` replaces that context for the duration of a `with` block:
+
+* the worker is started eagerly from the calling thread with
+  `PR_SET_PDEATHSIG=SIGKILL`, so the kernel kills it if our process dies for
+  any reason, SIGKILL included;
+* its output goes to a log file (or /dev/null), never to our stdout;
+* on leaving the block (normally, on an exception, or on SIGTERM turned into
+  `SystemExit` by the driver) it is terminated and reaped, and an `atexit`
+  hook does the same for anything left.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import IO
+
+import grpc
+import portpicker
+import tensorflow_federated as tff
+from tensorflow_federated.python.core.backends.native import compiler as native_compiler
+from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
+from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context
+from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
+from tensorflow_federated.python.core.impl.executors import remote_executor
+from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub
+from tensorflow_federated.python.core.impl.types import placements
+
+WORKER_BINARY = os.path.join(os.path.dirname(tff.__file__), "data", "worker_binary")
+
+_GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
+GRPC_CHANNEL_OPTIONS = [
+    ("grpc.max_message_length", _GRPC_MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", _GRPC_MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", _GRPC_MAX_MESSAGE_BYTES),
+]
+_PR_SET_PDEATHSIG = 1
+_live_workers: set[subprocess.Popen] = set()
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def start_worker(
+    port: int | None = None,
+    log: IO | None = None,
+    max_concurrent_computation_calls: int = -1,
+) -> tuple[subprocess.Popen, int]:
+    """Starts a `worker_binary` tied to this process' lifetime.
+
+    Args:
+      port: TCP port on localhost; a free one is picked when None.
+      log: open file for the worker's stdout and stderr; /dev/null when None.
+      max_concurrent_computation_calls: passed through to the worker.
+
+    Returns:
+      The process and its port.
+
+    Raises:
+      RuntimeError: if the TFF wheel has no worker binary.
+    """
+    if not os.path.isfile(WORKER_BINARY):
+        raise RuntimeError(f"TFF worker binary not found at {WORKER_BINARY}")
+    port = port or portpicker.pick_unused_port()
+    out = log if log is not None else subprocess.DEVNULL
+    proc = subprocess.Popen(
+        [
+            WORKER_BINARY,
+            f"--port={port}",
+            f"--max_concurrent_computation_calls={max_concurrent_computation_calls}",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
+        start_new_session=True,  # a terminal's Ctrl-C goes to us, not to it
+    )
+    _live_workers.add(proc)
+    return proc, port
+
+
+def stop_worker(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stops a worker (SIGINT, then SIGKILL after `timeout`) and reaps it."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    _live_workers.discard(proc)
+
+
+@atexit.register
+def _stop_all_workers() -> None:
+    for proc in list(_live_workers):
+        stop_worker(proc, timeout=2.0)
+
+
+def wait_until_ready(
+    stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub,
+    address: str,
+    timeout: float,
+    proc: subprocess.Popen | None = None,
+) -> None:
+    """Blocks until `stub` answers, or raises naming `address`."""
+    deadline = time.monotonic() + timeout
+    while not stub.is_ready:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(
+                f"TFF worker at {address} exited with code {proc.returncode} before it was ready"
+            )
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"TFF worker at {address} not reachable after {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def _context_over_stubs(
+    stubs: list[remote_executor_grpc_stub.RemoteExecutorGrpcStub],
+) -> sync_execution_context.SyncExecutionContext:
+    (stub,) = stubs
+
+    def stack_fn(cardinalities):
+        cardinalities.setdefault(placements.CLIENTS, 0)
+        ex = remote_executor.RemoteExecutor(stub)
+        ex.set_cardinalities(cardinalities)
+        return ex
+
+    return sync_execution_context.SyncExecutionContext(
+        executor_fn=python_executor_stacks.ResourceManagingExecutorFactory(stack_fn),
+        compiler_fn=native_compiler.desugar_and_transform_to_native,
+        transform_args=tensorflow_computation.transform_args,
+        transform_result=tensorflow_computation.transform_result,
+    )
+
+
+@contextlib.contextmanager
+def local_context(log_path: str | None = None, startup_timeout: float = 60.0) -> Iterator[None]:
+    """Runs TFF computations on a private local worker for the `with` block.
+
+    Args:
+      log_path: file that receives the worker's output (appended); /dev/null
+        when None.
+      startup_timeout: seconds to wait for the worker to answer.
+
+    Yields:
+      Nothing; TFF computations invoked inside the block use the worker.
+    """
+    log = open(log_path, "ab") if log_path else None  # noqa: SIM115
+    proc, port = start_worker(log=log)
+    address = f"localhost:{port}"
+    channel = grpc.insecure_channel(address, GRPC_CHANNEL_OPTIONS)
+    stack = context_stack_impl.context_stack
+    previous = stack.current
+    try:
+        stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(channel)
+        wait_until_ready(stub, address, startup_timeout, proc)
+        stack.set_default_context(_context_over_stubs([stub]))
+        yield
+    finally:
+        stack.set_default_context(previous)
+        channel.close()
+        stop_worker(proc)
+        if log is not None:
+            log.close()
+
+
+def live_worker_pids() -> list[int]:
+    """Pids of workers started by this process that are still running."""
+    return [p.pid for p in _live_workers if p.poll() is None]

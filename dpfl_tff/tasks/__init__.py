@@ -1,0 +1,24 @@
+"""Task registry: name -> loader of federated data (client split + test set)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from dpfl_tff.config import TaskConfig
+from dpfl_tff.tasks import digits, synthetic
+from dpfl_tff.tasks.base import ClientArrays, FederatedData
+
+TaskLoader = Callable[[TaskConfig, int], FederatedData]
+
+TASKS: dict[str, TaskLoader] = {
+    "digits": digits.load,
+    "synthetic": synthetic.load,
+}
+
+
+def load_task(cfg: TaskConfig, seed: int) -> FederatedData:
+    """Loads the task named by `cfg.task`, split with `seed`."""
+    return TASKS[cfg.task](cfg, seed)
+
+
+__all__ = ["TASKS", "ClientArrays", "FederatedData", "load_task"]

@@ -1,0 +1,234 @@
+"""Builds the TFF FedAvg learning process and runs the round loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from dpfl_tff import models, outputs, runtime
+from dpfl_tff.config import ExperimentConfig
+from dpfl_tff.privacy import accounting
+from dpfl_tff.privacy.aggregators import build_aggregator
+from dpfl_tff.sampling import sample_cohort
+from dpfl_tff.tasks import FederatedData, load_task
+
+_RELATION_TEXT = {accounting.ADD_OR_REMOVE_ONE: "add-or-remove-one", accounting.REPLACE_ONE: "replace-one"}
+
+
+def build_optimizer(name: str, learning_rate: float) -> tff.learning.optimizers.Optimizer:
+    """`sgd`, `sgdm` (momentum 0.9) or `adam` from `tff.learning.optimizers`."""
+    if name == "sgd":
+        return tff.learning.optimizers.build_sgdm(learning_rate=learning_rate)
+    if name == "sgdm":
+        return tff.learning.optimizers.build_sgdm(learning_rate=learning_rate, momentum=0.9)
+    if name == "adam":
+        return tff.learning.optimizers.build_adam(learning_rate=learning_rate)
+    raise ValueError(f"unknown optimizer {name!r}: must be one of sgd, sgdm, adam")
+
+
+def keras_model(cfg: ExperimentConfig, data: FederatedData) -> tf.keras.Model:
+    return models.build_model(cfg.train.model, data.input_shape, data.num_classes)
+
+
+def model_fn_for(cfg: ExperimentConfig, data: FederatedData) -> Callable[[], tff.learning.models.VariableModel]:
+    """A no-argument TFF model constructor for the task's input spec."""
+
+    def model_fn() -> tff.learning.models.VariableModel:
+        return tff.learning.models.from_keras_model(
+            keras_model(cfg, data),
+            input_spec=data.element_spec,
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        )
+
+    return model_fn
+
+
+def build_learning_process(cfg: ExperimentConfig, data: FederatedData) -> tff.learning.templates.LearningProcess:
+    """FedAvg (`tff.learning.algorithms.build_unweighted_fed_avg`) with the DP aggregator of `cfg`.
+
+    Unweighted: every client's update counts equally, as client-level DP
+    needs (a weight would let one client's influence exceed the clip).
+    """
+    return tff.learning.algorithms.build_unweighted_fed_avg(
+        model_fn_for(cfg, data),
+        client_optimizer_fn=build_optimizer(cfg.train.client_optimizer, cfg.train.client_learning_rate),
+        server_optimizer_fn=build_optimizer(cfg.train.server_optimizer, cfg.train.server_learning_rate),
+        model_aggregator=build_aggregator(cfg.dp, cfg.train.clients_per_round),
+        loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR,
+    )
+
+
+def initial_state(process, cfg: ExperimentConfig, data: FederatedData) -> Any:
+    """Process state whose model weights are seeded by `cfg.train.seed`."""
+    state = process.initialize()
+    tf.keras.utils.set_random_seed(cfg.train.seed)
+    weights = tff.learning.models.ModelWeights.from_model(keras_model(cfg, data))
+    return process.set_model_weights(state, weights)
+
+
+class Evaluator:
+    """Central evaluation of the server model on the task's test split."""
+
+    def __init__(self, cfg: ExperimentConfig, data: FederatedData):
+        self._model = keras_model(cfg, data)
+        self._model.compile(
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        )
+        self._test = data.test
+
+    def __call__(self, weights: tff.learning.models.ModelWeights) -> dict[str, float]:
+        weights.assign_weights_to(self._model)
+        loss, acc = self._model.evaluate(self._test.x, self._test.y, batch_size=512, verbose=0)
+        return {"test_loss": float(loss), "test_accuracy": float(acc)}
+
+
+def _shuffle_seed(seed: int, round_num: int, client_id: int) -> int:
+    return int(np.random.default_rng([seed, 11, round_num, int(client_id)]).integers(2**31 - 1))
+
+
+@dataclasses.dataclass
+class RunResult:
+    summary: dict[str, Any]
+    records: list[dict[str, Any]]
+
+
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def run(cfg: ExperimentConfig, overwrite: bool = False, log: Callable[[str], None] = print) -> RunResult:
+    """Trains `cfg` end to end and writes its experiment folder.
+
+    Every round appends one line to `metrics.jsonl` with the epsilon spent so
+    far; `summary.json` is written at the end, also when the run is stopped by
+    an exception or a signal (then with `status` saying why).
+
+    Args:
+      cfg: validated configuration.
+      overwrite: replace an earlier run in `cfg.output_dir`.
+      log: receives the human-readable progress lines.
+    """
+    cfg.validate()
+    start = time.time()
+    out = outputs.ExperimentDir(cfg.output_dir, overwrite=overwrite)
+    delta = cfg.target_delta
+    rp = accounting.round_privacy(cfg)
+    tracker = accounting.EpsilonTracker(rp, delta, cfg.dp.accountant) if rp else None
+    relation = rp.neighboring_relation if rp else None
+    noise_seeded = cfg.dp.mode != "none" and cfg.dp.noise_seed is not None
+    out.write_json(outputs.HPARAMS, cfg.to_dict())
+
+    data = load_task(cfg.task, cfg.train.seed)
+    log(f"task: {data.description}")
+    if rp is None:
+        log("privacy: none (--dp_mode=none): no DP guarantee, epsilon is infinite")
+    else:
+        log(
+            f"privacy: central DP, {rp.description}; accountant {cfg.dp.accountant.upper()}, "
+            f"delta={delta:.3g}{'' if cfg.dp.target_delta else ' (default 1/num_clients^1.1)'}; "
+            f"epsilon after {cfg.train.rounds} rounds: {tracker.epsilon(cfg.train.rounds):.4g}"
+        )
+    if noise_seeded:
+        log(f"WARNING: DP noise is seeded (--noise_seed={cfg.dp.noise_seed}): for tests only, it gives no privacy")
+
+    records: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {
+        "status": "running",
+        "rounds_planned": cfg.train.rounds,
+        "rounds": 0,
+        "dp_mode": cfg.dp.mode,
+        "epsilon": 0.0 if rp else math.inf,
+        "delta": delta,
+        "accountant": cfg.dp.accountant,
+        "neighboring_relation": relation,
+        "client_sampling": cfg.train.client_sampling,
+        "noise_multiplier": cfg.dp.noise_multiplier,
+        "noise_seeded": noise_seeded,
+        "final_test_accuracy": None,
+        "final_test_loss": None,
+    }
+    try:
+        with runtime.local_context(log_path=out.file(outputs.WORKER_LOG)):
+            process = build_learning_process(cfg, data)
+            state = initial_state(process, cfg, data)
+            evaluate = Evaluator(cfg, data)
+            clip = cfg.dp.clip_norm if cfg.dp.mode != "none" else None
+            for r in range(1, cfg.train.rounds + 1):
+                t0 = time.time()
+                cohort = sample_cohort(
+                    cfg.train.client_sampling, data.num_clients, cfg.train.clients_per_round, cfg.train.seed, r
+                )
+                client_data = [
+                    data.client_dataset(
+                        c, cfg.train.client_epochs, cfg.train.client_batch_size, _shuffle_seed(cfg.train.seed, r, c)
+                    )
+                    for c in cohort
+                ]
+                result = process.next(state, client_data)
+                state = result.state
+                train = result.metrics["client_work"]["train"]
+                record: dict[str, Any] = {
+                    "round": r,
+                    "clients_this_round": len(cohort),
+                    "train_loss": float(train["loss"]) if len(cohort) else None,
+                    "train_accuracy": float(train["accuracy"]) if len(cohort) else None,
+                    "clip_norm": clip,
+                }
+                if cfg.dp.mode != "none":
+                    query_metrics = result.metrics["aggregator"].get("dp_query_metrics", {})
+                    if "clip" in query_metrics:
+                        clip = float(query_metrics["clip"])
+                    record["next_clip_norm"] = clip
+                record["round_seconds"] = time.time() - t0
+                t_acc = time.time()
+                record["epsilon"] = tracker.epsilon(r) if tracker else math.inf
+                record["accounting_seconds"] = time.time() - t_acc
+                record.update(
+                    delta=delta,
+                    accountant=cfg.dp.accountant,
+                    neighboring_relation=relation,
+                    client_sampling=cfg.train.client_sampling,
+                )
+                if r == cfg.train.rounds or (cfg.train.eval_every and r % cfg.train.eval_every == 0):
+                    record.update(evaluate(process.get_model_weights(state)))
+                out.append_metrics(record)
+                records.append(record)
+                summary.update(rounds=r, epsilon=record["epsilon"])
+                if "test_accuracy" in record:
+                    summary.update(final_test_accuracy=record["test_accuracy"], final_test_loss=record["test_loss"])
+                log(_progress_line(r, cfg.train.rounds, record, relation))
+        summary["status"] = "completed"
+    except BaseException as e:  # record why the run stopped, then re-raise
+        summary["status"] = f"stopped: {type(e).__name__}: {e}".strip().rstrip(":")
+        raise
+    finally:
+        summary["wall_seconds"] = time.time() - start
+        out.write_json(outputs.SUMMARY, summary)
+        out.close()
+    return RunResult(summary, records)
+
+
+def _progress_line(r: int, total: int, rec: dict[str, Any], relation: str | None) -> str:
+    parts = [
+        f"round {r}/{total}",
+        f"clients {rec['clients_this_round']}",
+        f"loss {_fmt(rec['train_loss'])}",
+        f"acc {_fmt(rec['train_accuracy'])}",
+    ]
+    if "test_accuracy" in rec:
+        parts.append(f"test acc {rec['test_accuracy']:.4f}")
+    if relation is None:
+        parts.append("eps inf (no DP)")
+    else:
+        parts.append(f"eps {rec['epsilon']:.4g} (delta {rec['delta']:.3g}, {_RELATION_TEXT[relation]})")
+    parts.append(f"{rec['round_seconds']:.2f}s")
+    return " | ".join(parts)
