@@ -14,6 +14,10 @@ pipe, then leaves an orphan worker that keeps the pipe open.
 * on leaving the block (normally, on an exception, or on SIGTERM turned into
   `SystemExit` by the driver) it is terminated and reaped, and an `atexit`
   hook does the same for anything left.
+
+Importing this module replaces TFF's lazily-starting default context with one
+that raises: a TFF computation invoked outside `local_context()` fails with a
+clear error instead of starting a worker nobody stops.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import portpicker
 import tensorflow_federated as tff
 from tensorflow_federated.python.core.backends.native import compiler as native_compiler
 from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
-from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+from tensorflow_federated.python.core.impl.context_stack import context_stack_impl, runtime_error_context
 from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context
 from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
 from tensorflow_federated.python.core.impl.executors import remote_executor
@@ -50,6 +54,8 @@ GRPC_CHANNEL_OPTIONS = [
 ]
 _PR_SET_PDEATHSIG = 1
 _live_workers: set[subprocess.Popen] = set()
+
+context_stack_impl.context_stack.set_default_context(runtime_error_context.create_runtime_error_context())
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec

@@ -1,0 +1,156 @@
+"""Flag definitions shared by the drivers, and their translation to configs.
+
+Flags are plain strings/numbers here; every range check lives in
+`dpfl_tff.config` so that a bad value fails before training with one line
+naming the flag, the value and the allowed range.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from dpfl_tff.config import DPConfig, ExperimentConfig, TaskConfig, TrainConfig
+
+_T, _R, _D = TaskConfig(), TrainConfig(), DPConfig()
+
+# --- task -------------------------------------------------------------------
+TASK = flags.DEFINE_string("task", _T.task, "Task: digits (offline default, sklearn digits) | synthetic.")
+NUM_CLIENTS = flags.DEFINE_integer(
+    "num_clients", _T.num_clients, "Number of clients N the training data is split into (>= 1)."
+)
+PARTITION = flags.DEFINE_string(
+    "partition", _T.partition, "Client split: iid (equal random shards) | dirichlet (label skew, see --dirichlet_alpha)."
+)
+DIRICHLET_ALPHA = flags.DEFINE_float(
+    "dirichlet_alpha", _T.dirichlet_alpha, "Dirichlet concentration of the label split (> 0; smaller = more skewed)."
+)
+TEST_FRACTION = flags.DEFINE_float(
+    "test_fraction", _T.test_fraction, "Share of the data held out as the central test set, in (0, 1)."
+)
+SYN_EXAMPLES = flags.DEFINE_integer(
+    "synthetic_examples_per_client", _T.synthetic_examples_per_client, "synthetic task: examples per client (>= 1)."
+)
+SYN_DIM = flags.DEFINE_integer("synthetic_input_dim", _T.synthetic_input_dim, "synthetic task: input features (>= 1).")
+SYN_CLASSES = flags.DEFINE_integer(
+    "synthetic_num_classes", _T.synthetic_num_classes, "synthetic task: number of classes (>= 2)."
+)
+
+# --- training ---------------------------------------------------------------
+MODEL = flags.DEFINE_string("model", _R.model, "Model: mlp (one hidden layer of 64) | cnn | logistic.")
+ROUNDS = flags.DEFINE_integer("rounds", _R.rounds, "Federated rounds to run (>= 1).")
+CLIENTS_PER_ROUND = flags.DEFINE_integer(
+    "clients_per_round",
+    _R.clients_per_round,
+    "Expected cohort size m (1..num_clients). Poisson sampling: each client joins with probability m/N; "
+    "uniform: exactly m. The DP noise is divided by m.",
+)
+CLIENT_SAMPLING = flags.DEFINE_string(
+    "client_sampling",
+    _R.client_sampling,
+    "poisson (each client independently, q=m/N; add-or-remove-one DP) | "
+    "uniform (fixed m without replacement; replace-one DP, noise multiplier z/2 in the accountant).",
+)
+CLIENT_EPOCHS = flags.DEFINE_integer("client_epochs", _R.client_epochs, "Local epochs per round (>= 1).")
+CLIENT_BATCH_SIZE = flags.DEFINE_integer("client_batch_size", _R.client_batch_size, "Local batch size (>= 1).")
+CLIENT_OPTIMIZER = flags.DEFINE_string(
+    "client_optimizer", _R.client_optimizer, "Client optimizer: sgd | sgdm (momentum 0.9) | adam."
+)
+CLIENT_LR = flags.DEFINE_float("client_learning_rate", _R.client_learning_rate, "Client learning rate (> 0).")
+SERVER_OPTIMIZER = flags.DEFINE_string(
+    "server_optimizer", _R.server_optimizer, "Server optimizer: sgd | sgdm (momentum 0.9) | adam."
+)
+SERVER_LR = flags.DEFINE_float("server_learning_rate", _R.server_learning_rate, "Server learning rate (> 0).")
+EVAL_EVERY = flags.DEFINE_integer(
+    "eval_every", _R.eval_every, "Evaluate on the test split every this many rounds and after the last (0 = last only)."
+)
+SEED = flags.DEFINE_integer(
+    "seed", _R.seed, "Seeds client split, client sampling, model init (>= 0). Never seeds the DP noise."
+)
+
+# --- differential privacy ---------------------------------------------------
+DP_MODE = flags.DEFINE_string(
+    "dp_mode",
+    _D.mode,
+    "none (plain FedAvg, no guarantee) | central (server clips each update to --clip_norm and adds "
+    "Gaussian noise of std noise_multiplier*clip_norm to the sum).",
+)
+NOISE_MULTIPLIER = flags.DEFINE_float(
+    "noise_multiplier", _D.noise_multiplier, "z: noise std in units of the clip norm (> 0 with --dp_mode=central)."
+)
+CLIP_NORM = flags.DEFINE_float(
+    "clip_norm", _D.clip_norm, "C: L2 clip of each client update (> 0); the initial clip when adaptive."
+)
+ADAPTIVE_CLIPPING = flags.DEFINE_bool(
+    "adaptive_clipping", _D.adaptive_clipping, "Adapt the clip to a quantile of update norms (Andrew et al. 2021)."
+)
+TARGET_QUANTILE = flags.DEFINE_float(
+    "target_unclipped_quantile", _D.target_unclipped_quantile, "Adaptive clipping: quantile to track, in (0, 1)."
+)
+CLIP_LR = flags.DEFINE_float(
+    "clip_learning_rate", _D.clip_learning_rate, "Adaptive clipping: geometric learning rate (> 0)."
+)
+CLIPPED_COUNT_STDDEV = flags.DEFINE_float(
+    "clipped_count_stddev",
+    None,
+    "Adaptive clipping: noise std of the clipped count (> 0); unset = 0.05*clients_per_round (TFF default).",
+)
+TARGET_DELTA = flags.DEFINE_float(
+    "target_delta", None, "delta of the reported (epsilon, delta), in (0, 1); unset = 1/num_clients^1.1."
+)
+ACCOUNTANT = flags.DEFINE_string(
+    "accountant", _D.accountant, "Privacy accountant: rdp | pld (dp-accounting; pld only for poisson sampling)."
+)
+NOISE_SEED = flags.DEFINE_integer(
+    "noise_seed",
+    None,
+    "TESTS ONLY: seed the DP noise (>= 0). Unset = fresh OS entropy. A known seed removes the privacy.",
+)
+
+# --- outputs ----------------------------------------------------------------
+OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", "/tmp/dpfl_tff/run", "Experiment folder: hparams.json, metrics.jsonl, summary.json, worker.log."
+)
+OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an earlier run in --output_dir.")
+
+
+def experiment_config() -> ExperimentConfig:
+    """Builds the (unvalidated) configuration from the parsed flags."""
+    return ExperimentConfig(
+        task=TaskConfig(
+            task=TASK.value,
+            num_clients=NUM_CLIENTS.value,
+            partition=PARTITION.value,
+            dirichlet_alpha=DIRICHLET_ALPHA.value,
+            test_fraction=TEST_FRACTION.value,
+            synthetic_examples_per_client=SYN_EXAMPLES.value,
+            synthetic_input_dim=SYN_DIM.value,
+            synthetic_num_classes=SYN_CLASSES.value,
+        ),
+        train=TrainConfig(
+            model=MODEL.value,
+            rounds=ROUNDS.value,
+            clients_per_round=CLIENTS_PER_ROUND.value,
+            client_sampling=CLIENT_SAMPLING.value,
+            client_epochs=CLIENT_EPOCHS.value,
+            client_batch_size=CLIENT_BATCH_SIZE.value,
+            client_optimizer=CLIENT_OPTIMIZER.value,
+            client_learning_rate=CLIENT_LR.value,
+            server_optimizer=SERVER_OPTIMIZER.value,
+            server_learning_rate=SERVER_LR.value,
+            eval_every=EVAL_EVERY.value,
+            seed=SEED.value,
+        ),
+        dp=DPConfig(
+            mode=DP_MODE.value,
+            noise_multiplier=NOISE_MULTIPLIER.value,
+            clip_norm=CLIP_NORM.value,
+            adaptive_clipping=ADAPTIVE_CLIPPING.value,
+            target_unclipped_quantile=TARGET_QUANTILE.value,
+            clip_learning_rate=CLIP_LR.value,
+            clipped_count_stddev=CLIPPED_COUNT_STDDEV.value,
+            target_delta=TARGET_DELTA.value,
+            accountant=ACCOUNTANT.value,
+            noise_seed=NOISE_SEED.value,
+        ),
+        output_dir=OUTPUT_DIR.value,
+    )

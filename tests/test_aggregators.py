@@ -1,0 +1,92 @@
+"""The central DP aggregator, run through TFF: clipping, denominator, noise."""
+
+import numpy as np
+import pytest
+import tensorflow_federated as tff
+
+from dpfl_tff import runtime
+from dpfl_tff.config import DPConfig
+from dpfl_tff.privacy.aggregators import build_aggregator
+
+DIM = 20_000
+
+
+def _process(dp: DPConfig, m: float, dim: int = DIM):
+    return build_aggregator(dp, m).create(tff.TensorType(np.float32, [dim]))
+
+
+def _one_round(dp, m, values, dim=DIM):
+    p = _process(dp, m, dim)
+    out = p.next(p.initialize(), [np.asarray(v, np.float32) for v in values])
+    return np.asarray(out.result)
+
+
+def test_no_dp_is_the_plain_mean(tff_context):
+    values = [np.full(3, 1.0), np.array([5.0, -2.0, 0.0]), np.zeros(3)]
+    got = _one_round(DPConfig(mode="none", noise_multiplier=0.0), 10, values, dim=3)
+    np.testing.assert_allclose(got, np.mean(values, axis=0), rtol=0, atol=1e-6)
+
+
+def test_clips_and_divides_by_expected_not_realised_cohort(tff_context):
+    # Near-zero noise (z=1e-6): result = sum of clipped updates / m with m=10, not / 2.
+    a = np.array([0.3, 0.4, 0.0])  # norm 0.5 < C=1: unchanged
+    b = np.array([3.0, 4.0, 0.0])  # norm 5 > C=1: scaled to norm 1
+    got = _one_round(DPConfig(noise_multiplier=1e-6, clip_norm=1.0), 10, [a, b], dim=3)
+    np.testing.assert_allclose(got, (a + b / 5.0) / 10, atol=1e-5)
+
+
+@pytest.mark.parametrize("z, clip, m, k", [(1.0, 0.5, 10, 3), (2.5, 2.0, 40, 1)])
+def test_noise_std_is_clip_times_z_over_expected_cohort(tff_context, z, clip, m, k):
+    # k clients send zeros; each of the DIM coordinates of the result is N(0, (z C / m)^2).
+    got = _one_round(DPConfig(noise_multiplier=z, clip_norm=clip), m, [np.zeros(DIM)] * k)
+    sigma = z * clip / m
+    # Sample std over n=20,000 iid normals has relative std 1/sqrt(2n) = 0.5%: allow 5 sigma = 2.5%.
+    assert got.std() == pytest.approx(sigma, rel=5 / np.sqrt(2 * DIM))
+    # Sample mean has std sigma/sqrt(n): allow 5 sigma.
+    assert abs(got.mean()) < 5 * sigma / np.sqrt(DIM)
+    # Gaussian, not e.g. Laplace: excess kurtosis 0 (std of the estimate sqrt(24/n) = 0.035; 5 sigma).
+    kurt = np.mean((got - got.mean()) ** 4) / got.var() ** 2 - 3
+    assert abs(kurt) < 5 * np.sqrt(24 / DIM)
+
+
+def test_noise_is_fresh_unless_seeded():
+    def noise(seed):
+        with runtime.local_context():
+            return _one_round(DPConfig(noise_multiplier=1.0, noise_seed=seed), 5, [np.zeros(64)], dim=64)
+
+    a, b = noise(None), noise(None)
+    assert not np.allclose(a, b)
+    c, d = noise(7), noise(7)
+    np.testing.assert_array_equal(c, d)
+    assert not np.allclose(c, noise(8))
+
+
+def test_seeded_noise_differs_between_rounds_and_tensors(tff_context):
+    dp = DPConfig(noise_multiplier=1.0, noise_seed=3)
+    p = build_aggregator(dp, 1.0).create(
+        tff.types.to_type([(np.float32, [256]), (np.float32, [256])])
+    )
+    state = p.initialize()
+    zeros = [np.zeros(256, np.float32), np.zeros(256, np.float32)]
+    r1 = p.next(state, [zeros])
+    r2 = p.next(r1.state, [zeros])
+    first, second = np.asarray(r1.result[0]), np.asarray(r1.result[1])
+    assert not np.allclose(first, second)  # equal-shape tensors get independent noise
+    assert not np.allclose(first, np.asarray(r2.result[0]))  # and rounds do too
+    # Independent N(0,1) draws: correlation ~ N(0, 1/256); 5 sigma.
+    assert abs(np.corrcoef(first, second)[0, 1]) < 5 / 16
+
+
+def test_adaptive_clip_moves_towards_the_update_norm_quantile(tff_context):
+    # All updates have norm 10 >> initial clip 0.1: everything is clipped, so the clip grows
+    # geometrically by up to exp(0.2) per round (learning rate 0.2, target quantile 0.5).
+    dp = DPConfig(noise_multiplier=0.1, clip_norm=0.1, adaptive_clipping=True, noise_seed=0)
+    p = _process(dp, 20, dim=4)
+    state = p.initialize()
+    clips = []
+    for _ in range(5):
+        out = p.next(state, [np.array([10.0, 0, 0, 0], np.float32)] * 20)
+        state = out.state
+        clips.append(float(out.measurements["dp_query_metrics"]["clip"]))
+    assert all(b > a for a, b in zip(clips, clips[1:]))
+    assert clips[-1] == pytest.approx(0.1 * np.exp(0.2 * 0.5 * 5), rel=0.2)

@@ -1,0 +1,46 @@
+import math
+
+import pytest
+
+from dpfl_tff.config import ConfigError, DPConfig, ExperimentConfig, TaskConfig, TrainConfig, default_delta
+
+
+def _cfg(task=None, train=None, dp=None) -> ExperimentConfig:
+    return ExperimentConfig(task=task or TaskConfig(), train=train or TrainConfig(), dp=dp or DPConfig())
+
+
+@pytest.mark.parametrize(
+    "cfg, flag, words",
+    [
+        (_cfg(dp=DPConfig(noise_multiplier=-1.0)), "--noise_multiplier=-1.0", ">= 0"),
+        (_cfg(dp=DPConfig(noise_multiplier=math.nan)), "--noise_multiplier=nan", "finite"),
+        (_cfg(dp=DPConfig(clip_norm=0.0)), "--clip_norm=0.0", "> 0"),
+        (_cfg(train=TrainConfig(clients_per_round=101)), "--clients_per_round=101", "<= --num_clients=100"),
+        (_cfg(train=TrainConfig(rounds=0)), "--rounds=0", ">= 1"),
+        (_cfg(dp=DPConfig(target_delta=1.0)), "--target_delta=1.0", "(0, 1)"),
+        (_cfg(dp=DPConfig(target_delta=0.0)), "--target_delta=0.0", "(0, 1)"),
+        (_cfg(task=TaskConfig(task="mnist")), "--task=mnist", "digits, synthetic"),
+        (_cfg(train=TrainConfig(model="resnet")), "--model=resnet", "mlp"),
+        (_cfg(train=TrainConfig(client_optimizer="rmsprop")), "--client_optimizer=rmsprop", "sgd, sgdm, adam"),
+        (_cfg(dp=DPConfig(mode="local")), "--dp_mode=local", "none, central"),
+        (_cfg(dp=DPConfig(accountant="gdp")), "--accountant=gdp", "rdp, pld"),
+        (_cfg(dp=DPConfig(noise_multiplier=0.0)), "--noise_multiplier=0 with --dp_mode=central", "--dp_mode=none"),
+    ],
+)
+def test_bad_values_name_flag_value_and_range(cfg, flag, words):
+    with pytest.raises(ConfigError) as e:
+        cfg.validate()
+    msg = str(e.value)
+    assert flag in msg and words in msg, msg
+    assert "\n" not in msg
+
+
+def test_zero_noise_is_fine_without_dp():
+    _cfg(dp=DPConfig(mode="none", noise_multiplier=0.0)).validate()
+
+
+def test_default_delta_is_one_over_n_to_the_1_1():
+    cfg = _cfg(task=TaskConfig(num_clients=1000))
+    assert cfg.target_delta == pytest.approx(1000**-1.1)
+    assert cfg.target_delta == default_delta(1000) < 1 / 1000
+    assert _cfg(dp=DPConfig(target_delta=1e-5)).target_delta == 1e-5
