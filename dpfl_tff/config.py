@@ -171,6 +171,10 @@ class DPConfig:
       accountant: `rdp` or `pld`.
       noise_seed: seeds the DP noise. For tests only: a published seed lets
         anyone subtract the noise. None draws noise from OS entropy.
+      target_epsilon: if set, `noise_multiplier` is ignored and replaced by the
+        smallest one whose epsilon after the planned rounds is <= this.
+      max_epsilon: budget guard: stop before any round whose completion would
+        push epsilon above this.
     """
 
     mode: str = "central"
@@ -183,6 +187,8 @@ class DPConfig:
     target_delta: float | None = None
     accountant: str = "rdp"
     noise_seed: int | None = None
+    target_epsilon: float | None = None
+    max_epsilon: float | None = None
 
     def validate(self) -> None:
         _choice("dp_mode", self.mode, DP_MODES)
@@ -197,7 +203,13 @@ class DPConfig:
         _choice("accountant", self.accountant, ACCOUNTANTS)
         if self.noise_seed is not None:
             _int_at_least("noise_seed", self.noise_seed, 0)
-        if self.mode == "central" and self.noise_multiplier == 0:
+        if self.target_epsilon is not None:
+            _positive("target_epsilon", self.target_epsilon)
+        if self.max_epsilon is not None:
+            _positive("max_epsilon", self.max_epsilon)
+        if self.mode == "none" and self.target_epsilon is not None:
+            raise ConfigError(f"--target_epsilon={self.target_epsilon}: needs a DP mode, not --dp_mode=none")
+        if self.mode == "central" and self.noise_multiplier == 0 and self.target_epsilon is None:
             raise ConfigError(
                 "--noise_multiplier=0 with --dp_mode=central: zero noise gives no privacy "
                 "(epsilon is infinite); use --dp_mode=none to train without DP, "
@@ -218,6 +230,10 @@ class ExperimentConfig:
         self.task.validate()
         self.train.validate(self.task.num_clients)
         self.dp.validate()
+        if self.dp.mode != "none":
+            from dpfl_tff.privacy import accounting  # late import: accounting imports this module
+
+            accounting.check_accountable(self)
         if not self.output_dir:
             raise ConfigError("--output_dir is empty: give a folder for the experiment's outputs")
         return self

@@ -119,12 +119,22 @@ def run(cfg: ExperimentConfig, overwrite: bool = False, log: Callable[[str], Non
     """
     cfg.validate()
     start = time.time()
-    out = outputs.ExperimentDir(cfg.output_dir, overwrite=overwrite)
+    calibrated = accounting.with_calibrated_noise(cfg)
     delta = cfg.target_delta
-    rp = accounting.round_privacy(cfg)
+    rp = accounting.round_privacy(calibrated)
     tracker = accounting.EpsilonTracker(rp, delta, cfg.dp.accountant) if rp else None
+    if calibrated is not cfg:
+        log(
+            f"calibrated --noise_multiplier={calibrated.dp.noise_multiplier:.6g}: smallest z with epsilon "
+            f"<= {cfg.dp.target_epsilon:g} after {cfg.train.rounds} rounds (epsilon {tracker.epsilon(cfg.train.rounds):.6g})"
+        )
+    cfg = calibrated
     relation = rp.neighboring_relation if rp else None
     noise_seeded = cfg.dp.mode != "none" and cfg.dp.noise_seed is not None
+    budget_rounds = cfg.train.rounds
+    if tracker is not None and cfg.dp.max_epsilon is not None:
+        budget_rounds = accounting.rounds_within_budget(tracker, cfg.dp.max_epsilon, cfg.train.rounds)
+    out = outputs.ExperimentDir(cfg.output_dir, overwrite=overwrite)
     out.write_json(outputs.HPARAMS, cfg.to_dict())
 
     data = load_task(cfg.task, cfg.train.seed)
@@ -136,6 +146,11 @@ def run(cfg: ExperimentConfig, overwrite: bool = False, log: Callable[[str], Non
             f"privacy: central DP, {rp.description}; accountant {cfg.dp.accountant.upper()}, "
             f"delta={delta:.3g}{'' if cfg.dp.target_delta else ' (default 1/num_clients^1.1)'}; "
             f"epsilon after {cfg.train.rounds} rounds: {tracker.epsilon(cfg.train.rounds):.4g}"
+        )
+    if budget_rounds < cfg.train.rounds:
+        log(
+            f"budget: --max_epsilon={cfg.dp.max_epsilon:g} allows {budget_rounds} of {cfg.train.rounds} rounds "
+            f"(epsilon {tracker.epsilon(budget_rounds):.4g}); the run stops there"
         )
     if noise_seeded:
         log(f"WARNING: DP noise is seeded (--noise_seed={cfg.dp.noise_seed}): for tests only, it gives no privacy")
@@ -155,6 +170,7 @@ def run(cfg: ExperimentConfig, overwrite: bool = False, log: Callable[[str], Non
         "noise_seeded": noise_seeded,
         "final_test_accuracy": None,
         "final_test_loss": None,
+        "stop_reason": None,
     }
     try:
         with runtime.local_context(log_path=out.file(outputs.WORKER_LOG)):
@@ -163,6 +179,13 @@ def run(cfg: ExperimentConfig, overwrite: bool = False, log: Callable[[str], Non
             evaluate = Evaluator(cfg, data)
             clip = cfg.dp.clip_norm if cfg.dp.mode != "none" else None
             for r in range(1, cfg.train.rounds + 1):
+                if r > budget_rounds:
+                    summary["stop_reason"] = (
+                        f"privacy budget: round {r} would bring epsilon to {tracker.epsilon(r):.4g} "
+                        f"> --max_epsilon={cfg.dp.max_epsilon:g}"
+                    )
+                    log(f"stopping before round {r}: {summary['stop_reason']}")
+                    break
                 t0 = time.time()
                 cohort = sample_cohort(
                     cfg.train.client_sampling, data.num_clients, cfg.train.clients_per_round, cfg.train.seed, r
@@ -198,7 +221,8 @@ def run(cfg: ExperimentConfig, overwrite: bool = False, log: Callable[[str], Non
                     neighboring_relation=relation,
                     client_sampling=cfg.train.client_sampling,
                 )
-                if r == cfg.train.rounds or (cfg.train.eval_every and r % cfg.train.eval_every == 0):
+                last = r == min(cfg.train.rounds, budget_rounds)
+                if last or (cfg.train.eval_every and r % cfg.train.eval_every == 0):
                     record.update(evaluate(process.get_model_weights(state)))
                 out.append_metrics(record)
                 records.append(record)
@@ -206,7 +230,7 @@ def run(cfg: ExperimentConfig, overwrite: bool = False, log: Callable[[str], Non
                 if "test_accuracy" in record:
                     summary.update(final_test_accuracy=record["test_accuracy"], final_test_loss=record["test_loss"])
                 log(_progress_line(r, cfg.train.rounds, record, relation))
-        summary["status"] = "completed"
+        summary["status"] = "completed" if summary["stop_reason"] is None else "stopped_at_budget"
     except BaseException as e:  # record why the run stopped, then re-raise
         summary["status"] = f"stopped: {type(e).__name__}: {e}".strip().rstrip(":")
         raise

@@ -105,6 +105,17 @@ NOISE_SEED = flags.DEFINE_integer(
     None,
     "TESTS ONLY: seed the DP noise (>= 0). Unset = fresh OS entropy. A known seed removes the privacy.",
 )
+TARGET_EPSILON = flags.DEFINE_float(
+    "target_epsilon",
+    None,
+    "If set (> 0): ignore --noise_multiplier and calibrate the smallest z whose epsilon after --rounds "
+    "is <= this (dp-accounting calibration, never above the target).",
+)
+MAX_EPSILON = flags.DEFINE_float(
+    "max_epsilon",
+    None,
+    "Budget guard (> 0): stop before any round whose completion would push epsilon above this; exit 0.",
+)
 
 # --- outputs ----------------------------------------------------------------
 OUTPUT_DIR = flags.DEFINE_string(
@@ -151,6 +162,8 @@ def experiment_config() -> ExperimentConfig:
             target_delta=TARGET_DELTA.value,
             accountant=ACCOUNTANT.value,
             noise_seed=NOISE_SEED.value,
+            target_epsilon=TARGET_EPSILON.value,
+            max_epsilon=MAX_EPSILON.value,
         ),
         output_dir=OUTPUT_DIR.value,
     )

@@ -48,8 +48,9 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     s = result.summary
     eps = "inf (no DP)" if s["neighboring_relation"] is None else f"{s['epsilon']:.4g}"
+    acc = "n/a" if s["final_test_accuracy"] is None else f"{s['final_test_accuracy']:.4f}"
     print(
-        f"done: {s['rounds']} rounds, test accuracy {s['final_test_accuracy']:.4f}, "
+        f"done: {s['rounds']} rounds, test accuracy {acc}, "
         f"epsilon {eps} at delta {s['delta']:.3g}, {s['wall_seconds']:.0f} s; outputs in {cfg.output_dir}",
         flush=True,
     )

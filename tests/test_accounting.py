@@ -117,3 +117,54 @@ def test_epsilon_grows_with_rounds_and_budget_search():
 def test_no_dp_has_no_event():
     cfg = ExperimentConfig(dp=DPConfig(mode="none", noise_multiplier=0.0)).validate()
     assert accounting.round_privacy(cfg) is None
+
+
+@pytest.mark.parametrize(
+    "kind, target", [("rdp", 0.5), ("rdp", 2.0), ("rdp", 8.0), ("pld", 0.5), ("pld", 2.0)]
+)
+def test_calibration_never_exceeds_target_and_is_tight(kind, target):
+    cfg = ExperimentConfig(
+        task=TaskConfig(num_clients=3383),
+        train=TrainConfig(clients_per_round=120, rounds=100),
+        dp=DPConfig(target_epsilon=target, target_delta=1e-5, accountant=kind),
+    ).validate()
+    z = accounting.calibrate_noise_multiplier(cfg, target)
+
+    def eps(noise):
+        event = dp_accounting.PoissonSampledDpEvent(120 / 3383, dp_accounting.GaussianDpEvent(noise))
+        acc = RdpAccountant() if kind == "rdp" else pld.PLDAccountant()
+        return acc.compose(event, 100).get_epsilon(1e-5)
+
+    assert eps(z) <= target
+    assert eps(z * 0.999) > target  # smallest: 0.1% less noise already breaks the target
+    assert accounting.with_calibrated_noise(cfg).dp.noise_multiplier == z
+
+
+def test_adaptive_noise_split_error_names_flags_and_smallest_cohort():
+    cfg = ExperimentConfig(
+        task=TaskConfig(num_clients=3383),
+        train=TrainConfig(clients_per_round=5),
+        dp=DPConfig(noise_multiplier=1.2, adaptive_clipping=True),
+    )
+    with pytest.raises(ConfigError) as e:
+        cfg.validate()
+    msg = str(e.value)
+    # TFF needs 0.05 * m > z / 2, i.e. m > 10 z = 12: smallest m is 13.
+    assert "--clients_per_round >= 13" in msg and "--clipped_count_stddev" in msg and "--noise_multiplier" in msg
+    ok = ExperimentConfig(task=TaskConfig(num_clients=3383), train=TrainConfig(clients_per_round=13),
+                          dp=DPConfig(noise_multiplier=1.2, adaptive_clipping=True))
+    ok.validate()
+
+
+@pytest.mark.parametrize(
+    "dp, train, flag",
+    [
+        (DPConfig(target_epsilon=0.0), TrainConfig(), "--target_epsilon=0.0: must be > 0"),
+        (DPConfig(max_epsilon=-1.0), TrainConfig(), "--max_epsilon=-1.0: must be > 0"),
+        (DPConfig(accountant="pld"), TrainConfig(client_sampling="uniform"), "--accountant=pld: dp-accounting cannot"),
+        (DPConfig(target_delta=1.5), TrainConfig(), "--target_delta=1.5: must be in the open interval (0, 1)"),
+    ],
+)
+def test_bad_accounting_flags(dp, train, flag):
+    with pytest.raises(ConfigError, match=flag.replace("(", r"\(").replace(")", r"\)")):
+        ExperimentConfig(dp=dp, train=train).validate()

@@ -78,3 +78,18 @@ def test_same_seed_gets_different_noise_unless_noise_seed_given(tmp_path):
     assert c == d  # the noise seed is the only difference left
     dp_off = dataclasses.replace(cfg, dp=DPConfig(mode="none", noise_multiplier=0.0))
     assert _final_test_loss(dp_off, "e") == pytest.approx(_final_test_loss(dp_off, "f"), abs=0)
+
+
+def test_budget_guard_stops_before_the_round_that_would_exceed(tmp_path):
+    from dpfl_tff.privacy import accounting
+
+    cfg = _cfg(tmp_path, noise_multiplier=1.0)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rounds=50))
+    tracker = accounting.EpsilonTracker(accounting.round_privacy(cfg), cfg.target_delta, "rdp")
+    budget = (tracker.epsilon(3) + tracker.epsilon(4)) / 2  # allows exactly 3 rounds
+    guarded = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, max_epsilon=budget))
+    result = training.run(guarded, log=lambda s: None)
+    assert [r["round"] for r in result.records] == [1, 2, 3]
+    assert result.records[-1]["epsilon"] <= budget < tracker.epsilon(4)
+    assert result.summary["status"] == "stopped_at_budget" and "round 4" in result.summary["stop_reason"]
+    assert result.summary["final_test_accuracy"] is not None  # the last allowed round is evaluated

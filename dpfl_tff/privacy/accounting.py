@@ -28,7 +28,7 @@ import dataclasses
 import functools
 
 import dp_accounting
-from dp_accounting import pld
+from dp_accounting import mechanism_calibration, pld
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
 from dpfl_tff.config import ConfigError, ExperimentConfig
@@ -77,6 +77,69 @@ def round_privacy(cfg: ExperimentConfig) -> RoundPrivacy | None:
         f"fixed cohort {m} of {n} without replacement, Gaussian z/2={z / 2:.6g} "
         "(replace-one sensitivity 2C), replace-one",
     )
+
+
+def check_accountable(cfg: ExperimentConfig) -> None:
+    """Raises ConfigError unless `cfg`'s rounds can be accounted as configured."""
+    rp = round_privacy(cfg)
+    if rp is not None and not make_accountant(cfg.dp.accountant, rp.neighboring_relation).supports(rp.event):
+        raise ConfigError(
+            f"--accountant={cfg.dp.accountant}: dp-accounting cannot account {rp.description}; use --accountant=rdp"
+        )
+
+
+def calibrate_noise_multiplier(cfg: ExperimentConfig, target_epsilon: float) -> float:
+    """Smallest noise multiplier z whose epsilon after `cfg.train.rounds` rounds is <= target.
+
+    Uses dp-accounting's `calibrate_dp_mechanism` (Brent's method), which
+    returns a value on the safe side of the root: the epsilon of the result
+    never exceeds `target_epsilon`. Everything but z is taken from `cfg`
+    (sampling, relation, accountant, delta, adaptive split).
+
+    Raises:
+      ConfigError: if no z in (0, 2**30] meets the target.
+    """
+    def event(z: float) -> dp_accounting.DpEvent:
+        z_cfg = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, noise_multiplier=float(z)))
+        return dp_accounting.SelfComposedDpEvent(round_privacy(z_cfg).event, cfg.train.rounds)
+
+    relation = round_privacy(cfg).neighboring_relation
+
+    def solve(kind: str, bracket: mechanism_calibration.BracketInterval) -> float:
+        return float(mechanism_calibration.calibrate_dp_mechanism(
+            lambda: make_accountant(kind, relation), event, target_epsilon, cfg.target_delta, bracket,
+            tol=1e-5 if kind == "rdp" else 1e-4,  # each PLD evaluation costs seconds
+        ))
+
+    try:
+        z = solve("rdp", mechanism_calibration.LowerEndpointAndGuess(1e-3, 1.0))
+        if cfg.dp.accountant == "pld":
+            # PLD is tighter than RDP, so its z is below RDP's. Bracket it from there: PLD
+            # discretisation of a tiny z would need tens of GB.
+            lo = z / 2
+            while lo > 1e-2 and _epsilon_of(cfg, lo, "pld") <= target_epsilon:
+                lo /= 2
+            z = solve("pld", mechanism_calibration.ExplicitBracketInterval(lo, z))
+    except (mechanism_calibration.NoBracketIntervalFoundError, mechanism_calibration.NoOptimumFoundError,
+            ValueError) as e:
+        raise ConfigError(
+            f"--target_epsilon={target_epsilon}: no noise multiplier reaches it for {cfg.train.rounds} rounds "
+            f"at delta={cfg.target_delta:.3g} ({e}); raise --target_epsilon or lower --rounds"
+        ) from e
+    return float(z)
+
+
+def _epsilon_of(cfg: ExperimentConfig, z: float, kind: str) -> float:
+    z_cfg = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, noise_multiplier=float(z)))
+    return epsilon_after(round_privacy(z_cfg), cfg.train.rounds, cfg.target_delta, kind)
+
+
+def with_calibrated_noise(cfg: ExperimentConfig) -> ExperimentConfig:
+    """`cfg` with `noise_multiplier` calibrated to `dp.target_epsilon` (unchanged if unset)."""
+    if cfg.dp.mode == "none" or cfg.dp.target_epsilon is None:
+        return cfg
+    z = calibrate_noise_multiplier(cfg, cfg.dp.target_epsilon)
+    return dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, noise_multiplier=z)).validate()
 
 
 def make_accountant(kind: str, relation: str) -> dp_accounting.PrivacyAccountant:
@@ -155,6 +218,9 @@ __all__ = [
     "REPLACE_ONE",
     "EpsilonTracker",
     "RoundPrivacy",
+    "calibrate_noise_multiplier",
+    "check_accountable",
+    "with_calibrated_noise",
     "epsilon_after",
     "make_accountant",
     "round_privacy",

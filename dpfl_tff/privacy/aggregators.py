@@ -14,6 +14,7 @@ Noise comes from TensorFlow's stateful RNG with OS-entropy seeds unless
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import dp_accounting
 import tensorflow as tf
@@ -21,7 +22,7 @@ import tensorflow_federated as tff
 import tensorflow_privacy as tfp
 from tensorflow_federated.python.aggregators.differential_privacy import adaptive_clip_noise_params
 
-from dpfl_tff.config import DPConfig
+from dpfl_tff.config import ConfigError, DPConfig
 
 # Offsets that keep the op seeds of different noise sources apart.
 _VALUE_SEED_OFFSET = 0
@@ -84,15 +85,34 @@ def central_noise(dp: DPConfig, expected_cohort: float) -> CentralNoise:
     private as one Gaussian release with that multiplier.
 
     Raises:
-      ValueError: TFF's error when clipped_count_stddev is too small for z.
+      ConfigError: when the clipped-count noise is too small for z (TFF needs
+        clipped_count_stddev > z / 2); names the flags to change.
     """
     z = dp.noise_multiplier
     if not dp.adaptive_clipping:
         return CentralNoise(z, 0.0, z)
-    value_z, cc_std = adaptive_clip_noise_params(z, float(expected_cohort), dp.clipped_count_stddev)
+    try:
+        value_z, cc_std = adaptive_clip_noise_params(z, float(expected_cohort), dp.clipped_count_stddev)
+    except ValueError as e:
+        raise ConfigError(_adaptive_noise_error(z, expected_cohort, dp.clipped_count_stddev)) from e
     if z == 0:
         return CentralNoise(0.0, cc_std, 0.0)
     return CentralNoise(value_z, cc_std, (value_z**-2 + (2 * cc_std) ** -2) ** -0.5)
+
+
+def _adaptive_noise_error(z: float, m: float, clipped_count_stddev: float | None) -> str:
+    if clipped_count_stddev is None:
+        smallest_m = math.floor(10 * z) + 1  # default stddev 0.05 m must exceed z / 2
+        return (
+            f"--adaptive_clipping with --noise_multiplier={z} and --clients_per_round={m:g}: the clipped-count "
+            f"noise (default --clipped_count_stddev = 0.05*clients_per_round = {0.05 * m:g}) must exceed "
+            f"noise_multiplier/2 = {z / 2:g}; use --clients_per_round >= {smallest_m}, or set "
+            f"--clipped_count_stddev > {z / 2:g}, or lower --noise_multiplier"
+        )
+    return (
+        f"--clipped_count_stddev={clipped_count_stddev} with --adaptive_clipping and --noise_multiplier={z}: "
+        f"must be > noise_multiplier/2 = {z / 2:g}; raise --clipped_count_stddev or lower --noise_multiplier"
+    )
 
 
 def _seeded_adaptive_query(

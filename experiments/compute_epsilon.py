@@ -1,0 +1,70 @@
+"""Epsilon of a planned run without training, or the noise for a target epsilon.
+
+  uv run python -m experiments.compute_epsilon --num_clients=3383 \
+      --clients_per_round=120 --noise_multiplier=1.2 --rounds=100 --target_delta=1e-5
+
+Uses the same flags and configuration objects as `run_federated` (task flags
+other than --num_clients are ignored: no data is loaded). With
+--target_epsilon=E it returns the smallest noise multiplier whose epsilon after
+--rounds is <= E. The last line of stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+from absl import app
+
+from dpfl_tff.config import ConfigError
+from dpfl_tff.privacy import accounting
+from experiments import flags as dpfl_flags
+
+
+def compute(cfg) -> dict:
+    """The figures printed by this tool, for a validated configuration."""
+    cfg = accounting.with_calibrated_noise(cfg)
+    rp = accounting.round_privacy(cfg)
+    result = {
+        "dp_mode": cfg.dp.mode,
+        "num_clients": cfg.task.num_clients,
+        "clients_per_round": cfg.train.clients_per_round,
+        "client_sampling": cfg.train.client_sampling,
+        "rounds": cfg.train.rounds,
+        "noise_multiplier": cfg.dp.noise_multiplier,
+        "delta": cfg.target_delta,
+        "accountant": cfg.dp.accountant,
+        "neighboring_relation": rp.neighboring_relation if rp else None,
+        "target_epsilon": cfg.dp.target_epsilon,
+        "epsilon": math.inf,
+    }
+    if rp is not None:
+        result["epsilon"] = accounting.EpsilonTracker(rp, cfg.target_delta, cfg.dp.accountant).epsilon(cfg.train.rounds)
+        result["effective_noise_multiplier"] = rp.noise_multiplier
+        result["analysis"] = rp.description
+    return result
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        result = compute(dpfl_flags.experiment_config().validate())
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if result["neighboring_relation"] is None:
+        print("--dp_mode=none: no DP guarantee, epsilon is infinite")
+    else:
+        if result["target_epsilon"] is not None:
+            print(f"calibrated noise multiplier: {result['noise_multiplier']:.6g} for epsilon <= {result['target_epsilon']:g}")
+        print(
+            f"epsilon {result['epsilon']:.6g} at delta {result['delta']:.3g} after {result['rounds']} rounds "
+            f"({result['analysis']}; {result['accountant'].upper()})"
+        )
+    print(json.dumps({k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,51 @@
+"""experiments.compute_epsilon: same flags and configs as run_federated, JSON last line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import dp_accounting
+import pytest
+from dp_accounting.rdp import RdpAccountant
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args):
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.compute_epsilon", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    return proc
+
+
+def test_tutorial_setting_last_line_is_json():
+    proc = _run("--num_clients=3383", "--clients_per_round=120", "--noise_multiplier=1.2", "--rounds=100",
+                "--target_delta=1e-5", "--client_sampling=poisson", "--accountant=rdp", "--dp_mode=central")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    acc = RdpAccountant()
+    acc.compose(dp_accounting.PoissonSampledDpEvent(120 / 3383, dp_accounting.GaussianDpEvent(1.2)), 100)
+    assert result["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+    assert result["epsilon"] == pytest.approx(1.986, abs=5e-3)
+    assert (result["delta"], result["noise_multiplier"], result["rounds"]) == (1e-5, 1.2, 100)
+    assert (result["accountant"], result["neighboring_relation"]) == ("rdp", "add_or_remove_one")
+
+
+def test_target_epsilon_returns_noise_within_target_and_bad_flag_is_one_line():
+    proc = _run("--num_clients=1000", "--clients_per_round=50", "--rounds=30", "--target_epsilon=3",
+                "--client_sampling=uniform")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["neighboring_relation"] == "replace_one" and result["epsilon"] <= 3
+    acc = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    z = result["noise_multiplier"]
+    acc.compose(dp_accounting.SampledWithoutReplacementDpEvent(1000, 50, dp_accounting.GaussianDpEvent(z / 2)), 30)
+    assert acc.get_epsilon(1000**-1.1) == pytest.approx(result["epsilon"], rel=1e-9)
+
+    bad = _run("--client_sampling=uniform", "--accountant=pld")
+    assert bad.returncode == 2
+    assert [line for line in bad.stderr.splitlines() if line.startswith("error:")] == [
+        bad.stderr.strip().splitlines()[-1]
+    ] and "--accountant=pld" in bad.stderr
