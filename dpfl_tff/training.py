@@ -196,6 +196,8 @@ def run(cfg: ExperimentConfig, overwrite: bool = False, log: Callable[[str], Non
                     )
                     for c in cohort
                 ]
+                if tracker is not None:
+                    tracker.prefetch(r)  # PLD: overlaps the accountant with the round
                 result = process.next(state, client_data)
                 state = result.state
                 train = result.metrics["client_work"]["train"]
@@ -235,6 +237,8 @@ def run(cfg: ExperimentConfig, overwrite: bool = False, log: Callable[[str], Non
         summary["status"] = f"stopped: {type(e).__name__}: {e}".strip().rstrip(":")
         raise
     finally:
+        if tracker is not None:
+            tracker.close()
         summary["wall_seconds"] = time.time() - start
         out.write_json(outputs.SUMMARY, summary)
         out.close()

@@ -47,7 +47,8 @@ def main(argv: list[str]) -> None:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     s = result.summary
-    eps = "inf (no DP)" if s["neighboring_relation"] is None else f"{s['epsilon']:.4g}"
+    relation = (s["neighboring_relation"] or "").replace("_", "-")
+    eps = "inf (no DP)" if not relation else f"{s['epsilon']:.4g} ({relation}, {s['accountant'].upper()})"
     acc = "n/a" if s["final_test_accuracy"] is None else f"{s['final_test_accuracy']:.4f}"
     print(
         f"done: {s['rounds']} rounds, test accuracy {acc}, "

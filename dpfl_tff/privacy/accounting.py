@@ -24,8 +24,8 @@ scaled; PLD self-composes the per-round distribution.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-import functools
 
 import dp_accounting
 from dp_accounting import mechanism_calibration, pld
@@ -169,9 +169,10 @@ class EpsilonTracker:
     """Epsilon after each round, computed incrementally.
 
     RDP: the per-round RDP curve is computed once; after t rounds it is t
-    times that curve (RDP composes additively), converted at `delta`.
-    PLD: the per-round privacy loss distribution is built once and
-    self-composed t times.
+    times that curve (RDP composes additively), converted at `delta`
+    (microseconds). PLD: the per-round privacy loss distribution is built once
+    and self-composed t times (tens of milliseconds); `prefetch(t)` starts that
+    in a background thread so that it overlaps with round t's training.
     """
 
     def __init__(self, rp: RoundPrivacy, delta: float, accountant: str):
@@ -189,16 +190,36 @@ class EpsilonTracker:
             self._rdp_one = acc.rdp
         else:
             self._pld_one = acc._pld  # noqa: SLF001  (the accountant exposes no getter)
+        self._cache: dict[int, float] = {}
+        self._pending: dict[int, concurrent.futures.Future] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
-    @functools.lru_cache(maxsize=4096)  # noqa: B019  (one tracker per run)
-    def epsilon(self, rounds: int) -> float:
-        """Epsilon after `rounds` rounds at `self.delta`."""
+    def _compute(self, rounds: int) -> float:
         if rounds <= 0:
             return 0.0
         if self.accountant == "rdp":
             eps, _ = rdp_lib.compute_epsilon(self._orders, self._rdp_one * rounds, self.delta)
             return float(eps)
         return float(self._pld_one.self_compose(rounds).get_epsilon_for_delta(self.delta))
+
+    def prefetch(self, rounds: int) -> None:
+        """Starts computing `epsilon(rounds)` in the background (PLD only; RDP is instant)."""
+        if self.accountant == "rdp" or rounds in self._cache or rounds in self._pending:
+            return
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="epsilon")
+        self._pending[rounds] = self._pool.submit(self._compute, rounds)
+
+    def epsilon(self, rounds: int) -> float:
+        """Epsilon after `rounds` rounds at `self.delta`."""
+        if rounds not in self._cache:
+            pending = self._pending.pop(rounds, None)
+            self._cache[rounds] = pending.result() if pending else self._compute(rounds)
+        return self._cache[rounds]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def rounds_within_budget(tracker: EpsilonTracker, max_epsilon: float, max_rounds: int) -> int:
