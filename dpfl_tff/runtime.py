@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import gc
 import os
 import signal
 import subprocess
@@ -56,6 +57,7 @@ _PR_SET_PDEATHSIG = 1
 _live_workers: set[subprocess.Popen] = set()
 
 context_stack_impl.context_stack.set_default_context(runtime_error_context.create_runtime_error_context())
+gc.collect()  # free TFF's replaced context now, not at interpreter exit when its __del__ fails
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
