@@ -11,7 +11,8 @@ import dataclasses
 import math
 from typing import Any
 
-DP_MODES = ("none", "central")
+DP_MODES = ("none", "central", "local")
+LOCAL_MECHANISMS = ("gaussian", "laplace")
 CLIENT_SAMPLING = ("poisson", "uniform")
 ACCOUNTANTS = ("rdp", "pld")
 OPTIMIZERS = ("sgd", "sgdm", "adam")
@@ -154,9 +155,13 @@ class DPConfig:
     """Differential privacy of the aggregation, and how it is accounted.
 
     Attributes:
-      mode: `none` (plain averaging, no guarantee) or `central` (the server
+      mode: `none` (plain averaging, no guarantee), `central` (the server
         clips each client update to L2 norm `clip_norm` and adds Gaussian
-        noise of standard deviation `noise_multiplier * clip_norm` to the sum).
+        noise of standard deviation `noise_multiplier * clip_norm` to the sum)
+        or `local` (each client clips and noises its own update before it
+        leaves the client; see `local_mechanism`).
+      local_mechanism: `gaussian` (L2 clip C, noise std z C) or `laplace`
+        (L1 clip C, Laplace scale z C per coordinate); `local` mode only.
       noise_multiplier: z, noise std in units of the clip norm.
       clip_norm: C, L2 clip of each client's model update (the initial clip
         when adaptive).
@@ -178,6 +183,7 @@ class DPConfig:
     """
 
     mode: str = "central"
+    local_mechanism: str = "gaussian"
     noise_multiplier: float = 1.0
     clip_norm: float = 1.0
     adaptive_clipping: bool = False
@@ -192,6 +198,16 @@ class DPConfig:
 
     def validate(self) -> None:
         _choice("dp_mode", self.mode, DP_MODES)
+        _choice("local_mechanism", self.local_mechanism, LOCAL_MECHANISMS)
+        if self.mode == "local" and self.adaptive_clipping:
+            raise ConfigError("--adaptive_clipping with --dp_mode=local: not supported; use a fixed --clip_norm")
+        if self.mode == "local" and self.noise_multiplier == 0 and self.target_epsilon is None:
+            raise ConfigError(
+                "--noise_multiplier=0 with --dp_mode=local: zero noise gives no privacy; "
+                "use --dp_mode=none, or set --noise_multiplier > 0"
+            )
+        if self.mode == "local" and self.target_epsilon is not None:
+            raise ConfigError(f"--target_epsilon={self.target_epsilon}: calibration supports --dp_mode=central only")
         _nonnegative("noise_multiplier", self.noise_multiplier)
         _positive("clip_norm", self.clip_norm)
         _open_unit("target_unclipped_quantile", self.target_unclipped_quantile)

@@ -121,36 +121,34 @@ def run(cfg: ExperimentConfig, overwrite: bool = False, log: Callable[[str], Non
     start = time.time()
     calibrated = accounting.with_calibrated_noise(cfg)
     delta = cfg.target_delta
-    rp = accounting.round_privacy(calibrated)
-    tracker = accounting.EpsilonTracker(rp, delta, cfg.dp.accountant) if rp else None
+    ledger = accounting.make_ledger(calibrated)
+    plan = ledger.planned(cfg.train.rounds)
     if calibrated is not cfg:
         log(
             f"calibrated --noise_multiplier={calibrated.dp.noise_multiplier:.6g}: smallest z with epsilon "
-            f"<= {cfg.dp.target_epsilon:g} after {cfg.train.rounds} rounds (epsilon {tracker.epsilon(cfg.train.rounds):.6g})"
+            f"<= {cfg.dp.target_epsilon:g} after {cfg.train.rounds} rounds (epsilon {plan['epsilon']:.6g})"
         )
     cfg = calibrated
-    relation = rp.neighboring_relation if rp else None
+    relation = ledger.neighboring_relation
     noise_seeded = cfg.dp.mode != "none" and cfg.dp.noise_seed is not None
-    budget_rounds = cfg.train.rounds
-    if tracker is not None and cfg.dp.max_epsilon is not None:
-        budget_rounds = accounting.rounds_within_budget(tracker, cfg.dp.max_epsilon, cfg.train.rounds)
     out = outputs.ExperimentDir(cfg.output_dir, overwrite=overwrite)
     out.write_json(outputs.HPARAMS, cfg.to_dict())
 
     data = load_task(cfg.task, cfg.train.seed)
     log(f"task: {data.description}")
-    if rp is None:
+    delta_text = f"delta={delta:.3g}{'' if cfg.dp.target_delta else ' (default 1/num_clients^1.1)'}"
+    if cfg.dp.mode == "none":
         log("privacy: none (--dp_mode=none): no DP guarantee, epsilon is infinite")
+    elif cfg.dp.mode == "central":
+        log(
+            f"privacy: central DP, {plan['analysis']}; accountant {cfg.dp.accountant.upper()}, {delta_text}; "
+            f"epsilon after {cfg.train.rounds} rounds: {plan['epsilon']:.4g}"
+        )
     else:
         log(
-            f"privacy: central DP, {rp.description}; accountant {cfg.dp.accountant.upper()}, "
-            f"delta={delta:.3g}{'' if cfg.dp.target_delta else ' (default 1/num_clients^1.1)'}; "
-            f"epsilon after {cfg.train.rounds} rounds: {tracker.epsilon(cfg.train.rounds):.4g}"
-        )
-    if budget_rounds < cfg.train.rounds:
-        log(
-            f"budget: --max_epsilon={cfg.dp.max_epsilon:g} allows {budget_rounds} of {cfg.train.rounds} rounds "
-            f"(epsilon {tracker.epsilon(budget_rounds):.4g}); the run stops there"
+            f"privacy: local DP ({cfg.dp.local_mechanism}) at each client, replace-one; accountant "
+            f"{cfg.dp.accountant.upper()}, {delta_text}; if a client took part in all {cfg.train.rounds} rounds: "
+            f"local epsilon {plan['local_epsilon']:.4g}, central view {plan['epsilon']:.4g} ({plan['epsilon_analysis']})"
         )
     if noise_seeded:
         log(f"WARNING: DP noise is seeded (--noise_seed={cfg.dp.noise_seed}): for tests only, it gives no privacy")
@@ -161,12 +159,13 @@ def run(cfg: ExperimentConfig, overwrite: bool = False, log: Callable[[str], Non
         "rounds_planned": cfg.train.rounds,
         "rounds": 0,
         "dp_mode": cfg.dp.mode,
-        "epsilon": 0.0 if rp else math.inf,
+        "epsilon": 0.0 if relation else math.inf,
         "delta": delta,
         "accountant": cfg.dp.accountant,
         "neighboring_relation": relation,
         "client_sampling": cfg.train.client_sampling,
         "noise_multiplier": cfg.dp.noise_multiplier,
+        "local_mechanism": cfg.dp.local_mechanism if cfg.dp.mode == "local" else None,
         "noise_seeded": noise_seeded,
         "final_test_accuracy": None,
         "final_test_loss": None,
@@ -178,26 +177,30 @@ def run(cfg: ExperimentConfig, overwrite: bool = False, log: Callable[[str], Non
             state = initial_state(process, cfg, data)
             evaluate = Evaluator(cfg, data)
             clip = cfg.dp.clip_norm if cfg.dp.mode != "none" else None
-            for r in range(1, cfg.train.rounds + 1):
-                if r > budget_rounds:
-                    summary["stop_reason"] = (
-                        f"privacy budget: round {r} would bring epsilon to {tracker.epsilon(r):.4g} "
-                        f"> --max_epsilon={cfg.dp.max_epsilon:g}"
-                    )
-                    log(f"stopping before round {r}: {summary['stop_reason']}")
-                    break
-                t0 = time.time()
-                cohort = sample_cohort(
+            def cohort_of(r: int) -> np.ndarray:  # deterministic in (seed, r)
+                return sample_cohort(
                     cfg.train.client_sampling, data.num_clients, cfg.train.clients_per_round, cfg.train.seed, r
                 )
+
+            def over_budget(r: int) -> str | None:
+                if cfg.dp.max_epsilon is None or r > cfg.train.rounds:
+                    return None
+                eps = ledger.preview(r, cohort_of(r))
+                if eps <= cfg.dp.max_epsilon:
+                    return None
+                return f"privacy budget: round {r} would bring epsilon to {eps:.4g} > --max_epsilon={cfg.dp.max_epsilon:g}"
+
+            summary["stop_reason"] = over_budget(1)
+            for r in range(1, cfg.train.rounds + 1 if summary["stop_reason"] is None else 1):
+                t0 = time.time()
+                cohort = cohort_of(r)
                 client_data = [
                     data.client_dataset(
                         c, cfg.train.client_epochs, cfg.train.client_batch_size, _shuffle_seed(cfg.train.seed, r, c)
                     )
                     for c in cohort
                 ]
-                if tracker is not None:
-                    tracker.prefetch(r)  # PLD: overlaps the accountant with the round
+                ledger.prefetch(r)  # PLD: overlaps the accountant with the round
                 result = process.next(state, client_data)
                 state = result.state
                 train = result.metrics["client_work"]["train"]
@@ -208,14 +211,23 @@ def run(cfg: ExperimentConfig, overwrite: bool = False, log: Callable[[str], Non
                     "train_accuracy": float(train["accuracy"]) if len(cohort) else None,
                     "clip_norm": clip,
                 }
-                if cfg.dp.mode != "none":
-                    query_metrics = result.metrics["aggregator"].get("dp_query_metrics", {})
+                aggregator = result.metrics["aggregator"]
+                if cfg.dp.mode == "central":
+                    query_metrics = aggregator.get("dp_query_metrics", {})
                     if "clip" in query_metrics:
                         clip = float(query_metrics["clip"])
                     record["next_clip_norm"] = clip
+                elif cfg.dp.mode == "local":
+                    record.update(
+                        next_clip_norm=clip,
+                        fraction_clipped=float(aggregator["fraction_clipped"]),
+                        mean_norm_before_clipping=float(aggregator["mean_norm_before_clipping"]),
+                    )
+                    key = "noise_std" if cfg.dp.local_mechanism == "gaussian" else "laplace_scale"
+                    record[key] = float(aggregator[key])
                 record["round_seconds"] = time.time() - t0
                 t_acc = time.time()
-                record["epsilon"] = tracker.epsilon(r) if tracker else math.inf
+                record.update(ledger.commit(r, cohort))
                 record["accounting_seconds"] = time.time() - t_acc
                 record.update(
                     delta=delta,
@@ -223,22 +235,29 @@ def run(cfg: ExperimentConfig, overwrite: bool = False, log: Callable[[str], Non
                     neighboring_relation=relation,
                     client_sampling=cfg.train.client_sampling,
                 )
-                last = r == min(cfg.train.rounds, budget_rounds)
-                if last or (cfg.train.eval_every and r % cfg.train.eval_every == 0):
+                stop_next = over_budget(r + 1)
+                if stop_next or r == cfg.train.rounds or (cfg.train.eval_every and r % cfg.train.eval_every == 0):
                     record.update(evaluate(process.get_model_weights(state)))
                 out.append_metrics(record)
                 records.append(record)
                 summary.update(rounds=r, epsilon=record["epsilon"])
+                for key in ("local_epsilon", "epsilon_analysis", "max_participations", "local_epsilon_pure"):
+                    if key in record:
+                        summary[key] = record[key]
                 if "test_accuracy" in record:
                     summary.update(final_test_accuracy=record["test_accuracy"], final_test_loss=record["test_loss"])
                 log(_progress_line(r, cfg.train.rounds, record, relation))
+                if stop_next:
+                    summary["stop_reason"] = stop_next
+                    break
+            if summary["stop_reason"]:
+                log(f"stopped: {summary['stop_reason']}")
         summary["status"] = "completed" if summary["stop_reason"] is None else "stopped_at_budget"
     except BaseException as e:  # record why the run stopped, then re-raise
         summary["status"] = f"stopped: {type(e).__name__}: {e}".strip().rstrip(":")
         raise
     finally:
-        if tracker is not None:
-            tracker.close()
+        ledger.close()
         summary["wall_seconds"] = time.time() - start
         out.write_json(outputs.SUMMARY, summary)
         out.close()
@@ -257,6 +276,8 @@ def _progress_line(r: int, total: int, rec: dict[str, Any], relation: str | None
     if relation is None:
         parts.append("eps inf (no DP)")
     else:
+        if "local_epsilon" in rec:
+            parts.append(f"local eps {rec['local_epsilon']:.4g}")
         parts.append(f"eps {rec['epsilon']:.4g} (delta {rec['delta']:.3g}, {_RELATION_TEXT[relation]})")
     parts.append(f"{rec['round_seconds']:.2f}s")
     return " | ".join(parts)

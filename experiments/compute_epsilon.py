@@ -15,17 +15,25 @@ import json
 import math
 import sys
 
-from absl import app
+from absl import app, flags
 
 from dpfl_tff.config import ConfigError
 from dpfl_tff.privacy import accounting
 from experiments import flags as dpfl_flags
 
+PARTICIPATIONS = flags.DEFINE_integer(
+    "participations",
+    None,
+    "--dp_mode=local: rounds the worst client takes part in (>= 1, <= --rounds); unset = --rounds.",
+)
 
-def compute(cfg) -> dict:
+
+def compute(cfg, participations: int | None = None) -> dict:
     """The figures printed by this tool, for a validated configuration."""
+    if participations is not None and not 1 <= participations <= cfg.train.rounds:
+        raise ConfigError(f"--participations={participations}: must be in [1, --rounds={cfg.train.rounds}]")
     cfg = accounting.with_calibrated_noise(cfg)
-    rp = accounting.round_privacy(cfg)
+    ledger = accounting.make_ledger(cfg)
     result = {
         "dp_mode": cfg.dp.mode,
         "num_clients": cfg.task.num_clients,
@@ -35,14 +43,13 @@ def compute(cfg) -> dict:
         "noise_multiplier": cfg.dp.noise_multiplier,
         "delta": cfg.target_delta,
         "accountant": cfg.dp.accountant,
-        "neighboring_relation": rp.neighboring_relation if rp else None,
+        "neighboring_relation": ledger.neighboring_relation,
         "target_epsilon": cfg.dp.target_epsilon,
-        "epsilon": math.inf,
     }
-    if rp is not None:
-        result["epsilon"] = accounting.EpsilonTracker(rp, cfg.target_delta, cfg.dp.accountant).epsilon(cfg.train.rounds)
-        result["effective_noise_multiplier"] = rp.noise_multiplier
-        result["analysis"] = rp.description
+    if cfg.dp.mode == "local":
+        result["local_mechanism"] = cfg.dp.local_mechanism
+    result.update(ledger.planned(cfg.train.rounds, participations))
+    ledger.close()
     return result
 
 
@@ -50,7 +57,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
-        result = compute(dpfl_flags.experiment_config().validate())
+        result = compute(dpfl_flags.experiment_config().validate(), PARTICIPATIONS.value)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -59,6 +66,8 @@ def main(argv: list[str]) -> None:
     else:
         if result["target_epsilon"] is not None:
             print(f"calibrated noise multiplier: {result['noise_multiplier']:.6g} for epsilon <= {result['target_epsilon']:g}")
+        if "local_epsilon" in result:
+            print(f"local epsilon {result['local_epsilon']:.6g} (what each client has against the server)")
         print(
             f"epsilon {result['epsilon']:.6g} at delta {result['delta']:.3g} after {result['rounds']} rounds "
             f"({result['analysis']}; {result['accountant'].upper()})"

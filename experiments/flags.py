@@ -72,7 +72,14 @@ DP_MODE = flags.DEFINE_string(
     "dp_mode",
     _D.mode,
     "none (plain FedAvg, no guarantee) | central (server clips each update to --clip_norm and adds "
-    "Gaussian noise of std noise_multiplier*clip_norm to the sum).",
+    "Gaussian noise of std noise_multiplier*clip_norm to the sum) | local (each client clips and noises "
+    "its own update before sending it; see --local_mechanism).",
+)
+LOCAL_MECHANISM = flags.DEFINE_string(
+    "local_mechanism",
+    _D.local_mechanism,
+    "--dp_mode=local only: gaussian (L2 clip C, noise std z*C per coordinate) | "
+    "laplace (L1 clip C, Laplace scale z*C per coordinate; pure 2/z-DP per release).",
 )
 NOISE_MULTIPLIER = flags.DEFINE_float(
     "noise_multiplier", _D.noise_multiplier, "z: noise std in units of the clip norm (> 0 with --dp_mode=central)."
@@ -153,6 +160,7 @@ def experiment_config() -> ExperimentConfig:
         ),
         dp=DPConfig(
             mode=DP_MODE.value,
+            local_mechanism=LOCAL_MECHANISM.value,
             noise_multiplier=NOISE_MULTIPLIER.value,
             clip_norm=CLIP_NORM.value,
             adaptive_clipping=ADAPTIVE_CLIPPING.value,

@@ -24,8 +24,11 @@ scaled; PLD self-composes the per-round distribution.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
+import math
+from typing import Any
 
 import dp_accounting
 from dp_accounting import mechanism_calibration, pld
@@ -53,13 +56,13 @@ class RoundPrivacy:
 
 
 def round_privacy(cfg: ExperimentConfig) -> RoundPrivacy | None:
-    """The DP event of one round of `cfg`, or None without DP.
+    """The DP event of one central-DP round of `cfg`; None for other modes.
 
     Raises:
       ValueError: if the adaptive-clipping noise split is impossible.
     """
-    if cfg.dp.mode == "none":
-        return None
+    if cfg.dp.mode != "central":
+        return None  # local DP: see LocalLedger
     n, m = cfg.task.num_clients, cfg.train.clients_per_round
     z = central_noise(cfg.dp, m).effective_noise_multiplier
     if cfg.train.client_sampling == "poisson":
@@ -81,6 +84,9 @@ def round_privacy(cfg: ExperimentConfig) -> RoundPrivacy | None:
 
 def check_accountable(cfg: ExperimentConfig) -> None:
     """Raises ConfigError unless `cfg`'s rounds can be accounted as configured."""
+    if cfg.dp.mode == "local":
+        LocalLedger(cfg)  # raises if the accountant cannot take the local events
+        return
     rp = round_privacy(cfg)
     if rp is not None and not make_accountant(cfg.dp.accountant, rp.neighboring_relation).supports(rp.event):
         raise ConfigError(
@@ -238,7 +244,11 @@ __all__ = [
     "ADD_OR_REMOVE_ONE",
     "REPLACE_ONE",
     "EpsilonTracker",
+    "CentralLedger",
+    "Ledger",
+    "LocalLedger",
     "RoundPrivacy",
+    "make_ledger",
     "calibrate_noise_multiplier",
     "check_accountable",
     "with_calibrated_noise",
@@ -247,3 +257,178 @@ __all__ = [
     "round_privacy",
     "rounds_within_budget",
 ]
+
+
+# --------------------------------------------------------------------------
+# Ledgers: what the round loop asks after each round, for every DP mode.
+
+
+class Ledger:
+    """Epsilon bookkeeping of one run (the base class is the no-DP ledger)."""
+
+    neighboring_relation: str | None = None
+
+    def preview(self, round_num: int, cohort) -> float:
+        """Epsilon (central view) if round `round_num` runs with `cohort`."""
+        del round_num, cohort
+        return math.inf
+
+    def commit(self, round_num: int, cohort) -> dict[str, Any]:
+        """Records round `round_num` as released; returns its metrics fields."""
+        del round_num, cohort
+        return {"epsilon": math.inf}
+
+    def planned(self, rounds: int, participations: int | None = None) -> dict[str, Any]:
+        """Figures of a planned run of `rounds` rounds (no training)."""
+        del rounds, participations
+        return {"epsilon": math.inf}
+
+    def prefetch(self, round_num: int) -> None:
+        del round_num
+
+    def close(self) -> None:
+        pass
+
+
+class CentralLedger(Ledger):
+    """Central DP: epsilon depends only on the number of rounds run."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.round_privacy = round_privacy(cfg)
+        self.neighboring_relation = self.round_privacy.neighboring_relation
+        self.tracker = EpsilonTracker(self.round_privacy, cfg.target_delta, cfg.dp.accountant)
+
+    def preview(self, round_num: int, cohort) -> float:
+        return self.tracker.epsilon(round_num)
+
+    def commit(self, round_num: int, cohort) -> dict[str, Any]:
+        return {"epsilon": self.tracker.epsilon(round_num)}
+
+    def planned(self, rounds: int, participations: int | None = None) -> dict[str, Any]:
+        return {
+            "epsilon": self.tracker.epsilon(rounds),
+            "effective_noise_multiplier": self.round_privacy.noise_multiplier,
+            "analysis": self.round_privacy.description,
+        }
+
+    def prefetch(self, round_num: int) -> None:
+        self.tracker.prefetch(round_num)
+
+    def close(self) -> None:
+        self.tracker.close()
+
+
+class LocalLedger(Ledger):
+    """Client-level (local) DP: two numbers, both under replace-one.
+
+    * `local_epsilon`: what protects a client against the server, who sees
+      each local release and who took part (no amplification by sampling).
+      One release: Gaussian with noise multiplier z/2 (L2 sensitivity 2C), or
+      Laplace with scale z C on L1 sensitivity 2C, pure epsilon 2/z. Composed
+      over the worst client's participations so far, at the run's delta; for
+      Laplace the smaller of pure composition (delta 0) and the accountant's.
+    * `epsilon` (central view, what the model reveals about one client): the
+      model is post-processing of all local releases, so `local_epsilon`
+      bounds it (analysis `post_processing`). For Gaussian noise with a fixed
+      cohort of m (uniform sampling), the m local noises add up to Gaussian
+      noise of std sqrt(m) z C on a sum of replace-one sensitivity 2C:
+      `SampledWithoutReplacementDpEvent(N, m, GaussianDpEvent(sqrt(m) z / 2))`
+      per round; the smaller of the two is reported (analysis
+      `sampled_sum_gaussian`). Under Poisson sampling the cohort size, and with
+      it the total noise, depends on the neighbour, so only the
+      post-processing bound is reported.
+    """
+
+    neighboring_relation = REPLACE_ONE
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.delta = cfg.target_delta
+        dp = cfg.dp
+        z = dp.noise_multiplier
+        self.mechanism = dp.local_mechanism
+        if self.mechanism == "gaussian":
+            release = dp_accounting.GaussianDpEvent(z / 2)
+        else:
+            release = dp_accounting.LaplaceDpEvent(z / 2)
+            self.pure_epsilon_per_release = 2.0 / z
+        self._release = RoundPrivacy(release, REPLACE_ONE, z, f"local {self.mechanism} release, replace-one")
+        acc = make_accountant(dp.accountant, REPLACE_ONE)
+        if not acc.supports(release):
+            raise ConfigError(
+                f"--accountant={dp.accountant}: dp-accounting cannot account a local {self.mechanism} release; "
+                "use --accountant=rdp"
+            )
+        self._local = EpsilonTracker(self._release, self.delta, dp.accountant)
+        self._sum: EpsilonTracker | None = None
+        if self.mechanism == "gaussian" and cfg.train.client_sampling == "uniform":
+            n, m = cfg.task.num_clients, cfg.train.clients_per_round
+            summed = RoundPrivacy(
+                dp_accounting.SampledWithoutReplacementDpEvent(n, m, dp_accounting.GaussianDpEvent(math.sqrt(m) * z / 2)),
+                REPLACE_ONE, math.sqrt(m) * z, "sum of m local Gaussian noises, fixed cohort, replace-one",
+            )
+            kind = dp.accountant if make_accountant(dp.accountant, REPLACE_ONE).supports(summed.event) else "rdp"
+            self._sum = EpsilonTracker(summed, self.delta, kind)
+        self._participations: collections.Counter = collections.Counter()
+        self.max_participations = 0
+
+    def local_epsilon(self, participations: int) -> float:
+        eps = self._local.epsilon(participations)
+        if self.mechanism == "laplace":
+            eps = min(eps, participations * self.pure_epsilon_per_release)
+        return eps
+
+    def _central(self, rounds: int, participations: int) -> tuple[float, str]:
+        post = self.local_epsilon(participations)
+        if self._sum is not None:
+            summed = self._sum.epsilon(rounds)
+            if summed < post:
+                return summed, "sampled_sum_gaussian"
+        return post, "post_processing"
+
+    def _max_after(self, cohort) -> int:
+        return max([self.max_participations, *(self._participations[int(c)] + 1 for c in cohort)])
+
+    def preview(self, round_num: int, cohort) -> float:
+        return self._central(round_num, self._max_after(cohort))[0]
+
+    def commit(self, round_num: int, cohort) -> dict[str, Any]:
+        self.max_participations = self._max_after(cohort)
+        self._participations.update(int(c) for c in cohort)
+        return self._fields(round_num, self.max_participations)
+
+    def _fields(self, rounds: int, participations: int) -> dict[str, Any]:
+        eps, analysis = self._central(rounds, participations)
+        fields = {
+            "epsilon": eps,
+            "epsilon_analysis": analysis,
+            "local_epsilon": self.local_epsilon(participations),
+            "max_participations": participations,
+        }
+        if self.mechanism == "laplace":
+            fields["local_epsilon_per_release"] = self.pure_epsilon_per_release  # pure, delta 0
+            fields["local_epsilon_pure"] = participations * self.pure_epsilon_per_release
+        return fields
+
+    def planned(self, rounds: int, participations: int | None = None) -> dict[str, Any]:
+        p = rounds if participations is None else participations
+        fields = self._fields(rounds, p)
+        fields["analysis"] = (
+            f"local {self.mechanism}, z={self.cfg.dp.noise_multiplier:g}, replace-one, "
+            f"{p} participations of the worst client; central view: {fields['epsilon_analysis']}"
+        )
+        return fields
+
+    def close(self) -> None:
+        self._local.close()
+        if self._sum is not None:
+            self._sum.close()
+
+
+def make_ledger(cfg: ExperimentConfig) -> Ledger:
+    """The ledger for `cfg.dp.mode` (`cfg` after noise calibration)."""
+    if cfg.dp.mode == "central":
+        return CentralLedger(cfg)
+    if cfg.dp.mode == "local":
+        return LocalLedger(cfg)
+    return Ledger()

@@ -23,6 +23,7 @@ import tensorflow_privacy as tfp
 from tensorflow_federated.python.aggregators.differential_privacy import adaptive_clip_noise_params
 
 from dpfl_tff.config import ConfigError, DPConfig
+from dpfl_tff.privacy.local import LocalDPFactory
 
 # Offsets that keep the op seeds of different noise sources apart.
 _VALUE_SEED_OFFSET = 0
@@ -160,11 +161,14 @@ def build_aggregator(dp: DPConfig, expected_cohort: float) -> tff.aggregators.Un
         sum is divided by it.
 
     Returns:
-      `UnweightedMeanFactory` for `dp.mode == 'none'`, else a
-      `DifferentiallyPrivateFactory` around `central_query(dp, m)`.
+      `UnweightedMeanFactory` for `dp.mode == 'none'`, a
+      `DifferentiallyPrivateFactory` around `central_query(dp, m)` for
+      `central`, and `local.LocalDPFactory` (noise at CLIENTS) for `local`.
     """
     if dp.mode == "none":
         return tff.aggregators.UnweightedMeanFactory()
     if dp.mode == "central":
         return tff.aggregators.DifferentiallyPrivateFactory(central_query(dp, expected_cohort))
+    if dp.mode == "local":
+        return LocalDPFactory(dp.local_mechanism, dp.clip_norm, dp.noise_multiplier, dp.noise_seed)
     raise ValueError(f"--dp_mode={dp.mode}: not supported by build_aggregator")

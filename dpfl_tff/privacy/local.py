@@ -1,0 +1,146 @@
+"""Client-level (local) DP: each client clips and noises its own update.
+
+The noise is added inside the client computation (TFF `CLIENTS` placement),
+before anything leaves the client; the server only averages what it receives.
+No tensorflow-privacy factory does this, so `LocalDPFactory` is a TFF
+`UnweightedAggregationFactory`:
+
+  federated_map(clip_and_noise) @CLIENTS -> federated_sum -> / number of clients
+
+Mechanisms (C = clip norm, z = noise multiplier), per client per round:
+
+* `gaussian`: clip to L2 norm C, add N(0, (z C)^2) to every coordinate.
+  Replacing the client's whole data moves the clipped update by up to 2C in
+  L2, so one release is the Gaussian mechanism with noise multiplier z/2:
+  (epsilon, delta)-DP for every delta, computed by the accountant.
+* `laplace`: clip to L1 norm C, add Laplace(0, b = z C) to every coordinate.
+  L1 sensitivity 2C, so one release is pure (2/z)-DP (Dwork et al. 2006).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+GAUSSIAN = "gaussian"
+LAPLACE = "laplace"
+LOCAL_MECHANISMS = (GAUSSIAN, LAPLACE)
+
+
+def _global_norm(tensors, order: int) -> tf.Tensor:
+    if order == 2:
+        return tf.linalg.global_norm(tensors)
+    return tf.add_n([tf.reduce_sum(tf.abs(t)) for t in tensors])
+
+
+def _draw(kind: str, shape, seed: tf.Tensor | None) -> tf.Tensor:
+    """Standard normal or standard Laplace noise; stateless when `seed` (int64[2]) is given."""
+    if kind == GAUSSIAN:
+        if seed is None:
+            return tf.random.normal(shape)
+        return tf.random.stateless_normal(shape, seed=seed)
+    # Laplace(0, 1) as the difference of two Exp(1) draws; 1 - U lies in (0, 1], so logs are finite.
+    if seed is None:
+        u1, u2 = tf.random.uniform(shape), tf.random.uniform(shape)
+    else:
+        u1 = tf.random.stateless_uniform(shape, seed=seed)
+        u2 = tf.random.stateless_uniform(shape, seed=seed + tf.constant([0, 1], tf.int64))
+    return tf.math.log(1.0 - u2) - tf.math.log(1.0 - u1)
+
+
+def _content_hash(flat) -> tf.Tensor:
+    """A deterministic int64 of the tensors' values (seeded test mode only)."""
+    v = tf.concat([tf.reshape(t, [-1]) for t in flat], axis=0)
+    w = tf.cast(tf.range(1, tf.size(v) + 1), tf.float32)
+    return tf.cast(tf.bitcast(tf.reduce_sum(v * tf.sin(w)), tf.int32), tf.int64)
+
+
+def clip_and_noise(tensors, mechanism: str, clip: float, noise_multiplier: float, seed: tf.Tensor | None = None):
+    """Clips `tensors` jointly (L2 for gaussian, L1 for laplace) to `clip` and adds noise.
+
+    Noise: N(0, (z C)^2) or Laplace(0, z C) per coordinate, from TF's stateful
+    RNG seeded by OS entropy; if `seed` (int64 scalar, tests only) is given, from
+    a stateless RNG keyed by the seed and the update's own values (so clients
+    with bit-identical updates then draw identical noise).
+
+    Returns:
+      (noised tensors, norm before clipping, 1.0 if clipped else 0.0).
+    """
+    flat = [tf.cast(t, tf.float32) for t in tf.nest.flatten(tensors)]
+    order = 2 if mechanism == GAUSSIAN else 1
+    norm = _global_norm(flat, order)
+    scale = tf.minimum(1.0, clip / tf.maximum(norm, 1e-12))
+    key = None if seed is None else tf.stack([seed, _content_hash(flat)])
+    noised = []
+    for i, t in enumerate(flat):
+        op_key = None if key is None else key + tf.constant([0, 2**20], tf.int64) * i
+        noised.append(t * scale + noise_multiplier * clip * _draw(mechanism, tf.shape(t), op_key))
+    clipped = tf.cast(norm > clip, tf.float32)
+    return tf.nest.pack_sequence_as(tensors, noised), norm, clipped
+
+
+class LocalDPFactory(tff.aggregators.UnweightedAggregationFactory):
+    """Clip-and-noise at CLIENTS, then the server's plain mean.
+
+    Measurements per round: `fraction_clipped`, `mean_norm_before_clipping`
+    (means over the clients of the round), `noise_std` (Gaussian) or
+    `laplace_scale` (Laplace). With no client in a round the result is zero.
+    """
+
+    def __init__(self, mechanism: str, clip: float, noise_multiplier: float, noise_seed: int | None = None):
+        if mechanism not in LOCAL_MECHANISMS:
+            raise ValueError(f"--local_mechanism={mechanism}: must be one of {', '.join(LOCAL_MECHANISMS)}")
+        self._mechanism = mechanism
+        self._clip = float(clip)
+        self._z = float(noise_multiplier)
+        self._seed = noise_seed
+
+    def create(self, value_type) -> tff.templates.AggregationProcess:
+        mechanism, clip, z, seed = self._mechanism, self._clip, self._z, self._seed
+
+        @tff.tensorflow.computation(value_type, np.int64)
+        def privatize(value, round_num):
+            key = None if seed is None else tf.constant(seed, tf.int64) * 1_000_003 + round_num
+            noised, norm, clipped = clip_and_noise(value, mechanism, clip, z, key)
+            return noised, norm, clipped, tf.constant(1.0)
+
+        @tff.tensorflow.computation(np.int64)
+        def increment(round_num):
+            return round_num + 1
+
+        @tff.tensorflow.computation
+        def finish(total, norm_sum, clipped_sum, count):
+            n = tf.maximum(count, 1.0)
+            mean = tf.nest.map_structure(lambda t: t / tf.cast(n, t.dtype), total)
+            return mean, norm_sum / n, clipped_sum / n
+
+        @tff.federated_computation
+        def init_fn():
+            return tff.federated_value(np.int64(0), tff.SERVER)  # rounds so far
+
+        noise_key = "noise_std" if mechanism == GAUSSIAN else "laplace_scale"
+
+        @tff.federated_computation(init_fn.type_signature.result, tff.FederatedType(value_type, tff.CLIENTS))
+        def next_fn(state, value):
+            round_at_clients = tff.federated_broadcast(state)
+            noised, norm, clipped, one = tff.federated_map(privatize, (value, round_at_clients))
+            total = tff.federated_sum(noised)
+            norms = tff.federated_sum(norm)
+            clips = tff.federated_sum(clipped)
+            count = tff.federated_sum(one)
+            mean, mean_norm, frac = tff.federated_map(finish, tff.federated_zip((total, norms, clips, count)))
+            measurements = tff.federated_zip(
+                collections.OrderedDict(
+                    fraction_clipped=frac,
+                    mean_norm_before_clipping=mean_norm,
+                    clients=count,
+                    **{noise_key: tff.federated_value(np.float32(z * clip), tff.SERVER)},
+                )
+            )
+            new_state = tff.federated_map(increment, state)
+            return tff.templates.MeasuredProcessOutput(state=new_state, result=mean, measurements=measurements)
+
+        return tff.templates.AggregationProcess(init_fn, next_fn)
