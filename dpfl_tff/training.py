@@ -95,6 +95,14 @@ def _shuffle_seed(seed: int, round_num: int, client_id: int) -> int:
     return int(np.random.default_rng([seed, 11, round_num, int(client_id)]).integers(2**31 - 1))
 
 
+class RunInterrupted(Exception):
+    """The run was asked to stop (e.g. SIGTERM) and stopped after a completed round."""
+
+    def __init__(self, reason: str, exit_code: int):
+        super().__init__(reason)
+        self.exit_code = exit_code
+
+
 @dataclasses.dataclass
 class RunResult:
     summary: dict[str, Any]
@@ -105,7 +113,12 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def run(cfg: ExperimentConfig, overwrite: bool = False, log: Callable[[str], None] = print) -> RunResult:
+def run(
+    cfg: ExperimentConfig,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+    stop_requested: Callable[[], RunInterrupted | None] = lambda: None,
+) -> RunResult:
     """Trains `cfg` end to end and writes its experiment folder.
 
     Every round appends one line to `metrics.jsonl` with the epsilon spent so
@@ -116,6 +129,8 @@ def run(cfg: ExperimentConfig, overwrite: bool = False, log: Callable[[str], Non
       cfg: validated configuration.
       overwrite: replace an earlier run in `cfg.output_dir`.
       log: receives the human-readable progress lines.
+      stop_requested: polled after every round; when it returns an exception,
+        the run writes its summary, shuts the worker down and raises it.
     """
     cfg.validate()
     start = time.time()
@@ -250,6 +265,9 @@ def run(cfg: ExperimentConfig, overwrite: bool = False, log: Callable[[str], Non
                 if stop_next:
                     summary["stop_reason"] = stop_next
                     break
+                interrupted = stop_requested()
+                if interrupted is not None:
+                    raise interrupted
             if summary["stop_reason"]:
                 log(f"stopped: {summary['stop_reason']}")
         summary["status"] = "completed" if summary["stop_reason"] is None else "stopped_at_budget"

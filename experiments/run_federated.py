@@ -19,14 +19,29 @@ from dpfl_tff.config import ConfigError
 from experiments import flags as dpfl_flags
 
 
-class Stopped(SystemExit):
-    """Raised in the main thread when SIGTERM/SIGINT arrives."""
+class _Signals:
+    """SIGTERM/SIGINT stop the run after the current round; a second one stops it at once.
 
+    The handler only records the signal: raising from a signal handler can be
+    swallowed when it lands inside a `__del__` or a library's cleanup code.
+    """
 
-def _on_signal(signum, frame):  # noqa: ARG001
-    name = signal.Signals(signum).name
-    print(f"stopped by {name}: writing summary and shutting down the TFF worker", file=sys.stderr, flush=True)
-    raise Stopped(128 + signum)
+    def __init__(self):
+        self.received: int | None = None
+
+    def __call__(self, signum, frame):  # noqa: ARG002
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            print(f"stopped by a second {name}: exiting now", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
+        self.received = signum
+        print(f"{name} received: stopping after the current round", file=sys.stderr, flush=True)
+
+    def stop_requested(self) -> training.RunInterrupted | None:
+        if self.received is None:
+            return None
+        name = signal.Signals(self.received).name
+        return training.RunInterrupted(f"stopped by {name}", 128 + self.received)
 
 
 def main(argv: list[str]) -> None:
@@ -39,10 +54,19 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     if not app.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # TFF logs every model build at INFO
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    signals = _Signals()
+    signal.signal(signal.SIGTERM, signals)
+    signal.signal(signal.SIGINT, signals)
     try:
-        result = training.run(cfg, overwrite=dpfl_flags.OVERWRITE.value, log=lambda s: print(s, flush=True))
+        result = training.run(
+            cfg,
+            overwrite=dpfl_flags.OVERWRITE.value,
+            log=lambda s: print(s, flush=True),
+            stop_requested=signals.stop_requested,
+        )
+    except training.RunInterrupted as e:
+        print(f"{e}: summary written to {cfg.output_dir}, TFF worker shut down", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
     except (ConfigError, FileExistsError, OSError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

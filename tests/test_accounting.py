@@ -57,9 +57,10 @@ def test_pld_is_not_looser_than_rdp_on_poisson():
     eps_rdp = accounting.EpsilonTracker(rp, 1e-5, "rdp").epsilon(100)
     eps_pld = accounting.EpsilonTracker(rp, 1e-5, "pld").epsilon(100)
     assert eps_pld <= eps_rdp
-    direct = pld.PLDAccountant()
+    direct = pld.PLDAccountant()  # dp-accounting's finer default discretisation (1e-4)
     direct.compose(rp.event, 100)
-    assert eps_pld == pytest.approx(direct.get_epsilon(1e-5), rel=1e-6)
+    # Our coarser pessimistic discretisation is still an upper bound, and close.
+    assert direct.get_epsilon(1e-5) <= eps_pld <= direct.get_epsilon(1e-5) * (1 + 1e-4)
 
 
 def test_uniform_sampling_uses_replace_one_and_half_the_noise_multiplier():
