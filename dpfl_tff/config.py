@@ -17,6 +17,8 @@ CLIENT_SAMPLING = ("poisson", "uniform")
 ACCOUNTANTS = ("rdp", "pld")
 OPTIMIZERS = ("sgd", "sgdm", "adam")
 PARTITIONS = ("iid", "dirichlet")
+# Tasks whose data comes split into clients: N is the data's, not --num_clients.
+NATURAL_SPLIT_TASKS = ("emnist", "cifar100")
 
 
 class ConfigError(ValueError):
@@ -71,6 +73,12 @@ class TaskConfig:
       synthetic_examples_per_client: `synthetic` task only.
       synthetic_input_dim: `synthetic` task only; flat input size.
       synthetic_num_classes: `synthetic` task only.
+      data_dir: folder holding downloaded data files (emnist, cifar10, cifar100).
+      emnist_only_digits: `emnist` only: 10 digit classes (3,383 clients) or
+        all 62 classes (3,400 clients).
+      num_clients_known: for tasks with their own client split (emnist,
+        cifar100) N is the data's; the library sets this once it has loaded
+        the data and copied its N into `num_clients`.
     """
 
     task: str = "digits"
@@ -81,12 +89,26 @@ class TaskConfig:
     synthetic_examples_per_client: int = 20
     synthetic_input_dim: int = 32
     synthetic_num_classes: int = 10
+    data_dir: str = "data"
+    emnist_only_digits: bool = True
+    num_clients_known: bool = False
+
+    @property
+    def natural_split(self) -> bool:
+        return self.task in NATURAL_SPLIT_TASKS
+
+    @property
+    def n_is_known(self) -> bool:
+        """Whether `num_clients` is the true N (always, except natural splits before loading)."""
+        return not self.natural_split or self.num_clients_known
 
     def validate(self) -> None:
         from dpfl_tff import tasks  # late import: registry imports TF
 
         _choice("task", self.task, tuple(tasks.TASKS))
         _int_at_least("num_clients", self.num_clients, 1)
+        if not self.data_dir:
+            raise ConfigError("--data_dir is empty: give the folder that holds (or will hold) the data files")
         _choice("partition", self.partition, PARTITIONS)
         _positive("dirichlet_alpha", self.dirichlet_alpha)
         _open_unit("test_fraction", self.test_fraction)
@@ -100,7 +122,9 @@ class TrainConfig:
     """The federated optimisation (FedAvg) and its schedule.
 
     Attributes:
-      model: registered model name (`dpfl_tff.models.MODELS`).
+      model: registered model name (`dpfl_tff.models.MODELS`) or
+        `package.module:function` returning an uncompiled Keras model for
+        (input_shape, num_classes).
       rounds: number of federated rounds to run.
       clients_per_round: expected cohort size m. Poisson sampling includes
         each client with probability m / num_clients; uniform sampling draws
@@ -110,6 +134,10 @@ class TrainConfig:
       client_batch_size: local minibatch size.
       client_optimizer, server_optimizer: `sgd`, `sgdm` (momentum 0.9), `adam`.
       client_learning_rate, server_learning_rate: step sizes.
+      client_shuffle_buffer: shuffle buffer of the local data (0: the whole
+        client's data).
+      client_max_examples: use at most this many of a client's examples
+        (0: all), like TFF's baselines' cap.
       eval_every: evaluate on the test split every this many rounds (and after
         the last round); 0 evaluates only after the last round.
       seed: seeds the client split, client sampling and model initialisation.
@@ -126,16 +154,18 @@ class TrainConfig:
     client_learning_rate: float = 0.1
     server_optimizer: str = "sgdm"
     server_learning_rate: float = 1.0
+    client_shuffle_buffer: int = 0
+    client_max_examples: int = 0
     eval_every: int = 5
     seed: int = 0
 
-    def validate(self, num_clients: int) -> None:
+    def validate(self, num_clients: int | None) -> None:
         from dpfl_tff import models
 
-        _choice("model", self.model, tuple(models.MODELS))
+        models.resolve_builder(self.model)  # registered name or importable package.module:function
         _int_at_least("rounds", self.rounds, 1)
         _int_at_least("clients_per_round", self.clients_per_round, 1)
-        if self.clients_per_round > num_clients:
+        if num_clients is not None and self.clients_per_round > num_clients:
             raise ConfigError(
                 f"--clients_per_round={self.clients_per_round}: must be <= --num_clients={num_clients}"
             )
@@ -146,6 +176,8 @@ class TrainConfig:
         _choice("server_optimizer", self.server_optimizer, OPTIMIZERS)
         _positive("client_learning_rate", self.client_learning_rate)
         _positive("server_learning_rate", self.server_learning_rate)
+        _int_at_least("client_shuffle_buffer", self.client_shuffle_buffer, 0)
+        _int_at_least("client_max_examples", self.client_max_examples, 0)
         _int_at_least("eval_every", self.eval_every, 0)
         _int_at_least("seed", self.seed, 0)
 
@@ -244,9 +276,9 @@ class ExperimentConfig:
 
     def validate(self) -> ExperimentConfig:
         self.task.validate()
-        self.train.validate(self.task.num_clients)
+        self.train.validate(self.task.num_clients if self.task.n_is_known else None)
         self.dp.validate()
-        if self.dp.mode != "none":
+        if self.dp.mode != "none" and self.task.n_is_known:
             from dpfl_tff.privacy import accounting  # late import: accounting imports this module
 
             accounting.check_accountable(self)

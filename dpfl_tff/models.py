@@ -2,13 +2,23 @@
 
 Models output logits. No BatchNormalization: its batch statistics are not
 clipped or noised by the DP aggregation and would leak client data.
+
+`--model` is either a registered name (`MODELS`) or `package.module:function`
+naming a custom builder with the same signature; `validate_model` checks a
+builder before training.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import warnings
 from collections.abc import Callable, Sequence
 
 import tensorflow as tf
+
+from dpfl_tff.config import ConfigError
+from dpfl_tff.paper_models import PAPER_MODELS
 
 ModelBuilder = Callable[[Sequence[int], int], tf.keras.Model]
 
@@ -49,9 +59,89 @@ def logistic(input_shape: Sequence[int], num_classes: int) -> tf.keras.Model:
     return mlp(input_shape, num_classes, hidden=())
 
 
-MODELS: dict[str, ModelBuilder] = {"mlp": mlp, "cnn": cnn, "logistic": logistic}
+MODELS: dict[str, ModelBuilder] = {"mlp": mlp, "cnn": cnn, "logistic": logistic, **PAPER_MODELS}
+
+
+def is_custom(name: str) -> bool:
+    return ":" in name
+
+
+def resolve_builder(name: str) -> ModelBuilder:
+    """The builder of a registered name or of `package.module:function`.
+
+    Raises:
+      ConfigError: unknown name, module that fails to import, missing or
+        non-callable function, or a signature that cannot take
+        (input_shape, num_classes).
+    """
+    if not is_custom(name):
+        if name not in MODELS:
+            raise ConfigError(
+                f"--model={name}: must be one of {', '.join(MODELS)} or package.module:function"
+            )
+        return MODELS[name]
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"--model={name}: custom models are given as package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001  (any import-time failure of user code)
+        raise ConfigError(f"--model={name}: cannot import {module_name} ({type(e).__name__}: {e})") from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"--model={name}: {module_name} has no function {attr}")
+    try:
+        inspect.signature(fn).bind((1,), 2)
+    except TypeError as e:
+        raise ConfigError(
+            f"--model={name}: {attr}{inspect.signature(fn)} must take (input_shape, num_classes)"
+        ) from e
+    except ValueError:
+        pass  # builtins without a signature: the call below tells
+    return fn
+
+
+def _all_layers(model: tf.keras.layers.Layer):
+    for layer in getattr(model, "layers", []):
+        yield layer
+        yield from _all_layers(layer)
+
+
+def validate_model(name: str, input_shape: Sequence[int], num_classes: int) -> list[str]:
+    """Builds `name` once and checks it; returns warnings (BatchNormalization layers).
+
+    Raises:
+      ConfigError: the builder fails, returns no Keras model, or its output
+        shape is not (batch, num_classes).
+    """
+    builder = resolve_builder(name)
+    try:
+        model = builder(tuple(input_shape), num_classes)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(
+            f"--model={name}: building it for input shape {tuple(input_shape)} and {num_classes} classes failed "
+            f"({type(e).__name__}: {e})"
+        ) from e
+    if not isinstance(model, tf.keras.Model):
+        raise ConfigError(f"--model={name}: returned {type(model).__name__}, not a tf.keras.Model")
+    out = tuple(model.output_shape) if hasattr(model, "output_shape") else None
+    if out is None or len(out) != 2 or out[-1] != num_classes:
+        raise ConfigError(
+            f"--model={name}: output shape is {out}; must be (batch, {num_classes}) logits for this task"
+        )
+    notes = []
+    bn = [layer.name for layer in _all_layers(model) if isinstance(layer, tf.keras.layers.BatchNormalization)]
+    if bn:
+        msg = (
+            f"WARNING: --model={name} has BatchNormalization layers ({', '.join(bn)}): their batch statistics are "
+            "averaged without clipping or noise (a privacy leak under DP) and break under federated averaging; "
+            "use GroupNormalization or LayerNormalization"
+        )
+        warnings.warn(msg, stacklevel=2)
+        notes.append(msg)
+    return notes
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int) -> tf.keras.Model:
-    """Builds the registered model `name`."""
-    return MODELS[name](input_shape, num_classes)
+    """Builds the registered or custom model `name`."""
+    return resolve_builder(name)(tuple(input_shape), num_classes)

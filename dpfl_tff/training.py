@@ -134,8 +134,17 @@ def run(
     """
     cfg.validate()
     start = time.time()
+    data = load_task(cfg.task, cfg.train.seed)
+    if cfg.task.natural_split:
+        if data.num_clients != cfg.task.num_clients:
+            log(f"--task={cfg.task.task} has its own client split: N = {data.num_clients} clients (not --num_clients)")
+        cfg = dataclasses.replace(
+            cfg, task=dataclasses.replace(cfg.task, num_clients=data.num_clients, num_clients_known=True)
+        ).validate()
+    for note in models.validate_model(cfg.train.model, data.input_shape, data.num_classes):
+        log(note)
     calibrated = accounting.with_calibrated_noise(cfg)
-    delta = cfg.target_delta
+    delta = calibrated.target_delta
     ledger = accounting.make_ledger(calibrated)
     plan = ledger.planned(cfg.train.rounds)
     if calibrated is not cfg:
@@ -148,8 +157,6 @@ def run(
     noise_seeded = cfg.dp.mode != "none" and cfg.dp.noise_seed is not None
     out = outputs.ExperimentDir(cfg.output_dir, overwrite=overwrite)
     out.write_json(outputs.HPARAMS, cfg.to_dict())
-
-    data = load_task(cfg.task, cfg.train.seed)
     log(f"task: {data.description}")
     delta_text = f"delta={delta:.3g}{'' if cfg.dp.target_delta else ' (default 1/num_clients^1.1)'}"
     if cfg.dp.mode == "none":
@@ -211,7 +218,12 @@ def run(
                 cohort = cohort_of(r)
                 client_data = [
                     data.client_dataset(
-                        c, cfg.train.client_epochs, cfg.train.client_batch_size, _shuffle_seed(cfg.train.seed, r, c)
+                        c,
+                        cfg.train.client_epochs,
+                        cfg.train.client_batch_size,
+                        _shuffle_seed(cfg.train.seed, r, c),
+                        cfg.train.client_shuffle_buffer,
+                        cfg.train.client_max_examples,
                     )
                     for c in cohort
                 ]

@@ -4,13 +4,15 @@
       --clients_per_round=120 --noise_multiplier=1.2 --rounds=100 --target_delta=1e-5
 
 Uses the same flags and configuration objects as `run_federated` (task flags
-other than --num_clients are ignored: no data is loaded). With
+other than --num_clients are ignored: no data is loaded, so for emnist give
+--num_clients=3383 (digits) or 3400, for cifar100 500). With
 --target_epsilon=E it returns the smallest noise multiplier whose epsilon after
 --rounds is <= E. The last line of stdout is one JSON object.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -57,7 +59,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
-        result = compute(dpfl_flags.experiment_config().validate(), PARTICIPATIONS.value)
+        cfg = dpfl_flags.experiment_config()
+        # No data is loaded here: N is --num_clients, also for tasks with their own split.
+        cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, num_clients_known=True))
+        result = compute(cfg.validate(), PARTICIPATIONS.value)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -14,9 +14,23 @@ from dpfl_tff.config import DPConfig, ExperimentConfig, TaskConfig, TrainConfig
 _T, _R, _D = TaskConfig(), TrainConfig(), DPConfig()
 
 # --- task -------------------------------------------------------------------
-TASK = flags.DEFINE_string("task", _T.task, "Task: digits (offline default, sklearn digits) | synthetic.")
+TASK = flags.DEFINE_string(
+    "task",
+    _T.task,
+    "Task: digits (offline default, sklearn digits) | synthetic | emnist | cifar10 | cifar100 "
+    "(the last three read files from --data_dir).",
+)
 NUM_CLIENTS = flags.DEFINE_integer(
-    "num_clients", _T.num_clients, "Number of clients N the training data is split into (>= 1)."
+    "num_clients",
+    _T.num_clients,
+    "Number of clients N the training data is split into (>= 1). emnist and cifar100 come split "
+    "into clients: there N is the data's and this flag is ignored.",
+)
+DATA_DIR = flags.DEFINE_string(
+    "data_dir", _T.data_dir, "Folder with the data files of emnist, cifar10 and cifar100 (nothing is downloaded)."
+)
+EMNIST_ONLY_DIGITS = flags.DEFINE_bool(
+    "emnist_only_digits", _T.emnist_only_digits, "emnist: 10 digit classes, 3,383 clients (true) or 62 classes, 3,400 clients."
 )
 PARTITION = flags.DEFINE_string(
     "partition", _T.partition, "Client split: iid (equal random shards) | dirichlet (label skew, see --dirichlet_alpha)."
@@ -36,7 +50,12 @@ SYN_CLASSES = flags.DEFINE_integer(
 )
 
 # --- training ---------------------------------------------------------------
-MODEL = flags.DEFINE_string("model", _R.model, "Model: mlp (one hidden layer of 64) | cnn | logistic.")
+MODEL = flags.DEFINE_string(
+    "model",
+    _R.model,
+    "Model: mlp (one hidden layer of 64) | cnn | logistic | emnist_cnn_dropout | emnist_2nn | resnet18_gn | "
+    "cifar_cnn, or package.module:function returning an uncompiled Keras model for (input_shape, num_classes).",
+)
 ROUNDS = flags.DEFINE_integer("rounds", _R.rounds, "Federated rounds to run (>= 1).")
 CLIENTS_PER_ROUND = flags.DEFINE_integer(
     "clients_per_round",
@@ -60,6 +79,12 @@ SERVER_OPTIMIZER = flags.DEFINE_string(
     "server_optimizer", _R.server_optimizer, "Server optimizer: sgd | sgdm (momentum 0.9) | adam."
 )
 SERVER_LR = flags.DEFINE_float("server_learning_rate", _R.server_learning_rate, "Server learning rate (> 0).")
+CLIENT_SHUFFLE_BUFFER = flags.DEFINE_integer(
+    "client_shuffle_buffer", _R.client_shuffle_buffer, "Local shuffle buffer in examples (>= 0; 0 = whole client)."
+)
+CLIENT_MAX_EXAMPLES = flags.DEFINE_integer(
+    "client_max_examples", _R.client_max_examples, "Use at most this many examples per client (>= 0; 0 = all)."
+)
 EVAL_EVERY = flags.DEFINE_integer(
     "eval_every", _R.eval_every, "Evaluate on the test split every this many rounds and after the last (0 = last only)."
 )
@@ -143,6 +168,8 @@ def experiment_config() -> ExperimentConfig:
             synthetic_examples_per_client=SYN_EXAMPLES.value,
             synthetic_input_dim=SYN_DIM.value,
             synthetic_num_classes=SYN_CLASSES.value,
+            data_dir=DATA_DIR.value,
+            emnist_only_digits=EMNIST_ONLY_DIGITS.value,
         ),
         train=TrainConfig(
             model=MODEL.value,
@@ -155,6 +182,8 @@ def experiment_config() -> ExperimentConfig:
             client_learning_rate=CLIENT_LR.value,
             server_optimizer=SERVER_OPTIMIZER.value,
             server_learning_rate=SERVER_LR.value,
+            client_shuffle_buffer=CLIENT_SHUFFLE_BUFFER.value,
+            client_max_examples=CLIENT_MAX_EXAMPLES.value,
             eval_every=EVAL_EVERY.value,
             seed=SEED.value,
         ),

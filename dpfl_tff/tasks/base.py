@@ -51,12 +51,25 @@ class FederatedData:
         )
 
     def client_dataset(
-        self, client_id: int, epochs: int, batch_size: int, shuffle_seed: int
+        self,
+        client_id: int,
+        epochs: int,
+        batch_size: int,
+        shuffle_seed: int,
+        shuffle_buffer: int = 0,
+        max_examples: int = 0,
     ) -> tf.data.Dataset:
-        """The client's local training stream: shuffled, repeated, batched."""
+        """The client's local training stream, like TFF's baselines.
+
+        First `max_examples` examples (0: all), shuffled with a buffer of
+        `shuffle_buffer` (0: the whole client), repeated `epochs` times,
+        batched.
+        """
         c = self.clients[client_id]
-        ds = tf.data.Dataset.from_tensor_slices((c.x, c.y))
-        ds = ds.shuffle(max(len(c), 1), seed=shuffle_seed, reshuffle_each_iteration=True)
+        n = len(c) if max_examples <= 0 else min(len(c), max_examples)
+        ds = tf.data.Dataset.from_tensor_slices((c.x[:n], c.y[:n]))
+        buffer = n if shuffle_buffer <= 0 else min(shuffle_buffer, n)
+        ds = ds.shuffle(max(buffer, 1), seed=shuffle_seed, reshuffle_each_iteration=True)
         return ds.repeat(epochs).batch(batch_size)
 
 
