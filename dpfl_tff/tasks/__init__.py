@@ -5,14 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from dpfl_tff.config import TaskConfig
-from dpfl_tff.tasks import digits, synthetic
+from dpfl_tff.tasks import cifar10, cifar100, digits, emnist, synthetic
 from dpfl_tff.tasks.base import ClientArrays, FederatedData
+from dpfl_tff.tasks.files import DataMissingError
 
 TaskLoader = Callable[[TaskConfig, int], FederatedData]
 
 TASKS: dict[str, TaskLoader] = {
     "digits": digits.load,
     "synthetic": synthetic.load,
+    "emnist": emnist.load,
+    "cifar10": cifar10.load,
+    "cifar100": cifar100.load,
 }
 
 
@@ -21,4 +25,4 @@ def load_task(cfg: TaskConfig, seed: int) -> FederatedData:
     return TASKS[cfg.task](cfg, seed)
 
 
-__all__ = ["TASKS", "ClientArrays", "FederatedData", "load_task"]
+__all__ = ["TASKS", "ClientArrays", "DataMissingError", "FederatedData", "load_task"]
