@@ -140,6 +140,8 @@ class TrainConfig:
         (0: all), like TFF's baselines' cap.
       eval_every: evaluate on the test split every this many rounds (and after
         the last round); 0 evaluates only after the last round.
+      checkpoint_every: checkpoint the full state every this many rounds
+        (and at the end, and when stopped); 0: only then.
       seed: seeds the client split, client sampling and model initialisation.
         It never seeds the DP noise.
     """
@@ -157,6 +159,7 @@ class TrainConfig:
     client_shuffle_buffer: int = 0
     client_max_examples: int = 0
     eval_every: int = 5
+    checkpoint_every: int = 10
     seed: int = 0
 
     def validate(self, num_clients: int | None) -> None:
@@ -179,6 +182,7 @@ class TrainConfig:
         _int_at_least("client_shuffle_buffer", self.client_shuffle_buffer, 0)
         _int_at_least("client_max_examples", self.client_max_examples, 0)
         _int_at_least("eval_every", self.eval_every, 0)
+        _int_at_least("checkpoint_every", self.checkpoint_every, 0)
         _int_at_least("seed", self.seed, 0)
 
 

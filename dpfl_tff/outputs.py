@@ -1,9 +1,13 @@
-"""The experiment folder: hparams, per-round metrics, summary, worker log.
+"""The experiment folder: hparams, per-round metrics, summary, TensorBoard, worker log.
 
 Files (all under `output_dir`):
   hparams.json   resolved configuration of the run (every flag that matters)
   metrics.jsonl  one JSON object per completed round, flushed as written
   summary.json   final figures; also written when a run stops early
+  ledger.jsonl   the privacy ledger (see `checkpoints.py`)
+  checkpoints/   full training state every --checkpoint_every rounds
+  tensorboard/   TensorBoard event files
+  run.png        test accuracy and epsilon per round
   worker.log     output of the TFF worker process
 """
 
@@ -12,12 +16,24 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from typing import Any
+
+from dpfl_tff.config import ConfigError
 
 HPARAMS = "hparams.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 WORKER_LOG = "worker.log"
+TENSORBOARD = "tensorboard"
+_RUN_FILES = (HPARAMS, METRICS, SUMMARY, "ledger.jsonl", "checkpoints", TENSORBOARD, "run.png", WORKER_LOG)
+
+# Settings that may change between a run and its resumption: they change neither
+# the model trained so far nor its privacy accounting.
+RESUMABLE_CHANGES = {
+    "train.rounds", "train.eval_every", "train.checkpoint_every", "dp.max_epsilon", "dp.accountant", "output_dir",
+}
+_FLAG_NAMES = {"dp.mode": "dp_mode", "task.task": "task", "train.model": "model"}
 
 
 def _jsonable(value: Any) -> Any:
@@ -32,10 +48,39 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-class ExperimentDir:
-    """Writes one experiment's outputs; every write is flushed at once."""
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
-    def __init__(self, path: str, overwrite: bool = False):
+
+def hparam_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """'--flag: was X, now Y' for every setting that forbids resuming."""
+    a, b = _flatten(_jsonable(old)), _flatten(_jsonable(new))
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key in RESUMABLE_CHANGES:
+            continue
+        if a.get(key) != b.get(key):
+            flag = _FLAG_NAMES.get(key, key.rsplit(".", 1)[-1])
+            diffs.append(f"--{flag}: was {a.get(key)}, now {b.get(key)}")
+    return diffs
+
+
+class ExperimentDir:
+    """Creates, resumes or replaces one experiment folder; every write is flushed at once.
+
+    An existing run (ledger or metrics present) is resumed unless `fresh`;
+    `overwrite` deletes it first. Resuming with settings that change the model
+    or its privacy (anything outside `RESUMABLE_CHANGES`) is refused.
+    """
+
+    def __init__(self, path: str, hparams: dict[str, Any], overwrite: bool = False, fresh: bool = False):
         self.path = path
         try:
             os.makedirs(path, exist_ok=True)
@@ -43,16 +88,36 @@ class ExperimentDir:
             raise OSError(f"--output_dir={path}: cannot create the folder ({e.strerror})") from e
         if not os.access(path, os.W_OK):
             raise OSError(f"--output_dir={path}: folder is not writable")
-        metrics = os.path.join(path, METRICS)
-        if os.path.exists(metrics) and not overwrite:
+        has_run = any(os.path.exists(self.file(n)) for n in ("ledger.jsonl", METRICS))
+        if overwrite:
+            for name in _RUN_FILES:
+                p = self.file(name)
+                if os.path.isdir(p):
+                    shutil.rmtree(p)
+                elif os.path.exists(p):
+                    os.remove(p)
+            has_run = False
+        elif fresh and os.listdir(path):
             raise FileExistsError(
-                f"--output_dir={path}: already holds a run ({METRICS}); "
-                "choose another folder or pass --overwrite to replace it"
+                f"--fresh: --output_dir={path} is not empty; choose another folder or add --overwrite to replace it"
             )
-        for name in (METRICS, SUMMARY):
-            if os.path.exists(os.path.join(path, name)):
-                os.remove(os.path.join(path, name))
-        self._metrics = open(metrics, "a", encoding="utf-8")  # noqa: SIM115
+        self.resuming = has_run
+        if self.resuming:
+            try:
+                with open(self.file(HPARAMS), encoding="utf-8") as f:
+                    old = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise ConfigError(
+                    f"--output_dir={path}: holds a run without a readable {HPARAMS}; use --overwrite or another folder"
+                ) from e
+            diffs = hparam_differences(old, hparams)
+            if diffs:
+                raise ConfigError(
+                    f"--output_dir={path}: cannot resume, settings differ from the checkpointed run: "
+                    f"{'; '.join(diffs)}. Use the original flags, another --output_dir, or --overwrite"
+                )
+        self.write_json(HPARAMS, hparams)
+        self._metrics = open(self.file(METRICS), "a", encoding="utf-8")  # noqa: SIM115
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -70,11 +135,63 @@ class ExperimentDir:
         self._metrics.flush()
         os.fsync(self._metrics.fileno())
 
+    def truncate_metrics(self, last_round: int, last_record: dict[str, Any] | None) -> list[dict[str, Any]]:
+        """Keeps one line per round 1..last_round (restoring the checkpoint's own line); returns them."""
+        by_round: dict[int, dict[str, Any]] = {}
+        for rec in read_metrics(self.path):
+            if rec.get("round", 0) <= last_round:
+                by_round[rec["round"]] = rec
+        if last_record is not None:
+            by_round[last_round] = _jsonable(last_record)
+        kept = [by_round[r] for r in sorted(by_round)]
+        self._metrics.close()
+        tmp = self.file(METRICS + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec in kept:
+                f.write(json.dumps(rec, sort_keys=True) + "\n")
+        os.replace(tmp, self.file(METRICS))
+        self._metrics = open(self.file(METRICS), "a", encoding="utf-8")  # noqa: SIM115
+        return kept
+
     def close(self) -> None:
         self._metrics.close()
 
 
+class TensorBoard:
+    """Per-round scalars for TensorBoard: losses, accuracies, epsilon, clip, clipped fraction, round time."""
+
+    KEYS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "epsilon", "local_epsilon", "clip_norm",
+            "fraction_clipped", "round_seconds", "nonfinite_clients", "clients_this_round")
+
+    def __init__(self, path: str):
+        import tensorflow as tf
+
+        self._tf = tf
+        self._writer = tf.summary.create_file_writer(path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self._writer.as_default(step=record["round"]):
+            for key in self.KEYS:
+                v = record.get(key)
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tf.summary.scalar(key, v)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 def read_metrics(path: str) -> list[dict[str, Any]]:
-    """Reads `metrics.jsonl` of the experiment folder `path`."""
-    with open(os.path.join(path, METRICS), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Reads `metrics.jsonl` of the experiment folder `path` (skips a torn last line)."""
+    out = []
+    try:
+        with open(os.path.join(path, METRICS), encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        out.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        break
+    except FileNotFoundError:
+        pass
+    return out

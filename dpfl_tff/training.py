@@ -12,10 +12,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from dpfl_tff import models, outputs, runtime
+from dpfl_tff import checkpoints, models, outputs, plots, runtime
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.privacy import accounting
 from dpfl_tff.privacy.aggregators import build_aggregator
+from dpfl_tff.privacy.nonfinite import ZeroNonFiniteFactory
 from dpfl_tff.sampling import sample_cohort
 from dpfl_tff.tasks import FederatedData, load_task
 
@@ -61,7 +62,7 @@ def build_learning_process(cfg: ExperimentConfig, data: FederatedData) -> tff.le
         model_fn_for(cfg, data),
         client_optimizer_fn=build_optimizer(cfg.train.client_optimizer, cfg.train.client_learning_rate),
         server_optimizer_fn=build_optimizer(cfg.train.server_optimizer, cfg.train.server_learning_rate),
-        model_aggregator=build_aggregator(cfg.dp, cfg.train.clients_per_round),
+        model_aggregator=ZeroNonFiniteFactory(build_aggregator(cfg.dp, cfg.train.clients_per_round)),
         loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR,
     )
 
@@ -113,27 +114,8 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def run(
-    cfg: ExperimentConfig,
-    overwrite: bool = False,
-    log: Callable[[str], None] = print,
-    stop_requested: Callable[[], RunInterrupted | None] = lambda: None,
-) -> RunResult:
-    """Trains `cfg` end to end and writes its experiment folder.
-
-    Every round appends one line to `metrics.jsonl` with the epsilon spent so
-    far; `summary.json` is written at the end, also when the run is stopped by
-    an exception or a signal (then with `status` saying why).
-
-    Args:
-      cfg: validated configuration.
-      overwrite: replace an earlier run in `cfg.output_dir`.
-      log: receives the human-readable progress lines.
-      stop_requested: polled after every round; when it returns an exception,
-        the run writes its summary, shuts the worker down and raises it.
-    """
-    cfg.validate()
-    start = time.time()
+def _prepare(cfg: ExperimentConfig, log: Callable[[str], None]) -> tuple[ExperimentConfig, FederatedData, list[str]]:
+    """Loads the data, fixes N for tasks with their own split, checks the model, calibrates z."""
     data = load_task(cfg.task, cfg.train.seed)
     if cfg.task.natural_split:
         if data.num_clients != cfg.task.num_clients:
@@ -141,45 +123,83 @@ def run(
         cfg = dataclasses.replace(
             cfg, task=dataclasses.replace(cfg.task, num_clients=data.num_clients, num_clients_known=True)
         ).validate()
-    for note in models.validate_model(cfg.train.model, data.input_shape, data.num_classes):
-        log(note)
+    notes = models.validate_model(cfg.train.model, data.input_shape, data.num_classes)
     calibrated = accounting.with_calibrated_noise(cfg)
-    delta = calibrated.target_delta
-    ledger = accounting.make_ledger(calibrated)
-    plan = ledger.planned(cfg.train.rounds)
     if calibrated is not cfg:
-        log(
+        notes.append(
             f"calibrated --noise_multiplier={calibrated.dp.noise_multiplier:.6g}: smallest z with epsilon "
-            f"<= {cfg.dp.target_epsilon:g} after {cfg.train.rounds} rounds (epsilon {plan['epsilon']:.6g})"
+            f"<= {cfg.dp.target_epsilon:g} after {cfg.train.rounds} rounds"
         )
-    cfg = calibrated
-    relation = ledger.neighboring_relation
-    noise_seeded = cfg.dp.mode != "none" and cfg.dp.noise_seed is not None
-    out = outputs.ExperimentDir(cfg.output_dir, overwrite=overwrite)
-    out.write_json(outputs.HPARAMS, cfg.to_dict())
-    log(f"task: {data.description}")
-    delta_text = f"delta={delta:.3g}{'' if cfg.dp.target_delta else ' (default 1/num_clients^1.1)'}"
+    return calibrated, data, notes
+
+
+def _privacy_line(cfg: ExperimentConfig, plan: dict[str, Any]) -> str:
+    delta_text = f"delta={cfg.target_delta:.3g}{'' if cfg.dp.target_delta else ' (default 1/num_clients^1.1)'}"
     if cfg.dp.mode == "none":
-        log("privacy: none (--dp_mode=none): no DP guarantee, epsilon is infinite")
-    elif cfg.dp.mode == "central":
-        log(
+        return "privacy: none (--dp_mode=none): no DP guarantee, epsilon is infinite"
+    if cfg.dp.mode == "central":
+        return (
             f"privacy: central DP, {plan['analysis']}; accountant {cfg.dp.accountant.upper()}, {delta_text}; "
             f"epsilon after {cfg.train.rounds} rounds: {plan['epsilon']:.4g}"
         )
-    else:
-        log(
-            f"privacy: local DP ({cfg.dp.local_mechanism}) at each client, replace-one; accountant "
-            f"{cfg.dp.accountant.upper()}, {delta_text}; if a client took part in all {cfg.train.rounds} rounds: "
-            f"local epsilon {plan['local_epsilon']:.4g}, central view {plan['epsilon']:.4g} ({plan['epsilon_analysis']})"
-        )
+    return (
+        f"privacy: local DP ({cfg.dp.local_mechanism}) at each client, replace-one; accountant "
+        f"{cfg.dp.accountant.upper()}, {delta_text}; if a client took part in all {cfg.train.rounds} rounds: "
+        f"local epsilon {plan['local_epsilon']:.4g}, central view {plan['epsilon']:.4g} ({plan['epsilon_analysis']})"
+    )
+
+
+def run(
+    cfg: ExperimentConfig,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+    stop_requested: Callable[[], RunInterrupted | None] = lambda: None,
+    fresh: bool = False,
+) -> RunResult:
+    """Trains `cfg` end to end and writes its experiment folder; resumes it if it holds a run.
+
+    Every round appends one line to `metrics.jsonl` with the epsilon spent so
+    far; `summary.json` is written at the end, also when the run is stopped by
+    an exception or a signal (then with `status` saying why). The full state is
+    checkpointed every `cfg.train.checkpoint_every` rounds, at the end and when
+    stopped; the privacy ledger (`ledger.jsonl`) is appended before each
+    round's metrics. Rerunning the same configuration on the same folder
+    resumes from the newest checkpoint: rounds after it are re-run, and
+    counted again by the ledger if their outputs had already been written.
+
+    Args:
+      cfg: validated configuration.
+      overwrite: delete an earlier run in `cfg.output_dir` and start afresh.
+      log: receives the human-readable progress lines.
+      stop_requested: polled after every round; when it returns an exception,
+        the run checkpoints, writes its summary, shuts the worker down and
+        raises it.
+      fresh: never resume; refuse a non-empty folder unless `overwrite`.
+    """
+    cfg.validate()
+    start = time.time()
+    cfg, data, notes = _prepare(cfg, log)
+    ledger = accounting.make_ledger(cfg)
+    plan = ledger.planned(cfg.train.rounds)
+    relation = ledger.neighboring_relation
+    delta = cfg.target_delta
+    noise_seeded = cfg.dp.mode != "none" and cfg.dp.noise_seed is not None
+    out = outputs.ExperimentDir(cfg.output_dir, cfg.to_dict(), overwrite=overwrite, fresh=fresh)
+    for note in notes:
+        log(note)
+    log(f"task: {data.description}")
+    log(_privacy_line(cfg, plan))
     if noise_seeded:
         log(f"WARNING: DP noise is seeded (--noise_seed={cfg.dp.noise_seed}): for tests only, it gives no privacy")
 
+    ckpts = checkpoints.CheckpointManager(cfg.output_dir, warn=log)
+    ledger_log = checkpoints.LedgerLog(cfg.output_dir)
     records: list[dict[str, Any]] = []
     summary: dict[str, Any] = {
         "status": "running",
         "rounds_planned": cfg.train.rounds,
         "rounds": 0,
+        "rounds_accounted": 0,
         "dp_mode": cfg.dp.mode,
         "epsilon": 0.0 if relation else math.inf,
         "delta": delta,
@@ -192,28 +212,45 @@ def run(
         "final_test_accuracy": None,
         "final_test_loss": None,
         "stop_reason": None,
+        "resumed_from_round": None,
     }
+    state = None
+    done = 0
     try:
         with runtime.local_context(log_path=out.file(outputs.WORKER_LOG)):
             process = build_learning_process(cfg, data)
             state = initial_state(process, cfg, data)
             evaluate = Evaluator(cfg, data)
             clip = cfg.dp.clip_norm if cfg.dp.mode != "none" else None
-            def cohort_of(r: int) -> np.ndarray:  # deterministic in (seed, r)
+
+            def cohort_of(r: int) -> np.ndarray:  # deterministic in (seed, r): nothing to checkpoint
                 return sample_cohort(
                     cfg.train.client_sampling, data.num_clients, cfg.train.clients_per_round, cfg.train.seed, r
                 )
 
-            def over_budget(r: int) -> str | None:
+            if out.resuming:
+                done, state, clip, records = _resume(out, ckpts, ledger_log, ledger, process, state, clip, cohort_of)
+                summary["resumed_from_round"] = done
+                log(
+                    f"resuming {cfg.output_dir} from round {done} (checkpoint); ledger: {ledger.released} "
+                    f"released round(s) so far"
+                )
+                if records:
+                    _summarize(summary, records[-1])
+
+            def over_budget() -> str | None:
+                r = done + 1
                 if cfg.dp.max_epsilon is None or r > cfg.train.rounds:
                     return None
-                eps = ledger.preview(r, cohort_of(r))
+                eps = ledger.preview(cohort_of(r))
                 if eps <= cfg.dp.max_epsilon:
                     return None
                 return f"privacy budget: round {r} would bring epsilon to {eps:.4g} > --max_epsilon={cfg.dp.max_epsilon:g}"
 
-            summary["stop_reason"] = over_budget(1)
-            for r in range(1, cfg.train.rounds + 1 if summary["stop_reason"] is None else 1):
+            tb = outputs.TensorBoard(out.file(outputs.TENSORBOARD))
+            summary["stop_reason"] = over_budget()
+            while summary["stop_reason"] is None and done < cfg.train.rounds:
+                r = done + 1
                 t0 = time.time()
                 cohort = cohort_of(r)
                 client_data = [
@@ -227,61 +264,40 @@ def run(
                     )
                     for c in cohort
                 ]
-                ledger.prefetch(r)  # PLD: overlaps the accountant with the round
+                ledger.prefetch()  # PLD: overlaps the accountant with the round
                 result = process.next(state, client_data)
                 state = result.state
-                train = result.metrics["client_work"]["train"]
-                record: dict[str, Any] = {
-                    "round": r,
-                    "clients_this_round": len(cohort),
-                    "train_loss": float(train["loss"]) if len(cohort) else None,
-                    "train_accuracy": float(train["accuracy"]) if len(cohort) else None,
-                    "clip_norm": clip,
-                }
-                aggregator = result.metrics["aggregator"]
-                if cfg.dp.mode == "central":
-                    query_metrics = aggregator.get("dp_query_metrics", {})
-                    if "clip" in query_metrics:
-                        clip = float(query_metrics["clip"])
-                    record["next_clip_norm"] = clip
-                elif cfg.dp.mode == "local":
-                    record.update(
-                        next_clip_norm=clip,
-                        fraction_clipped=float(aggregator["fraction_clipped"]),
-                        mean_norm_before_clipping=float(aggregator["mean_norm_before_clipping"]),
-                    )
-                    key = "noise_std" if cfg.dp.local_mechanism == "gaussian" else "laplace_scale"
-                    record[key] = float(aggregator[key])
+                record, clip = _round_record(cfg, r, cohort, result.metrics, clip)
                 record["round_seconds"] = time.time() - t0
                 t_acc = time.time()
-                record.update(ledger.commit(r, cohort))
+                record.update(ledger.commit(cohort))
                 record["accounting_seconds"] = time.time() - t_acc
                 record.update(
-                    delta=delta,
-                    accountant=cfg.dp.accountant,
-                    neighboring_relation=relation,
+                    delta=delta, accountant=cfg.dp.accountant, neighboring_relation=relation,
                     client_sampling=cfg.train.client_sampling,
                 )
-                stop_next = over_budget(r + 1)
-                if stop_next or r == cfg.train.rounds or (cfg.train.eval_every and r % cfg.train.eval_every == 0):
+                done = r
+                summary["stop_reason"] = over_budget()
+                last = summary["stop_reason"] is not None or r == cfg.train.rounds
+                if last or (cfg.train.eval_every and r % cfg.train.eval_every == 0):
                     record.update(evaluate(process.get_model_weights(state)))
-                out.append_metrics(record)
-                records.append(record)
-                summary.update(rounds=r, epsilon=record["epsilon"])
-                for key in ("local_epsilon", "epsilon_analysis", "max_participations", "local_epsilon_pure"):
-                    if key in record:
-                        summary[key] = record[key]
-                if "test_accuracy" in record:
-                    summary.update(final_test_accuracy=record["test_accuracy"], final_test_loss=record["test_loss"])
-                log(_progress_line(r, cfg.train.rounds, record, relation))
-                if stop_next:
-                    summary["stop_reason"] = stop_next
-                    break
                 interrupted = stop_requested()
+                # Checkpoint first (it holds this record), then the ledger, then the outputs:
+                # whatever is written, the ledger already covers it.
+                if last or interrupted is not None or (cfg.train.checkpoint_every and r % cfg.train.checkpoint_every == 0):
+                    ckpts.save(r, state, record)
+                ledger_log.append(r, cohort)
+                out.append_metrics(record)
+                tb.write(record)
+                records.append(record)
+                _summarize(summary, record)
+                elapsed = sum(x["round_seconds"] for x in records[-20:]) / len(records[-20:])
+                log(_progress_line(r, cfg.train.rounds, record, relation, eta=elapsed * (cfg.train.rounds - r)))
                 if interrupted is not None:
                     raise interrupted
             if summary["stop_reason"]:
                 log(f"stopped: {summary['stop_reason']}")
+            tb.close()
         summary["status"] = "completed" if summary["stop_reason"] is None else "stopped_at_budget"
     except BaseException as e:  # record why the run stopped, then re-raise
         summary["status"] = f"stopped: {type(e).__name__}: {e}".strip().rstrip(":")
@@ -291,10 +307,70 @@ def run(
         summary["wall_seconds"] = time.time() - start
         out.write_json(outputs.SUMMARY, summary)
         out.close()
+    if records:
+        try:
+            plots.plot_run(cfg.output_dir)
+        except Exception as e:  # noqa: BLE001  (a plot must never fail a finished run)
+            log(f"WARNING: could not write {plots.RUN_PNG}: {e}")
     return RunResult(summary, records)
 
 
-def _progress_line(r: int, total: int, rec: dict[str, Any], relation: str | None) -> str:
+def _resume(out, ckpts, ledger_log, ledger, process, state, clip, cohort_of):
+    """Restores model state, ledger and metrics of an interrupted run. Returns (round, state, clip, records)."""
+    done, record = 0, None
+    loaded = ckpts.load_latest(state)
+    if loaded is not None:
+        done, state, record = loaded
+        if record.get("next_clip_norm") is not None:
+            clip = record["next_clip_norm"]
+    entries = ledger_log.entries()
+    if loaded is not None and (not entries or entries[-1]["round"] < done):
+        # The checkpoint of round `done` was written but the process died before its ledger line.
+        entries.append({"round": done, "cohort": [int(c) for c in cohort_of(done)]})
+    ledger_log.rewrite(entries)
+    for entry in entries:
+        ledger.replay(entry["cohort"])
+    records = out.truncate_metrics(done, record)
+    return done, state, clip, records
+
+
+def _summarize(summary: dict[str, Any], record: dict[str, Any]) -> None:
+    summary.update(rounds=record["round"], epsilon=record["epsilon"], rounds_accounted=record["rounds_accounted"])
+    for key in ("local_epsilon", "epsilon_analysis", "max_participations", "local_epsilon_pure"):
+        if key in record:
+            summary[key] = record[key]
+    if "test_accuracy" in record:
+        summary.update(final_test_accuracy=record["test_accuracy"], final_test_loss=record["test_loss"])
+
+
+def _round_record(cfg: ExperimentConfig, r: int, cohort, metrics, clip):
+    train = metrics["client_work"]["train"]
+    record: dict[str, Any] = {
+        "round": r,
+        "clients_this_round": len(cohort),
+        "train_loss": float(train["loss"]) if len(cohort) else None,
+        "train_accuracy": float(train["accuracy"]) if len(cohort) else None,
+        "clip_norm": clip,
+        "nonfinite_clients": int(metrics["aggregator"]["nonfinite_clients"]),
+    }
+    aggregator = metrics["aggregator"]["inner"]
+    if cfg.dp.mode == "central":
+        query_metrics = aggregator.get("dp_query_metrics", {})
+        if "clip" in query_metrics:
+            clip = float(query_metrics["clip"])
+        record["next_clip_norm"] = clip
+    elif cfg.dp.mode == "local":
+        record.update(
+            next_clip_norm=clip,
+            fraction_clipped=float(aggregator["fraction_clipped"]),
+            mean_norm_before_clipping=float(aggregator["mean_norm_before_clipping"]),
+        )
+        key = "noise_std" if cfg.dp.local_mechanism == "gaussian" else "laplace_scale"
+        record[key] = float(aggregator[key])
+    return record, clip
+
+
+def _progress_line(r: int, total: int, rec: dict[str, Any], relation: str | None, eta: float = 0.0) -> str:
     parts = [
         f"round {r}/{total}",
         f"clients {rec['clients_this_round']}",
@@ -310,4 +386,13 @@ def _progress_line(r: int, total: int, rec: dict[str, Any], relation: str | None
             parts.append(f"local eps {rec['local_epsilon']:.4g}")
         parts.append(f"eps {rec['epsilon']:.4g} (delta {rec['delta']:.3g}, {_RELATION_TEXT[relation]})")
     parts.append(f"{rec['round_seconds']:.2f}s")
+    if r < total:
+        parts.append(f"ETA {_duration(eta)}")
     return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")

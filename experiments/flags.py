@@ -151,9 +151,21 @@ MAX_EPSILON = flags.DEFINE_float(
 
 # --- outputs ----------------------------------------------------------------
 OUTPUT_DIR = flags.DEFINE_string(
-    "output_dir", "/tmp/dpfl_tff/run", "Experiment folder: hparams.json, metrics.jsonl, summary.json, worker.log."
+    "output_dir",
+    "/tmp/dpfl_tff/run",
+    "Experiment folder: hparams.json, metrics.jsonl, summary.json, ledger.jsonl, checkpoints/, tensorboard/, "
+    "run.png, worker.log.",
 )
-OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an earlier run in --output_dir.")
+OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete an earlier run in --output_dir and start afresh.")
+FRESH = flags.DEFINE_bool(
+    "fresh", False, "Never resume: refuse a non-empty --output_dir unless --overwrite is also given."
+)
+CHECKPOINT_EVERY = flags.DEFINE_integer(
+    "checkpoint_every",
+    TrainConfig().checkpoint_every,
+    "Checkpoint the full state every this many rounds (>= 0; also at the end and when stopped; 0 = only then). "
+    "Rerunning with the same --output_dir resumes from the newest checkpoint.",
+)
 
 
 def experiment_config() -> ExperimentConfig:
@@ -185,6 +197,7 @@ def experiment_config() -> ExperimentConfig:
             client_shuffle_buffer=CLIENT_SHUFFLE_BUFFER.value,
             client_max_examples=CLIENT_MAX_EXAMPLES.value,
             eval_every=EVAL_EVERY.value,
+            checkpoint_every=CHECKPOINT_EVERY.value,
             seed=SEED.value,
         ),
         dp=DPConfig(

@@ -63,6 +63,7 @@ def main(argv: list[str]) -> None:
             overwrite=dpfl_flags.OVERWRITE.value,
             log=lambda s: print(s, flush=True),
             stop_requested=signals.stop_requested,
+            fresh=dpfl_flags.FRESH.value,
         )
     except training.RunInterrupted as e:
         print(f"{e}: summary written to {cfg.output_dir}, TFF worker shut down", file=sys.stderr, flush=True)

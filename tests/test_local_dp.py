@@ -93,7 +93,7 @@ def test_local_ledger_matches_dp_accounting(tmp_path):
         _cfg(tmp_path, "x", mode="local", noise_multiplier=z, target_delta=delta), task=TaskConfig(num_clients=n)
     ).validate()
     ledger = accounting.make_ledger(cfg)
-    fields = [ledger.commit(r, np.arange(m) + (r % 2) * m) for r in range(1, 5)]  # alternate halves
+    fields = [ledger.commit(np.arange(m) + (r % 2) * m) for r in range(1, 5)]  # alternate halves
     assert [f["max_participations"] for f in fields] == [1, 1, 2, 2]
 
     def gaussian(p):  # one local release: Gaussian with multiplier z/2 (replace-one, sensitivity 2C)
@@ -109,7 +109,7 @@ def test_local_ledger_matches_dp_accounting(tmp_path):
     assert last["epsilon_analysis"] == ("sampled_sum_gaussian" if summed < gaussian(2) else "post_processing")
 
     poisson = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, client_sampling="poisson"))
-    f = accounting.make_ledger(poisson).commit(1, np.arange(m))
+    f = accounting.make_ledger(poisson).commit(np.arange(m))
     assert f["epsilon_analysis"] == "post_processing" and f["epsilon"] == f["local_epsilon"]
 
     laplace = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, local_mechanism="laplace"))

@@ -267,45 +267,60 @@ __all__ = [
 
 
 class Ledger:
-    """Epsilon bookkeeping of one run (the base class is the no-DP ledger)."""
+    """Epsilon bookkeeping of one run (the base class is the no-DP ledger).
+
+    It counts *releases*: every round whose outputs were written. A round
+    re-run after a resume is a new release and is counted again.
+    """
 
     neighboring_relation: str | None = None
 
-    def preview(self, round_num: int, cohort) -> float:
-        """Epsilon (central view) if round `round_num` runs with `cohort`."""
-        del round_num, cohort
+    def __init__(self):
+        self.released = 0
+
+    def preview(self, cohort) -> float:
+        """Epsilon (central view) if one more round runs with `cohort`."""
+        del cohort
         return math.inf
 
-    def commit(self, round_num: int, cohort) -> dict[str, Any]:
-        """Records round `round_num` as released; returns its metrics fields."""
-        del round_num, cohort
-        return {"epsilon": math.inf}
+    def commit(self, cohort) -> dict[str, Any]:
+        """Records one more released round with `cohort`; returns its metrics fields."""
+        del cohort
+        self.released += 1
+        return {"epsilon": math.inf, "rounds_accounted": self.released}
+
+    def replay(self, cohort) -> None:
+        """Re-records a release from the ledger log (resume); computes no epsilon."""
+        del cohort
+        self.released += 1
 
     def planned(self, rounds: int, participations: int | None = None) -> dict[str, Any]:
         """Figures of a planned run of `rounds` rounds (no training)."""
         del rounds, participations
         return {"epsilon": math.inf}
 
-    def prefetch(self, round_num: int) -> None:
-        del round_num
+    def prefetch(self) -> None:
+        """Starts computing the epsilon of the next release (PLD: in the background)."""
 
     def close(self) -> None:
         pass
 
 
 class CentralLedger(Ledger):
-    """Central DP: epsilon depends only on the number of rounds run."""
+    """Central DP: epsilon depends only on the number of released rounds."""
 
     def __init__(self, cfg: ExperimentConfig):
+        super().__init__()
         self.round_privacy = round_privacy(cfg)
         self.neighboring_relation = self.round_privacy.neighboring_relation
         self.tracker = EpsilonTracker(self.round_privacy, cfg.target_delta, cfg.dp.accountant)
 
-    def preview(self, round_num: int, cohort) -> float:
-        return self.tracker.epsilon(round_num)
+    def preview(self, cohort) -> float:
+        return self.tracker.epsilon(self.released + 1)
 
-    def commit(self, round_num: int, cohort) -> dict[str, Any]:
-        return {"epsilon": self.tracker.epsilon(round_num)}
+    def commit(self, cohort) -> dict[str, Any]:
+        self.released += 1
+        return {"epsilon": self.tracker.epsilon(self.released), "rounds_accounted": self.released}
 
     def planned(self, rounds: int, participations: int | None = None) -> dict[str, Any]:
         return {
@@ -314,8 +329,8 @@ class CentralLedger(Ledger):
             "analysis": self.round_privacy.description,
         }
 
-    def prefetch(self, round_num: int) -> None:
-        self.tracker.prefetch(round_num)
+    def prefetch(self) -> None:
+        self.tracker.prefetch(self.released + 1)
 
     def close(self) -> None:
         self.tracker.close()
@@ -345,6 +360,7 @@ class LocalLedger(Ledger):
     neighboring_relation = REPLACE_ONE
 
     def __init__(self, cfg: ExperimentConfig):
+        super().__init__()
         self.cfg = cfg
         self.delta = cfg.target_delta
         dp = cfg.dp
@@ -392,13 +408,19 @@ class LocalLedger(Ledger):
     def _max_after(self, cohort) -> int:
         return max([self.max_participations, *(self._participations[int(c)] + 1 for c in cohort)])
 
-    def preview(self, round_num: int, cohort) -> float:
-        return self._central(round_num, self._max_after(cohort))[0]
+    def preview(self, cohort) -> float:
+        return self._central(self.released + 1, self._max_after(cohort))[0]
 
-    def commit(self, round_num: int, cohort) -> dict[str, Any]:
+    def replay(self, cohort) -> None:
         self.max_participations = self._max_after(cohort)
         self._participations.update(int(c) for c in cohort)
-        return self._fields(round_num, self.max_participations)
+        self.released += 1
+
+    def commit(self, cohort) -> dict[str, Any]:
+        self.max_participations = self._max_after(cohort)
+        self._participations.update(int(c) for c in cohort)
+        self.released += 1
+        return {**self._fields(self.released, self.max_participations), "rounds_accounted": self.released}
 
     def _fields(self, rounds: int, participations: int) -> dict[str, Any]:
         eps, analysis = self._central(rounds, participations)

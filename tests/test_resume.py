@@ -1,0 +1,205 @@
+"""Checkpoint/resume with the privacy ledger; crashes, signals, corrupt checkpoints, plots."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dpfl_tff.config import DPConfig, ExperimentConfig, TaskConfig, TrainConfig
+from dpfl_tff.privacy import accounting
+from tests.conftest import worker_pids
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROUNDS = 12
+ARGS = [
+    "--task=synthetic", "--num_clients=20", "--synthetic_examples_per_client=10", "--synthetic_input_dim=8",
+    "--clients_per_round=5", "--noise_multiplier=1.1", "--clip_norm=0.5", "--eval_every=4",
+    f"--rounds={ROUNDS}", "--target_delta=1e-4",
+]
+
+
+def _cmd(out, *extra):
+    return [sys.executable, "-m", "experiments.run_federated", *ARGS, f"--output_dir={out}", *extra]
+
+
+def _rows(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def _uninterrupted_epsilon(rounds):
+    cfg = ExperimentConfig(
+        task=TaskConfig(task="synthetic", num_clients=20),
+        train=TrainConfig(clients_per_round=5, rounds=rounds),
+        dp=DPConfig(noise_multiplier=1.1, target_delta=1e-4),
+    ).validate()
+    return accounting.EpsilonTracker(accounting.round_privacy(cfg), 1e-4, "rdp").epsilon(rounds)
+
+
+def _kill_after_round(out, k, *extra):
+    """Starts the driver, SIGKILLs it once round k's metrics line is on disk; returns its worker pids."""
+    before = set(worker_pids())
+    proc = subprocess.Popen(_cmd(out, *extra), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if os.path.exists(os.path.join(out, "metrics.jsonl")) and len(_rows(out)) >= k:
+                break
+            assert proc.poll() is None, "driver ended before it could be killed"
+            time.sleep(0.02)
+        workers = set(worker_pids()) - before
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    return workers
+
+
+def _wait_gone(pids, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and set(worker_pids()) & set(pids):
+        time.sleep(0.1)
+    return not set(worker_pids()) & set(pids)
+
+
+def test_sigkill_then_resume_gives_contiguous_rounds_and_uninterrupted_epsilon(tmp_path):
+    out = str(tmp_path / "run")
+    workers = _kill_after_round(out, 5, "--checkpoint_every=1")
+    assert workers and _wait_gone(workers)  # PR_SET_PDEATHSIG took the worker down with the driver
+    done = subprocess.run(_cmd(out, "--checkpoint_every=1"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resuming" in done.stdout
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))  # no duplicate, no gap
+    # Checkpointing every round loses nothing that was released: epsilon as if never interrupted.
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["rounds_accounted"] == ROUNDS
+    assert rows[-1]["epsilon"] == pytest.approx(_uninterrupted_epsilon(ROUNDS), rel=1e-12)
+    assert summary["status"] == "completed" and summary["resumed_from_round"] >= 5
+
+
+def test_rerun_rounds_after_a_sparse_checkpoint_are_charged_again(tmp_path):
+    out = str(tmp_path / "run")
+    _kill_after_round(out, 6, "--checkpoint_every=4")
+    ledger_before = sum(1 for _ in open(os.path.join(out, "ledger.jsonl")))
+    done = subprocess.run(_cmd(out, "--checkpoint_every=4"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
+    resumed = json.load(open(os.path.join(out, "summary.json")))["resumed_from_round"]
+    lost = ledger_before - resumed  # released before the crash, after the checkpoint: re-run and charged again
+    assert resumed == 4 and lost >= 2
+    assert rows[-1]["rounds_accounted"] == ROUNDS + lost
+    assert rows[-1]["epsilon"] == pytest.approx(_uninterrupted_epsilon(ROUNDS + lost), rel=1e-12)
+    assert rows[-1]["epsilon"] > _uninterrupted_epsilon(ROUNDS)  # the ledger is never behind
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen(_cmd(out, "--rounds=100000", "--checkpoint_every=1000"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("round 3/"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.strip().splitlines()[-1].startswith("stopped by SIGTERM")
+    last = len(_rows(out))
+    assert os.path.isdir(os.path.join(out, "checkpoints", f"ckpt_{last:06d}"))  # written on the way out
+
+
+def test_resume_with_changed_privacy_flag_is_refused(tmp_path):
+    out = str(tmp_path / "run")
+    first = subprocess.run(_cmd(out, "--rounds=2"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(_cmd(out, "--rounds=3", "--noise_multiplier=0.5", "--clip_norm=0.7"), cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2
+    err = again.stderr.strip().splitlines()[-1]
+    assert "cannot resume" in err and "--noise_multiplier: was 1.1, now 0.5" in err and "--clip_norm: was 0.5" in err
+    assert "--rounds" not in err  # more rounds is a resumable change
+    fresh = subprocess.run(_cmd(out, "--fresh"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 2 and "--fresh" in fresh.stderr and "--overwrite" in fresh.stderr
+
+
+def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path):
+    from dpfl_tff import training
+
+    out = str(tmp_path / "run")
+    cfg = ExperimentConfig(
+        task=TaskConfig(task="synthetic", num_clients=20, synthetic_examples_per_client=10, synthetic_input_dim=8),
+        train=TrainConfig(clients_per_round=5, rounds=6, checkpoint_every=3, eval_every=3),
+        dp=DPConfig(noise_multiplier=1.1, clip_norm=0.5), output_dir=out,
+    )
+    training.run(cfg, log=lambda s: None)
+    with open(os.path.join(out, "checkpoints", "ckpt_000006", "state.npz"), "r+b") as f:
+        f.seek(100)
+        f.write(b"corrupted!")
+    import dataclasses
+
+    lines = []
+    more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rounds=8))
+    result = training.run(more, log=lines.append)
+    assert any("ckpt_000006 is unreadable" in line and "falling back" in line for line in lines)
+    assert result.summary["resumed_from_round"] == 3
+    assert [r["round"] for r in _rows(out)] == list(range(1, 9))
+    assert result.summary["rounds_accounted"] == 6 + 5  # rounds 4-6 were released before and re-run
+
+
+def test_budget_guard_holds_across_resume(tmp_path):
+    out = str(tmp_path / "run")
+    eps4 = _uninterrupted_epsilon(4)
+    budget = (eps4 + _uninterrupted_epsilon(5)) / 2
+    first = subprocess.run(_cmd(out, "--rounds=3", f"--max_epsilon={budget}"), cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    second = subprocess.run(_cmd(out, "--rounds=10", f"--max_epsilon={budget}"), cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["rounds"] == 4 and summary["status"] == "stopped_at_budget"
+    assert summary["epsilon"] == pytest.approx(eps4) and summary["epsilon"] <= budget
+
+
+def test_unwritable_output_dir_is_a_clear_error(tmp_path):
+    if os.geteuid() == 0:
+        target = "/proc/dpfl_tff_cannot_write_here"  # root ignores permissions; /proc refuses everyone
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        target = str(ro / "run")
+    proc = subprocess.run(_cmd(target), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --output_dir={target}: cannot create the folder")
+
+
+def test_plot_scripts_make_pngs_from_real_runs(tmp_path):
+    from dpfl_tff import training
+
+    dirs = []
+    for z in (0.8, 2.0):
+        out = str(tmp_path / f"z{z}")
+        training.run(ExperimentConfig(
+            task=TaskConfig(task="synthetic", num_clients=20), train=TrainConfig(clients_per_round=5, rounds=3,
+                                                                                 eval_every=1),
+            dp=DPConfig(noise_multiplier=z), output_dir=out), log=lambda s: None)
+        dirs.append(out)
+        assert os.path.getsize(os.path.join(out, "run.png")) > 1000  # the driver's own plot
+        assert os.listdir(os.path.join(out, "tensorboard"))
+    one = subprocess.run([sys.executable, "scripts/plot_run.py", dirs[0], f"--out={tmp_path / 'one.png'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    assert json.loads(one.stdout.strip().splitlines()[-1])["png"] == str(tmp_path / "one.png")
+    many = subprocess.run([sys.executable, "scripts/plot_runs.py", *dirs, f"--out={tmp_path / 'cmp.png'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert many.returncode == 0, many.stderr
+    for png in ("one.png", "cmp.png"):
+        with open(tmp_path / png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
