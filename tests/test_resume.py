@@ -203,3 +203,22 @@ def test_plot_scripts_make_pngs_from_real_runs(tmp_path):
     for png in ("one.png", "cmp.png"):
         with open(tmp_path / png, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_full_disk_on_checkpoint_write_is_a_clear_error(tmp_path, monkeypatch):
+    import errno
+
+    import numpy as np
+
+    from dpfl_tff.checkpoints import CheckpointManager
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", no_space)
+    mgr = CheckpointManager(str(tmp_path))
+    with pytest.raises(OSError) as e:
+        mgr.save(7, [np.zeros(3)], {"round": 7})
+    msg = str(e.value)
+    assert "checkpoint of round 7" in msg and "No space left on device" in msg and "disk full" in msg
+    assert mgr.rounds() == [] and not any(n.startswith(".tmp") for n in os.listdir(mgr.dir))  # nothing half-written
