@@ -277,6 +277,8 @@ class ExperimentConfig:
     train: TrainConfig = TrainConfig()
     dp: DPConfig = DPConfig()
     output_dir: str = "/tmp/dpfl_tff/quickstart"
+    workers: tuple[str, ...] = ()
+    worker_timeout: float = 30.0
 
     def validate(self) -> ExperimentConfig:
         self.task.validate()
@@ -288,6 +290,10 @@ class ExperimentConfig:
             accounting.check_accountable(self)
         if not self.output_dir:
             raise ConfigError("--output_dir is empty: give a folder for the experiment's outputs")
+        for address in self.workers:
+            check_worker_address(address, ",".join(self.workers))
+        if not (isinstance(self.worker_timeout, (int, float)) and 0 < self.worker_timeout <= 3600):
+            raise ConfigError(f"--worker_timeout={self.worker_timeout}: must be in (0, 3600] seconds")
         return self
 
     @property
@@ -301,6 +307,15 @@ class ExperimentConfig:
         d = dataclasses.asdict(self)
         d["resolved_target_delta"] = self.target_delta
         return d
+
+
+def check_worker_address(address: str, flag_value: str) -> None:
+    """Raises ConfigError unless `address` is `host:port` with a port in 1..65535."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(
+            f"--workers={flag_value}: {address!r} is not host:port (a host name or IP and a port in 1..65535)"
+        )
 
 
 def default_delta(num_clients: int) -> float:

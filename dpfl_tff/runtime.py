@@ -22,6 +22,7 @@ clear error instead of starting a worker nobody stops.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import ctypes
@@ -39,8 +40,12 @@ import tensorflow_federated as tff
 from tensorflow_federated.python.core.backends.native import compiler as native_compiler
 from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
 from tensorflow_federated.python.core.impl.context_stack import context_stack_impl, runtime_error_context
+from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
+from tensorflow_federated.python.core.impl.execution_contexts import mergeable_comp_execution_context
 from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context
 from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
+from tensorflow_federated.python.core.backends.native import mergeable_comp_compiler
+from tensorflow_federated.python.core.impl.executors import executors_errors
 from tensorflow_federated.python.core.impl.executors import remote_executor
 from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub
 from tensorflow_federated.python.core.impl.types import placements
@@ -139,23 +144,148 @@ def wait_until_ready(
         time.sleep(0.05)
 
 
-def _context_over_stubs(
-    stubs: list[remote_executor_grpc_stub.RemoteExecutorGrpcStub],
-) -> sync_execution_context.SyncExecutionContext:
-    (stub,) = stubs
-
+def _executor_factory(
+    stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub,
+) -> python_executor_stacks.ResourceManagingExecutorFactory:
     def stack_fn(cardinalities):
         cardinalities.setdefault(placements.CLIENTS, 0)
         ex = remote_executor.RemoteExecutor(stub)
         ex.set_cardinalities(cardinalities)
         return ex
 
+    return python_executor_stacks.ResourceManagingExecutorFactory(stack_fn)
+
+
+def _context_over_stub(
+    stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub,
+) -> sync_execution_context.SyncExecutionContext:
     return sync_execution_context.SyncExecutionContext(
-        executor_fn=python_executor_stacks.ResourceManagingExecutorFactory(stack_fn),
+        executor_fn=_executor_factory(stub),
         compiler_fn=native_compiler.desugar_and_transform_to_native,
         transform_args=tensorflow_computation.transform_args,
         transform_result=tensorflow_computation.transform_result,
     )
+
+
+def _grpc_reason(error: BaseException) -> str:
+    """'gRPC UNAVAILABLE: Socket closed' from a gRPC error, or TFF's wrapper of one."""
+    for e in (error, *getattr(error, "args", ())):
+        if isinstance(e, grpc.Call):
+            return f"gRPC {e.code().name}: {e.details()}"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+class WorkerLost(RuntimeError):
+    """A remote TFF worker stopped answering during a computation."""
+
+    def __init__(self, address: str, cause: BaseException):
+        super().__init__(f"TFF worker at {address} stopped answering ({_grpc_reason(cause)})")
+        self.address = address
+
+
+# TFF's AsyncExecutionContext.invoke retries a failing worker forever (30 s apart);
+# `__wrapped__` is the same coroutine without that decorator.
+_INVOKE_ONCE = async_execution_context.AsyncExecutionContext.invoke.__wrapped__
+
+
+class _WorkerContext(async_execution_context.AsyncExecutionContext):
+    """Runs subrounds on one remote worker; gives up after `retry_seconds` of failures."""
+
+    def __init__(self, address: str, stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub, retry_seconds: float):
+        super().__init__(
+            executor_fn=_executor_factory(stub),
+            compiler_fn=native_compiler.desugar_and_transform_to_native,
+            transform_args=tensorflow_computation.transform_args,
+            transform_result=tensorflow_computation.transform_result,
+        )
+        self.address = address
+        self._retry_seconds = retry_seconds
+
+    async def invoke(self, comp, arg):
+        if asyncio.iscoroutine(arg):
+            arg = await arg  # once: a retry must not await it again
+        deadline = time.monotonic() + self._retry_seconds
+        wait = 0.1
+        while True:
+            try:
+                return await _INVOKE_ONCE(self, comp, arg)
+            except (executors_errors.RetryableError, grpc.RpcError) as e:
+                if not isinstance(e, executors_errors.RetryableError) or time.monotonic() > deadline:
+                    raise WorkerLost(self.address, e) from e
+                await asyncio.sleep(wait)
+                wait = min(2 * wait, 2.0)
+
+
+class WorkersUnreachable(RuntimeError):
+    """Some `--workers` addresses did not answer before training."""
+
+
+def check_reachable(addresses: list[str], timeout: float) -> list[remote_executor_grpc_stub.RemoteExecutorGrpcStub]:
+    """Connects to every address; raises naming all that do not answer within `timeout` seconds.
+
+    Returns:
+      One stub per address, in order.
+
+    Raises:
+      WorkersUnreachable: some addresses did not answer.
+    """
+    channels = [grpc.insecure_channel(a, GRPC_CHANNEL_OPTIONS) for a in addresses]
+    stubs = [remote_executor_grpc_stub.RemoteExecutorGrpcStub(c) for c in channels]
+    deadline = time.monotonic() + timeout
+    while not all(s.is_ready for s in stubs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    down = [a for a, s in zip(addresses, stubs) if not s.is_ready]
+    if down:
+        for c in channels:
+            c.close()
+        raise WorkersUnreachable(
+            f"--workers: TFF worker(s) not reachable after {timeout:g} s: {', '.join(down)} "
+            "(start one per address with `uv run python -m experiments.run_worker --port=PORT`, or raise "
+            "--worker_timeout)"
+        )
+    return stubs
+
+
+@contextlib.contextmanager
+def remote_context(addresses: list[str], timeout: float = 30.0) -> Iterator[None]:
+    """Runs TFF computations on remote worker services for the `with` block.
+
+    Every computation is compiled to TFF's mergeable form
+    (`compile_to_mergeable_comp_form`): the clients of a call are split into
+    one subround per worker, each worker runs the client work and the
+    aggregation up to the merge of partial aggregates, and the merge and
+    everything after it (for central DP: the noise, added once to the merged
+    sum, and the server update) run once. A computation with a dependent
+    second aggregation cannot be split and fails to compile.
+
+    The workers are not ours: they are neither started nor stopped here.
+
+    Args:
+      addresses: `host:port` of each worker (`experiments.run_worker`).
+      timeout: seconds to wait for every worker before starting, and how long
+        a subround keeps retrying a worker that stopped answering before the
+        call fails with `WorkerLost` naming it.
+
+    Raises:
+      WorkersUnreachable: a worker is not reachable within `timeout`.
+    """
+    stubs = check_reachable(list(addresses), timeout)
+    contexts = [_WorkerContext(a, s, timeout) for a, s in zip(addresses, stubs)]
+    stack = context_stack_impl.context_stack
+    previous = stack.current
+    stack.set_default_context(
+        mergeable_comp_execution_context.MergeableCompExecutionContext(
+            async_contexts=contexts,
+            compiler_fn=mergeable_comp_compiler.compile_to_mergeable_comp_form,
+        )  # as tff.backends.native.create_mergeable_comp_execution_context builds it
+    )
+    try:
+        yield
+    finally:
+        stack.set_default_context(previous)
+        for s in stubs:
+            s._channel.close()  # noqa: SLF001  (the stub owns no close())
 
 
 @contextlib.contextmanager
@@ -179,7 +309,7 @@ def local_context(log_path: str | None = None, startup_timeout: float = 60.0) ->
     try:
         stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(channel)
         wait_until_ready(stub, address, startup_timeout, proc)
-        stack.set_default_context(_context_over_stubs([stub]))
+        stack.set_default_context(_context_over_stub(stub))
         yield
     finally:
         stack.set_default_context(previous)
@@ -187,6 +317,15 @@ def local_context(log_path: str | None = None, startup_timeout: float = 60.0) ->
         stop_worker(proc)
         if log is not None:
             log.close()
+
+
+def execution_context(
+    workers: tuple[str, ...] | list[str], log_path: str | None = None, timeout: float = 30.0
+) -> contextlib.AbstractContextManager[None]:
+    """`remote_context(workers, timeout)` if workers are given, else `local_context(log_path)`."""
+    if workers:
+        return remote_context(list(workers), timeout)
+    return local_context(log_path=log_path)
 
 
 def live_worker_pids() -> list[int]:

@@ -217,7 +217,9 @@ def run(
     state = None
     done = 0
     try:
-        with runtime.local_context(log_path=out.file(outputs.WORKER_LOG)):
+        if cfg.workers:
+            log(f"workers: {', '.join(cfg.workers)} (clients split over them, merged before the server step)")
+        with runtime.execution_context(cfg.workers, out.file(outputs.WORKER_LOG), cfg.worker_timeout):
             process = build_learning_process(cfg, data)
             state = initial_state(process, cfg, data)
             evaluate = Evaluator(cfg, data)
@@ -265,7 +267,10 @@ def run(
                     for c in cohort
                 ]
                 ledger.prefetch()  # PLD: overlaps the accountant with the round
-                result = process.next(state, client_data)
+                try:
+                    result = process.next(state, client_data)
+                except Exception as e:
+                    raise _round_failed(r, done, state, records, ckpts, e) from e
                 state = result.state
                 record, clip = _round_record(cfg, r, cohort, result.metrics, clip)
                 record["round_seconds"] = time.time() - t0
@@ -313,6 +318,21 @@ def run(
         except Exception as e:  # noqa: BLE001  (a plot must never fail a finished run)
             log(f"WARNING: could not write {plots.RUN_PNG}: {e}")
     return RunResult(summary, records)
+
+
+class RoundFailed(RuntimeError):
+    """A round's TFF computation failed; the last completed round is checkpointed."""
+
+
+def _round_failed(r, done, state, records, ckpts, error: Exception) -> RoundFailed:
+    """Checkpoints round `done` (if not yet) so that a rerun resumes there; returns the error to raise."""
+    saved = ""
+    if done > 0 and records:
+        if done not in ckpts.rounds():
+            ckpts.save(done, state, records[-1])
+        saved = f"; round {done} is checkpointed: rerun the same command to resume from it"
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return RoundFailed(f"round {r} failed: {type(error).__name__}: {cause}{saved}")
 
 
 def _resume(out, ckpts, ledger_log, ledger, process, state, clip, cohort_of):

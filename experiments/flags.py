@@ -167,6 +167,21 @@ CHECKPOINT_EVERY = flags.DEFINE_integer(
     "Rerunning with the same --output_dir resumes from the newest checkpoint.",
 )
 
+# --- execution --------------------------------------------------------------
+WORKERS = flags.DEFINE_list(
+    "workers",
+    [],
+    "TFF worker services (host:port,host:port,...) started with `python -m experiments.run_worker --port=P`; "
+    "each round's clients are split over them and merged before the server step. Empty: one private local "
+    "worker.",
+)
+WORKER_TIMEOUT = flags.DEFINE_float(
+    "worker_timeout",
+    ExperimentConfig().worker_timeout,
+    "Seconds (0 < t <= 3600) to wait for every --workers address to answer before training, and to keep "
+    "retrying a worker that stops answering mid-round before the round fails naming it.",
+)
+
 
 def experiment_config() -> ExperimentConfig:
     """Builds the (unvalidated) configuration from the parsed flags."""
@@ -216,4 +231,6 @@ def experiment_config() -> ExperimentConfig:
             max_epsilon=MAX_EPSILON.value,
         ),
         output_dir=OUTPUT_DIR.value,
+        workers=tuple(WORKERS.value),
+        worker_timeout=WORKER_TIMEOUT.value,
     )

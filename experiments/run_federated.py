@@ -14,7 +14,7 @@ import sys
 
 from absl import app, logging
 
-from dpfl_tff import training
+from dpfl_tff import runtime, training
 from dpfl_tff.config import ConfigError
 from experiments import flags as dpfl_flags
 
@@ -68,9 +68,12 @@ def main(argv: list[str]) -> None:
     except training.RunInterrupted as e:
         print(f"{e}: summary written to {cfg.output_dir}, TFF worker shut down", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
-    except (ConfigError, FileExistsError, OSError) as e:
+    except (ConfigError, FileExistsError, OSError, runtime.WorkersUnreachable) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except training.RoundFailed as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     s = result.summary
     relation = (s["neighboring_relation"] or "").replace("_", "-")
     eps = "inf (no DP)" if not relation else f"{s['epsilon']:.4g} ({relation}, {s['accountant'].upper()})"

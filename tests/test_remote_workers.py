@@ -1,0 +1,235 @@
+"""--workers: two real TFF worker services (experiments.run_worker) on loopback ports.
+
+Same model as the in-process run with DP off; central DP noise added once,
+after the merge; unreachable address fails fast; a worker lost mid-run fails
+the round naming it, with the last completed round checkpointed, and a rerun
+resumes; workers stop on SIGTERM and none is left running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import portpicker
+import pytest
+
+from dpfl_tff import runtime, training
+from dpfl_tff.config import DPConfig, ExperimentConfig, TaskConfig, TrainConfig
+from dpfl_tff.tasks import load_task
+from tests.conftest import worker_pids
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Worker:
+    """One `python -m experiments.run_worker` process and its worker_binary child."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or portpicker.pick_unused_port()
+        self.address = f"localhost:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "experiments.run_worker", f"--port={self.port}"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        self.banner = self._read_line(timeout=120)
+        assert "listening on" in self.banner and f":{self.port}" in self.banner, self.banner
+
+    def _read_line(self, timeout: float) -> str:
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            self.proc.kill()
+            raise AssertionError(f"run_worker --port={self.port} printed nothing in {timeout} s")
+        return self.proc.stdout.readline()
+
+    def binary_pid(self) -> int:
+        for pid in worker_pids():
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f"--port={self.port}".encode() in f.read():
+                    return pid
+        raise AssertionError(f"no worker_binary on port {self.port}")
+
+    def stop(self) -> tuple[int, str]:
+        if self.proc.stdout.closed:  # stopped before
+            return self.proc.returncode, ""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        return self.proc.returncode, out
+
+
+@pytest.fixture(scope="module")
+def two_workers():
+    workers = [Worker(), Worker()]
+    yield workers
+    for w in workers:
+        w.stop()
+
+
+def _cfg(tmp_path, name, workers=(), **dp):
+    return ExperimentConfig(
+        task=TaskConfig(task="digits", num_clients=40),
+        train=TrainConfig(
+            model="mlp", rounds=3, clients_per_round=8, client_sampling="uniform", client_learning_rate=0.1,
+            server_optimizer="sgd", server_learning_rate=1.0, eval_every=0, seed=3,
+        ),
+        dp=DPConfig(**dp),
+        output_dir=str(tmp_path / name),
+        workers=tuple(workers),
+        worker_timeout=10.0,
+    ).validate()
+
+
+def _final_state(path: str) -> list[np.ndarray]:
+    ckpt = sorted(d for d in os.listdir(os.path.join(path, "checkpoints")) if d.startswith("ckpt_"))[-1]
+    with np.load(os.path.join(path, "checkpoints", ckpt, "state.npz")) as z:
+        return [z[k] for k in sorted(z.files, key=lambda k: int(k.split("_")[1]))]
+
+
+def test_dp_off_two_workers_give_the_in_process_model(tmp_path, two_workers):
+    quiet = lambda s: None  # noqa: E731
+    local = training.run(_cfg(tmp_path, "local", mode="none"), log=quiet)
+    logs = []
+    remote = training.run(_cfg(tmp_path, "remote", [w.address for w in two_workers], mode="none"), log=logs.append)
+    assert local.summary["status"] == remote.summary["status"] == "completed"
+    assert any("workers: localhost:" in s for s in logs)
+    a, b = _final_state(str(tmp_path / "local")), _final_state(str(tmp_path / "remote"))
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    # and training moved the model: the comparison is not between two initial states
+    assert [r["train_loss"] for r in local.records] == pytest.approx([r["train_loss"] for r in remote.records], rel=1e-4)
+    assert local.records[-1]["train_loss"] < local.records[0]["train_loss"]
+    # both workers did client work: each one's CPU time grew
+    assert all(_cpu_seconds(w.binary_pid()) > 0.05 for w in two_workers)
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_central_noise_is_added_once_after_the_merge(tmp_path, two_workers):
+    """One round of DP-FedAvg with server SGD(lr=1): the model moves by (sum of clipped
+    updates + N(0, (zC)^2 I)) / m. With z = 30 the noise dominates: per coordinate the
+    move has std zC/m, plus at most C/sqrt(d) of signal. Noise added on each of the two
+    workers as well would make it sqrt(2) (or sqrt(3)) times that."""
+    z, clip, m = 30.0, 0.1, 8
+    cfg = _cfg(tmp_path, "dp", [w.address for w in two_workers], mode="central", noise_multiplier=z, clip_norm=clip)
+    data = load_task(cfg.task, cfg.train.seed)
+    with runtime.remote_context([w.address for w in two_workers], timeout=10):
+        process = training.build_learning_process(cfg, data)
+        state = training.initial_state(process, cfg, data)
+        before = [np.asarray(v) for v in process.get_model_weights(state).trainable]
+        datasets = [data.client_dataset(c, 1, 20, 0) for c in range(m)]
+        after = [np.asarray(v) for v in process.get_model_weights(process.next(state, datasets).state).trainable]
+    move = np.concatenate([(b - a).ravel() for a, b in zip(before, after)])
+    d = move.size
+    expected = z * clip / m
+    measured = float(np.sqrt(np.mean(move**2)))
+    # sample RMS of d normals: relative s.e. 1/sqrt(2d) (~1.3% for d ~ 3000); 8 s.e. plus the signal's share
+    tol = 8 / math.sqrt(2 * d) + (clip / math.sqrt(d)) / expected
+    assert d > 1000
+    assert abs(measured / expected - 1) < tol, (measured, expected, tol)
+    assert tol < (math.sqrt(2) - 1) / 2  # the test can tell once from twice
+
+
+def test_unreachable_worker_fails_fast_naming_it(tmp_path, two_workers):
+    dead = f"localhost:{portpicker.pick_unused_port()}"
+    cfg = _cfg(tmp_path, "unreachable", [two_workers[0].address, dead], mode="none")
+    cfg = dataclasses.replace(cfg, worker_timeout=2.0).validate()
+    t = time.monotonic()
+    with pytest.raises(runtime.WorkersUnreachable) as e:
+        training.run(cfg, log=lambda s: None)
+    assert time.monotonic() - t < 60  # no TFF retry loop (it would retry forever, 30 s apart)
+    msg = str(e.value)
+    assert dead in msg and two_workers[0].address not in msg.split("reachable after")[1]
+    assert "--worker_timeout" in msg and "run_worker --port" in msg
+
+
+def test_driver_names_an_unreachable_worker_with_exit_2(tmp_path):
+    dead = f"localhost:{portpicker.pick_unused_port()}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.run_federated", "--task=synthetic", "--num_clients=20",
+         "--clients_per_round=5", "--rounds=1", f"--output_dir={tmp_path / 'x'}", f"--workers={dead}",
+         "--worker_timeout=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --workers:") and dead in last
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [("localhost", "is not host:port"), ("localhost:0", "is not host:port"), ("a:1,:80", "':80'")],
+)
+def test_bad_workers_flag_is_a_config_error(tmp_path, value, message):
+    from dpfl_tff.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _cfg(tmp_path, "bad", value.split(","), mode="none")
+    assert str(e.value).startswith(f"--workers={value}:") and message in str(e.value)
+
+
+def test_lost_worker_fails_the_round_then_a_rerun_resumes(tmp_path):
+    a, b = Worker(), Worker()
+    try:
+        cfg = _cfg(tmp_path, "lost", [a.address, b.address], mode="central", noise_multiplier=1.0, clip_norm=0.5)
+        cfg = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, rounds=6, checkpoint_every=0), worker_timeout=3.0
+        ).validate()
+
+        def kill_b_after_round_2(line: str) -> None:
+            if line.startswith("round 2/"):
+                os.kill(b.binary_pid(), signal.SIGKILL)
+
+        with pytest.raises(training.RoundFailed) as e:
+            training.run(cfg, log=kill_b_after_round_2)
+        msg = str(e.value)
+        assert msg.startswith("round 3 failed: WorkerLost: TFF worker at " + b.address), msg
+        assert "round 2 is checkpointed" in msg
+        assert training.checkpoints.CheckpointManager(cfg.output_dir).rounds() == [2]
+        code, out = b.stop()
+        assert code == 1  # run_worker reports its worker's death
+
+        b2 = Worker(port=b.port)  # the worker is back on the same address
+        try:
+            logs = []
+            result = training.run(cfg, log=logs.append)
+            assert any("resuming" in s and "from round 2" in s for s in logs)
+            assert result.summary["status"] == "completed" and result.summary["rounds"] == 6
+            assert [r["round"] for r in result.records] == [1, 2, 3, 4, 5, 6]
+        finally:
+            b2.stop()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_run_worker_stops_on_sigterm_and_takes_its_worker_down():
+    w = Worker()
+    pid = w.binary_pid()
+    code, out = w.stop()
+    assert code == 0 and "stopped by SIGTERM" in out
+    deadline = time.monotonic() + 10
+    while pid in worker_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pid not in worker_pids()
+
+
+def test_run_worker_bad_port_is_a_one_line_error():
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.run_worker", "--port=70000"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --port=70000: give the TCP port to listen on, in 1..65535"
