@@ -21,3 +21,29 @@ def test_bench_accounting_emits_every_field():
         assert set(fields) == {"mean_round_seconds", "mean_accounting_wait_seconds", "accounting_over_round",
                                "epsilon_seconds_not_overlapped"}
         assert all(v >= 0 for v in fields.values())
+
+
+def test_bench_round_emits_every_field_and_leaves_no_worker():
+    from tests.conftest import worker_pids
+
+    before = set(worker_pids())
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_round.py", "--rounds=1", "--clients_per_round=2",
+         "--examples_per_client=10", "--models=mlp,cnn", "--worker_counts=1,2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["clients_per_round"] == 2 and report["examples_per_client"] == 10 and report["rounds"] == 1
+    assert report["startup_seconds"] > 0 and report["python_peak_rss_mb"] > 0 and report["worker_peak_rss_mb"] > 0
+    for key, model in (("mlp", "emnist_2nn"), ("cnn", "emnist_cnn_dropout")):
+        r = report[key]
+        assert r["model"] == model
+        assert set(r) == {"model", "dpfl_tff_seconds_per_round", "reference_seconds_per_round",
+                          "ratio_dpfl_tff_over_reference", "accounting_seconds_per_round"}
+        assert r["ratio_dpfl_tff_over_reference"] == r["dpfl_tff_seconds_per_round"] / r["reference_seconds_per_round"]
+    w = report["workers"]
+    assert w["model"] == "emnist_2nn"
+    assert w["1_workers_seconds_per_round"] > 0 and w["2_workers_seconds_per_round"] > 0
+    assert w["ratio_2_over_1_workers"] == w["2_workers_seconds_per_round"] / w["1_workers_seconds_per_round"]
+    assert set(worker_pids()) - before == set()

@@ -1,0 +1,204 @@
+"""Seconds per federated round: dpfl_tff's TFF process next to a plain-TensorFlow reference, one run.
+
+  uv run python scripts/bench_round.py [--models=cnn,mlp] [--clients_per_round=10]
+      [--examples_per_client=100] [--batch_size=20] [--rounds=5]
+
+Both run the same round on the same synthetic EMNIST-shaped data (28x28x1,
+10 classes): every client does one local epoch of SGD from the server model,
+its delta is clipped to L2 norm C, the deltas are summed, Gaussian noise of std
+z*C is added, the sum is divided by the cohort size and applied by server SGD.
+The reference (`_Reference`, kept here, never used by the library) is that
+whole round in one `tf.function` over in-memory tensors. Rounds of the two are
+interleaved, after one warm-up round each. Prints one JSON object: seconds per
+round for each and their ratio per model, start-up time (process start to the
+end of dpfl_tff's first round), peak RSS of this process and of the TFF
+worker, the per-round accounting time, and seconds per round of the first
+model over 1 and 2 local worker services (`--workers`' remote context; on one
+2-core machine the workers share the cores, so this measures the overhead of
+splitting, not the speed-up of more machines).
+"""
+
+from __future__ import annotations
+
+import time
+
+_T0 = time.time()  # before the heavy imports: start-up time counts them
+
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from dpfl_tff import runtime, training  # noqa: E402
+from dpfl_tff.config import DPConfig, ExperimentConfig, TaskConfig, TrainConfig  # noqa: E402
+from dpfl_tff.paper_models import PAPER_MODELS  # noqa: E402
+from dpfl_tff.privacy import accounting  # noqa: E402
+from dpfl_tff.tasks.base import ClientArrays, FederatedData  # noqa: E402
+
+MODELS = flags.DEFINE_list("models", ["cnn", "mlp"], "cnn (emnist_cnn_dropout) and/or mlp (emnist_2nn).")
+COHORT = flags.DEFINE_integer("clients_per_round", 10, "Clients per round.")
+EXAMPLES = flags.DEFINE_integer("examples_per_client", 100, "Examples per client.")
+BATCH = flags.DEFINE_integer("batch_size", 20, "Local batch size.")
+ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds per implementation and model (after one warm-up).")
+WORKER_COUNTS = flags.DEFINE_list(
+    "worker_counts", ["1", "2"],
+    "Numbers of local TFF worker services to time the first of --models on, through the remote "
+    "(--workers) execution context; empty: skip.",
+)
+CLIP, Z, CLIENT_LR = 0.1, 1.0, 0.05
+_NAMES = {"cnn": "emnist_cnn_dropout", "mlp": "emnist_2nn"}
+
+
+def _data(m: int, n: int, seed: int = 0) -> FederatedData:
+    rng = np.random.default_rng(seed)
+    clients = [
+        ClientArrays(rng.random((n, 28, 28, 1), dtype=np.float32), rng.integers(0, 10, n).astype(np.int32))
+        for _ in range(m)
+    ]
+    return FederatedData(clients, clients[0], (28, 28, 1), 10, "bench")
+
+
+class _Reference:
+    """The whole DP-FedAvg round in one tf.function (plain TensorFlow, no TFF)."""
+
+    def __init__(self, model_name: str, data: FederatedData, batch: int):
+        self.model = PAPER_MODELS[model_name]((28, 28, 1), 10)
+        self.client = PAPER_MODELS[model_name]((28, 28, 1), 10)
+        self.x = tf.constant(np.stack([c.x for c in data.clients]))
+        self.y = tf.constant(np.stack([c.y for c in data.clients]))
+        self.batch = batch
+        self.loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def round(self):
+        m = tf.shape(self.x)[0]
+        n = tf.shape(self.x)[1]
+        total = [tf.zeros_like(v) for v in self.model.trainable_variables]
+        for i in tf.range(m):
+            for cv, sv in zip(self.client.trainable_variables, self.model.trainable_variables):
+                cv.assign(sv)
+            for start in tf.range(0, n, self.batch):
+                xb = self.x[i, start:start + self.batch]
+                yb = self.y[i, start:start + self.batch]
+                with tf.GradientTape() as tape:
+                    loss = self.loss(yb, self.client(xb, training=True))
+                grads = tape.gradient(loss, self.client.trainable_variables)
+                for v, g in zip(self.client.trainable_variables, grads):
+                    v.assign_sub(CLIENT_LR * g)
+            delta = [cv - sv for cv, sv in zip(self.client.trainable_variables, self.model.trainable_variables)]
+            delta, _ = tf.clip_by_global_norm(delta, CLIP)
+            total = [t + d for t, d in zip(total, delta)]
+        mf = tf.cast(m, tf.float32)
+        for v, t in zip(self.model.trainable_variables, total):
+            v.assign_add((t + tf.random.normal(tf.shape(t), stddev=Z * CLIP)) / mf)
+
+
+def _worker_peak_rss_mb() -> float:
+    peak = 0.0
+    for pid in runtime.live_worker_pids():
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) / 1024)
+        except OSError:
+            pass
+    return peak
+
+
+def _config(name: str, m: int, tmp: str, workers: tuple[str, ...] = ()) -> ExperimentConfig:
+    return ExperimentConfig(
+        task=TaskConfig(task="synthetic", num_clients=m),
+        train=TrainConfig(model=name, clients_per_round=m, client_sampling="uniform",
+                          client_batch_size=BATCH.value, client_learning_rate=CLIENT_LR,
+                          server_optimizer="sgd", server_learning_rate=1.0),
+        dp=DPConfig(noise_multiplier=Z, clip_norm=CLIP), output_dir=tmp, workers=workers,
+    ).validate()
+
+
+def _time_workers(name: str, data: FederatedData, tmp: str) -> dict:
+    """Seconds per round of `name` over n local worker services (remote context), for each n."""
+    m = len(data.clients)
+    out: dict = {"model": name}
+    for n in [int(x) for x in WORKER_COUNTS.value]:
+        procs = [runtime.start_worker() for _ in range(n)]
+        try:
+            cfg = _config(name, m, tmp, tuple(f"localhost:{port}" for _, port in procs))
+            with runtime.remote_context(list(cfg.workers), timeout=60):
+                process = training.build_learning_process(cfg, data)
+                state = training.initial_state(process, cfg, data)
+                times = []
+                for r in range(ROUNDS.value + 1):  # round 0: warm-up
+                    t = time.perf_counter()
+                    datasets = [data.client_dataset(c, 1, BATCH.value, r) for c in range(m)]
+                    state = process.next(state, datasets).state
+                    times.append(time.perf_counter() - t)
+            out[f"{n}_workers_seconds_per_round"] = statistics.median(times[1:])
+        finally:
+            for proc, _ in procs:
+                runtime.stop_worker(proc)
+    if "1_workers_seconds_per_round" in out and "2_workers_seconds_per_round" in out:
+        out["ratio_2_over_1_workers"] = out["2_workers_seconds_per_round"] / out["1_workers_seconds_per_round"]
+    return out
+
+
+def main(argv):
+    del argv
+    m, n = COHORT.value, EXAMPLES.value
+    data = _data(m, n)
+    report: dict = {"clients_per_round": m, "examples_per_client": n, "batch_size": BATCH.value,
+                    "rounds": ROUNDS.value}
+    worker_peak = 0.0
+    with tempfile.TemporaryDirectory() as tmp, runtime.local_context():
+        for key in MODELS.value:
+            name = _NAMES[key]
+            cfg = _config(name, m, tmp)
+            process = training.build_learning_process(cfg, data)
+            state = training.initial_state(process, cfg, data)
+            ledger = accounting.make_ledger(cfg)
+            ref = _Reference(name, data, BATCH.value)
+
+            def dpfl_round(state, r):
+                datasets = [data.client_dataset(c, 1, BATCH.value, r) for c in range(m)]
+                return process.next(state, datasets).state
+
+            state = dpfl_round(state, 0)  # warm-up: tracing and worker start
+            if "startup_seconds" not in report:
+                report["startup_seconds"] = time.time() - _T0
+            ref.round()
+            times_dpfl, times_ref, times_acc = [], [], []
+            for r in range(1, ROUNDS.value + 1):
+                t = time.perf_counter()
+                state = dpfl_round(state, r)
+                times_dpfl.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                ref.round()
+                times_ref.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                ledger.commit(range(m))
+                times_acc.append(time.perf_counter() - t)
+            dpfl_s, ref_s = statistics.median(times_dpfl), statistics.median(times_ref)
+            report[key] = {
+                "model": name,
+                "dpfl_tff_seconds_per_round": dpfl_s,
+                "reference_seconds_per_round": ref_s,
+                "ratio_dpfl_tff_over_reference": dpfl_s / ref_s,
+                "accounting_seconds_per_round": statistics.median(times_acc),
+            }
+            worker_peak = max(worker_peak, _worker_peak_rss_mb())
+        if WORKER_COUNTS.value:
+            report["workers"] = _time_workers(_NAMES[MODELS.value[0]], data, tmp)
+    report["python_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report["worker_peak_rss_mb"] = worker_peak
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    app.run(main)
