@@ -4,7 +4,10 @@
 
 Writes hparams.json, metrics.jsonl (one line per round), summary.json and
 worker.log to --output_dir; prints one progress line per round.
-Exit codes: 0 done, 2 bad flags, 1 failure, 128+signal when stopped by one.
+With --workers=host:port,... the rounds run on TFF worker services started
+with `python -m experiments.run_worker --port=PORT`.
+Exit codes: 0 done, 2 bad flags or unreachable --workers, 1 failure (e.g. a
+round failed on a lost worker; rerun to resume), 128+signal when stopped by one.
 """
 
 from __future__ import annotations

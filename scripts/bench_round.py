@@ -12,7 +12,9 @@ whole round in one `tf.function` over in-memory tensors. Rounds of the two are
 interleaved, after one warm-up round each. Prints one JSON object: seconds per
 round for each and their ratio per model, start-up time (process start to the
 end of dpfl_tff's first round), peak RSS of this process and of the TFF
-worker, the per-round accounting time, and seconds per round of the first
+worker, the per-round accounting time, the time of a round with twice the
+clients (linear cost: ratio ~2), with --memory_rounds=N the RSS slope over N
+MLP rounds, and seconds per round of the first
 model over 1 and 2 local worker services (`--workers`' remote context; on one
 2-core machine the workers share the cores, so this measures the overhead of
 splitting, not the speed-up of more machines).
@@ -47,6 +49,11 @@ COHORT = flags.DEFINE_integer("clients_per_round", 10, "Clients per round.")
 EXAMPLES = flags.DEFINE_integer("examples_per_client", 100, "Examples per client.")
 BATCH = flags.DEFINE_integer("batch_size", 20, "Local batch size.")
 ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds per implementation and model (after one warm-up).")
+MEMORY_ROUNDS = flags.DEFINE_integer(
+    "memory_rounds", 0,
+    "If > 0: also run the MLP (emnist_2nn) this many rounds and report the RSS slope (MB per 100 rounds) of "
+    "this process and of the worker, from samples after the first 10%% of rounds.",
+)
 WORKER_COUNTS = flags.DEFINE_list(
     "worker_counts", ["1", "2"],
     "Numbers of local TFF worker services to time the first of --models on, through the remote "
@@ -123,6 +130,36 @@ def _config(name: str, m: int, tmp: str, workers: tuple[str, ...] = ()) -> Exper
     ).validate()
 
 
+def _rss_mb(pid: int | str = "self") -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _memory_slope(data: FederatedData, tmp: str, rounds: int) -> dict:
+    """RSS of this process and of the worker over `rounds` MLP rounds: least-squares slope per 100 rounds."""
+    m = len(data.clients)
+    cfg = _config("emnist_2nn", m, tmp)
+    process = training.build_learning_process(cfg, data)
+    state = training.initial_state(process, cfg, data)
+    (worker,) = runtime.live_worker_pids()
+    every = max(1, rounds // 50)
+    xs, py, wk = [], [], []
+    for r in range(1, rounds + 1):
+        state = process.next(state, [data.client_dataset(c, 1, BATCH.value, r) for c in range(m)]).state
+        if r % every == 0 and r > rounds // 10:
+            xs.append(r)
+            py.append(_rss_mb())
+            wk.append(_rss_mb(worker))
+    out = {"model": "emnist_2nn", "rounds": rounds, "samples": len(xs)}
+    for name, ys in (("python", py), ("worker", wk)):
+        out[f"{name}_rss_mb_first"], out[f"{name}_rss_mb_last"] = ys[0], ys[-1]
+        out[f"{name}_rss_slope_mb_per_100_rounds"] = float(np.polyfit(xs, ys, 1)[0] * 100) if len(xs) > 1 else 0.0
+    return out
+
+
 def _time_workers(name: str, data: FederatedData, tmp: str) -> dict:
     """Seconds per round of `name` over n local worker services (remote context), for each n."""
     m = len(data.clients)
@@ -184,6 +221,12 @@ def main(argv):
                 t = time.perf_counter()
                 ledger.commit(range(m))
                 times_acc.append(time.perf_counter() - t)
+            times_2x = []
+            for r in range(ROUNDS.value + 1, 2 * ROUNDS.value + 1):  # the same clients twice: 2m per round
+                datasets = [data.client_dataset(c % m, 1, BATCH.value, r) for c in range(2 * m)]
+                t = time.perf_counter()
+                state = process.next(state, datasets).state
+                times_2x.append(time.perf_counter() - t)
             dpfl_s, ref_s = statistics.median(times_dpfl), statistics.median(times_ref)
             report[key] = {
                 "model": name,
@@ -191,8 +234,12 @@ def main(argv):
                 "reference_seconds_per_round": ref_s,
                 "ratio_dpfl_tff_over_reference": dpfl_s / ref_s,
                 "accounting_seconds_per_round": statistics.median(times_acc),
+                "dpfl_tff_seconds_per_round_2x_clients": statistics.median(times_2x),
+                "ratio_2x_clients_over_1x": statistics.median(times_2x) / dpfl_s,
             }
             worker_peak = max(worker_peak, _worker_peak_rss_mb())
+        if MEMORY_ROUNDS.value > 0:
+            report["memory"] = _memory_slope(data, tmp, MEMORY_ROUNDS.value)
         if WORKER_COUNTS.value:
             report["workers"] = _time_workers(_NAMES[MODELS.value[0]], data, tmp)
     report["python_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -29,7 +29,7 @@ def test_bench_round_emits_every_field_and_leaves_no_worker():
     before = set(worker_pids())
     proc = subprocess.run(
         [sys.executable, "scripts/bench_round.py", "--rounds=1", "--clients_per_round=2",
-         "--examples_per_client=10", "--models=mlp,cnn", "--worker_counts=1,2"],
+         "--examples_per_client=10", "--models=mlp,cnn", "--worker_counts=1,2", "--memory_rounds=6"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -40,8 +40,15 @@ def test_bench_round_emits_every_field_and_leaves_no_worker():
         r = report[key]
         assert r["model"] == model
         assert set(r) == {"model", "dpfl_tff_seconds_per_round", "reference_seconds_per_round",
-                          "ratio_dpfl_tff_over_reference", "accounting_seconds_per_round"}
+                          "ratio_dpfl_tff_over_reference", "accounting_seconds_per_round",
+                          "dpfl_tff_seconds_per_round_2x_clients", "ratio_2x_clients_over_1x"}
         assert r["ratio_dpfl_tff_over_reference"] == r["dpfl_tff_seconds_per_round"] / r["reference_seconds_per_round"]
+        assert r["ratio_2x_clients_over_1x"] == r["dpfl_tff_seconds_per_round_2x_clients"] / r["dpfl_tff_seconds_per_round"]
+    mem = report["memory"]
+    assert mem["rounds"] == 6 and mem["samples"] == 6 - 6 // 10
+    for who in ("python", "worker"):
+        assert mem[f"{who}_rss_mb_first"] > 0 and mem[f"{who}_rss_mb_last"] > 0
+        assert isinstance(mem[f"{who}_rss_slope_mb_per_100_rounds"], float)
     w = report["workers"]
     assert w["model"] == "emnist_2nn"
     assert w["1_workers_seconds_per_round"] > 0 and w["2_workers_seconds_per_round"] > 0
