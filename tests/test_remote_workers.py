@@ -118,15 +118,21 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_central_noise_is_added_once_after_the_merge(tmp_path, two_workers):
-    """One round of DP-FedAvg with server SGD(lr=1): the model moves by (sum of clipped
-    updates + N(0, (zC)^2 I)) / m. With z = 30 the noise dominates: per coordinate the
-    move has std zC/m, plus at most C/sqrt(d) of signal. Noise added on each of the two
-    workers as well would make it sqrt(2) (or sqrt(3)) times that."""
+@pytest.mark.parametrize("mode", ["central", "local"])
+def test_noise_is_added_once_where_the_mode_says(tmp_path, two_workers, mode):
+    """One round of DP-FedAvg with server SGD(lr=1) over m clients split on two workers.
+
+    central: the model moves by (sum of clipped updates + N(0, (zC)^2 I)) / m, so the
+    noise has std zC/m per coordinate; had each worker added it to its partial sum, it
+    would be sqrt(2) times that. local (Gaussian): each client adds N(0, (zC)^2 I) to
+    its own clipped update and the server averages m of them: std zC/sqrt(m). With
+    z = 30 the signal (total norm <= C, so C/sqrt(d) per coordinate) is negligible.
+    """
     z, clip, m = 30.0, 0.1, 8
-    cfg = _cfg(tmp_path, "dp", [w.address for w in two_workers], mode="central", noise_multiplier=z, clip_norm=clip)
+    addresses = [w.address for w in two_workers]
+    cfg = _cfg(tmp_path, mode, addresses, mode=mode, noise_multiplier=z, clip_norm=clip)
     data = load_task(cfg.task, cfg.train.seed)
-    with runtime.remote_context([w.address for w in two_workers], timeout=10):
+    with runtime.remote_context(addresses, timeout=10):
         process = training.build_learning_process(cfg, data)
         state = training.initial_state(process, cfg, data)
         before = [np.asarray(v) for v in process.get_model_weights(state).trainable]
@@ -134,7 +140,7 @@ def test_central_noise_is_added_once_after_the_merge(tmp_path, two_workers):
         after = [np.asarray(v) for v in process.get_model_weights(process.next(state, datasets).state).trainable]
     move = np.concatenate([(b - a).ravel() for a, b in zip(before, after)])
     d = move.size
-    expected = z * clip / m
+    expected = z * clip / (m if mode == "central" else math.sqrt(m))
     measured = float(np.sqrt(np.mean(move**2)))
     # sample RMS of d normals: relative s.e. 1/sqrt(2d) (~1.3% for d ~ 3000); 8 s.e. plus the signal's share
     tol = 8 / math.sqrt(2 * d) + (clip / math.sqrt(d)) / expected
