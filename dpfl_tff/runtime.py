@@ -1,4 +1,4 @@
-"""TFF execution context whose C++ worker process cannot outlive us.
+"""TFF execution contexts: a private local worker that cannot outlive us, or remote workers.
 
 `import tensorflow_federated` installs a default context that starts the
 `worker_binary` lazily, with the parent's stdout/stderr, and stops it only from
@@ -15,8 +15,12 @@ pipe, then leaves an orphan worker that keeps the pipe open.
   `SystemExit` by the driver) it is terminated and reaped, and an `atexit`
   hook does the same for anything left.
 
+`remote_context(addresses)` runs the block on worker services that someone
+else started (`experiments.run_worker`), splitting each call's clients over
+them with TFF's mergeable-computation context.
+
 Importing this module replaces TFF's lazily-starting default context with one
-that raises: a TFF computation invoked outside `local_context()` fails with a
+that raises: a TFF computation invoked outside these blocks fails with a
 clear error instead of starting a worker nobody stops.
 """
 
@@ -38,13 +42,13 @@ import grpc
 import portpicker
 import tensorflow_federated as tff
 from tensorflow_federated.python.core.backends.native import compiler as native_compiler
+from tensorflow_federated.python.core.backends.native import mergeable_comp_compiler
 from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
 from tensorflow_federated.python.core.impl.context_stack import context_stack_impl, runtime_error_context
 from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
 from tensorflow_federated.python.core.impl.execution_contexts import mergeable_comp_execution_context
 from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context
 from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
-from tensorflow_federated.python.core.backends.native import mergeable_comp_compiler
 from tensorflow_federated.python.core.impl.executors import executors_errors
 from tensorflow_federated.python.core.impl.executors import remote_executor
 from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub

@@ -233,10 +233,8 @@ def run(
             if out.resuming:
                 done, state, clip, records = _resume(out, ckpts, ledger_log, ledger, process, state, clip, cohort_of)
                 summary["resumed_from_round"] = done
-                log(
-                    f"resuming {cfg.output_dir} from round {done} (checkpoint); ledger: {ledger.released} "
-                    f"released round(s) so far"
-                )
+                where = f"from round {done} (checkpoint)" if done else "from the start (no round was completed)"
+                log(f"resuming {cfg.output_dir} {where}; ledger: {ledger.released} released round(s) so far")
                 if records:
                     _summarize(summary, records[-1])
 

@@ -1,7 +1,8 @@
 """Seconds per federated round: dpfl_tff's TFF process next to a plain-TensorFlow reference, one run.
 
   uv run python scripts/bench_round.py [--models=cnn,mlp] [--clients_per_round=10]
-      [--examples_per_client=100] [--batch_size=20] [--rounds=5]
+      [--examples_per_client=100] [--batch_size=20] [--rounds=5] [--memory_rounds=0]
+      [--worker_counts=1,2]
 
 Both run the same round on the same synthetic EMNIST-shaped data (28x28x1,
 10 classes): every client does one local epoch of SGD from the server model,
@@ -107,17 +108,20 @@ class _Reference:
             v.assign_add((t + tf.random.normal(tf.shape(t), stddev=Z * CLIP)) / mf)
 
 
+def _status_mb(pid: int | str, field: str) -> float:
+    """A memory field of /proc/PID/status (VmRSS: current, VmHWM: peak) in MB; nan if unreadable."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def _worker_peak_rss_mb() -> float:
-    peak = 0.0
-    for pid in runtime.live_worker_pids():
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        peak = max(peak, int(line.split()[1]) / 1024)
-        except OSError:
-            pass
-    return peak
+    return max([_status_mb(pid, "VmHWM") for pid in runtime.live_worker_pids()], default=0.0)
 
 
 def _config(name: str, m: int, tmp: str, workers: tuple[str, ...] = ()) -> ExperimentConfig:
@@ -128,14 +132,6 @@ def _config(name: str, m: int, tmp: str, workers: tuple[str, ...] = ()) -> Exper
                           server_optimizer="sgd", server_learning_rate=1.0),
         dp=DPConfig(noise_multiplier=Z, clip_norm=CLIP), output_dir=tmp, workers=workers,
     ).validate()
-
-
-def _rss_mb(pid: int | str = "self") -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _memory_slope(data: FederatedData, tmp: str, rounds: int) -> dict:
@@ -151,8 +147,8 @@ def _memory_slope(data: FederatedData, tmp: str, rounds: int) -> dict:
         state = process.next(state, [data.client_dataset(c, 1, BATCH.value, r) for c in range(m)]).state
         if r % every == 0 and r > rounds // 10:
             xs.append(r)
-            py.append(_rss_mb())
-            wk.append(_rss_mb(worker))
+            py.append(_status_mb("self", "VmRSS"))
+            wk.append(_status_mb(worker, "VmRSS"))
     out = {"model": "emnist_2nn", "rounds": rounds, "samples": len(xs)}
     for name, ys in (("python", py), ("worker", wk)):
         out[f"{name}_rss_mb_first"], out[f"{name}_rss_mb_last"] = ys[0], ys[-1]
