@@ -1,0 +1,58 @@
+"""dpfl_tff.runtime: the private worker's environment, and no TFF call outside a context."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dpfl_tff import runtime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        items = [kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv]
+    return {k.decode(): v.decode() for k, v in items}
+
+
+@pytest.mark.parametrize("preset", [None, "4"])
+def test_worker_gets_two_malloc_arenas_unless_the_user_chose(monkeypatch, preset):
+    if preset is None:
+        monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    else:
+        monkeypatch.setenv("MALLOC_ARENA_MAX", preset)
+    proc, _ = runtime.start_worker()
+    try:
+        assert _environ(proc.pid)["MALLOC_ARENA_MAX"] == (preset or runtime.WORKER_MALLOC_ARENA_MAX)
+    finally:
+        runtime.stop_worker(proc)
+    assert proc.poll() is not None and proc.pid not in runtime.live_worker_pids()
+    assert os.environ.get("MALLOC_ARENA_MAX") == preset  # ours is unchanged
+
+
+_OUTSIDE = """
+import glob, os, sys
+import dpfl_tff  # installs the raising default context
+import tensorflow as tf
+import tensorflow_federated as tff
+
+@tff.tensorflow.computation
+def one():
+    return tf.constant(1)
+
+try:
+    one()
+except RuntimeError as e:
+    print("raised:", type(e).__name__)
+children = open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split()
+print("children:", len(children))
+"""
+
+
+def test_tff_call_outside_a_context_raises_instead_of_starting_a_worker():
+    # In a fresh interpreter: this session's `tff_context` fixture may hold a context.
+    proc = subprocess.run([sys.executable, "-c", _OUTSIDE], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "raised: RuntimeError" in proc.stdout and "children: 0" in proc.stdout, proc.stdout
