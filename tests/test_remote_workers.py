@@ -98,7 +98,9 @@ def test_dp_off_two_workers_give_the_in_process_model(tmp_path, two_workers):
     quiet = lambda s: None  # noqa: E731
     local = training.run(_cfg(tmp_path, "local", mode="none"), log=quiet)
     logs = []
+    cpu_before = [_cpu_seconds(w.binary_pid()) for w in two_workers]
     remote = training.run(_cfg(tmp_path, "remote", [w.address for w in two_workers], mode="none"), log=logs.append)
+    cpu_used = [_cpu_seconds(w.binary_pid()) - c for w, c in zip(two_workers, cpu_before)]
     assert local.summary["status"] == remote.summary["status"] == "completed"
     assert any("workers: localhost:" in s for s in logs)
     a, b = _final_state(str(tmp_path / "local")), _final_state(str(tmp_path / "remote"))
@@ -108,8 +110,9 @@ def test_dp_off_two_workers_give_the_in_process_model(tmp_path, two_workers):
     # and training moved the model: the comparison is not between two initial states
     assert [r["train_loss"] for r in local.records] == pytest.approx([r["train_loss"] for r in remote.records], rel=1e-4)
     assert local.records[-1]["train_loss"] < local.records[0]["train_loss"]
-    # both workers did client work: each one's CPU time grew
-    assert all(_cpu_seconds(w.binary_pid()) > 0.05 for w in two_workers)
+    # both workers did client work (an idle worker uses ~0 s of CPU meanwhile)
+    print("worker CPU seconds during the remote run:", cpu_used)
+    assert min(cpu_used) > 0.2 * max(cpu_used) > 0
 
 
 def _cpu_seconds(pid: int) -> float:
