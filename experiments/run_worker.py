@@ -36,12 +36,19 @@ def _error(msg: str) -> None:
 
 
 def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a just-closed port (TIME_WAIT) is free
+    """Whether `port` can be bound on all interfaces (IPv6 if the machine has it, else IPv4)."""
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
         try:
-            s.bind(("::", port))
+            sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError:
-            return False
+            continue  # this address family is not available here
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a just-closed port (TIME_WAIT) is free
+            try:
+                sock.bind((host, port))
+            except OSError:
+                return False
+        return True
     return True
 
 
