@@ -84,7 +84,7 @@ def start_worker(
 
     The worker gets `MALLOC_ARENA_MAX=2` unless the environment sets it: with
     glibc's default (8 arenas per core) its many threads fragment the heap and
-    its RSS grew ~10 MB per 100 MLP rounds here; with 2 arenas it stays flat
+    its RSS grew 5-11 MB per 100 MLP rounds here; with 2 arenas it stays flat
     (`scripts/bench_round.py --memory_rounds`).
 
     Args:

@@ -1,6 +1,5 @@
 """emnist / cifar100 / cifar10 through the real loaders on tiny files written in their exact formats."""
 
-import dataclasses
 import json
 import os
 import subprocess
