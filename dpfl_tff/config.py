@@ -16,6 +16,7 @@ LOCAL_MECHANISMS = ("gaussian", "laplace")
 CLIENT_SAMPLING = ("poisson", "uniform")
 ACCOUNTANTS = ("rdp", "pld")
 OPTIMIZERS = ("sgd", "sgdm", "adam")
+FEDAVG_IMPLS = ("grouped", "tff")
 PARTITIONS = ("iid", "dirichlet")
 # Tasks whose data comes split into clients: N is the data's, not --num_clients.
 NATURAL_SPLIT_TASKS = ("emnist", "cifar100")
@@ -138,6 +139,12 @@ class TrainConfig:
         client's data).
       client_max_examples: use at most this many of a client's examples
         (0: all), like TFF's baselines' cap.
+      fedavg_impl: `grouped` (`dpfl_tff.grouped_fedavg`: several clients per
+        TFF client call, data read inside a local worker) or `tff` (TFF's
+        `build_unweighted_fed_avg`, one TFF client call per client). Same
+        algorithm and DP guarantee; `grouped` is faster.
+      clients_per_call: `grouped` only: at most this many clients trained in
+        one TFF client call (0: the round's clients in one call per worker).
       eval_every: evaluate on the test split every this many rounds (and after
         the last round); 0 evaluates only after the last round.
       checkpoint_every: checkpoint the full state every this many rounds
@@ -158,6 +165,8 @@ class TrainConfig:
     server_learning_rate: float = 1.0
     client_shuffle_buffer: int = 0
     client_max_examples: int = 0
+    fedavg_impl: str = "grouped"
+    clients_per_call: int = 0
     eval_every: int = 5
     checkpoint_every: int = 10
     seed: int = 0
@@ -181,6 +190,8 @@ class TrainConfig:
         _positive("server_learning_rate", self.server_learning_rate)
         _int_at_least("client_shuffle_buffer", self.client_shuffle_buffer, 0)
         _int_at_least("client_max_examples", self.client_max_examples, 0)
+        _choice("fedavg_impl", self.fedavg_impl, FEDAVG_IMPLS)
+        _int_at_least("clients_per_call", self.clients_per_call, 0)
         _int_at_least("eval_every", self.eval_every, 0)
         _int_at_least("checkpoint_every", self.checkpoint_every, 0)
         _int_at_least("seed", self.seed, 0)

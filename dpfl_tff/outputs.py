@@ -32,7 +32,7 @@ _RUN_FILES = (HPARAMS, METRICS, SUMMARY, "ledger.jsonl", "checkpoints", TENSORBO
 # the model trained so far nor its privacy accounting.
 RESUMABLE_CHANGES = {
     "train.rounds", "train.eval_every", "train.checkpoint_every", "dp.max_epsilon", "dp.accountant", "output_dir",
-    "workers", "worker_timeout",
+    "workers", "worker_timeout", "train.clients_per_call",
 }
 _FLAG_NAMES = {"dp.mode": "dp_mode", "task.task": "task", "train.model": "model"}
 

@@ -41,6 +41,7 @@ from typing import IO
 import grpc
 import portpicker
 import tensorflow_federated as tff
+from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.core.backends.native import compiler as native_compiler
 from tensorflow_federated.python.core.backends.native import mergeable_comp_compiler
 from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
@@ -53,6 +54,8 @@ from tensorflow_federated.python.core.impl.executors import executors_errors
 from tensorflow_federated.python.core.impl.executors import remote_executor
 from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub
 from tensorflow_federated.python.core.impl.types import placements
+
+from dpfl_tff import serialization
 
 WORKER_BINARY = os.path.join(os.path.dirname(tff.__file__), "data", "worker_binary")
 
@@ -157,12 +160,50 @@ def wait_until_ready(
         time.sleep(0.05)
 
 
+class _RemoteExecutor(remote_executor.RemoteExecutor):
+    """TFF's RemoteExecutor, with two savings per call of a computation.
+
+    * `create_value` serializes with `serialization.serialize_into` (TFF's
+      serializer spends ~30 ms on a 4.8 MB model state).
+    * A computation is sent to the worker once: TFF's execution context sends
+      the (compiled, cached) computation with every call, ~3 ms per round for
+      a small model. The worker's value of it is kept for the life of this
+      executor and called again; computations are immutable.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._computations: dict[int, tuple[object, remote_executor.RemoteValue, object]] = {}
+
+    async def create_value(self, value, type_spec=None):
+        if type_spec is None:
+            return await super().create_value(value, type_spec)
+        cached = self._computations.get(id(value)) if isinstance(type_spec, tff.FunctionType) else None
+        if cached is not None and cached[0] is value and cached[2] == self._executor_id:  # noqa: SLF001
+            return cached[1]
+        self._check_has_executor_id()
+        request = executor_pb2.CreateValueRequest(executor=self._executor_id)  # noqa: SLF001
+        serialization.serialize_into(value, type_spec, request.value)
+        response = self._stub.create_value(request)  # noqa: SLF001
+        if not isinstance(type_spec, tff.FunctionType):
+            return remote_executor.RemoteValue(response.value_ref, type_spec, self)
+        # Kept (with `value`, so that its id stays unique) until close(), which clears the
+        # worker's state anyway: no dispose at interpreter exit, when the channel is closed.
+        remote = remote_executor.RemoteValue(response.value_ref, type_spec, self, dispose_at_exit=False)
+        self._computations[id(value)] = (value, remote, self._executor_id)  # noqa: SLF001
+        return remote
+
+    def close(self):
+        self._computations.clear()
+        super().close()
+
+
 def _executor_factory(
     stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub,
 ) -> python_executor_stacks.ResourceManagingExecutorFactory:
     def stack_fn(cardinalities):
         cardinalities.setdefault(placements.CLIENTS, 0)
-        ex = remote_executor.RemoteExecutor(stub)
+        ex = _RemoteExecutor(stub)
         ex.set_cardinalities(cardinalities)
         return ex
 

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from dpfl_tff import checkpoints, models, outputs, plots, runtime
+from dpfl_tff import checkpoints, grouped_fedavg, models, outputs, plots, runtime
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.privacy import accounting
-from dpfl_tff.privacy.aggregators import build_aggregator
+from dpfl_tff.privacy.aggregators import build_aggregator, central_query
 from dpfl_tff.privacy.nonfinite import ZeroNonFiniteFactory
 from dpfl_tff.sampling import sample_cohort
 from dpfl_tff.tasks import FederatedData, load_task
@@ -52,19 +55,86 @@ def model_fn_for(cfg: ExperimentConfig, data: FederatedData) -> Callable[[], tff
     return model_fn
 
 
-def build_learning_process(cfg: ExperimentConfig, data: FederatedData) -> tff.learning.templates.LearningProcess:
-    """FedAvg (`tff.learning.algorithms.build_unweighted_fed_avg`) with the DP aggregator of `cfg`.
+def build_learning_process(
+    cfg: ExperimentConfig, data: FederatedData, files: grouped_fedavg.ClientFiles | None = None
+) -> tff.learning.templates.LearningProcess:
+    """Unweighted DP-FedAvg with the DP aggregation of `cfg`.
 
     Unweighted: every client's update counts equally, as client-level DP
     needs (a weight would let one client's influence exceed the clip).
+    `cfg.train.fedavg_impl` picks `grouped_fedavg` (several clients per TFF
+    client call; the worker reads client data from `files`, or, with None,
+    the round's request carries it) or TFF's `build_unweighted_fed_avg` with
+    our aggregator. Feed `next` with `round_input`.
     """
+    client_opt = build_optimizer(cfg.train.client_optimizer, cfg.train.client_learning_rate)
+    server_opt = build_optimizer(cfg.train.server_optimizer, cfg.train.server_learning_rate)
+    if cfg.train.fedavg_impl == "grouped":
+        return grouped_fedavg.build_grouped_fed_avg(
+            lambda: keras_model(cfg, data),
+            data.input_shape,
+            client_optimizer=client_opt,
+            server_optimizer=server_opt,
+            batch_size=cfg.train.client_batch_size,
+            mode=cfg.dp.mode,
+            query=central_query(cfg.dp, cfg.train.clients_per_round) if cfg.dp.mode == "central" else None,
+            local_mechanism=cfg.dp.local_mechanism,
+            clip_norm=cfg.dp.clip_norm,
+            noise_multiplier=cfg.dp.noise_multiplier,
+            noise_seed=cfg.dp.noise_seed,
+            files_root=None if files is None else files.root,
+        )
     return tff.learning.algorithms.build_unweighted_fed_avg(
         model_fn_for(cfg, data),
-        client_optimizer_fn=build_optimizer(cfg.train.client_optimizer, cfg.train.client_learning_rate),
-        server_optimizer_fn=build_optimizer(cfg.train.server_optimizer, cfg.train.server_learning_rate),
+        client_optimizer_fn=client_opt,
+        server_optimizer_fn=server_opt,
         model_aggregator=ZeroNonFiniteFactory(build_aggregator(cfg.dp, cfg.train.clients_per_round)),
         loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR,
     )
+
+
+def round_input(
+    cfg: ExperimentConfig,
+    data: FederatedData,
+    cohort: Sequence[int],
+    round_num: int,
+    files: grouped_fedavg.ClientFiles | None = None,
+) -> list:
+    """The CLIENTS value of round `round_num` for `build_learning_process(cfg, data, files)`.
+
+    Every client's examples are visited in `data.client_order` order, seeded by
+    (seed, round, client): the same batches whichever `fedavg_impl` runs.
+    """
+    t = cfg.train
+    orders = [
+        data.client_order(c, t.client_epochs, _shuffle_seed(t.seed, round_num, c), t.client_shuffle_buffer,
+                          t.client_max_examples)
+        for c in cohort
+    ]
+    if t.fedavg_impl == "grouped":
+        groups = grouped_fedavg.split_groups(len(cohort), t.clients_per_call, 2 * max(1, len(cfg.workers)))
+        return grouped_fedavg.make_groups(data, list(cohort), orders, groups, files)
+    return [
+        tf.data.Dataset.from_tensor_slices((data.clients[c].x[o], data.clients[c].y[o])).batch(t.client_batch_size)
+        for c, o in zip(cohort, orders)
+    ]
+
+
+@contextlib.contextmanager
+def client_files(cfg: ExperimentConfig, data: FederatedData) -> Iterator[grouped_fedavg.ClientFiles | None]:
+    """A private folder of client data files for a local worker; None when not used.
+
+    Used by `fedavg_impl=grouped` without `--workers` (remote workers get the
+    data in each round's request). Deleted on exit.
+    """
+    if cfg.train.fedavg_impl != "grouped" or cfg.workers:
+        yield None
+        return
+    root = tempfile.mkdtemp(prefix="dpfl_tff_clients_")
+    try:
+        yield grouped_fedavg.ClientFiles(data, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def initial_state(process, cfg: ExperimentConfig, data: FederatedData) -> Any:
@@ -219,8 +289,9 @@ def run(
     try:
         if cfg.workers:
             log(f"workers: {', '.join(cfg.workers)} (clients split over them, merged before the server step)")
-        with runtime.execution_context(cfg.workers, out.file(outputs.WORKER_LOG), cfg.worker_timeout):
-            process = build_learning_process(cfg, data)
+        with runtime.execution_context(cfg.workers, out.file(outputs.WORKER_LOG), cfg.worker_timeout), \
+                client_files(cfg, data) as files:
+            process = build_learning_process(cfg, data, files)
             state = initial_state(process, cfg, data)
             evaluate = Evaluator(cfg, data)
             clip = cfg.dp.clip_norm if cfg.dp.mode != "none" else None
@@ -253,17 +324,7 @@ def run(
                 r = done + 1
                 t0 = time.time()
                 cohort = cohort_of(r)
-                client_data = [
-                    data.client_dataset(
-                        c,
-                        cfg.train.client_epochs,
-                        cfg.train.client_batch_size,
-                        _shuffle_seed(cfg.train.seed, r, c),
-                        cfg.train.client_shuffle_buffer,
-                        cfg.train.client_max_examples,
-                    )
-                    for c in cohort
-                ]
+                client_data = round_input(cfg, data, cohort, r, files)
                 ledger.prefetch()  # PLD: overlaps the accountant with the round
                 try:
                     result = process.next(state, client_data)

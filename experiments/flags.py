@@ -85,6 +85,16 @@ CLIENT_SHUFFLE_BUFFER = flags.DEFINE_integer(
 CLIENT_MAX_EXAMPLES = flags.DEFINE_integer(
     "client_max_examples", _R.client_max_examples, "Use at most this many examples per client (>= 0; 0 = all)."
 )
+FEDAVG_IMPL = flags.DEFINE_string(
+    "fedavg_impl", _R.fedavg_impl,
+    "grouped (several clients per TFF client call, data read inside a local worker; fast) | tff (TFF's "
+    "build_unweighted_fed_avg, one TFF client call per client). Same algorithm and DP guarantee.",
+)
+CLIENTS_PER_CALL = flags.DEFINE_integer(
+    "clients_per_call", _R.clients_per_call,
+    "--fedavg_impl=grouped: at most this many clients trained in one TFF client call (>= 0; 0 = the "
+    "round's clients in one call per worker).",
+)
 EVAL_EVERY = flags.DEFINE_integer(
     "eval_every", _R.eval_every, "Evaluate on the test split every this many rounds and after the last (0 = last only)."
 )
@@ -211,6 +221,8 @@ def experiment_config() -> ExperimentConfig:
             server_learning_rate=SERVER_LR.value,
             client_shuffle_buffer=CLIENT_SHUFFLE_BUFFER.value,
             client_max_examples=CLIENT_MAX_EXAMPLES.value,
+            fedavg_impl=FEDAVG_IMPL.value,
+            clients_per_call=CLIENTS_PER_CALL.value,
             eval_every=EVAL_EVERY.value,
             checkpoint_every=CHECKPOINT_EVERY.value,
             seed=SEED.value,

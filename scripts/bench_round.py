@@ -49,7 +49,7 @@ MODELS = flags.DEFINE_list("models", ["cnn", "mlp"], "cnn (emnist_cnn_dropout) a
 COHORT = flags.DEFINE_integer("clients_per_round", 10, "Clients per round.")
 EXAMPLES = flags.DEFINE_integer("examples_per_client", 100, "Examples per client.")
 BATCH = flags.DEFINE_integer("batch_size", 20, "Local batch size.")
-ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds per implementation and model (after one warm-up).")
+ROUNDS = flags.DEFINE_integer("rounds", 10, "Timed rounds per implementation and model (after one warm-up).")
 MEMORY_ROUNDS = flags.DEFINE_integer(
     "memory_rounds", 0,
     "If > 0: also run the MLP (emnist_2nn) this many rounds and report the RSS slope (MB per 100 rounds) of "
@@ -124,12 +124,12 @@ def _worker_peak_rss_mb() -> float:
     return max([_status_mb(pid, "VmHWM") for pid in runtime.live_worker_pids()], default=0.0)
 
 
-def _config(name: str, m: int, tmp: str, workers: tuple[str, ...] = ()) -> ExperimentConfig:
+def _config(name: str, m: int, tmp: str, workers: tuple[str, ...] = (), impl: str = "grouped") -> ExperimentConfig:
     return ExperimentConfig(
         task=TaskConfig(task="synthetic", num_clients=m),
         train=TrainConfig(model=name, clients_per_round=m, client_sampling="uniform",
                           client_batch_size=BATCH.value, client_learning_rate=CLIENT_LR,
-                          server_optimizer="sgd", server_learning_rate=1.0),
+                          server_optimizer="sgd", server_learning_rate=1.0, fedavg_impl=impl),
         dp=DPConfig(noise_multiplier=Z, clip_norm=CLIP), output_dir=tmp, workers=workers,
     ).validate()
 
@@ -138,17 +138,18 @@ def _memory_slope(data: FederatedData, tmp: str, rounds: int) -> dict:
     """RSS of this process and of the worker over `rounds` MLP rounds: least-squares slope per 100 rounds."""
     m = len(data.clients)
     cfg = _config("emnist_2nn", m, tmp)
-    process = training.build_learning_process(cfg, data)
-    state = training.initial_state(process, cfg, data)
-    (worker,) = runtime.live_worker_pids()
-    every = max(1, rounds // 50)
-    xs, py, wk = [], [], []
-    for r in range(1, rounds + 1):
-        state = process.next(state, [data.client_dataset(c, 1, BATCH.value, r) for c in range(m)]).state
-        if r % every == 0 and r > rounds // 10:
-            xs.append(r)
-            py.append(_status_mb("self", "VmRSS"))
-            wk.append(_status_mb(worker, "VmRSS"))
+    with training.client_files(cfg, data) as files:
+        process = training.build_learning_process(cfg, data, files)
+        state = training.initial_state(process, cfg, data)
+        (worker,) = runtime.live_worker_pids()
+        every = max(1, rounds // 50)
+        xs, py, wk = [], [], []
+        for r in range(1, rounds + 1):
+            state = process.next(state, training.round_input(cfg, data, range(m), r, files)).state
+            if r % every == 0 and r > rounds // 10:
+                xs.append(r)
+                py.append(_status_mb("self", "VmRSS"))
+                wk.append(_status_mb(worker, "VmRSS"))
     out = {"model": "emnist_2nn", "rounds": rounds, "samples": len(xs)}
     for name, ys in (("python", py), ("worker", wk)):
         out[f"{name}_rss_mb_first"], out[f"{name}_rss_mb_last"] = ys[0], ys[-1]
@@ -170,8 +171,7 @@ def _time_workers(name: str, data: FederatedData, tmp: str) -> dict:
                 times = []
                 for r in range(ROUNDS.value + 1):  # round 0: warm-up
                     t = time.perf_counter()
-                    datasets = [data.client_dataset(c, 1, BATCH.value, r) for c in range(m)]
-                    state = process.next(state, datasets).state
+                    state = process.next(state, training.round_input(cfg, data, range(m), r)).state
                     times.append(time.perf_counter() - t)
             out[f"{n}_workers_seconds_per_round"] = statistics.median(times[1:])
         finally:
@@ -192,43 +192,54 @@ def main(argv):
     with tempfile.TemporaryDirectory() as tmp, runtime.local_context():
         for key in MODELS.value:
             name = _NAMES[key]
-            cfg = _config(name, m, tmp)
-            process = training.build_learning_process(cfg, data)
-            state = training.initial_state(process, cfg, data)
+            cfg, cfg_tff = _config(name, m, tmp), _config(name, m, tmp, impl="tff")
             ledger = accounting.make_ledger(cfg)
             ref = _Reference(name, data, BATCH.value)
+            with training.client_files(cfg, data) as files:
+                process = training.build_learning_process(cfg, data, files)
+                state = training.initial_state(process, cfg, data)
 
-            def dpfl_round(state, r):
-                datasets = [data.client_dataset(c, 1, BATCH.value, r) for c in range(m)]
-                return process.next(state, datasets).state
+                def dpfl_round(state, r, cohort=range(m)):
+                    return process.next(state, training.round_input(cfg, data, cohort, r, files)).state
 
-            state = dpfl_round(state, 0)  # warm-up: tracing and worker start
-            if "startup_seconds" not in report:
-                report["startup_seconds"] = time.time() - _T0
-            ref.round()
-            times_dpfl, times_ref, times_acc = [], [], []
-            for r in range(1, ROUNDS.value + 1):
-                t = time.perf_counter()
-                state = dpfl_round(state, r)
-                times_dpfl.append(time.perf_counter() - t)
-                t = time.perf_counter()
+                def tff_round(state, r):
+                    return process_tff.next(state, training.round_input(cfg_tff, data, range(m), r)).state
+
+                state = dpfl_round(state, 0)  # warm-up: tracing and worker start
+                if "startup_seconds" not in report:
+                    report["startup_seconds"] = time.time() - _T0
+                process_tff = training.build_learning_process(cfg_tff, data)
+                state_tff = tff_round(training.initial_state(process_tff, cfg_tff, data), 0)
                 ref.round()
-                times_ref.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                ledger.commit(range(m))
-                times_acc.append(time.perf_counter() - t)
-            times_2x = []
-            for r in range(ROUNDS.value + 1, 2 * ROUNDS.value + 1):  # the same clients twice: 2m per round
-                datasets = [data.client_dataset(c % m, 1, BATCH.value, r) for c in range(2 * m)]
-                t = time.perf_counter()
-                state = process.next(state, datasets).state
-                times_2x.append(time.perf_counter() - t)
+                times_dpfl, times_tff, times_ref, times_acc = [], [], [], []
+                for r in range(1, ROUNDS.value + 1):
+                    t = time.perf_counter()
+                    state = dpfl_round(state, r)
+                    times_dpfl.append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    ref.round()
+                    times_ref.append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    ledger.commit(range(m))
+                    times_acc.append(time.perf_counter() - t)
+                for r in range(1, ROUNDS.value + 1):  # TFF's own FedAvg, after: its cleanup must not slow ours
+                    t = time.perf_counter()
+                    state_tff = tff_round(state_tff, r)
+                    times_tff.append(time.perf_counter() - t)
+                times_2x = []
+                for r in range(ROUNDS.value + 1, 2 * ROUNDS.value + 1):  # the same clients twice: 2m per round
+                    t = time.perf_counter()
+                    state = dpfl_round(state, r, [c % m for c in range(2 * m)])
+                    times_2x.append(time.perf_counter() - t)
             dpfl_s, ref_s = statistics.median(times_dpfl), statistics.median(times_ref)
+            tff_s = statistics.median(times_tff)
             report[key] = {
                 "model": name,
                 "dpfl_tff_seconds_per_round": dpfl_s,
                 "reference_seconds_per_round": ref_s,
                 "ratio_dpfl_tff_over_reference": dpfl_s / ref_s,
+                "tff_fedavg_seconds_per_round": tff_s,
+                "ratio_tff_fedavg_over_reference": tff_s / ref_s,
                 "accounting_seconds_per_round": statistics.median(times_acc),
                 "dpfl_tff_seconds_per_round_2x_clients": statistics.median(times_2x),
                 "ratio_2x_clients_over_1x": statistics.median(times_2x) / dpfl_s,

@@ -138,8 +138,8 @@ def test_noise_is_added_once_where_the_mode_says(tmp_path, two_workers, mode):
         process = training.build_learning_process(cfg, data)
         state = training.initial_state(process, cfg, data)
         before = [np.asarray(v) for v in process.get_model_weights(state).trainable]
-        datasets = [data.client_dataset(c, 1, 20, 0) for c in range(m)]
-        after = [np.asarray(v) for v in process.get_model_weights(process.next(state, datasets).state).trainable]
+        clients = training.round_input(cfg, data, range(m), 1)
+        after = [np.asarray(v) for v in process.get_model_weights(process.next(state, clients).state).trainable]
     move = np.concatenate([(b - a).ravel() for a, b in zip(before, after)])
     d = move.size
     expected = z * clip / (m if mode == "central" else math.sqrt(m))

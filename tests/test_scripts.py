@@ -41,8 +41,11 @@ def test_bench_round_emits_every_field_and_leaves_no_worker():
         assert r["model"] == model
         assert set(r) == {"model", "dpfl_tff_seconds_per_round", "reference_seconds_per_round",
                           "ratio_dpfl_tff_over_reference", "accounting_seconds_per_round",
-                          "dpfl_tff_seconds_per_round_2x_clients", "ratio_2x_clients_over_1x"}
+                          "dpfl_tff_seconds_per_round_2x_clients", "ratio_2x_clients_over_1x",
+                          "tff_fedavg_seconds_per_round", "ratio_tff_fedavg_over_reference"}
         assert r["ratio_dpfl_tff_over_reference"] == r["dpfl_tff_seconds_per_round"] / r["reference_seconds_per_round"]
+        assert r["ratio_tff_fedavg_over_reference"] == r["tff_fedavg_seconds_per_round"] / r["reference_seconds_per_round"]
+        assert all(r[k] > 0 for k in r if k.endswith("_per_round"))
         assert r["ratio_2x_clients_over_1x"] == r["dpfl_tff_seconds_per_round_2x_clients"] / r["dpfl_tff_seconds_per_round"]
     mem = report["memory"]
     assert mem["rounds"] == 6 and mem["samples"] == 6 - 6 // 10

@@ -3,7 +3,7 @@ import pytest
 
 from dpfl_tff.config import TaskConfig
 from dpfl_tff.tasks import load_task
-from dpfl_tff.tasks.base import split_dirichlet
+from dpfl_tff.tasks.base import shuffle_order, split_dirichlet
 
 
 def _all_rows(clients):
@@ -69,3 +69,30 @@ def test_client_dataset_batches_and_repeats():
     batches = list(data.client_dataset(0, epochs=3, batch_size=4, shuffle_seed=1))
     assert sum(int(b[1].shape[0]) for b in batches) == 30
     assert batches[0][0].shape[1:] == (32,)
+
+
+def test_shuffle_order_passes_are_permutations_and_deterministic():
+    for buffer in (0, 1, 4, 50):
+        order = shuffle_order(10, 3, seed=5, buffer=buffer)
+        assert order.dtype == np.int32 and order.shape == (30,)
+        for p in range(3):
+            assert sorted(order[10 * p:10 * p + 10].tolist()) == list(range(10))
+        np.testing.assert_array_equal(order, shuffle_order(10, 3, seed=5, buffer=buffer))
+    assert shuffle_order(10, 1, seed=5, buffer=1).tolist() == list(range(10))  # a buffer of 1 keeps the order
+    assert shuffle_order(0, 2, seed=5).shape == (0,)
+
+
+def test_buffered_shuffle_draws_uniformly_from_the_buffer():
+    """As tf.data's shuffle(b): the first output is uniform over the first b items (chi-square, 2,000 seeds)."""
+    b, trials = 4, 2000
+    firsts = np.array([shuffle_order(20, 1, seed=s, buffer=b)[0] for s in range(trials)])
+    assert firsts.max() < b
+    counts = np.bincount(firsts, minlength=b)
+    chi2 = float(np.sum((counts - trials / b) ** 2 / (trials / b)))
+    assert chi2 < 21.1  # chi-square with 3 d.o.f.: P(> 21.1) = 1e-4
+
+
+def test_client_order_caps_examples():
+    data = load_task(TaskConfig(task="synthetic", num_clients=2, synthetic_examples_per_client=10), seed=0)
+    order = data.client_order(0, epochs=2, shuffle_seed=1, max_examples=4)
+    assert order.shape == (8,) and set(order.tolist()) == {0, 1, 2, 3}

@@ -23,15 +23,20 @@ def _cfg(tmp_path, **dp):
     ).validate()
 
 
-def test_dp_off_round_is_the_average_of_local_sgd_steps(tff_context, tmp_path):
+@pytest.mark.parametrize("impl,use_files", [("grouped", True), ("grouped", False), ("tff", False)])
+def test_dp_off_round_is_the_average_of_local_sgd_steps(tff_context, tmp_path, impl, use_files):
     cfg = _cfg(tmp_path, mode="none", noise_multiplier=0.0)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fedavg_impl=impl, clients_per_call=2))
     data = load_task(cfg.task, cfg.train.seed)
-    process = training.build_learning_process(cfg, data)
-    state = training.initial_state(process, cfg, data)
-    w0 = [np.asarray(v) for v in process.get_model_weights(state).trainable]
     cohort = [0, 2, 3]
-    # One local step per client: each client's 6 examples form one batch.
-    out = process.next(state, [data.client_dataset(c, 1, 6, shuffle_seed=0) for c in cohort])
+    with training.client_files(cfg, data) as files:
+        assert (files is not None) == (impl == "grouped")
+        files = files if use_files else None
+        process = training.build_learning_process(cfg, data, files)
+        state = training.initial_state(process, cfg, data)
+        w0 = [np.asarray(v) for v in process.get_model_weights(state).trainable]
+        # One local step per client: each client's 6 examples form one batch.
+        out = process.next(state, training.round_input(cfg, data, cohort, 1, files))
     got = [np.asarray(v) for v in process.get_model_weights(out.state).trainable]
 
     # By hand: w_i = w0 - lr * grad of the client's mean loss at w0; server: w0 + mean(w_i - w0).

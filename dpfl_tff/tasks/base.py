@@ -50,6 +50,19 @@ class FederatedData:
             tf.TensorSpec([None], tf.int32),
         )
 
+    def client_order(
+        self, client_id: int, epochs: int, shuffle_seed: int, shuffle_buffer: int = 0, max_examples: int = 0
+    ) -> np.ndarray:
+        """Indices of the client's examples in the order local training visits them.
+
+        First `max_examples` examples (0: all), shuffled with a buffer of
+        `shuffle_buffer` (0: the whole client), reshuffled for each of the
+        `epochs` passes; deterministic in `shuffle_seed`.
+        """
+        n = len(self.clients[client_id])
+        n = n if max_examples <= 0 else min(n, max_examples)
+        return shuffle_order(n, epochs, shuffle_seed, shuffle_buffer)
+
     def client_dataset(
         self,
         client_id: int,
@@ -61,16 +74,42 @@ class FederatedData:
     ) -> tf.data.Dataset:
         """The client's local training stream, like TFF's baselines.
 
-        First `max_examples` examples (0: all), shuffled with a buffer of
-        `shuffle_buffer` (0: the whole client), repeated `epochs` times,
-        batched.
+        The examples in `client_order`'s order (epochs concatenated), batched:
+        a batch may span two epochs, as with `dataset.repeat(epochs).batch(b)`.
         """
         c = self.clients[client_id]
-        n = len(c) if max_examples <= 0 else min(len(c), max_examples)
-        ds = tf.data.Dataset.from_tensor_slices((c.x[:n], c.y[:n]))
-        buffer = n if shuffle_buffer <= 0 else min(shuffle_buffer, n)
-        ds = ds.shuffle(max(buffer, 1), seed=shuffle_seed, reshuffle_each_iteration=True)
-        return ds.repeat(epochs).batch(batch_size)
+        order = self.client_order(client_id, epochs, shuffle_seed, shuffle_buffer, max_examples)
+        return tf.data.Dataset.from_tensor_slices((c.x[order], c.y[order])).batch(batch_size)
+
+
+def shuffle_order(n: int, epochs: int, seed: int, buffer: int = 0) -> np.ndarray:
+    """`epochs` shuffled passes over range(n), concatenated (int32).
+
+    `buffer` <= 0 or >= n: a uniform random permutation per pass. Otherwise
+    the buffered shuffle of `tf.data.Dataset.shuffle(buffer)`: the buffer
+    holds the next `buffer` items, each output is a uniform draw from it, and
+    its slot is refilled with the next item.
+    """
+    rng = np.random.default_rng(seed)
+    passes = []
+    for _ in range(epochs):
+        if buffer <= 0 or buffer >= n:
+            passes.append(rng.permutation(n))
+            continue
+        slots = list(range(buffer))
+        following = buffer
+        out = np.empty(n, np.int64)
+        for k, u in enumerate(rng.random(n)):
+            j = int(u * len(slots))
+            out[k] = slots[j]
+            if following < n:
+                slots[j] = following
+                following += 1
+            else:
+                slots[j] = slots[-1]
+                slots.pop()
+        passes.append(out)
+    return np.concatenate(passes).astype(np.int32) if passes else np.zeros(0, np.int32)
 
 
 def split_iid(num_examples: int, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:

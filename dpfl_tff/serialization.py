@@ -1,0 +1,59 @@
+"""Values -> TFF `executor_pb2.Value`, written in place.
+
+TFF 0.87's `value_serialization.serialize_value` builds every nested struct
+element as a separate message and embeds it by constructor, which costs
+~30 ms for a 4.8 MB model state (the EMNIST CNN) per call, each round, in
+each direction that Python sends. `serialize_into` writes the same message
+(byte for byte: tests/test_serialization.py) directly into its target for
+the types a learning process exchanges: non-scalar numeric arrays, structs
+and federated values. Anything else (scalars, strings, computations,
+sequences, values that need a conversion) goes through TFF's serializer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow_federated as tff
+from tensorflow_federated.proto.v0 import executor_pb2
+from tensorflow_federated.python.common_libs import structure
+from tensorflow_federated.python.core.impl.compiler import array
+from tensorflow_federated.python.core.impl.executors import value_serialization
+from tensorflow_federated.python.core.impl.types import type_serialization
+
+
+def _is_plain_array(value: object, type_spec: tff.TensorType) -> bool:
+    return (
+        isinstance(value, np.ndarray)
+        and value.dtype.type is type_spec.dtype.type
+        and type_spec.dtype.type is not np.str_
+        and len(type_spec.shape or ()) > 0
+        and array.is_compatible_shape(value, type_spec.shape)
+    )
+
+
+def serialize_into(value: object, type_spec: tff.Type, target: executor_pb2.Value) -> None:
+    """Writes `value` of type `type_spec` into the empty message `target`."""
+    if isinstance(type_spec, tff.TensorType) and _is_plain_array(value, type_spec):
+        target.array.CopyFrom(array.to_proto_content(value, dtype_hint=type_spec.dtype.type))
+    elif isinstance(type_spec, tff.StructType) and not isinstance(value, (str, bytes, np.ndarray)):
+        elements = structure.from_container(value)
+        if len(elements) != len(type_spec):
+            raise TypeError(f"cannot serialize a struct of {len(elements)} elements as {type_spec}")
+        target.struct.SetInParent()
+        for (name, element_type), (_, element) in zip(
+            structure.iter_elements(type_spec), structure.iter_elements(elements)
+        ):
+            out = target.struct.element.add()
+            if name:
+                out.name = name
+            serialize_into(element, element_type, out.value)
+    elif isinstance(type_spec, tff.FederatedType):
+        members = [value] if type_spec.all_equal else value
+        if not isinstance(members, list):
+            raise TypeError(f"a {type_spec} value must be a list, got {type(value).__name__}")
+        for member in members:
+            serialize_into(member, type_spec.member, target.federated.value.add())
+        target.federated.type.CopyFrom(type_serialization.serialize_type(type_spec).federated)
+    else:
+        proto, _ = value_serialization.serialize_value(value, type_spec)
+        target.CopyFrom(proto)

@@ -1,0 +1,160 @@
+"""grouped_fedavg: the same algorithm as TFF's FedAvg with our aggregators, whatever the grouping."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from dpfl_tff import grouped_fedavg, training
+from dpfl_tff.config import DPConfig, ExperimentConfig, TaskConfig, TrainConfig
+from dpfl_tff.tasks import load_task
+
+
+def _cfg(tmp_path, dp: DPConfig, **train) -> ExperimentConfig:
+    base = dict(model="mlp", clients_per_round=5, client_sampling="uniform", client_epochs=2, client_batch_size=7,
+                client_optimizer="sgdm", client_learning_rate=0.05, server_optimizer="sgdm",
+                server_learning_rate=1.0, client_shuffle_buffer=5, client_max_examples=40, seed=3)
+    base.update(train)
+    return ExperimentConfig(
+        task=TaskConfig(task="digits", num_clients=20), train=TrainConfig(**base), dp=dp,
+        output_dir=str(tmp_path / "run"),
+    ).validate()
+
+
+def _train(cfg, data, rounds, cohorts):
+    """Weights and per-round metrics after `rounds` rounds of `cfg`'s process."""
+    metrics = []
+    with training.client_files(cfg, data) as files:
+        process = training.build_learning_process(cfg, data, files)
+        state = training.initial_state(process, cfg, data)
+        for r in range(1, rounds + 1):
+            out = process.next(state, training.round_input(cfg, data, cohorts[r - 1], r, files))
+            state = out.state
+            metrics.append(out.metrics)
+        return [np.asarray(w) for w in process.get_model_weights(state).trainable], metrics
+
+
+def _impl(cfg, impl, clients_per_call=0):
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fedavg_impl=impl,
+                                                              clients_per_call=clients_per_call))
+
+
+COHORTS = [[0, 3, 5, 7, 9], [1, 2, 3, 11, 19], [4, 8, 12, 16, 18]]
+
+
+@pytest.mark.parametrize(
+    "dp",
+    [
+        DPConfig(mode="none", noise_multiplier=0.0),
+        # Clipping binds (the deltas are larger than C); z = 1e-6 makes the noise negligible.
+        DPConfig(mode="central", noise_multiplier=1e-6, clip_norm=0.05),
+        DPConfig(mode="local", noise_multiplier=1e-6, clip_norm=0.05),
+        DPConfig(mode="local", local_mechanism="laplace", noise_multiplier=1e-6, clip_norm=0.05),
+    ],
+    ids=["none", "central-clip", "local-gaussian-clip", "local-laplace-clip"],
+)
+def test_grouped_equals_tff_fedavg(tff_context, tmp_path, dp):
+    """Three rounds, client and server momentum, 2 epochs with batches spanning them, a shuffle buffer."""
+    cfg = _cfg(tmp_path, dp)
+    data = load_task(cfg.task, cfg.train.seed)
+    w_tff, m_tff = _train(_impl(cfg, "tff"), data, 3, COHORTS)
+    w_grp, m_grp = _train(_impl(cfg, "grouped", clients_per_call=2), data, 3, COHORTS)
+    assert not np.allclose(w_tff[0], _train(cfg, data, 0, [])[0][0])  # training moved the model
+    for a, b in zip(w_tff, w_grp):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    for a, b in zip(m_tff, m_grp):
+        ta, tb = a["client_work"]["train"], b["client_work"]["train"]
+        assert int(ta["num_examples"]) == int(tb["num_examples"]) == 5 * 2 * 40
+        assert int(ta["num_batches"]) == int(tb["num_batches"]) == 5 * math.ceil(80 / 7)
+        np.testing.assert_allclose(float(tb["loss"]), float(ta["loss"]), rtol=1e-4)
+        np.testing.assert_allclose(float(tb["accuracy"]), float(ta["accuracy"]), rtol=1e-4)
+        if dp.mode == "local":
+            for key in ("fraction_clipped", "mean_norm_before_clipping"):
+                np.testing.assert_allclose(float(b["aggregator"]["inner"][key]),
+                                           float(a["aggregator"]["inner"][key]), rtol=1e-4)
+            assert float(b["aggregator"]["inner"]["fraction_clipped"]) == 1.0
+
+
+def test_adaptive_clip_follows_the_same_path(tff_context, tmp_path):
+    """Adaptive clipping with seeded noise: the same clip norms and model as TFF's DifferentiallyPrivateFactory."""
+    dp = DPConfig(mode="central", noise_multiplier=0.3, clip_norm=0.05, adaptive_clipping=True,
+                  clipped_count_stddev=1.0, noise_seed=7)
+    cfg = _cfg(tmp_path, dp)
+    data = load_task(cfg.task, cfg.train.seed)
+    w_tff, m_tff = _train(_impl(cfg, "tff"), data, 3, COHORTS)
+    w_grp, m_grp = _train(_impl(cfg, "grouped", clients_per_call=3), data, 3, COHORTS)
+    clips_tff = [float(m["aggregator"]["inner"]["dp_query_metrics"]["clip"]) for m in m_tff]
+    clips_grp = [float(m["aggregator"]["inner"]["dp_query_metrics"]["clip"]) for m in m_grp]
+    np.testing.assert_allclose(clips_grp, clips_tff, rtol=1e-5)
+    assert len(set(clips_grp)) == 3  # the clip did adapt
+    for a, b in zip(w_tff, w_grp):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_grouping_does_not_change_the_result(tff_context, tmp_path):
+    cfg = _cfg(tmp_path, DPConfig(mode="central", noise_multiplier=1e-6, clip_norm=0.05))
+    data = load_task(cfg.task, cfg.train.seed)
+    results = [_train(_impl(cfg, "grouped", k), data, 2, COHORTS)[0] for k in (0, 1, 3)]
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["central", "local"])
+def test_noise_is_added_once_per_round_or_once_per_client(tff_context, tmp_path, mode):
+    """m = 10 clients in 10 one-client groups, server SGD(lr=1), z = 30.
+
+    central: the model moves by (sum of clipped updates + N(0, (zC)^2 I)) / m: std zC/m
+    per coordinate (noise per group would make it sqrt(10) times larger). local: each
+    client adds N(0, (zC)^2 I): std zC/sqrt(m). The signal is <= C/sqrt(d) per coordinate.
+    """
+    z, clip, m = 30.0, 0.05, 10
+    cfg = _cfg(tmp_path, DPConfig(mode=mode, noise_multiplier=z, clip_norm=clip), clients_per_round=m,
+               server_optimizer="sgd", clients_per_call=1)
+    data = load_task(cfg.task, cfg.train.seed)
+    before, _ = _train(cfg, data, 0, [])
+    after, _ = _train(cfg, data, 1, [list(range(m))])
+    move = np.concatenate([(b - a).ravel() for a, b in zip(before, after)])
+    d = move.size
+    expected = z * clip / (m if mode == "central" else math.sqrt(m))
+    measured = float(np.sqrt(np.mean(move**2)))
+    # Sample RMS of d normals: relative s.e. 1/sqrt(2d) (~0.5% for d ~ 4,800); 8 s.e. plus the signal's share.
+    tol = 8 / math.sqrt(2 * d) + (clip / math.sqrt(d)) / expected
+    assert abs(measured / expected - 1) < tol, (measured, expected, tol)
+    assert tol < 0.1  # far below the sqrt(10) of noise per group
+
+
+def test_empty_round_leaves_the_model_and_reports_no_examples(tff_context, tmp_path):
+    cfg = _cfg(tmp_path, DPConfig(mode="none", noise_multiplier=0.0), server_optimizer="sgd")
+    data = load_task(cfg.task, cfg.train.seed)
+    before, _ = _train(cfg, data, 0, [])
+    after, metrics = _train(cfg, data, 1, [[]])
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    assert int(metrics[0]["client_work"]["train"]["num_examples"]) == 0
+    assert int(metrics[0]["aggregator"]["nonfinite_clients"]) == 0
+
+
+def test_split_groups():
+    assert grouped_fedavg.split_groups(10, 0, 2) == [slice(0, 5), slice(5, 10)]
+    assert grouped_fedavg.split_groups(10, 3, 2) == [slice(0, 2), slice(2, 5), slice(5, 8), slice(8, 10)]
+    assert grouped_fedavg.split_groups(1, 0, 2) == [slice(0, 0), slice(0, 1)] or \
+        grouped_fedavg.split_groups(1, 0, 2) == [slice(0, 1), slice(1, 1)]
+    assert grouped_fedavg.split_groups(0, 0, 2) == [slice(0, 0), slice(0, 0)]
+
+
+def test_make_groups_pads_orders_and_writes_each_client_once(tmp_path):
+    data = load_task(TaskConfig(task="synthetic", num_clients=4, synthetic_examples_per_client=6,
+                                synthetic_input_dim=3), seed=0)
+    orders = [np.array([2, 0, 1], np.int32), np.arange(5, dtype=np.int32)]
+    files = grouped_fedavg.ClientFiles(data, str(tmp_path))
+    (g,) = grouped_fedavg.make_groups(data, [3, 1], orders, [slice(0, 2)], files)
+    assert g["client_ids"].tolist() == [3, 1] and g["lengths"].tolist() == [3, 5]
+    assert g["orders"].tolist() == [[2, 0, 1, 0, 0], [0, 1, 2, 3, 4]]
+    x = np.fromfile(tmp_path / "3.x", np.float32).reshape(-1, 3)
+    np.testing.assert_array_equal(x, data.clients[3].x)
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "3.y", np.int32), data.clients[3].y)
+    (shipped,) = grouped_fedavg.make_groups(data, [3, 1], orders, [slice(0, 2)], None)
+    assert shipped["x"].shape == (2, 6, 3) and "client_ids" not in shipped
+    np.testing.assert_array_equal(shipped["x"][1], data.clients[1].x)

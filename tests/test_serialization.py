@@ -1,0 +1,67 @@
+"""serialization.serialize_into writes the same bytes as TFF's serializer."""
+
+import collections
+
+import numpy as np
+import pytest
+import tensorflow_federated as tff
+from tensorflow_federated.proto.v0 import executor_pb2
+from tensorflow_federated.python.core.impl.executors import value_serialization
+
+from dpfl_tff import serialization
+
+_STATE_TYPE = tff.FederatedType(
+    tff.StructWithPythonType(
+        [
+            ("weights", tff.StructWithPythonType([tff.TensorType(np.float32, (3, 2)), tff.TensorType(np.float32, (2,))],
+                                                 list)),
+            ("step", tff.TensorType(np.int64)),
+            ("empty", tff.StructWithPythonType([], tuple)),
+        ],
+        collections.OrderedDict,
+    ),
+    tff.SERVER,
+)
+_GROUP_TYPE = tff.FederatedType(
+    tff.StructWithPythonType(
+        [("orders", tff.TensorType(np.int32, (None, None))), ("lengths", tff.TensorType(np.int32, (None,)))],
+        collections.OrderedDict,
+    ),
+    tff.CLIENTS,
+)
+
+
+def _both(value, type_spec):
+    theirs, _ = value_serialization.serialize_value(value, type_spec)
+    ours = executor_pb2.Value()
+    serialization.serialize_into(value, type_spec, ours)
+    return theirs.SerializeToString(deterministic=True), ours.SerializeToString(deterministic=True)
+
+
+@pytest.mark.parametrize(
+    "value,type_spec",
+    [
+        (collections.OrderedDict(weights=[np.arange(6, dtype=np.float32).reshape(3, 2), np.ones(2, np.float32)],
+                                 step=np.int64(4), empty=()), _STATE_TYPE),
+        ([collections.OrderedDict(orders=np.zeros((2, 3), np.int32), lengths=np.array([3, 1], np.int32)),
+          collections.OrderedDict(orders=np.zeros((0, 0), np.int32), lengths=np.zeros(0, np.int32))], _GROUP_TYPE),
+        (np.float32(2.5), tff.TensorType(np.float32)),  # scalars: TFF's repeated-field encoding
+        ([1.0, 2.0], tff.TensorType(np.float32, (2,))),  # a list converted by TFF
+        (np.array(["a", "bc"], dtype=object), tff.TensorType(np.str_, (2,))),
+    ],
+    ids=["state", "groups", "scalar", "list-as-tensor", "strings"],
+)
+def test_same_bytes_as_tff(value, type_spec):
+    theirs, ours = _both(value, type_spec)
+    assert ours == theirs and len(ours) > 0
+
+
+def test_wrong_struct_length_is_refused():
+    with pytest.raises(TypeError):
+        serialization.serialize_into([np.ones(2, np.float32)], _STATE_TYPE.member.weights, executor_pb2.Value())
+
+
+def test_wrong_dtype_falls_back_to_tff_error():
+    with pytest.raises((TypeError, ValueError)):
+        serialization.serialize_into(np.ones(2, np.float64).astype(np.int64), tff.TensorType(np.float32, (2,)),
+                                     executor_pb2.Value())
