@@ -1,7 +1,7 @@
 """Seconds per federated round: dpfl_tff's TFF process next to a plain-TensorFlow reference, one run.
 
   uv run python scripts/bench_round.py [--models=cnn,mlp] [--clients_per_round=10]
-      [--examples_per_client=100] [--batch_size=20] [--rounds=5] [--memory_rounds=0]
+      [--examples_per_client=100] [--batch_size=20] [--rounds=10] [--memory_rounds=0]
       [--worker_counts=1,2]
 
 Both run the same round on the same synthetic EMNIST-shaped data (28x28x1,
@@ -10,11 +10,12 @@ its delta is clipped to L2 norm C, the deltas are summed, Gaussian noise of std
 z*C is added, the sum is divided by the cohort size and applied by server SGD.
 The reference (`_Reference`, kept here, never used by the library) is that
 whole round in one `tf.function` over in-memory tensors. Rounds of the two are
-interleaved, after one warm-up round each. Prints one JSON object: seconds per
-round for each and their ratio per model, start-up time (process start to the
+interleaved, after one warm-up round each; then TFF's own FedAvg with the same
+aggregator (`fedavg_impl="tff"`) is timed. Prints one JSON object: seconds per
+round for each and their ratios to the reference per model, start-up time (process start to the
 end of dpfl_tff's first round), peak RSS of this process and of the TFF
 worker, the per-round accounting time, the time of a round with twice the
-clients (linear cost: ratio ~2), with --memory_rounds=N the RSS slope over N
+clients (a fixed part plus a part linear in the cohort: ratio <= 2), with --memory_rounds=N the RSS slope over N
 MLP rounds, and seconds per round of the first
 model over 1 and 2 local worker services (`--workers`' remote context; on one
 2-core machine the workers share the cores, so this measures the overhead of
