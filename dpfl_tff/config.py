@@ -144,7 +144,8 @@ class TrainConfig:
         `build_unweighted_fed_avg`, one TFF client call per client). Same
         algorithm and DP guarantee; `grouped` is faster.
       clients_per_call: `grouped` only: at most this many clients trained in
-        one TFF client call (0: the round's clients in one call per worker).
+        one TFF client call (0: the round's clients split into two calls per
+        worker).
       eval_every: evaluate on the test split every this many rounds (and after
         the last round); 0 evaluates only after the last round.
       checkpoint_every: checkpoint the full state every this many rounds

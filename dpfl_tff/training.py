@@ -106,18 +106,23 @@ def round_input(
     (seed, round, client): the same batches whichever `fedavg_impl` runs.
     """
     t = cfg.train
+
+    def seed_of(c: int) -> int:
+        return _shuffle_seed(t.seed, round_num, c)
+
+    if t.fedavg_impl != "grouped":
+        return [
+            data.client_dataset(c, t.client_epochs, t.client_batch_size, seed_of(c), t.client_shuffle_buffer,
+                                t.client_max_examples)
+            for c in cohort
+        ]
     orders = [
-        data.client_order(c, t.client_epochs, _shuffle_seed(t.seed, round_num, c), t.client_shuffle_buffer,
-                          t.client_max_examples)
+        data.client_order(c, t.client_epochs, seed_of(c), t.client_shuffle_buffer, t.client_max_examples)
         for c in cohort
     ]
-    if t.fedavg_impl == "grouped":
-        groups = grouped_fedavg.split_groups(len(cohort), t.clients_per_call, 2 * max(1, len(cfg.workers)))
-        return grouped_fedavg.make_groups(data, list(cohort), orders, groups, files)
-    return [
-        tf.data.Dataset.from_tensor_slices((data.clients[c].x[o], data.clients[c].y[o])).batch(t.client_batch_size)
-        for c, o in zip(cohort, orders)
-    ]
+    calls = grouped_fedavg.CALLS_PER_WORKER * max(1, len(cfg.workers))
+    groups = grouped_fedavg.split_groups(len(cohort), t.clients_per_call, calls)
+    return grouped_fedavg.make_groups(data, list(cohort), orders, groups, files)
 
 
 @contextlib.contextmanager

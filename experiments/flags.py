@@ -93,7 +93,7 @@ FEDAVG_IMPL = flags.DEFINE_string(
 CLIENTS_PER_CALL = flags.DEFINE_integer(
     "clients_per_call", _R.clients_per_call,
     "--fedavg_impl=grouped: at most this many clients trained in one TFF client call (>= 0; 0 = the "
-    "round's clients in one call per worker).",
+    "round's clients split into two calls per worker).",
 )
 EVAL_EVERY = flags.DEFINE_integer(
     "eval_every", _R.eval_every, "Evaluate on the test split every this many rounds and after the last (0 = last only)."
