@@ -32,3 +32,22 @@ def test_flagfiles_only_use_defined_flags():
                 name = m.group(1)
                 bool_negation = name.startswith("no") and name[2:] in known
                 assert name in known or bool_negation, f"{path}: unknown flag --{name}"
+
+
+def test_readme_python_example_runs(tmp_path):
+    """The README's "From Python" example runs as printed: three rounds, finite losses, no worker left."""
+    import subprocess
+    import sys
+
+    from tests.conftest import worker_pids
+
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    code = re.search(r"From Python.*?```python\n(.*?)```", readme, re.S).group(1)
+    before = set(worker_pids())
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line.split() for line in proc.stdout.splitlines()]
+    assert [int(r) for r, _ in lines] == [1, 2, 3]
+    assert all(0 < float(loss) < 10 for _, loss in lines)
+    assert set(worker_pids()) <= before
