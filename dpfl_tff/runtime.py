@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import contextlib
 import ctypes
 import gc
@@ -167,19 +168,25 @@ class _RemoteExecutor(remote_executor.RemoteExecutor):
       serializer spends ~30 ms on a 4.8 MB model state).
     * A computation is sent to the worker once: TFF's execution context sends
       the (compiled, cached) computation with every call, ~3 ms per round for
-      a small model. The worker's value of it is kept for the life of this
-      executor and called again; computations are immutable.
+      a small model. The worker's value of it is kept (for the 16 computations
+      used last, until this executor closes) and called again; computations
+      are immutable.
     """
+
+    _KEEP = 16
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._computations: dict[int, tuple[object, remote_executor.RemoteValue, object]] = {}
+        self._computations: collections.OrderedDict[int, tuple[object, remote_executor.RemoteValue, object]] = (
+            collections.OrderedDict()
+        )
 
     async def create_value(self, value, type_spec=None):
         if type_spec is None:
             return await super().create_value(value, type_spec)
         cached = self._computations.get(id(value)) if isinstance(type_spec, tff.FunctionType) else None
         if cached is not None and cached[0] is value and cached[2] == self._executor_id:  # noqa: SLF001
+            self._computations.move_to_end(id(value))
             return cached[1]
         self._check_has_executor_id()
         request = executor_pb2.CreateValueRequest(executor=self._executor_id)  # noqa: SLF001
@@ -191,6 +198,9 @@ class _RemoteExecutor(remote_executor.RemoteExecutor):
         # worker's state anyway: no dispose at interpreter exit, when the channel is closed.
         remote = remote_executor.RemoteValue(response.value_ref, type_spec, self, dispose_at_exit=False)
         self._computations[id(value)] = (value, remote, self._executor_id)  # noqa: SLF001
+        self._computations.move_to_end(id(value))
+        while len(self._computations) > self._KEEP:
+            self._computations.popitem(last=False)  # the worker's copy is disposed when collected
         return remote
 
     def close(self):

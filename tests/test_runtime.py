@@ -56,3 +56,40 @@ def test_tff_call_outside_a_context_raises_instead_of_starting_a_worker():
     proc = subprocess.run([sys.executable, "-c", _OUTSIDE], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "raised: RuntimeError" in proc.stdout and "children: 0" in proc.stdout, proc.stdout
+
+
+def test_a_computation_is_sent_to_the_worker_once_and_evicted_beyond_the_cache(tff_context, monkeypatch):
+    import numpy as np
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    from dpfl_tff import serialization
+
+    sent = []
+    real = serialization.serialize_into
+
+    def counting(value, type_spec, target):
+        if isinstance(type_spec, tff.FunctionType):
+            sent.append(id(value))
+        real(value, type_spec, target)
+
+    monkeypatch.setattr(serialization, "serialize_into", counting)
+
+    def make(k):
+        @tff.tensorflow.computation(tff.TensorType(np.float32, (3,)))
+        def add_k(x):
+            return x + tf.constant(float(k))
+
+        return add_k
+
+    comps = [make(k) for k in range(runtime._RemoteExecutor._KEEP + 4)]  # noqa: SLF001
+    x = np.arange(3, dtype=np.float32)
+    for _ in range(3):
+        np.testing.assert_array_equal(comps[0](x), x)
+    assert len(sent) == 1  # three calls, one transfer
+    for k, comp in enumerate(comps):  # more computations than are kept: the first ones are evicted
+        np.testing.assert_array_equal(comp(x), x + k)
+    sent.clear()
+    np.testing.assert_array_equal(comps[0](x), x)  # evicted: sent again, still right
+    np.testing.assert_array_equal(comps[-1](x), x + len(comps) - 1)  # kept: not sent
+    assert len(sent) == 1
