@@ -18,6 +18,8 @@ ACCOUNTANTS = ("rdp", "pld")
 OPTIMIZERS = ("sgd", "sgdm", "adam")
 FEDAVG_IMPLS = ("grouped", "tff")
 PARTITIONS = ("iid", "dirichlet")
+# hparams.json holds this instead of a --sampling_seed: knowing it would reveal every cohort.
+SEED_REDACTED = "set (not recorded)"
 # Tasks whose data comes split into clients: N is the data's, not --num_clients.
 NATURAL_SPLIT_TASKS = ("emnist", "cifar100")
 
@@ -150,8 +152,12 @@ class TrainConfig:
         the last round); 0 evaluates only after the last round.
       checkpoint_every: checkpoint the full state every this many rounds
         (and at the end, and when stopped); 0: only then.
-      seed: seeds the client split, client sampling and model initialisation.
-        It never seeds the DP noise.
+      seed: seeds the client split, the order of each client's examples and
+        the model initialisation. It never seeds the DP noise or the cohorts.
+      sampling_seed: None (default): cohorts are drawn from OS entropy, so they
+        are secret, as amplification by sampling requires. An integer makes
+        cohorts reproducible (tests, debugging); amplification then holds only
+        against whoever does not know it (it is not written to hparams.json).
     """
 
     model: str = "mlp"
@@ -171,6 +177,7 @@ class TrainConfig:
     eval_every: int = 5
     checkpoint_every: int = 10
     seed: int = 0
+    sampling_seed: int | None = None
 
     def validate(self, num_clients: int | None) -> None:
         from dpfl_tff import models
@@ -196,6 +203,8 @@ class TrainConfig:
         _int_at_least("eval_every", self.eval_every, 0)
         _int_at_least("checkpoint_every", self.checkpoint_every, 0)
         _int_at_least("seed", self.seed, 0)
+        if self.sampling_seed is not None:
+            _int_at_least("sampling_seed", self.sampling_seed, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +292,21 @@ class DPConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    """Everything one run needs; `validate()` checks all of it at once."""
+    """Everything one run needs; `validate()` checks all of it at once.
+
+    Attributes (besides the groups):
+      output_dir: the experiment folder.
+      workers: `host:port` of TFF worker services; empty: one private local worker.
+      worker_timeout: seconds to wait for (and retry) a remote worker.
+      log_cohorts: write every round's cohort to `ledger.jsonl`. Whoever reads
+        the folder then knows who took part, which voids amplification by
+        sampling against them. (Local DP always records cohorts there: the
+        participation counts of its accounting need them.)
+      client_metrics: release the clients' training loss and accuracy, the
+        non-finite count, the realised Poisson cohort size and timings, none of
+        which the epsilon covers. False: every released number is covered by
+        the epsilon or computed on the held-out test set.
+    """
 
     task: TaskConfig = TaskConfig()
     train: TrainConfig = TrainConfig()
@@ -291,6 +314,8 @@ class ExperimentConfig:
     output_dir: str = "/tmp/dpfl_tff/quickstart"
     workers: tuple[str, ...] = ()
     worker_timeout: float = 30.0
+    log_cohorts: bool = False
+    client_metrics: bool = True
 
     def validate(self) -> ExperimentConfig:
         self.task.validate()
@@ -315,8 +340,16 @@ class ExperimentConfig:
             return self.dp.target_delta
         return default_delta(self.task.num_clients)
 
+    @property
+    def records_cohorts(self) -> bool:
+        """Whether `ledger.jsonl` lists each round's cohort (asked for, or needed by local DP)."""
+        return self.log_cohorts or self.dp.mode == "local"
+
     def to_dict(self) -> dict[str, Any]:
+        """The configuration as written to hparams.json; a sampling seed is only said to be set."""
         d = dataclasses.asdict(self)
+        if self.train.sampling_seed is not None:
+            d["train"]["sampling_seed"] = SEED_REDACTED
         d["resolved_target_delta"] = self.target_delta
         return d
 

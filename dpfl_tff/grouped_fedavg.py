@@ -10,7 +10,8 @@ every round. The result is the same algorithm:
 
   for every client c of the round (in any grouping):
     delta_c = (server weights - weights after local SGD on c's examples)
-    non-finite delta_c -> zeros (counted in `nonfinite_clients`)
+    non-finite delta_c -> zeros (counted in `nonfinite_clients`, except under
+    local DP, where no count leaves the client)
   central: tensorflow-privacy's DP query, record by record: every delta_c is
            clipped by `query.preprocess_record` (L2 norm C, or the adaptive
            clip) and added to the sample state; the groups' sample states are
@@ -18,7 +19,9 @@ every round. The result is the same algorithm:
            server calls `query.get_noised_result` once (noise N(0, (zC)^2) on
            the sum, / m), as `tff.aggregators.DifferentiallyPrivateFactory`.
   local:   every delta_c is clipped and noised (`local.clip_and_noise`)
-           before it is added to anything; the server averages.
+           before it is added to anything; the server averages. The group's
+           call returns the sum of noised updates and the number of clients,
+           nothing else: no training metric, norm or flag leaves a client.
   none:    plain mean of the deltas.
   server:  the server optimizer applies the mean, in the same call as the
            noise (as TFF's `build_apply_optimizer_finalizer`: a non-finite
@@ -213,8 +216,6 @@ def build_grouped_fed_avg(
         zeros = [tf.zeros_like(t) for t in trainable]
         if mode == CENTRAL:
             return query.initial_sample_state(zeros)
-        if mode == LOCAL:
-            return collections.OrderedDict(total=zeros, norm=tf.constant(0.0), clipped=tf.constant(0.0))
         return collections.OrderedDict(total=zeros)
 
     def add_client(sums, delta, params):
@@ -223,12 +224,8 @@ def build_grouped_fed_avg(
             return query.accumulate_preprocessed_record(sums, record)
         if mode == LOCAL:
             key = None if noise_seed is None else tf.constant(noise_seed, tf.int64) * 1_000_003 + params
-            noised, norm, clipped = local.clip_and_noise(delta, local_mechanism, clip_norm, noise_multiplier, key)
-            return collections.OrderedDict(
-                total=[a + b for a, b in zip(sums["total"], noised)],
-                norm=sums["norm"] + norm,
-                clipped=sums["clipped"] + clipped,
-            )
+            noised = local.clip_and_noise(delta, local_mechanism, clip_norm, noise_multiplier, key)
+            return collections.OrderedDict(total=[a + b for a, b in zip(sums["total"], noised)])
         return collections.OrderedDict(total=[a + b for a, b in zip(sums["total"], delta)])
 
     # --- client work: one call trains a whole group ----------------------------------
@@ -285,6 +282,8 @@ def build_grouped_fed_avg(
                 nonfinite += 1 - tf.cast(finite, tf.int64)
                 clients += 1
                 sums = add_client(sums, delta, params)
+            if mode == LOCAL:  # the count of clients is the server's own knowledge; the rest is the clients'
+                return sums, collections.OrderedDict(clients=clients)
             stats = collections.OrderedDict(
                 loss_sum=loss_sum, correct=correct, examples=examples, batches=batches,
                 nonfinite=nonfinite, clients=clients,
@@ -317,8 +316,6 @@ def build_grouped_fed_avg(
             return update, agg_state + 1, collections.OrderedDict()
         key = "noise_std" if local_mechanism == local.GAUSSIAN else "laplace_scale"
         return update, agg_state + 1, collections.OrderedDict(
-            fraction_clipped=sums["clipped"] / clients,
-            mean_norm_before_clipping=sums["norm"] / clients,
             clients=tf.cast(stats["clients"], tf.float32),
             **{key: tf.constant(noise_multiplier * clip_norm, tf.float32)},
         )
@@ -333,20 +330,24 @@ def build_grouped_fed_avg(
         new_optimizer_state, trainable = server_optimizer.next(optimizer_state, tuple(weights.trainable), update)
         if not finite:
             new_optimizer_state, trainable = optimizer_state, tuple(weights.trainable)
-        n = tf.cast(tf.maximum(stats["examples"], 1), tf.float32)
+        if mode == LOCAL:  # the clients sent no training statistic (see the module docstring)
+            train_metrics = collections.OrderedDict()
+            aggregator_metrics = collections.OrderedDict(inner=agg_metrics)
+        else:
+            n = tf.cast(tf.maximum(stats["examples"], 1), tf.float32)
+            train_metrics = collections.OrderedDict(
+                accuracy=stats["correct"] / n,
+                loss=stats["loss_sum"] / n,
+                num_examples=stats["examples"],
+                num_batches=stats["batches"],
+            )
+            aggregator_metrics = collections.OrderedDict(
+                inner=agg_metrics, nonfinite_clients=tf.cast(stats["nonfinite"], tf.int32)
+            )
         metrics = collections.OrderedDict(
             distributor=(),
-            client_work=collections.OrderedDict(
-                train=collections.OrderedDict(
-                    accuracy=stats["correct"] / n,
-                    loss=stats["loss_sum"] / n,
-                    num_examples=stats["examples"],
-                    num_batches=stats["batches"],
-                )
-            ),
-            aggregator=collections.OrderedDict(
-                inner=agg_metrics, nonfinite_clients=tf.cast(stats["nonfinite"], tf.int32)
-            ),
+            client_work=collections.OrderedDict(train=train_metrics),
+            aggregator=aggregator_metrics,
             finalizer=collections.OrderedDict(update_non_finite=1 - tf.cast(finite, tf.int32)),
         )
         new_weights = tff.learning.models.ModelWeights(list(trainable), list(weights.non_trainable))

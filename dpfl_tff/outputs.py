@@ -4,7 +4,8 @@ Files (all under `output_dir`):
   hparams.json   resolved configuration of the run (every flag that matters)
   metrics.jsonl  one JSON object per completed round, flushed as written
   summary.json   final figures; also written when a run stops early
-  ledger.jsonl   the privacy ledger (see `checkpoints.py`)
+  ledger.jsonl   the privacy ledger (see `checkpoints.py`); lists cohorts only with
+                 --log_cohorts or under local DP
   checkpoints/   full training state every --checkpoint_every rounds
   tensorboard/   TensorBoard event files
   run.png        test accuracy and epsilon per round
@@ -33,6 +34,8 @@ _RUN_FILES = (HPARAMS, METRICS, SUMMARY, "ledger.jsonl", "checkpoints", TENSORBO
 RESUMABLE_CHANGES = {
     "train.rounds", "train.eval_every", "train.checkpoint_every", "dp.max_epsilon", "dp.accountant", "output_dir",
     "workers", "worker_timeout", "train.clients_per_call",
+    # Cohorts are fresh draws in every execution, seeded or not; logging them more or less is the user's call.
+    "train.sampling_seed", "log_cohorts",
 }
 _FLAG_NAMES = {"dp.mode": "dp_mode", "task.task": "task", "train.model": "model"}
 
@@ -73,23 +76,42 @@ def hparam_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return diffs
 
 
+def _check_calibration_rounds(path: str, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """A run calibrated to --target_epsilon over R rounds cannot be continued past R (nor shortened)."""
+    target = old.get("dp", {}).get("target_epsilon")
+    was, now = old.get("train", {}).get("rounds"), new.get("train", {}).get("rounds")
+    if target is not None and was != now:
+        raise ConfigError(
+            f"--rounds={now}: the run in --output_dir={path} calibrated its noise to --target_epsilon={target} over "
+            f"{was} rounds, so other rounds would not meet that target; keep --rounds={was}, or start a new run "
+            "(another --output_dir or --overwrite)"
+        )
+
+
 class ExperimentDir:
     """Creates, resumes or replaces one experiment folder; every write is flushed at once.
 
-    An existing run (ledger or metrics present) is resumed unless `fresh`;
-    `overwrite` deletes it first. Resuming with settings that change the model
-    or its privacy (anything outside `RESUMABLE_CHANGES`) is refused.
+    An existing run (ledger, metrics, checkpoints or summary present) is
+    resumed unless `fresh`; `overwrite` deletes it first. Resuming with
+    settings that change the model or its privacy (anything outside
+    `RESUMABLE_CHANGES`) is refused. The constructor only checks (and creates
+    an absent folder); nothing in an existing run is written before `open()`,
+    so that a resume refused after further checks changes nothing.
     """
 
     def __init__(self, path: str, hparams: dict[str, Any], overwrite: bool = False, fresh: bool = False):
         self.path = path
+        self._hparams = hparams
+        self._metrics = None
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise OSError(f"--output_dir={path}: is a file, not a folder; give a folder path")
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as e:
             raise OSError(f"--output_dir={path}: cannot create the folder ({e.strerror})") from e
         if not os.access(path, os.W_OK):
             raise OSError(f"--output_dir={path}: folder is not writable")
-        has_run = any(os.path.exists(self.file(n)) for n in ("ledger.jsonl", METRICS))
+        has_run = any(os.path.exists(self.file(n)) for n in ("ledger.jsonl", METRICS, SUMMARY, "checkpoints"))
         if overwrite:
             for name in _RUN_FILES:
                 p = self.file(name)
@@ -103,6 +125,7 @@ class ExperimentDir:
                 f"--fresh: --output_dir={path} is not empty; choose another folder or add --overwrite to replace it"
             )
         self.resuming = has_run
+        self.previous_hparams: dict[str, Any] | None = None
         if self.resuming:
             try:
                 with open(self.file(HPARAMS), encoding="utf-8") as f:
@@ -111,13 +134,27 @@ class ExperimentDir:
                 raise ConfigError(
                     f"--output_dir={path}: holds a run without a readable {HPARAMS}; use --overwrite or another folder"
                 ) from e
+            _check_calibration_rounds(path, old, hparams)
             diffs = hparam_differences(old, hparams)
             if diffs:
                 raise ConfigError(
                     f"--output_dir={path}: cannot resume, settings differ from the checkpointed run: "
                     f"{'; '.join(diffs)}. Use the original flags, another --output_dir, or --overwrite"
                 )
-        self.write_json(HPARAMS, hparams)
+            self.previous_hparams = old
+
+    def read_summary(self) -> dict[str, Any] | None:
+        """The run's summary.json, or None if absent or unreadable."""
+        try:
+            with open(self.file(SUMMARY), encoding="utf-8") as f:
+                out = json.load(f)
+            return out if isinstance(out, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def open(self) -> None:
+        """Writes hparams.json and opens metrics.jsonl for appending: the run starts writing."""
+        self.write_json(HPARAMS, self._hparams)
         self._metrics = open(self.file(METRICS), "a", encoding="utf-8")  # noqa: SIM115
 
     def file(self, name: str) -> str:
@@ -155,7 +192,8 @@ class ExperimentDir:
         return kept
 
     def close(self) -> None:
-        self._metrics.close()
+        if self._metrics is not None:
+            self._metrics.close()
 
 
 class TensorBoard:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -17,10 +18,10 @@ import tensorflow_federated as tff
 
 from dpfl_tff import checkpoints, grouped_fedavg, models, outputs, plots, runtime
 from dpfl_tff.config import ExperimentConfig
-from dpfl_tff.privacy import accounting
+from dpfl_tff.privacy import accounting, coverage
 from dpfl_tff.privacy.aggregators import build_aggregator, central_query
 from dpfl_tff.privacy.nonfinite import ZeroNonFiniteFactory
-from dpfl_tff.sampling import sample_cohort
+from dpfl_tff.sampling import CohortSampler
 from dpfl_tff.tasks import FederatedData, load_task
 
 _RELATION_TEXT = {accounting.ADD_OR_REMOVE_ONE: "add-or-remove-one", accounting.REPLACE_ONE: "replace-one"}
@@ -84,13 +85,34 @@ def build_learning_process(
             noise_seed=cfg.dp.noise_seed,
             files_root=None if files is None else files.root,
         )
+    aggregator = build_aggregator(cfg.dp, cfg.train.clients_per_round)
+    if cfg.dp.mode == "local":  # zeroes non-finite updates itself, at the clients, and counts nothing
+        return tff.learning.algorithms.build_unweighted_fed_avg(
+            model_fn_for(cfg, data),
+            client_optimizer_fn=client_opt,
+            server_optimizer_fn=server_opt,
+            model_aggregator=aggregator,
+            metrics_aggregator=_discard_client_metrics,
+            loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR,
+        )
     return tff.learning.algorithms.build_unweighted_fed_avg(
         model_fn_for(cfg, data),
         client_optimizer_fn=client_opt,
         server_optimizer_fn=server_opt,
-        model_aggregator=ZeroNonFiniteFactory(build_aggregator(cfg.dp, cfg.train.clients_per_round)),
+        model_aggregator=ZeroNonFiniteFactory(aggregator),
         loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR,
     )
+
+
+def _discard_client_metrics(metric_finalizers, local_unfinalized_metrics_type=None):
+    """A TFF metrics aggregator for local DP: the clients' training metrics stay at the clients."""
+    del metric_finalizers, local_unfinalized_metrics_type
+
+    def aggregate(client_metrics):
+        del client_metrics
+        return tff.federated_value(collections.OrderedDict(), tff.SERVER)
+
+    return aggregate
 
 
 def round_input(
@@ -183,6 +205,7 @@ class RunInterrupted(Exception):
 class RunResult:
     summary: dict[str, Any]
     records: list[dict[str, Any]]
+    already_complete: bool = False  # the folder held this run, finished: nothing was run or written
 
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:
@@ -213,15 +236,34 @@ def _privacy_line(cfg: ExperimentConfig, plan: dict[str, Any]) -> str:
     if cfg.dp.mode == "none":
         return "privacy: none (--dp_mode=none): no DP guarantee, epsilon is infinite"
     if cfg.dp.mode == "central":
-        return (
+        line = (
             f"privacy: central DP, {plan['analysis']}; accountant {cfg.dp.accountant.upper()}, {delta_text}; "
             f"epsilon after {cfg.train.rounds} rounds: {plan['epsilon']:.4g}"
         )
-    return (
-        f"privacy: local DP ({cfg.dp.local_mechanism}) at each client, replace-one; accountant "
-        f"{cfg.dp.accountant.upper()}, {delta_text}; if a client took part in all {cfg.train.rounds} rounds: "
-        f"local epsilon {plan['local_epsilon']:.4g}, central view {plan['epsilon']:.4g} ({plan['epsilon_analysis']})"
-    )
+    else:
+        line = (
+            f"privacy: local DP ({cfg.dp.local_mechanism}) at each client, replace-one; accountant "
+            f"{cfg.dp.accountant.upper()}, {delta_text}; if a client took part in all {cfg.train.rounds} rounds: "
+            f"local epsilon {plan['local_epsilon']:.4g}, central view {plan['epsilon']:.4g} "
+            f"({plan['epsilon_analysis']})"
+        )
+    return f"{line}; {_sampling_text(cfg)}"
+
+
+def _sampling_text(cfg: ExperimentConfig) -> str:
+    """How secret the cohorts are: what amplification by sampling rests on."""
+    if cfg.train.sampling_seed is None:
+        text = "cohorts drawn from OS entropy (secret)"
+    else:
+        text = (
+            "cohorts seeded by --sampling_seed: amplification by sampling holds only against readers who do "
+            "not know that seed"
+        )
+    if cfg.log_cohorts:
+        text += "; --log_cohorts: ledger.jsonl lists every cohort, so its readers know who took part"
+    elif cfg.records_cohorts:
+        text += "; ledger.jsonl lists every cohort (local DP's participation counts need them)"
+    return text
 
 
 def run(
@@ -235,12 +277,16 @@ def run(
 
     Every round appends one line to `metrics.jsonl` with the epsilon spent so
     far; `summary.json` is written at the end, also when the run is stopped by
-    an exception or a signal (then with `status` saying why). The full state is
-    checkpointed every `cfg.train.checkpoint_every` rounds, at the end and when
-    stopped; the privacy ledger (`ledger.jsonl`) is appended before each
-    round's metrics. Rerunning the same configuration on the same folder
-    resumes from the newest checkpoint: rounds after it are re-run, and
-    counted again by the ledger if their outputs had already been written.
+    an exception or a signal (then with `status` saying why). The privacy
+    ledger (`ledger.jsonl`) gets each executed round before anything of it is
+    written; the full state is checkpointed every
+    `cfg.train.checkpoint_every` rounds, at the end and when stopped.
+    Rerunning the same configuration on the same folder resumes from the newest
+    checkpoint once the ledger is verified against the folder (a damaged,
+    shortened or missing ledger refuses the resume: `LedgerError`, nothing
+    written). Rounds after the checkpoint are re-run with fresh cohorts and
+    fresh noise, and counted again. A folder holding this run finished is left
+    as it is (`RunResult.already_complete`).
 
     Args:
       cfg: validated configuration.
@@ -250,25 +296,43 @@ def run(
         the run checkpoints, writes its summary, shuts the worker down and
         raises it.
       fresh: never resume; refuse a non-empty folder unless `overwrite`.
+
+    Raises:
+      checkpoints.LedgerError: the folder's ledger does not cover its releases.
     """
     cfg.validate()
     start = time.time()
     cfg, data, notes = _prepare(cfg, log)
+    out = outputs.ExperimentDir(cfg.output_dir, cfg.to_dict(), overwrite=overwrite, fresh=fresh)  # checks only
+    ckpts = checkpoints.CheckpointManager(cfg.output_dir, warn=log)
+    ledger_log = checkpoints.LedgerLog(cfg.output_dir)
+    if out.resuming:
+        ledger_log.load(needs_cohorts=cfg.dp.mode == "local")
+        checkpoints.check_ledger_covers(ledger_log, cfg.output_dir, ckpts.dir)
+        finished = _finished_summary(out, cfg)
+        if finished is not None:
+            eps = "inf (no DP)" if finished.get("neighboring_relation") is None else f"{finished['epsilon']:.4g}"
+            log(f"already complete: {finished['rounds']} rounds, epsilon {eps}; outputs in {cfg.output_dir}")
+            return RunResult(finished, outputs.read_metrics(cfg.output_dir), already_complete=True)
     ledger = accounting.make_ledger(cfg)
     plan = ledger.planned(cfg.train.rounds)
     relation = ledger.neighboring_relation
     delta = cfg.target_delta
     noise_seeded = cfg.dp.mode != "none" and cfg.dp.noise_seed is not None
-    out = outputs.ExperimentDir(cfg.output_dir, cfg.to_dict(), overwrite=overwrite, fresh=fresh)
+    sampler = CohortSampler(
+        cfg.train.client_sampling, data.num_clients, cfg.train.clients_per_round, cfg.train.sampling_seed
+    )
+    not_covered = coverage.not_covered(cfg)
+    out.open()
     for note in notes:
         log(note)
     log(f"task: {data.description}")
     log(_privacy_line(cfg, plan))
+    if not_covered:
+        log(f"released but not covered by epsilon: {', '.join(not_covered)} (--client_metrics=false leaves them out)")
     if noise_seeded:
         log(f"WARNING: DP noise is seeded (--noise_seed={cfg.dp.noise_seed}): for tests only, it gives no privacy")
 
-    ckpts = checkpoints.CheckpointManager(cfg.output_dir, warn=log)
-    ledger_log = checkpoints.LedgerLog(cfg.output_dir)
     records: list[dict[str, Any]] = []
     summary: dict[str, Any] = {
         "status": "running",
@@ -284,6 +348,10 @@ def run(
         "noise_multiplier": cfg.dp.noise_multiplier,
         "local_mechanism": cfg.dp.local_mechanism if cfg.dp.mode == "local" else None,
         "noise_seeded": noise_seeded,
+        "sampling_seeded": sampler.seeded,
+        "cohorts_logged": cfg.records_cohorts,
+        "client_metrics": cfg.client_metrics,
+        "outputs_not_covered_by_epsilon": not_covered,
         "final_test_accuracy": None,
         "final_test_loss": None,
         "stop_reason": None,
@@ -301,24 +369,28 @@ def run(
             evaluate = Evaluator(cfg, data)
             clip = cfg.dp.clip_norm if cfg.dp.mode != "none" else None
 
-            def cohort_of(r: int) -> np.ndarray:  # deterministic in (seed, r): nothing to checkpoint
-                return sample_cohort(
-                    cfg.train.client_sampling, data.num_clients, cfg.train.clients_per_round, cfg.train.seed, r
-                )
-
             if out.resuming:
-                done, state, clip, records = _resume(out, ckpts, ledger_log, ledger, process, state, clip, cohort_of)
+                done, state, clip, records = _resume(out, ckpts, ledger_log, ledger, state, clip, log)
                 summary["resumed_from_round"] = done
-                where = f"from round {done} (checkpoint)" if done else "from the start (no round was completed)"
-                log(f"resuming {cfg.output_dir} {where}; ledger: {ledger.released} released round(s) so far")
+                if done:
+                    log(f"resuming {cfg.output_dir} from round {done} (checkpoint); "
+                        f"ledger: {ledger.released} released round(s) so far")
                 if records:
                     _summarize(summary, records[-1])
+
+            cohort: np.ndarray | None = None  # of round done + 1, drawn once (also when previewed)
+
+            def next_cohort() -> np.ndarray:
+                nonlocal cohort
+                if cohort is None:
+                    cohort = sampler.cohort(done + 1, ledger_log.executions(done + 1) + 1)
+                return cohort
 
             def over_budget() -> str | None:
                 r = done + 1
                 if cfg.dp.max_epsilon is None or r > cfg.train.rounds:
                     return None
-                eps = ledger.preview(cohort_of(r))
+                eps = ledger.preview(next_cohort())
                 if eps <= cfg.dp.max_epsilon:
                     return None
                 return f"privacy budget: round {r} would bring epsilon to {eps:.4g} > --max_epsilon={cfg.dp.max_epsilon:g}"
@@ -328,40 +400,41 @@ def run(
             while summary["stop_reason"] is None and done < cfg.train.rounds:
                 r = done + 1
                 t0 = time.time()
-                cohort = cohort_of(r)
-                client_data = round_input(cfg, data, cohort, r, files)
+                this_cohort = next_cohort()
+                client_data = round_input(cfg, data, this_cohort, r, files)
                 ledger.prefetch()  # PLD: overlaps the accountant with the round
                 try:
                     result = process.next(state, client_data)
                 except Exception as e:
-                    raise _round_failed(r, done, state, records, ckpts, e) from e
+                    raise _round_failed(r, done, state, records, ckpts, ledger_log, e) from e
+                # Write-ahead: the ledger holds round r before anything computed from it is written.
+                ledger_log.append(r, this_cohort if cfg.records_cohorts else None)
                 state = result.state
-                record, clip = _round_record(cfg, r, cohort, result.metrics, clip)
+                record, clip = _round_record(cfg, r, this_cohort, result.metrics, clip)
                 record["round_seconds"] = time.time() - t0
                 t_acc = time.time()
-                record.update(ledger.commit(cohort))
+                record.update(ledger.commit(this_cohort))
                 record["accounting_seconds"] = time.time() - t_acc
                 record.update(
                     delta=delta, accountant=cfg.dp.accountant, neighboring_relation=relation,
                     client_sampling=cfg.train.client_sampling,
                 )
-                done = r
+                done, cohort = r, None
                 summary["stop_reason"] = over_budget()
                 last = summary["stop_reason"] is not None or r == cfg.train.rounds
                 if last or (cfg.train.eval_every and r % cfg.train.eval_every == 0):
                     record.update(evaluate(process.get_model_weights(state)))
+                _drop_unreleased(cfg, record)
                 interrupted = stop_requested()
-                # Checkpoint first (it holds this record), then the ledger, then the outputs:
-                # whatever is written, the ledger already covers it.
                 if last or interrupted is not None or (cfg.train.checkpoint_every and r % cfg.train.checkpoint_every == 0):
-                    ckpts.save(r, state, record)
-                ledger_log.append(r, cohort)
+                    ckpts.save(r, state, record, ledger_log)
                 out.append_metrics(record)
                 tb.write(record)
                 records.append(record)
                 _summarize(summary, record)
-                elapsed = sum(x["round_seconds"] for x in records[-20:]) / len(records[-20:])
-                log(_progress_line(r, cfg.train.rounds, record, relation, eta=elapsed * (cfg.train.rounds - r)))
+                seconds = [x["round_seconds"] for x in records[-20:] if "round_seconds" in x]
+                eta = sum(seconds) / len(seconds) * (cfg.train.rounds - r) if seconds else None
+                log(_progress_line(r, cfg.train.rounds, record, relation, eta=eta))
                 if interrupted is not None:
                     raise interrupted
             if summary["stop_reason"]:
@@ -373,7 +446,8 @@ def run(
         raise
     finally:
         ledger.close()
-        summary["wall_seconds"] = time.time() - start
+        if cfg.client_metrics:
+            summary["wall_seconds"] = time.time() - start
         out.write_json(outputs.SUMMARY, summary)
         out.close()
     if records:
@@ -384,36 +458,60 @@ def run(
     return RunResult(summary, records)
 
 
+def _finished_summary(out: outputs.ExperimentDir, cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """The folder's summary if its run has nothing left to do under `cfg`, else None.
+
+    Finished: completed with at least `cfg.train.rounds` rounds, or stopped at
+    the budget guard with a `--max_epsilon` that is not larger now.
+    """
+    summary = out.read_summary()
+    if summary is None or not isinstance(summary.get("rounds"), int):
+        return None
+    if summary.get("status") == "completed" and summary["rounds"] >= cfg.train.rounds:
+        return summary
+    old = (out.previous_hparams or {}).get("dp", {}).get("max_epsilon")
+    new = cfg.dp.max_epsilon
+    if summary.get("status") == "stopped_at_budget" and new is not None and old is not None and new <= old:
+        return summary
+    return None
+
+
 class RoundFailed(RuntimeError):
     """A round's TFF computation failed; the last completed round is checkpointed."""
 
 
-def _round_failed(r, done, state, records, ckpts, error: Exception) -> RoundFailed:
+def _round_failed(r, done, state, records, ckpts, ledger_log, error: Exception) -> RoundFailed:
     """Checkpoints round `done` (if not yet) so that a rerun resumes there; returns the error to raise."""
     saved = ""
     if done > 0 and records:
         if done not in ckpts.rounds():
-            ckpts.save(done, state, records[-1])
+            ckpts.save(done, state, records[-1], ledger_log)
         saved = f"; round {done} is checkpointed: rerun the same command to resume from it"
     cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return RoundFailed(f"round {r} failed: {type(error).__name__}: {cause}{saved}")
 
 
-def _resume(out, ckpts, ledger_log, ledger, process, state, clip, cohort_of):
-    """Restores model state, ledger and metrics of an interrupted run. Returns (round, state, clip, records)."""
+def _resume(out, ckpts, ledger_log, ledger, state, clip, log):
+    """Restores model state, accountant and metrics of an interrupted run. Returns (round, state, clip, records).
+
+    The ledger was verified before (`checkpoints.check_ledger_covers`); every
+    release it holds is replayed into the accountant, also those after the
+    checkpoint, which are about to be re-run.
+    """
     done, record = 0, None
     loaded = ckpts.load_latest(state)
     if loaded is not None:
         done, state, record = loaded
         if record.get("next_clip_norm") is not None:
             clip = record["next_clip_norm"]
-    entries = ledger_log.entries()
-    if loaded is not None and (not entries or entries[-1]["round"] < done):
-        # The checkpoint of round `done` was written but the process died before its ledger line.
-        entries.append({"round": done, "cohort": [int(c) for c in cohort_of(done)]})
-    ledger_log.rewrite(entries)
-    for entry in entries:
-        ledger.replay(entry["cohort"])
+    elif ckpts.rounds():
+        log(f"WARNING: no checkpoint in {ckpts.dir} is readable: the run restarts from round 1 "
+            f"(the ledger keeps its {ledger_log.count} release(s): epsilon counts them)")
+    elif ledger_log.count:
+        log(f"no checkpoint was written: the run restarts from round 1 "
+            f"(the ledger keeps its {ledger_log.count} release(s): epsilon counts them)")
+    for entry in ledger_log.entries:
+        ledger.replay(entry.get("cohort"))
     records = out.truncate_metrics(done, record)
     return done, state, clip, records
 
@@ -428,39 +526,48 @@ def _summarize(summary: dict[str, Any], record: dict[str, Any]) -> None:
 
 
 def _round_record(cfg: ExperimentConfig, r: int, cohort, metrics, clip):
-    train = metrics["client_work"]["train"]
-    record: dict[str, Any] = {
-        "round": r,
-        "clients_this_round": len(cohort),
-        "train_loss": float(train["loss"]) if len(cohort) else None,
-        "train_accuracy": float(train["accuracy"]) if len(cohort) else None,
-        "clip_norm": clip,
-        "nonfinite_clients": int(metrics["aggregator"]["nonfinite_clients"]),
-    }
-    aggregator = metrics["aggregator"]["inner"]
+    """The round's metrics line (before accounting), and the clip of the next round.
+
+    Under local DP the process returns no client statistic, and none is
+    recorded; `_drop_unreleased` then removes what `cfg` does not release.
+    """
+    record: dict[str, Any] = {"round": r, "clients_this_round": len(cohort), "clip_norm": clip}
+    aggregator = metrics["aggregator"]
+    if cfg.dp.mode != "local":
+        train = metrics["client_work"]["train"]
+        record.update(
+            train_loss=float(train["loss"]) if len(cohort) else None,
+            train_accuracy=float(train["accuracy"]) if len(cohort) else None,
+            nonfinite_clients=int(aggregator["nonfinite_clients"]),
+        )
+    inner = aggregator.get("inner", aggregator)
     if cfg.dp.mode == "central":
-        query_metrics = aggregator.get("dp_query_metrics", {})
+        query_metrics = inner.get("dp_query_metrics", {})
         if "clip" in query_metrics:
             clip = float(query_metrics["clip"])
         record["next_clip_norm"] = clip
     elif cfg.dp.mode == "local":
-        record.update(
-            next_clip_norm=clip,
-            fraction_clipped=float(aggregator["fraction_clipped"]),
-            mean_norm_before_clipping=float(aggregator["mean_norm_before_clipping"]),
-        )
+        record["next_clip_norm"] = clip
         key = "noise_std" if cfg.dp.local_mechanism == "gaussian" else "laplace_scale"
-        record[key] = float(aggregator[key])
+        record[key] = float(inner[key])
     return record, clip
 
 
-def _progress_line(r: int, total: int, rec: dict[str, Any], relation: str | None, eta: float = 0.0) -> str:
-    parts = [
-        f"round {r}/{total}",
-        f"clients {rec['clients_this_round']}",
-        f"loss {_fmt(rec['train_loss'])}",
-        f"acc {_fmt(rec['train_accuracy'])}",
-    ]
+def _drop_unreleased(cfg: ExperimentConfig, record: dict[str, Any]) -> None:
+    """Removes from `record` every field `cfg` does not release (`privacy.coverage`)."""
+    if not cfg.client_metrics:
+        for key in (*coverage.CLIENT_TRAINING_FIELDS, *coverage.TIMING_FIELDS):
+            record.pop(key, None)
+    if not coverage.cohort_size_released(cfg):
+        record.pop(coverage.COHORT_SIZE_FIELD, None)
+
+
+def _progress_line(r: int, total: int, rec: dict[str, Any], relation: str | None, eta: float | None = 0.0) -> str:
+    parts = [f"round {r}/{total}"]
+    if "clients_this_round" in rec:
+        parts.append(f"clients {rec['clients_this_round']}")
+    if "train_loss" in rec:
+        parts += [f"loss {_fmt(rec['train_loss'])}", f"acc {_fmt(rec['train_accuracy'])}"]
     if "test_accuracy" in rec:
         parts.append(f"test acc {rec['test_accuracy']:.4f}")
     if relation is None:
@@ -469,8 +576,9 @@ def _progress_line(r: int, total: int, rec: dict[str, Any], relation: str | None
         if "local_epsilon" in rec:
             parts.append(f"local eps {rec['local_epsilon']:.4g}")
         parts.append(f"eps {rec['epsilon']:.4g} (delta {rec['delta']:.3g}, {_RELATION_TEXT[relation]})")
-    parts.append(f"{rec['round_seconds']:.2f}s")
-    if r < total:
+    if "round_seconds" in rec:
+        parts.append(f"{rec['round_seconds']:.2f}s")
+    if r < total and eta is not None:
         parts.append(f"ETA {_duration(eta)}")
     return " | ".join(parts)
 

@@ -99,7 +99,15 @@ EVAL_EVERY = flags.DEFINE_integer(
     "eval_every", _R.eval_every, "Evaluate on the test split every this many rounds and after the last (0 = last only)."
 )
 SEED = flags.DEFINE_integer(
-    "seed", _R.seed, "Seeds client split, client sampling, model init (>= 0). Never seeds the DP noise."
+    "seed", _R.seed,
+    "Seeds the client split, the order of each client's examples and the model init (>= 0). Never seeds the "
+    "DP noise or the cohorts.",
+)
+SAMPLING_SEED = flags.DEFINE_integer(
+    "sampling_seed", None,
+    "Seed of the cohorts (>= 0; tests, debugging). Unset = OS entropy: cohorts are secret, as amplification "
+    "by sampling assumes. Set: amplification holds only against readers who do not know the seed (it is not "
+    "written to hparams.json).",
 )
 
 # --- differential privacy ---------------------------------------------------
@@ -177,6 +185,19 @@ CHECKPOINT_EVERY = flags.DEFINE_integer(
     "Rerunning with the same --output_dir resumes from the newest checkpoint.",
 )
 
+LOG_COHORTS = flags.DEFINE_bool(
+    "log_cohorts", False,
+    "Write every round's cohort to ledger.jsonl. Whoever reads the folder then knows who took part, which voids "
+    "amplification by sampling against them. (--dp_mode=local always records cohorts there.)",
+)
+CLIENT_METRICS = flags.DEFINE_bool(
+    "client_metrics", True,
+    "Release the clients' training loss/accuracy, nonfinite_clients, the realised Poisson cohort size and "
+    "timings, none covered by epsilon (listed in summary.json outputs_not_covered_by_epsilon). false: every "
+    "released number is covered by epsilon or computed on the test set. Local DP never releases client "
+    "statistics.",
+)
+
 # --- execution --------------------------------------------------------------
 WORKERS = flags.DEFINE_list(
     "workers",
@@ -226,6 +247,7 @@ def experiment_config() -> ExperimentConfig:
             eval_every=EVAL_EVERY.value,
             checkpoint_every=CHECKPOINT_EVERY.value,
             seed=SEED.value,
+            sampling_seed=SAMPLING_SEED.value,
         ),
         dp=DPConfig(
             mode=DP_MODE.value,
@@ -245,4 +267,6 @@ def experiment_config() -> ExperimentConfig:
         output_dir=OUTPUT_DIR.value,
         workers=tuple(WORKERS.value),
         worker_timeout=WORKER_TIMEOUT.value,
+        log_cohorts=LOG_COHORTS.value,
+        client_metrics=CLIENT_METRICS.value,
     )

@@ -6,8 +6,10 @@ Writes hparams.json, metrics.jsonl (one line per round), summary.json and
 worker.log to --output_dir; prints one progress line per round.
 With --workers=host:port,... the rounds run on TFF worker services started
 with `python -m experiments.run_worker --port=PORT`.
-Exit codes: 0 done, 2 bad flags or unreachable --workers, 1 failure (e.g. a
-round failed on a lost worker; rerun to resume), 128+signal when stopped by one.
+Exit codes: 0 done (or already complete), 2 bad flags, unreachable --workers or
+a run folder that cannot be resumed (e.g. a damaged ledger.jsonl), 1 failure
+(e.g. a round failed on a lost worker; rerun to resume), 128+signal when
+stopped by one.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 
 from absl import app, logging
 
-from dpfl_tff import runtime, training
+from dpfl_tff import checkpoints, runtime, training
 from dpfl_tff.config import ConfigError
 from experiments import flags as dpfl_flags
 
@@ -74,16 +76,26 @@ def main(argv: list[str]) -> None:
     except (ConfigError, FileExistsError, OSError, runtime.WorkersUnreachable) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except checkpoints.LedgerError as e:
+        print(
+            f"error: cannot resume: {e}. Its epsilon would be too low; nothing was changed. Restore the ledger, "
+            "or start afresh with --overwrite or another --output_dir",
+            file=sys.stderr, flush=True,
+        )
+        sys.exit(2)
     except training.RoundFailed as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+    if result.already_complete:
+        return
     s = result.summary
     relation = (s["neighboring_relation"] or "").replace("_", "-")
     eps = "inf (no DP)" if not relation else f"{s['epsilon']:.4g} ({relation}, {s['accountant'].upper()})"
     acc = "n/a" if s["final_test_accuracy"] is None else f"{s['final_test_accuracy']:.4f}"
+    wall = f", {s['wall_seconds']:.0f} s" if "wall_seconds" in s else ""
     print(
         f"done: {s['rounds']} rounds, test accuracy {acc}, "
-        f"epsilon {eps} at delta {s['delta']:.3g}, {s['wall_seconds']:.0f} s; outputs in {cfg.output_dir}",
+        f"epsilon {eps} at delta {s['delta']:.3g}{wall}; outputs in {cfg.output_dir}",
         flush=True,
     )
 

@@ -1,16 +1,21 @@
-"""Shared fixtures; the session fails if any TFF worker process survives it."""
+"""Shared fixtures; the session fails if any TFF worker process it started survives it."""
 
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Every process this session starts (drivers, their TFF workers, run_worker services) inherits this
+# marker, so that the checks below see this session's workers only, never another run's on the machine.
+SESSION_MARKER = f"DPFL_TFF_TEST_SESSION={uuid.uuid4().hex}".encode()
+os.environ["DPFL_TFF_TEST_SESSION"] = SESSION_MARKER.split(b"=", 1)[1].decode()
 
 
 def worker_pids() -> list[int]:
-    """Pids of all running TFF `worker_binary` processes on this machine."""
+    """Pids of the running TFF `worker_binary` processes started by this test session."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -18,11 +23,15 @@ def worker_pids() -> list[int]:
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 cmd = f.read().split(b"\0")[0]
+            if not cmd.endswith(b"worker_binary"):
+                continue
             with open(f"/proc/{entry}/stat", "rb") as f:
                 state = f.read().rsplit(b")", 1)[1].split()[0]
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                ours = SESSION_MARKER in f.read().split(b"\0")
         except OSError:
             continue
-        if cmd.endswith(b"worker_binary") and state != b"Z":
+        if ours and state != b"Z":
             pids.append(int(entry))
     return pids
 

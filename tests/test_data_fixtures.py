@@ -43,8 +43,8 @@ def no_network(monkeypatch):
 
 
 def _own_workers() -> list[int]:
-    """worker_binary processes started by this test process (conftest's
-    worker_pids() is machine-wide and sees other sessions' workers)."""
+    """worker_binary processes started by this test process itself (conftest's worker_pids()
+    also sees those of the drivers this session started)."""
     own = []
     for pid in worker_pids():
         try:

@@ -17,7 +17,8 @@ def _cfg(tmp_path, **dp):
                         synthetic_num_classes=3),
         train=TrainConfig(model="logistic", rounds=2, clients_per_round=3, client_batch_size=6,
                           client_optimizer="sgd", client_learning_rate=0.5,
-                          server_optimizer="sgd", server_learning_rate=1.0, eval_every=1, seed=4),
+                          server_optimizer="sgd", server_learning_rate=1.0, eval_every=1, seed=4,
+                          sampling_seed=4),
         dp=DPConfig(**dp),
         output_dir=str(tmp_path / "run"),
     ).validate()
@@ -77,7 +78,7 @@ def _final_test_loss(cfg, name):
 def test_same_seed_gets_different_noise_unless_noise_seed_given(tmp_path):
     cfg = _cfg(tmp_path, noise_multiplier=5.0, clip_norm=1.0)
     a, b = _final_test_loss(cfg, "a"), _final_test_loss(cfg, "b")
-    assert a != b  # same --seed (data, cohorts, init), fresh noise
+    assert a != b  # same --seed and --sampling_seed (data, cohorts, init), fresh noise
     seeded = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, noise_seed=11))
     c, d = _final_test_loss(seeded, "c"), _final_test_loss(seeded, "d")
     assert c == d  # the noise seed is the only difference left

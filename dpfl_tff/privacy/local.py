@@ -1,11 +1,13 @@
 """Client-level (local) DP: each client clips and noises its own update.
 
 The noise is added inside the client computation (TFF `CLIENTS` placement),
-before anything leaves the client; the server only averages what it receives.
-No tensorflow-privacy factory does this, so `LocalDPFactory` is a TFF
-`UnweightedAggregationFactory`:
+and nothing computed from the client's data leaves the client but its noised
+update: no norm, no clipped flag, no training metric, no non-finite flag (a
+non-finite update is zeroed at the client, before clipping). The server only
+averages what it receives. No tensorflow-privacy factory does this, so
+`LocalDPFactory` is a TFF `UnweightedAggregationFactory`:
 
-  federated_map(clip_and_noise) @CLIENTS -> federated_sum -> / number of clients
+  federated_map(zero non-finite, clip_and_noise) @CLIENTS -> federated_sum -> / number of clients
 
 Mechanisms (C = clip norm, z = noise multiplier), per client per round:
 
@@ -67,7 +69,8 @@ def clip_and_noise(tensors, mechanism: str, clip: float, noise_multiplier: float
     with bit-identical updates then draw identical noise).
 
     Returns:
-      (noised tensors, norm before clipping, 1.0 if clipped else 0.0).
+      The noised tensors, shaped like `tensors`. Nothing else: the norm and
+      whether it was clipped are the client's own and never leave it.
     """
     flat = [tf.cast(t, tf.float32) for t in tf.nest.flatten(tensors)]
     order = 2 if mechanism == GAUSSIAN else 1
@@ -78,16 +81,24 @@ def clip_and_noise(tensors, mechanism: str, clip: float, noise_multiplier: float
     for i, t in enumerate(flat):
         op_key = None if key is None else key + tf.constant([0, 2**20], tf.int64) * i
         noised.append(t * scale + noise_multiplier * clip * _draw(mechanism, tf.shape(t), op_key))
-    clipped = tf.cast(norm > clip, tf.float32)
-    return tf.nest.pack_sequence_as(tensors, noised), norm, clipped
+    return tf.nest.pack_sequence_as(tensors, noised)
+
+
+def zero_nonfinite(tensors):
+    """`tensors` unchanged if all finite, else zeros of the same structure (norm 0 <= any clip)."""
+    flat = tf.nest.flatten(tensors)
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in flat])
+    return tf.nest.map_structure(lambda t: tf.where(finite, t, tf.zeros_like(t)), tensors)
 
 
 class LocalDPFactory(tff.aggregators.UnweightedAggregationFactory):
-    """Clip-and-noise at CLIENTS, then the server's plain mean.
+    """Zero-if-non-finite and clip-and-noise at CLIENTS, then the server's plain mean.
 
-    Measurements per round: `fraction_clipped`, `mean_norm_before_clipping`
-    (means over the clients of the round), `noise_std` (Gaussian) or
-    `laplace_scale` (Laplace). With no client in a round the result is zero.
+    What reaches the server from a client: its noised update and the constant
+    1 (the server counts the clients it sent work to). Measurements per round:
+    `clients` and `noise_std` (Gaussian) or `laplace_scale` (Laplace), neither
+    of which depends on any client's data. With no client in a round the
+    result is zero.
     """
 
     def __init__(self, mechanism: str, clip: float, noise_multiplier: float, noise_seed: int | None = None):
@@ -104,18 +115,17 @@ class LocalDPFactory(tff.aggregators.UnweightedAggregationFactory):
         @tff.tensorflow.computation(value_type, np.int64)
         def privatize(value, round_num):
             key = None if seed is None else tf.constant(seed, tf.int64) * 1_000_003 + round_num
-            noised, norm, clipped = clip_and_noise(value, mechanism, clip, z, key)
-            return noised, norm, clipped, tf.constant(1.0)
+            noised = clip_and_noise(zero_nonfinite(value), mechanism, clip, z, key)
+            return noised, tf.constant(1.0)
 
         @tff.tensorflow.computation(np.int64)
         def increment(round_num):
             return round_num + 1
 
         @tff.tensorflow.computation
-        def finish(total, norm_sum, clipped_sum, count):
+        def finish(total, count):
             n = tf.maximum(count, 1.0)
-            mean = tf.nest.map_structure(lambda t: t / tf.cast(n, t.dtype), total)
-            return mean, norm_sum / n, clipped_sum / n
+            return tf.nest.map_structure(lambda t: t / tf.cast(n, t.dtype), total)
 
         @tff.federated_computation
         def init_fn():
@@ -126,16 +136,12 @@ class LocalDPFactory(tff.aggregators.UnweightedAggregationFactory):
         @tff.federated_computation(init_fn.type_signature.result, tff.FederatedType(value_type, tff.CLIENTS))
         def next_fn(state, value):
             round_at_clients = tff.federated_broadcast(state)
-            noised, norm, clipped, one = tff.federated_map(privatize, (value, round_at_clients))
+            noised, one = tff.federated_map(privatize, (value, round_at_clients))
             total = tff.federated_sum(noised)
-            norms = tff.federated_sum(norm)
-            clips = tff.federated_sum(clipped)
             count = tff.federated_sum(one)
-            mean, mean_norm, frac = tff.federated_map(finish, tff.federated_zip((total, norms, clips, count)))
+            mean = tff.federated_map(finish, tff.federated_zip((total, count)))
             measurements = tff.federated_zip(
                 collections.OrderedDict(
-                    fraction_clipped=frac,
-                    mean_norm_before_clipping=mean_norm,
                     clients=count,
                     **{noise_key: tff.federated_value(np.float32(z * clip), tff.SERVER)},
                 )

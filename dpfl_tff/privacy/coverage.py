@@ -1,0 +1,67 @@
+"""Which released numbers the reported epsilon covers.
+
+The epsilon bounds what the *noised* aggregate reveals about one client, and
+everything computed from it: the model, its test-set evaluation, the adaptive
+clip (its count is noised too). A run also releases numbers computed from the
+clients' data without noise; those are outside the guarantee and are listed in
+`summary.json` as `outputs_not_covered_by_epsilon`:
+
+* `train_loss`, `train_accuracy`: the clients' own training metrics, summed
+  without noise (central DP and no DP; under local DP they never leave the
+  clients and are not released at all).
+* `nonfinite_clients`: how many clients' updates were non-finite (likewise).
+* `clients_this_round` under Poisson sampling with add-or-remove-one: the
+  realised cohort size depends on whether a client is in the data. Under
+  uniform sampling it is always m, and under local DP (replace-one) it does
+  not depend on any client's data.
+* `round_seconds`, `accounting_seconds`, `wall_seconds`: timings, which depend
+  on the cohort's data sizes.
+
+`--client_metrics=false` leaves all of these out of every file and line, so
+that every released number is covered by the epsilon or computed on the
+held-out test set; the list is then empty.
+
+Numbers that depend only on the sampling, never on data (local DP's
+`max_participations` and the `local_epsilon` computed from it) are not in the
+list; README's threat model says what they reveal about the cohorts.
+"""
+
+from __future__ import annotations
+
+from dpfl_tff.config import ExperimentConfig
+
+CLIENT_TRAINING_FIELDS = ("train_loss", "train_accuracy", "nonfinite_clients")
+COHORT_SIZE_FIELD = "clients_this_round"
+TIMING_FIELDS = ("round_seconds", "accounting_seconds", "wall_seconds")
+
+
+def client_statistics_released(cfg: ExperimentConfig) -> bool:
+    """Whether the clients' unnoised training metrics leave the clients and are written.
+
+    Never under local DP: nothing computed from a client's data but its
+    noised update leaves the client computation.
+    """
+    return cfg.client_metrics and cfg.dp.mode != "local"
+
+
+def cohort_size_covered(cfg: ExperimentConfig) -> bool:
+    """The realised cohort size is covered unless Poisson sampling meets add-or-remove-one."""
+    return cfg.dp.mode == "local" or cfg.train.client_sampling != "poisson"
+
+
+def not_covered(cfg: ExperimentConfig) -> list[str]:
+    """Names of the released fields that the epsilon of `cfg` does not cover (see the module docstring)."""
+    if not cfg.client_metrics:
+        return []
+    fields: list[str] = []
+    if client_statistics_released(cfg):
+        fields += CLIENT_TRAINING_FIELDS
+    if not cohort_size_covered(cfg):
+        fields.append(COHORT_SIZE_FIELD)
+    fields += TIMING_FIELDS
+    return fields
+
+
+def cohort_size_released(cfg: ExperimentConfig) -> bool:
+    """Whether `clients_this_round` is written."""
+    return cfg.client_metrics or cohort_size_covered(cfg)
