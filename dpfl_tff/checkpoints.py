@@ -297,10 +297,11 @@ def check_ledger_covers(ledger: LedgerLog, root: str, checkpoints_dir: str) -> N
     if need["releases"] > have:
         lacking = [need["metrics_rounds"].get(n) for n in range(have + 1, need["releases"] + 1)]
         named = sorted({r for r in lacking if r is not None})
-        rounds = f" (of rounds {_ranges(named)})" if named else ""
+        rounds = f" (round{'s' if len(named) > 1 else ''} {_ranges(named)})" if named else ""
+        releases = _ranges(list(range(have + 1, need["releases"] + 1)))
         raise LedgerError(
             f"{ledger.path} {what}, but {' and '.join(need['sources'])} record {need['releases']}: "
-            f"it lacks releases {have + 1}-{need['releases']}{rounds}"
+            f"it lacks release{'s' if need['releases'] - have > 1 else ''} {releases}{rounds}"
         )
     present = {e["round"] for e in ledger.entries}
     missing = sorted(need["rounds"] - present)

@@ -1,4 +1,8 @@
-"""Statistical tests of the NumPy mechanisms; seeds fixed, tolerances from sampling theory."""
+"""Statistical tests of the NumPy mechanisms; tolerances from sampling theory.
+
+Every test seeds its generator, so each is deterministic: it passes or fails on every run, never
+at random (failure probability per run 0 once it passes).
+"""
 
 import math
 

@@ -144,7 +144,8 @@ def test_noise_is_added_once_where_the_mode_says(tmp_path, two_workers, mode):
     d = move.size
     expected = z * clip / (m if mode == "central" else math.sqrt(m))
     measured = float(np.sqrt(np.mean(move**2)))
-    # sample RMS of d normals: relative s.e. 1/sqrt(2d) (~1.3% for d ~ 3000); 8 s.e. plus the signal's share
+    # Unseeded. Sample RMS of d normals: relative s.e. 1/sqrt(2d) (~1.3% for d ~ 3000); 8 s.e. plus the
+    # signal's share: failure probability P(|Z| > 8) < 1.3e-15 per case.
     tol = 8 / math.sqrt(2 * d) + (clip / math.sqrt(d)) / expected
     assert d > 1000
     assert abs(measured / expected - 1) < tol, (measured, expected, tol)
