@@ -7,7 +7,9 @@ import contextlib
 import dataclasses
 import math
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -194,11 +196,36 @@ def _shuffle_seed(seed: int, round_num: int, client_id: int) -> int:
 
 
 class RunInterrupted(Exception):
-    """The run was asked to stop (e.g. SIGTERM) and stopped after a completed round."""
+    """The run was asked to stop (e.g. SIGTERM); the last completed round is checkpointed.
+
+    Returned by `stop_requested` (the run stops after the current round), or
+    raised by a signal handler to cut the current round short: `run` then
+    checkpoints the last completed round before it re-raises.
+    """
 
     def __init__(self, reason: str, exit_code: int):
         super().__init__(reason)
         self.exit_code = exit_code
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait (pending) until the block ends: a handler cannot cut it short.
+
+    Wraps everything `run` writes, so that a signal handler that raises never
+    lands between the ledger and a checkpoint, or inside a file being written.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers run in the main thread only
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @dataclasses.dataclass
@@ -397,46 +424,58 @@ def run(
 
             tb = outputs.TensorBoard(out.file(outputs.TENSORBOARD))
             summary["stop_reason"] = over_budget()
-            while summary["stop_reason"] is None and done < cfg.train.rounds:
-                r = done + 1
-                t0 = time.time()
-                this_cohort = next_cohort()
-                client_data = round_input(cfg, data, this_cohort, r, files)
-                ledger.prefetch()  # PLD: overlaps the accountant with the round
-                try:
-                    result = process.next(state, client_data)
-                except Exception as e:
-                    raise _round_failed(r, done, state, records, ckpts, ledger_log, e) from e
-                # Write-ahead: the ledger holds round r before anything computed from it is written.
-                ledger_log.append(r, this_cohort if cfg.records_cohorts else None)
-                state = result.state
-                record, clip = _round_record(cfg, r, this_cohort, result.metrics, clip)
-                record["round_seconds"] = time.time() - t0
-                t_acc = time.time()
-                record.update(ledger.commit(this_cohort))
-                record["accounting_seconds"] = time.time() - t_acc
-                record.update(
-                    delta=delta, accountant=cfg.dp.accountant, neighboring_relation=relation,
-                    client_sampling=cfg.train.client_sampling,
-                )
-                done, cohort = r, None
-                summary["stop_reason"] = over_budget()
-                last = summary["stop_reason"] is not None or r == cfg.train.rounds
-                if last or (cfg.train.eval_every and r % cfg.train.eval_every == 0):
-                    record.update(evaluate(process.get_model_weights(state)))
-                _drop_unreleased(cfg, record)
-                interrupted = stop_requested()
-                if last or interrupted is not None or (cfg.train.checkpoint_every and r % cfg.train.checkpoint_every == 0):
-                    ckpts.save(r, state, record, ledger_log)
-                out.append_metrics(record)
-                tb.write(record)
-                records.append(record)
-                _summarize(summary, record)
-                seconds = [x["round_seconds"] for x in records[-20:] if "round_seconds" in x]
-                eta = sum(seconds) / len(seconds) * (cfg.train.rounds - r) if seconds else None
-                log(_progress_line(r, cfg.train.rounds, record, relation, eta=eta))
-                if interrupted is not None:
-                    raise interrupted
+            try:  # outside the deferred blocks below, `state` is always that of round `done`
+                while summary["stop_reason"] is None and done < cfg.train.rounds:
+                    r = done + 1
+                    t0 = time.time()
+                    this_cohort = next_cohort()
+                    client_data = round_input(cfg, data, this_cohort, r, files)
+                    ledger.prefetch()  # PLD: overlaps the accountant with the round
+                    try:
+                        result = process.next(state, client_data)
+                    except RunInterrupted:  # a second stop request cut the round short
+                        raise
+                    except Exception as e:
+                        with signals_deferred():
+                            raise _round_failed(r, done, state, records, ckpts, ledger_log, e) from e
+                    with signals_deferred():  # the round's bookkeeping and writes are never cut short
+                        # Write-ahead: the ledger holds round r before anything computed from it is written.
+                        ledger_log.append(r, this_cohort if cfg.records_cohorts else None)
+                        state = result.state
+                        record, clip = _round_record(cfg, r, this_cohort, result.metrics, clip)
+                        record["round_seconds"] = time.time() - t0
+                        t_acc = time.time()
+                        record.update(ledger.commit(this_cohort))
+                        record["accounting_seconds"] = time.time() - t_acc
+                        record.update(
+                            delta=delta, accountant=cfg.dp.accountant, neighboring_relation=relation,
+                            client_sampling=cfg.train.client_sampling,
+                        )
+                        done, cohort = r, None
+                        summary["stop_reason"] = over_budget()
+                        last = summary["stop_reason"] is not None or r == cfg.train.rounds
+                        if last or (cfg.train.eval_every and r % cfg.train.eval_every == 0):
+                            record.update(evaluate(process.get_model_weights(state)))
+                        _drop_unreleased(cfg, record)
+                        interrupted = stop_requested()
+                        if last or interrupted is not None or (
+                                cfg.train.checkpoint_every and r % cfg.train.checkpoint_every == 0):
+                            ckpts.save(r, state, record, ledger_log)
+                        out.append_metrics(record)
+                        tb.write(record)
+                        records.append(record)
+                        _summarize(summary, record)
+                        seconds = [x["round_seconds"] for x in records[-20:] if "round_seconds" in x]
+                        eta = sum(seconds) / len(seconds) * (cfg.train.rounds - r) if seconds else None
+                        log(_progress_line(r, cfg.train.rounds, record, relation, eta=eta))
+                    # A signal that waited above is handled here; a second one raises RunInterrupted.
+                    interrupted = interrupted or stop_requested()
+                    if interrupted is not None:
+                        raise interrupted
+            except RunInterrupted:
+                with signals_deferred():
+                    _checkpoint_last_round(done, state, records, ckpts, ledger_log)
+                raise
             if summary["stop_reason"]:
                 log(f"stopped: {summary['stop_reason']}")
             tb.close()
@@ -445,11 +484,12 @@ def run(
         summary["status"] = f"stopped: {type(e).__name__}: {e}".strip().rstrip(":")
         raise
     finally:
-        ledger.close()
-        if cfg.client_metrics:
-            summary["wall_seconds"] = time.time() - start
-        out.write_json(outputs.SUMMARY, summary)
-        out.close()
+        with signals_deferred():
+            ledger.close()
+            if cfg.client_metrics:
+                summary["wall_seconds"] = time.time() - start
+            out.write_json(outputs.SUMMARY, summary)
+            out.close()
     if records:
         try:
             plots.plot_run(cfg.output_dir)
@@ -480,12 +520,19 @@ class RoundFailed(RuntimeError):
     """A round's TFF computation failed; the last completed round is checkpointed."""
 
 
+def _checkpoint_last_round(done, state, records, ckpts, ledger_log) -> bool:
+    """Checkpoints round `done` (state `state`) unless it is; False if no round was completed."""
+    if done <= 0 or not records:
+        return False
+    if done not in ckpts.rounds():
+        ckpts.save(done, state, records[-1], ledger_log)
+    return True
+
+
 def _round_failed(r, done, state, records, ckpts, ledger_log, error: Exception) -> RoundFailed:
     """Checkpoints round `done` (if not yet) so that a rerun resumes there; returns the error to raise."""
     saved = ""
-    if done > 0 and records:
-        if done not in ckpts.rounds():
-            ckpts.save(done, state, records[-1], ledger_log)
+    if _checkpoint_last_round(done, state, records, ckpts, ledger_log):
         saved = f"; round {done} is checkpointed: rerun the same command to resume from it"
     cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return RoundFailed(f"round {r} failed: {type(error).__name__}: {cause}{saved}")

@@ -25,10 +25,15 @@ from experiments import flags as dpfl_flags
 
 
 class _Signals:
-    """SIGTERM/SIGINT stop the run after the current round; a second one stops it at once.
+    """SIGTERM/SIGINT stop the run after the current round; a second one cuts that round short.
 
-    The handler only records the signal: raising from a signal handler can be
-    swallowed when it lands inside a `__del__` or a library's cleanup code.
+    Either way the last completed round is checkpointed before the driver
+    exits (`training.run` defers signals while it writes, so a signal never
+    cuts a save short). A batch scheduler's cancel under `uv run` delivers the
+    signal twice (the group kill, and uv forwarding it): that loses at most
+    the round in progress. The first signal only records itself: raising from
+    a signal handler can be swallowed when it lands inside a `__del__` or a
+    library's cleanup code (then the run still stops after the round).
     """
 
     def __init__(self):
@@ -37,8 +42,8 @@ class _Signals:
     def __call__(self, signum, frame):  # noqa: ARG002
         name = signal.Signals(signum).name
         if self.received is not None:
-            print(f"stopped by a second {name}: exiting now", file=sys.stderr, flush=True)
-            raise SystemExit(128 + signum)
+            print(f"{name} received again: cutting the current round short", file=sys.stderr, flush=True)
+            raise training.RunInterrupted(f"stopped by {name}", 128 + signum)
         self.received = signum
         print(f"{name} received: stopping after the current round", file=sys.stderr, flush=True)
 
@@ -71,7 +76,8 @@ def main(argv: list[str]) -> None:
             fresh=dpfl_flags.FRESH.value,
         )
     except training.RunInterrupted as e:
-        print(f"{e}: summary written to {cfg.output_dir}, TFF worker shut down", file=sys.stderr, flush=True)
+        print(f"{e}: last completed round checkpointed, summary written to {cfg.output_dir}, TFF worker shut down",
+              file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except (ConfigError, FileExistsError, OSError, runtime.WorkersUnreachable) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
