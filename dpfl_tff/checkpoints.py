@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from dpfl_tff.config import ConfigError
+
 CHECKPOINTS = "checkpoints"
 LEDGER = "ledger.jsonl"
 
@@ -53,6 +55,13 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_START_FRESH = "it cannot be resumed; start afresh with --overwrite or another --output_dir"
+
+
+class CheckpointMismatch(ConfigError):
+    """A checkpoint that is intact but does not fit the model or state built now."""
 
 
 class CheckpointManager:
@@ -110,24 +119,68 @@ class CheckpointManager:
         for old in self.rounds()[: -self.keep]:
             shutil.rmtree(os.path.join(self.dir, f"ckpt_{old:06d}"), ignore_errors=True)
 
+    def _readable(self, round_num: int) -> dict[str, Any]:
+        """meta.json of checkpoint `round_num` after checking state.npz's checksum; raises if unreadable."""
+        path = os.path.join(self.dir, f"ckpt_{round_num:06d}")
+        with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        if _sha256(os.path.join(path, "state.npz")) != meta["sha256"]:
+            raise ValueError("checksum mismatch")
+        return meta
+
+    def check_fits(self, weights: list[Any], model_name: str) -> None:
+        """Raises CheckpointMismatch unless the newest readable checkpoint starts with tensors shaped like `weights`.
+
+        The learning-process state is flattened with the model's trainable then
+        non-trainable weights first; `weights` are the Keras model's, in that
+        order. Checked before a resume starts, so that a model whose code
+        changed since the run began is refused with a clear message instead of
+        failing inside the first round.
+        """
+        for round_num in reversed(self.rounds()):
+            try:
+                meta = self._readable(round_num)
+            except (OSError, ValueError, KeyError, json.JSONDecodeError):
+                continue  # load_latest warns about it and falls back
+            path = os.path.join(self.dir, f"ckpt_{round_num:06d}")
+            with np.load(os.path.join(path, "state.npz"), allow_pickle=False) as z:
+                stored = [(tuple(z[f"arr_{i}"].shape), z[f"arr_{i}"].dtype.name)
+                          for i in range(min(len(weights), int(meta["num_leaves"])))]
+            wanted = [(tuple(w.shape), np.dtype(w.dtype.as_numpy_dtype if hasattr(w.dtype, "as_numpy_dtype")
+                                               else w.dtype).name) for w in weights]
+            if len(stored) < len(wanted):
+                raise CheckpointMismatch(
+                    f"checkpoint {path} holds {len(stored)} tensors, fewer than the {len(wanted)} weights of "
+                    f"--model={model_name}: {_START_FRESH}"
+                )
+            for i, (a, b) in enumerate(zip(stored, wanted)):
+                if a != b:
+                    raise CheckpointMismatch(
+                        f"checkpoint {path} does not fit --model={model_name}: weight {i} is {a[0]} {a[1]} there "
+                        f"and {b[0]} {b[1]} in the model now (did the model's code change?): {_START_FRESH}"
+                    )
+            return
+
     def load_latest(self, template: Any) -> tuple[int, Any, dict[str, Any]] | None:
         """(round, state shaped like `template`, record) of the newest valid checkpoint, or None."""
-        n_template = len(tf.nest.flatten(template))
+        template_leaves = tf.nest.flatten(template)
         for round_num in reversed(self.rounds()):
             path = os.path.join(self.dir, f"ckpt_{round_num:06d}")
             try:
-                with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
-                    meta = json.load(f)
-                if _sha256(os.path.join(path, "state.npz")) != meta["sha256"]:
-                    raise ValueError("checksum mismatch")
-                if meta["num_leaves"] != n_template:
-                    raise ValueError(f"{meta['num_leaves']} tensors, the model has {n_template}")
+                meta = self._readable(round_num)
                 with np.load(os.path.join(path, "state.npz"), allow_pickle=False) as z:
                     leaves = [z[f"arr_{i}"] for i in range(meta["num_leaves"])]
-                state = tf.nest.pack_sequence_as(template, leaves)
-                return round_num, state, meta["record"]
             except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
                 self.warn(f"WARNING: checkpoint {path} is unreadable ({e}); falling back to the previous one")
+                continue
+            if len(leaves) != len(template_leaves) or any(
+                    np.shape(a) != np.shape(b) for a, b in zip(leaves, template_leaves)):
+                raise CheckpointMismatch(
+                    f"checkpoint {path} does not fit the training state built now ({len(leaves)} tensors there, "
+                    f"{len(template_leaves)} now, or shapes differ; did the model, optimizer or DP code change?): "
+                    f"{_START_FRESH}"
+                )
+            return round_num, tf.nest.pack_sequence_as(template, leaves), meta["record"]
         return None
 
 

@@ -15,6 +15,7 @@ import inspect
 import warnings
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from dpfl_tff.config import ConfigError
@@ -129,6 +130,7 @@ def validate_model(name: str, input_shape: Sequence[int], num_classes: int) -> l
         raise ConfigError(
             f"--model={name}: output shape is {out}; must be (batch, {num_classes}) logits for this task"
         )
+    _refuse_probabilities(name, model, input_shape, num_classes)
     notes = []
     bn = [layer.name for layer in _all_layers(model) if isinstance(layer, tf.keras.layers.BatchNormalization)]
     if bn:
@@ -140,6 +142,27 @@ def validate_model(name: str, input_shape: Sequence[int], num_classes: int) -> l
         warnings.warn(msg, stacklevel=2)
         notes.append(msg)
     return notes
+
+
+def _refuse_probabilities(name: str, model: tf.keras.Model, input_shape: Sequence[int], num_classes: int) -> None:
+    """Raises ConfigError if `model` outputs probabilities (a final softmax) instead of logits.
+
+    The loss is applied with `from_logits=True`; a softmax output would be
+    squashed twice and train at chance without any error. A probe batch of 16
+    standard-normal inputs: logits of an untrained model essentially never
+    lie in [0, 1] with every row summing to 1.
+    """
+    probe = np.random.default_rng(0).standard_normal((16, *input_shape)).astype(np.float32)
+    try:
+        out = np.asarray(model(probe, training=False), dtype=np.float64)
+    except Exception:  # noqa: BLE001  (models that cannot take a random probe are checked by training)
+        return
+    if num_classes > 1 and out.ndim == 2 and np.all(out >= 0) and np.all(out <= 1) and np.allclose(
+            out.sum(axis=1), 1.0, atol=1e-4):
+        raise ConfigError(
+            f"--model={name}: outputs probabilities (every row of a probe batch is in [0, 1] and sums to 1: a "
+            "softmax at the end?); models must output logits: remove the final softmax activation"
+        )
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int) -> tf.keras.Model:

@@ -99,17 +99,20 @@ class ExperimentDir:
     so that a resume refused after further checks changes nothing.
     """
 
-    def __init__(self, path: str, hparams: dict[str, Any], overwrite: bool = False, fresh: bool = False):
+    def __init__(
+        self, path: str, hparams: dict[str, Any], overwrite: bool = False, fresh: bool = False, create: bool = True
+    ):
         self.path = path
         self._hparams = hparams
         self._metrics = None
         if os.path.exists(path) and not os.path.isdir(path):
             raise OSError(f"--output_dir={path}: is a file, not a folder; give a folder path")
-        try:
-            os.makedirs(path, exist_ok=True)
-        except OSError as e:
-            raise OSError(f"--output_dir={path}: cannot create the folder ({e.strerror})") from e
-        if not os.access(path, os.W_OK):
+        if create:
+            try:
+                os.makedirs(path, exist_ok=True)
+            except OSError as e:
+                raise OSError(f"--output_dir={path}: cannot create the folder ({e.strerror})") from e
+        if os.path.isdir(path) and not os.access(path, os.W_OK):
             raise OSError(f"--output_dir={path}: folder is not writable")
         has_run = any(os.path.exists(self.file(n)) for n in ("ledger.jsonl", METRICS, SUMMARY, "checkpoints"))
         if overwrite:
@@ -120,7 +123,7 @@ class ExperimentDir:
                 elif os.path.exists(p):
                     os.remove(p)
             has_run = False
-        elif fresh and os.listdir(path):
+        elif fresh and os.path.isdir(path) and os.listdir(path):
             raise FileExistsError(
                 f"--fresh: --output_dir={path} is not empty; choose another folder or add --overwrite to replace it"
             )

@@ -6,6 +6,7 @@ import collections
 import contextlib
 import dataclasses
 import math
+import os
 import shutil
 import signal
 import tempfile
@@ -336,6 +337,8 @@ def run(
     if out.resuming:
         ledger_log.load(needs_cohorts=cfg.dp.mode == "local")
         checkpoints.check_ledger_covers(ledger_log, cfg.output_dir, ckpts.dir)
+        model = keras_model(cfg, data)
+        ckpts.check_fits(model.trainable_weights + model.non_trainable_weights, cfg.train.model)
         finished = _finished_summary(out, cfg)
         if finished is not None:
             eps = "inf (no DP)" if finished.get("neighboring_relation") is None else f"{finished['epsilon']:.4g}"
@@ -496,6 +499,74 @@ def run(
         except Exception as e:  # noqa: BLE001  (a plot must never fail a finished run)
             log(f"WARNING: could not write {plots.RUN_PNG}: {e}")
     return RunResult(summary, records)
+
+
+def dry_run(cfg: ExperimentConfig, overwrite: bool = False, fresh: bool = False,
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Checks everything `run` would check, prints the plan, trains nothing and starts no TFF worker.
+
+    Loads the data, builds and checks the model, calibrates the noise, computes
+    the epsilon after `cfg.train.rounds` rounds and checks the output folder as
+    a resume would (settings, ledger), without writing anything.
+
+    Returns:
+      The plan's figures (also printed through `log`).
+
+    Raises:
+      ConfigError, OSError, checkpoints.LedgerError: as `run` would, before training.
+    """
+    cfg.validate()
+    cfg, data, notes = _prepare(cfg, log)
+    model = keras_model(cfg, data)
+    ledger = accounting.make_ledger(cfg)
+    try:
+        plan = ledger.planned(cfg.train.rounds)
+    finally:
+        ledger.close()
+    folder = _folder_plan(cfg, overwrite, fresh, model)
+    for note in notes:
+        log(note)
+    log("dry run: nothing is trained, no TFF worker is started, nothing is written")
+    log(f"task: {data.description}")
+    log(f"clients: N = {data.num_clients}, {cfg.train.clients_per_round} per round ({cfg.train.client_sampling})")
+    log(f"model: {cfg.train.model}, {model.count_params():,} parameters")
+    log(_privacy_line(cfg, plan))
+    not_covered = coverage.not_covered(cfg)
+    if not_covered:
+        log(f"released but not covered by epsilon: {', '.join(not_covered)} (--client_metrics=false leaves them out)")
+    log(f"output: {folder}")
+    return {
+        "num_clients": data.num_clients,
+        "model_parameters": int(model.count_params()),
+        "epsilon": plan["epsilon"],
+        "noise_multiplier": cfg.dp.noise_multiplier,
+        "output": folder,
+    }
+
+
+def _folder_plan(cfg: ExperimentConfig, overwrite: bool, fresh: bool, model: tf.keras.Model) -> str:
+    """What `run` would do with `cfg.output_dir`, checked as it would be, without writing."""
+    path = cfg.output_dir
+    if not os.path.exists(path):
+        return f"new run in {path}"
+    if not os.path.isdir(path):
+        raise OSError(f"--output_dir={path}: is a file, not a folder; give a folder path")
+    if overwrite:
+        return f"{path}: an earlier run there would be deleted (--overwrite), then a new run"
+    out = outputs.ExperimentDir(path, cfg.to_dict(), fresh=fresh, create=False)
+    if not out.resuming:
+        return f"new run in {path}"
+    ledger_log = checkpoints.LedgerLog(path)
+    ledger_log.load(needs_cohorts=cfg.dp.mode == "local")
+    ckpts = checkpoints.CheckpointManager(path)
+    checkpoints.check_ledger_covers(ledger_log, path, ckpts.dir)
+    ckpts.check_fits(model.trainable_weights + model.non_trainable_weights, cfg.train.model)
+    finished = _finished_summary(out, cfg)
+    if finished is not None:
+        return f"{path} holds this run, already complete ({finished['rounds']} rounds): nothing would be done"
+    done = max(ckpts.rounds(), default=0)
+    return (f"resumes {path} from its newest checkpoint (round {done}); its ledger holds {ledger_log.count} "
+            f"release(s)")
 
 
 def _finished_summary(out: outputs.ExperimentDir, cfg: ExperimentConfig) -> dict[str, Any] | None:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 
-from absl import app, flags
+from absl import flags
 
 from dpfl_tff.config import ConfigError
 from dpfl_tff.privacy import accounting
+from experiments import cli
 from experiments import flags as dpfl_flags
 
 PARTICIPATIONS = flags.DEFINE_integer(
@@ -56,16 +56,14 @@ def compute(cfg, participations: int | None = None) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # cli.parser_for refuses stray arguments
     try:
         cfg = dpfl_flags.experiment_config()
         # No data is loaded here: N is --num_clients, also for tasks with their own split.
         cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, num_clients_known=True))
         result = compute(cfg.validate(), PARTICIPATIONS.value)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        cli.usage_error(str(e))
     if result["neighboring_relation"] is None:
         print("--dp_mode=none: no DP guarantee, epsilon is infinite")
     else:
@@ -80,5 +78,15 @@ def main(argv: list[str]) -> None:
     print(json.dumps({k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}))
 
 
+_USED = (dpfl_flags.NUM_CLIENTS, dpfl_flags.ROUNDS, dpfl_flags.CLIENTS_PER_ROUND, dpfl_flags.CLIENT_SAMPLING)
+_PRIVACY = tuple(f for f in dpfl_flags.PRIVACY_FLAGS if f.name != "noise_seed")
+_SHOWN = {f.name for f in (*_USED, *_PRIVACY)}
+GROUPS = (
+    ("Population and schedule", _USED),
+    ("Privacy", (*_PRIVACY, PARTICIPATIONS)),
+    ("Accepted and ignored (so that run_federated's flagfiles work here)",
+     tuple(f for _, group in dpfl_flags.GROUPS for f in group if f.name not in _SHOWN)),
+)
+
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, __doc__, GROUPS)

@@ -185,6 +185,12 @@ CHECKPOINT_EVERY = flags.DEFINE_integer(
     "Rerunning with the same --output_dir resumes from the newest checkpoint.",
 )
 
+DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False,
+    "Check everything (flags, data files, model, accounting, calibration, the output folder), print the plan "
+    "(task, N, model parameters, privacy, epsilon after --rounds) and exit 0 (or 2) without training or "
+    "starting a TFF worker.",
+)
 LOG_COHORTS = flags.DEFINE_bool(
     "log_cohorts", False,
     "Write every round's cohort to ledger.jsonl. Whoever reads the folder then knows who took part, which voids "
@@ -211,6 +217,27 @@ WORKER_TIMEOUT = flags.DEFINE_float(
     ExperimentConfig().worker_timeout,
     "Seconds (0 < t <= 3600) to wait for every --workers address to answer before training, and to keep "
     "retrying a worker that stops answering mid-round before the round fails naming it.",
+)
+
+
+# --help lists the flags in these groups, in this order (experiments/cli.py).
+TASK_FLAGS = (TASK, NUM_CLIENTS, DATA_DIR, EMNIST_ONLY_DIGITS, PARTITION, DIRICHLET_ALPHA, TEST_FRACTION,
+              SYN_EXAMPLES, SYN_DIM, SYN_CLASSES)
+MODEL_FLAGS = (MODEL,)
+TRAINING_FLAGS = (ROUNDS, CLIENTS_PER_ROUND, CLIENT_SAMPLING, SAMPLING_SEED, CLIENT_EPOCHS, CLIENT_BATCH_SIZE,
+                  CLIENT_OPTIMIZER, CLIENT_LR, SERVER_OPTIMIZER, SERVER_LR, CLIENT_SHUFFLE_BUFFER,
+                  CLIENT_MAX_EXAMPLES, EVAL_EVERY, SEED, FEDAVG_IMPL, CLIENTS_PER_CALL)
+PRIVACY_FLAGS = (DP_MODE, LOCAL_MECHANISM, NOISE_MULTIPLIER, CLIP_NORM, ADAPTIVE_CLIPPING, TARGET_QUANTILE, CLIP_LR,
+                 CLIPPED_COUNT_STDDEV, TARGET_DELTA, ACCOUNTANT, TARGET_EPSILON, MAX_EPSILON, NOISE_SEED)
+OUTPUT_FLAGS = (OUTPUT_DIR, CHECKPOINT_EVERY, OVERWRITE, FRESH, DRY_RUN, LOG_COHORTS, CLIENT_METRICS)
+WORKER_FLAGS = (WORKERS, WORKER_TIMEOUT)
+GROUPS = (
+    ("Task and data", TASK_FLAGS),
+    ("Model", MODEL_FLAGS),
+    ("Training (FedAvg)", TRAINING_FLAGS),
+    ("Privacy", PRIVACY_FLAGS),
+    ("Run and outputs", OUTPUT_FLAGS),
+    ("Workers", WORKER_FLAGS),
 )
 
 

@@ -1,6 +1,6 @@
-"""Trains FedAvg with (optional) central DP and reports epsilon every round.
+"""Trains FedAvg with central or local DP (or none) and reports epsilon every round.
 
-  uv run python -m experiments.run_federated --flagfile=configs/quickstart.cfg
+  uv run python -m experiments.run_federated --flagfile=configs/quickstart.cfg [--flag=value ...]
 
 Writes hparams.json, metrics.jsonl (one line per round), summary.json and
 worker.log to --output_dir; prints one progress line per round.
@@ -21,6 +21,7 @@ from absl import app, logging
 
 from dpfl_tff import checkpoints, runtime, training
 from dpfl_tff.config import ConfigError
+from experiments import cli
 from experiments import flags as dpfl_flags
 
 
@@ -55,15 +56,22 @@ class _Signals:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # cli.parser_for refuses stray arguments
     try:
         cfg = dpfl_flags.experiment_config().validate()
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        cli.usage_error(str(e))
     if not app.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # TFF logs every model build at INFO
+    if dpfl_flags.DRY_RUN.value:
+        try:
+            training.dry_run(cfg, overwrite=dpfl_flags.OVERWRITE.value, fresh=dpfl_flags.FRESH.value,
+                             log=lambda s: print(s, flush=True))
+        except (ConfigError, FileExistsError, OSError) as e:
+            cli.usage_error(str(e))
+        except checkpoints.LedgerError as e:
+            cli.usage_error(f"cannot resume: {e}")
+        return
     signals = _Signals()
     signal.signal(signal.SIGTERM, signals)
     signal.signal(signal.SIGINT, signals)
@@ -107,7 +115,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    app.run(main)
+    cli.run(main, __doc__, dpfl_flags.GROUPS)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ def test_good_custom_model_validates():
         ("tests.custom_models:missing", "tests.custom_models has no function missing"),
         ("tests.no_such_module:fn", "cannot import tests.no_such_module (ModuleNotFoundError"),
         ("resnet1000", "must be one of"),
+        ("tests.custom_models:ends_in_softmax", "outputs probabilities"),
     ],
 )
 def test_bad_custom_models_fail_clearly(name, words):

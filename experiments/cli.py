@@ -1,0 +1,117 @@
+"""What every driver shares on the command line: flag parsing with exit code 2, and grouped help.
+
+absl's own parser exits 1 on a bad flag and prints a screen of usage;
+`--help` lists only the flags defined in the main module (ours live in
+`experiments/flags.py`) and `--helpfull` mixes them with absl's and
+TensorFlow's in one alphabetical block. `run(main, groups)` replaces that:
+
+* a usage error (unknown flag, with absl's "did you mean", a value that does
+  not parse, a flagfile that cannot be read, stray arguments) prints one
+  `error: ...` line and exits 2;
+* `--help` (`-?`, `--helpshort`) prints the driver's flags grouped as the
+  driver lists them, with their defaults, and exits 0; `--helpfull` adds the
+  other flags (absl, TensorFlow) in a separate block at the end.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+
+from absl import app, flags
+
+FlagGroups = Sequence[tuple[str, Sequence[flags.FlagHolder]]]
+_HELP = ("--help", "-help", "--helpshort", "-helpshort", "-?", "-h")
+_HELPFULL = ("--helpfull", "-helpfull")
+
+
+def usage_error(message: str) -> None:
+    """Prints `error: message` (one line) on stderr and exits 2."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _flag_error_text(error: flags.Error) -> str:
+    text = " ".join(str(error).split())
+    if isinstance(error, flags.CantOpenFlagFileError):
+        # absl: "ERROR:: Unable to open flagfile: [Errno 2] No such file or directory: 'x.cfg'"
+        reason = text.split("Unable to open flagfile:", 1)[-1].strip()
+        return f"--flagfile: cannot read it ({reason})"
+    return text
+
+
+def _describe(holder: flags.FlagHolder) -> str:
+    flag = flags.FLAGS[holder.name]
+    value = flag.default
+    if value is None:
+        default = "unset"
+    elif isinstance(value, bool):
+        default = str(value).lower()
+    elif isinstance(value, (list, tuple)):
+        default = ",".join(map(str, value)) or "empty"
+    else:
+        default = str(value)
+    kind = flag.flag_type()
+    head = f"  --{flag.name} ({kind}; default: {default})"
+    body = textwrap.fill(flag.help, width=100, initial_indent="      ", subsequent_indent="      ")
+    return f"{head}\n{body}"
+
+
+def help_text(doc: str, groups: FlagGroups, full: bool = False) -> str:
+    """The driver's help: its docstring, then every flag by group."""
+    lines = [(doc or "").strip(), "", "Flags (also accepted in a --flagfile, one per line):"]
+    shown = set()
+    for title, holders in groups:
+        lines += ["", f"{title}:"]
+        for h in holders:
+            lines.append(_describe(h))
+            shown.add(h.name)
+    lines += ["", "  --flagfile: read flags from this file (one --flag=value per line; later flags override it)"]
+    if full:
+        others = sorted(name for name, f in flags.FLAGS._flags().items() if name == f.name and name not in shown)  # noqa: SLF001
+        lines += ["", "Other flags (absl, TensorFlow; rarely needed):"]
+        for name in others:
+            f = flags.FLAGS[name]
+            lines.append(f"  --{name}: {' '.join(f.help.split())}")
+    else:
+        lines += ["", "--helpfull also lists absl's and TensorFlow's own flags."]
+    return "\n".join(lines)
+
+
+def check_groups(module_flags: Sequence[str], groups: FlagGroups) -> list[str]:
+    """Problems with `groups`: flags of `module_flags` in no group or in two (empty: none)."""
+    seen: dict[str, int] = {}
+    for _, holders in groups:
+        for h in holders:
+            seen[h.name] = seen.get(h.name, 0) + 1
+    problems = [f"--{n} is in {k} groups" for n, k in seen.items() if k > 1]
+    problems += [f"--{n} is in no group" for n in module_flags if n not in seen]
+    return problems
+
+
+def parser_for(doc: str, groups: FlagGroups) -> Callable[[list[str]], list[str]]:
+    """An absl `flags_parser`: help and usage errors as the module docstring says."""
+
+    def parse(argv: list[str]) -> list[str]:
+        args = argv[1:]
+        if any(a in _HELPFULL for a in args):
+            print(help_text(doc, groups, full=True))
+            sys.exit(0)
+        if any(a in _HELP for a in args):
+            print(help_text(doc, groups))
+            sys.exit(0)
+        try:
+            rest = flags.FLAGS(argv)
+        except flags.Error as e:
+            usage_error(_flag_error_text(e))
+        if len(rest) > 1:
+            usage_error(f"unexpected arguments: {' '.join(rest[1:])} (flags are written --name=value)")
+        return rest
+
+    return parse
+
+
+def run(main: Callable[[list[str]], None], doc: str, groups: FlagGroups) -> None:
+    """`absl.app.run(main)` with the parser above."""
+    app.run(main, flags_parser=parser_for(doc, groups))
