@@ -220,17 +220,6 @@ def _executor_factory(
     return python_executor_stacks.ResourceManagingExecutorFactory(stack_fn)
 
 
-def _context_over_stub(
-    stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub,
-) -> sync_execution_context.SyncExecutionContext:
-    return sync_execution_context.SyncExecutionContext(
-        executor_fn=_executor_factory(stub),
-        compiler_fn=native_compiler.desugar_and_transform_to_native,
-        transform_args=tensorflow_computation.transform_args,
-        transform_result=tensorflow_computation.transform_result,
-    )
-
-
 def _grpc_reason(error: BaseException) -> str:
     """'gRPC UNAVAILABLE: Socket closed' from a gRPC error, or TFF's wrapper of one."""
     for e in (error, *getattr(error, "args", ())):
@@ -241,22 +230,64 @@ def _grpc_reason(error: BaseException) -> str:
 
 
 class WorkerLost(RuntimeError):
-    """A remote TFF worker stopped answering during a computation."""
+    """A TFF worker stopped answering, or the local one died, during a computation."""
 
-    def __init__(self, address: str, cause: BaseException):
-        super().__init__(f"TFF worker at {address} stopped answering ({_grpc_reason(cause)})")
+    def __init__(self, address: str, cause: BaseException | None = None, message: str | None = None):
+        super().__init__(message or f"TFF worker at {address} stopped answering ({_grpc_reason(cause)})")
         self.address = address
+
+
+def exit_status(returncode: int) -> str:
+    """'killed by SIGKILL' or 'exited with code 3' for a `Popen.returncode`."""
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+class LocalWorkerDied(WorkerLost):
+    """The private local worker (our child process) exited during a computation."""
+
+    def __init__(self, address: str, proc: subprocess.Popen, log_path: str | None):
+        log = f"its log: {log_path}" if log_path else "its output went to /dev/null"
+        super().__init__(
+            address,
+            message=f"local TFF worker {address} (pid {proc.pid}) {exit_status(proc.returncode)} ({log})",
+        )
+        self.pid = proc.pid
+        self.returncode = proc.returncode
+        self.log_path = log_path
 
 
 # TFF's AsyncExecutionContext.invoke retries a failing worker forever (30 s apart);
 # `__wrapped__` is the same coroutine without that decorator.
 _INVOKE_ONCE = async_execution_context.AsyncExecutionContext.invoke.__wrapped__
+# Between a dead worker's socket closing and its exit status being reapable.
+_EXIT_GRACE_SECONDS = 1.0
 
 
 class _WorkerContext(async_execution_context.AsyncExecutionContext):
-    """Runs subrounds on one remote worker; gives up after `retry_seconds` of failures."""
+    """Runs calls on one worker; gives up after `retry_seconds` of failures.
 
-    def __init__(self, address: str, stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub, retry_seconds: float):
+    For a remote worker (`proc` None) any gRPC failure that is not retryable,
+    or retryable ones for `retry_seconds`, raise `WorkerLost`. For our local
+    worker (`proc` given), a failed call first checks whether the process
+    exited (a dead worker closes its socket, so a call blocked on it returns
+    at once) and raises `LocalWorkerDied` with its exit status; errors of a
+    live worker that are not retryable are raised unchanged. Successful calls
+    cost nothing extra.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub,
+        retry_seconds: float,
+        proc: subprocess.Popen | None = None,
+        log_path: str | None = None,
+    ):
         super().__init__(
             executor_fn=_executor_factory(stub),
             compiler_fn=native_compiler.desugar_and_transform_to_native,
@@ -265,6 +296,16 @@ class _WorkerContext(async_execution_context.AsyncExecutionContext):
         )
         self.address = address
         self._retry_seconds = retry_seconds
+        self._proc = proc
+        self._log_path = log_path
+
+    def _check_alive(self, grace: float) -> None:
+        """Raises `LocalWorkerDied` if the local worker exits within `grace` seconds."""
+        try:
+            self._proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            return
+        raise LocalWorkerDied(self.address, self._proc, self._log_path)
 
     async def invoke(self, comp, arg):
         if asyncio.iscoroutine(arg):
@@ -275,10 +316,31 @@ class _WorkerContext(async_execution_context.AsyncExecutionContext):
             try:
                 return await _INVOKE_ONCE(self, comp, arg)
             except (executors_errors.RetryableError, grpc.RpcError) as e:
-                if not isinstance(e, executors_errors.RetryableError) or time.monotonic() > deadline:
+                retryable = isinstance(e, executors_errors.RetryableError)
+                if self._proc is not None:
+                    try:
+                        self._check_alive(_EXIT_GRACE_SECONDS if retryable else 0.0)
+                    except LocalWorkerDied as died:
+                        raise died from e
+                    if not retryable:
+                        raise
+                if not retryable or time.monotonic() > deadline:
                     raise WorkerLost(self.address, e) from e
                 await asyncio.sleep(wait)
                 wait = min(2 * wait, 2.0)
+
+
+class _SyncWorkerContext(sync_execution_context.SyncExecutionContext):
+    """TFF's sync context over a `_WorkerContext` instead of its forever-retrying async context."""
+
+    def __init__(self, worker_context: _WorkerContext):
+        super().__init__(
+            executor_fn=worker_context.executor_factory,
+            compiler_fn=native_compiler.desugar_and_transform_to_native,
+            transform_args=tensorflow_computation.transform_args,
+            transform_result=tensorflow_computation.transform_result,
+        )
+        self._async_context = worker_context  # what SyncExecutionContext.invoke runs
 
 
 class WorkersUnreachable(RuntimeError):
@@ -353,13 +415,21 @@ def remote_context(addresses: list[str], timeout: float = 30.0) -> Iterator[None
 
 
 @contextlib.contextmanager
-def local_context(log_path: str | None = None, startup_timeout: float = 60.0) -> Iterator[None]:
+def local_context(
+    log_path: str | None = None, startup_timeout: float = 60.0, retry_seconds: float = 30.0
+) -> Iterator[None]:
     """Runs TFF computations on a private local worker for the `with` block.
+
+    A call that fails because the worker died raises `LocalWorkerDied` (a
+    `WorkerLost`) at once, with the worker's exit status, and so does the next
+    call if it died between calls; a live worker that keeps answering
+    UNAVAILABLE fails the call with `WorkerLost` after `retry_seconds`.
 
     Args:
       log_path: file that receives the worker's output (appended); /dev/null
         when None.
       startup_timeout: seconds to wait for the worker to answer.
+      retry_seconds: how long a call retries a live worker that does not answer.
 
     Yields:
       Nothing; TFF computations invoked inside the block use the worker.
@@ -373,7 +443,9 @@ def local_context(log_path: str | None = None, startup_timeout: float = 60.0) ->
     try:
         stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(channel)
         wait_until_ready(stub, address, startup_timeout, proc)
-        stack.set_default_context(_context_over_stub(stub))
+        stack.set_default_context(
+            _SyncWorkerContext(_WorkerContext(address, stub, retry_seconds, proc=proc, log_path=log_path))
+        )
         yield
     finally:
         stack.set_default_context(previous)

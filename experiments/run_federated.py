@@ -7,7 +7,8 @@ worker.log to --output_dir; prints one progress line per round.
 With --workers=host:port,... the rounds run on TFF worker services started
 with `python -m experiments.run_worker --port=PORT`.
 Exit codes: 0 done, 2 bad flags or unreachable --workers, 1 failure (e.g. a
-round failed on a lost worker; rerun to resume), 128+signal when stopped by one.
+round failed on a lost --workers worker or a dead local worker; rerun to
+resume), 128+signal when stopped by one.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def main(argv: list[str]) -> None:
     except (ConfigError, FileExistsError, OSError, runtime.WorkersUnreachable) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except training.RoundFailed as e:
+    except (training.RoundFailed, runtime.WorkerLost) as e:  # WorkerLost: outside a round's call
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     s = result.summary
