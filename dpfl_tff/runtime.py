@@ -11,6 +11,10 @@ pipe, then leaves an orphan worker that keeps the pipe open.
   `PR_SET_PDEATHSIG=SIGKILL`, so the kernel kills it if our process dies for
   any reason, SIGKILL included;
 * its output goes to a log file (or /dev/null), never to our stdout;
+* it listens on loopback only (TFF's worker binds every interface; see
+  `_LoopbackBinder`), or, where that is not possible, one warning line says so;
+* if it dies, the running call (or the next one) raises `LocalWorkerDied` with
+  its exit status at once, instead of TFF's retrying it forever;
 * on leaving the block (normally, on an exception, or on SIGTERM turned into
   `SystemExit` by the driver) it is terminated and reaped, and an `atexit`
   hook does the same for anything left.
