@@ -11,6 +11,10 @@ pipe, then leaves an orphan worker that keeps the pipe open.
   `PR_SET_PDEATHSIG=SIGKILL`, so the kernel kills it if our process dies for
   any reason, SIGKILL included;
 * its output goes to a log file (or /dev/null), never to our stdout;
+* it listens on loopback only (TFF's worker binds every interface; see
+  `_LoopbackBinder`), or, where that is not possible, one warning line says so;
+* if it dies, the running call (or the next one) raises `LocalWorkerDied` with
+  its exit status at once, instead of TFF's retrying it forever;
 * on leaving the block (normally, on an exception, or on SIGTERM turned into
   `SystemExit` by the driver) it is terminated and reaped, and an `atexit`
   hook does the same for anything left.
@@ -31,12 +35,20 @@ import atexit
 import collections
 import contextlib
 import ctypes
+import errno
+import fcntl
 import gc
 import os
+import platform
+import select
 import signal
+import socket
+import struct
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO
 
 import grpc
@@ -69,6 +81,7 @@ GRPC_CHANNEL_OPTIONS = [
 _PR_SET_PDEATHSIG = 1
 WORKER_MALLOC_ARENA_MAX = "2"
 _live_workers: set[subprocess.Popen] = set()
+_binders: dict[subprocess.Popen, "_LoopbackBinder | str"] = {}  # workers started with loopback_only
 
 context_stack_impl.context_stack.set_default_context(runtime_error_context.create_runtime_error_context())
 gc.collect()  # free TFF's replaced context now, not at interpreter exit when its __del__ fails
@@ -79,10 +92,181 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+# The worker has no flag for its listen address: TFF 0.87 binds "[::]:PORT", every interface
+# (tensorflow_federated/cc/simulation/servers.cc). A loopback-only worker is started by a
+# helper (a fresh `python -I -S`, single-threaded) that installs a seccomp filter turning the
+# worker's bind() calls into notifications to us, sends us the notification fd, and execs the
+# worker (same pid, our child). `_LoopbackBinder` binds the socket of a wildcard bind() to
+# loopback instead (a copy of the worker's socket, by pidfd_getfd), and lets other binds run.
+# Only bind() is filtered: a few BPF instructions per worker system call, nothing per round.
+# Linux >= 5.6 on x86_64/aarch64; anything missing -> the worker runs as before (all interfaces).
+_SECCOMP_ARCH = {  # machine -> (AUDIT_ARCH_*, __NR_bind, __NR_seccomp)
+    "x86_64": (0xC000003E, 49, 317),
+    "aarch64": (0xC00000B7, 200, 277),
+}
+_SECCOMP_HELPER = r"""
+import ctypes, os, socket, struct, sys
+sock = socket.socket(fileno=int(sys.argv[1]))
+audit_arch, nr_bind, nr_seccomp = (int(a) for a in sys.argv[2:5])
+worker = sys.argv[5:]
+def go(message, fds=()):  # "+" with the fd, or "-" and why not (an fd needs a byte of data)
+    socket.send_fds(sock, [message.encode()], list(fds))
+    sock.close()
+    os.execv(worker[0], worker)
+try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS: lets an unprivileged process filter itself
+        go("-prctl(PR_SET_NO_NEW_PRIVS): " + os.strerror(ctypes.get_errno()))
+    code = [  # classic BPF over struct seccomp_data {int nr; u32 arch; ...}
+        (0x20, 0, 0, 4), (0x15, 0, 3, audit_arch),  # ld arch; jne -> allow
+        (0x20, 0, 0, 0), (0x15, 0, 1, nr_bind),  # ld nr; jne -> allow
+        (0x06, 0, 0, 0x7FC00000),  # SECCOMP_RET_USER_NOTIF
+        (0x06, 0, 0, 0x7FFF0000),  # SECCOMP_RET_ALLOW
+    ]
+    insns = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in code))
+    prog = ctypes.create_string_buffer(struct.pack("HxxxxxxQ", len(code), ctypes.addressof(insns)))
+    # SECCOMP_SET_MODE_FILTER, flags NEW_LISTENER | SPEC_ALLOW (no speculation mitigation cost)
+    listener = libc.syscall(ctypes.c_long(nr_seccomp), ctypes.c_long(1), ctypes.c_long(8 | 4), prog)
+    if listener < 0:
+        go("-seccomp(SECCOMP_FILTER_FLAG_NEW_LISTENER): " + os.strerror(ctypes.get_errno()))
+    go("+", [listener])
+except Exception as e:
+    go(f"-{type(e).__name__}: {e}")
+"""
+_NOTIF_RECV, _NOTIF_SEND, _NOTIF_ID_VALID = 0xC0502100, 0xC0182101, 0x40082102  # SECCOMP_IOCTL_NOTIF_*
+_NR_PIDFD_GETFD = 438  # the same on every architecture
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _LoopbackBinder:
+    """Answers the seccomp notifications of a worker's bind() calls (a daemon thread).
+
+    A bind() to the wildcard address (`[::]` or `0.0.0.0`) is done on loopback
+    instead (`::ffff:127.0.0.1` on a dual-stack IPv6 socket, `::1` on an
+    IPv6-only one, `127.0.0.1` on IPv4) and the worker is told it succeeded
+    (or gets the error of that bind); other binds run unchanged. If a
+    wildcard bind cannot be redirected (e.g. pidfd_getfd not permitted), it
+    runs unchanged too, and `failure` says why.
+    """
+
+    def __init__(self, proc: subprocess.Popen, listener: int, log: IO | None):
+        self.proc = proc
+        self.listener = listener
+        self.log = log
+        self.bound: list[str] = []  # loopback addresses the worker listens on, "127.0.0.1:PORT"
+        self.failure: str | None = None
+        threading.Thread(target=self._run, name=f"loopback-binder-{proc.pid}", daemon=True).start()
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self.listener, select.POLLIN)
+        try:
+            while True:
+                events = poller.poll()
+                if not any(ev & select.POLLIN for _, ev in events):
+                    return  # POLLHUP: the worker is gone
+                notif = bytearray(80)  # struct seccomp_notif
+                try:
+                    fcntl.ioctl(self.listener, _NOTIF_RECV, notif, True)
+                except OSError as e:
+                    if e.errno == errno.ENOENT:
+                        continue  # the caller was interrupted; poll again (HUP if gone)
+                    raise
+                nid, tid = struct.unpack_from("QI", notif)
+                fd, addr, addrlen = struct.unpack_from("3Q", notif, 32)  # seccomp_data.args[0:3]
+                try:
+                    error = self._bind(nid, tid, fd, addr, addrlen)
+                except Exception as e:  # noqa: BLE001  (any failure: the worker binds as before)
+                    self.failure = f"{type(e).__name__}: {e}"
+                    error = None
+                # struct seccomp_notif_resp {u64 id; s64 val; s32 error; u32 flags}; flag 1: CONTINUE the call
+                resp = (nid, 0, 0, 1) if error is None else (nid, 0, error, 0)
+                try:
+                    fcntl.ioctl(self.listener, _NOTIF_SEND, bytearray(struct.pack("QqiI", *resp)), True)
+                except OSError:
+                    pass  # the caller is gone
+        except Exception as e:  # noqa: BLE001  (binds fail from now on: local_context starts a plain worker)
+            self.failure = f"{type(e).__name__}: {e}"
+        finally:
+            os.close(self.listener)
+
+    def _bind(self, nid: int, tid: int, fd: int, addr: int, addrlen: int) -> int | None:
+        """Binds the worker's socket `fd` to loopback if `addr` is a wildcard: 0 or -errno; None: run the call."""
+        mem = os.open(f"/proc/{tid}/mem", os.O_RDONLY)  # after exec: the worker's memory
+        try:
+            sa = os.pread(mem, min(addrlen, 128), addr)
+        finally:
+            os.close(mem)
+        family, port = struct.unpack_from("=H", sa)[0], struct.unpack_from("!H", sa, 2)[0]
+        wildcard = (family == socket.AF_INET6 and sa[8:24] == bytes(16)) or (
+            family == socket.AF_INET and sa[4:8] == bytes(4)
+        )
+        if not wildcard:
+            return None
+        pidfd = os.pidfd_open(self.proc.pid)
+        try:
+            copy = _libc.syscall(*map(ctypes.c_long, (_NR_PIDFD_GETFD, pidfd, fd, 0)))
+            if copy < 0:
+                raise OSError(ctypes.get_errno(), f"pidfd_getfd: {os.strerror(ctypes.get_errno())}")
+        finally:
+            os.close(pidfd)
+        with socket.socket(fileno=copy) as sock:
+            fcntl.ioctl(self.listener, _NOTIF_ID_VALID, struct.pack("Q", nid))  # still the same call
+            if family == socket.AF_INET:
+                host, shown = "127.0.0.1", "127.0.0.1"
+            elif sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+                host, shown = "::1", "[::1]"
+            else:
+                host, shown = "::ffff:127.0.0.1", "127.0.0.1"
+            try:
+                sock.bind((host, port))
+            except OSError as e:
+                return -e.errno
+        self.bound.append(f"{shown}:{port}")
+        if self.log is not None:
+            os.write(
+                self.log.fileno(),
+                f"dpfl_tff: this worker listens on {shown}:{port} only (loopback): its bind to the wildcard "
+                f"address was redirected; its own 'listening on' line names the address it asked for\n".encode(),
+            )
+        return 0
+
+
+def _start_loopback_only(
+    argv: list[str], log: IO | None, **popen_kw
+) -> tuple[subprocess.Popen, _LoopbackBinder | str]:
+    """Starts `argv` via the seccomp helper; returns the process and its binder, or why there is none."""
+    arch = _SECCOMP_ARCH.get(platform.machine())
+    if arch is None or not hasattr(os, "pidfd_open") or not sys.executable:
+        why = f"not supported here ({platform.machine()}, Python {platform.python_version()})"
+        return subprocess.Popen(argv, **popen_kw), why
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _SECCOMP_HELPER, str(theirs.fileno()), *map(str, arch), *argv],
+            pass_fds=(theirs.fileno(),),
+            **popen_kw,
+        )
+        theirs.close()
+        ours.settimeout(60.0)
+        try:
+            message, fds, _, _ = socket.recv_fds(ours, 1024, 1)
+        except OSError as e:
+            message, fds = f"-helper: {e}".encode(), []
+    if message != b"+" or len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        return proc, message.decode(errors="replace")[1:] or "the helper exited"
+    return proc, _LoopbackBinder(proc, fds[0], log)
+
+
 def start_worker(
     port: int | None = None,
     log: IO | None = None,
     max_concurrent_computation_calls: int = -1,
+    loopback_only: bool = False,
 ) -> tuple[subprocess.Popen, int]:
     """Starts a `worker_binary` tied to this process' lifetime.
 
@@ -91,10 +275,17 @@ def start_worker(
     its RSS grew 5-11 MB per 100 MLP rounds here; with 2 arenas it stays flat
     (`scripts/bench_round.py --memory_rounds`).
 
+    The worker listens on all interfaces (TFF's worker has no option for
+    it). With `loopback_only`, its bind to the wildcard address is redirected
+    to loopback (see `_LoopbackBinder`); where that mechanism is unavailable
+    it listens on all interfaces as before, and `loopback_status(proc)` says
+    why once it is ready.
+
     Args:
-      port: TCP port on localhost; a free one is picked when None.
+      port: TCP port; a free one is picked when None.
       log: open file for the worker's stdout and stderr; /dev/null when None.
       max_concurrent_computation_calls: passed through to the worker.
+      loopback_only: listen on loopback only, if this machine allows it.
 
     Returns:
       The process and its port.
@@ -108,12 +299,8 @@ def start_worker(
     out = log if log is not None else subprocess.DEVNULL
     env = dict(os.environ)
     env.setdefault("MALLOC_ARENA_MAX", WORKER_MALLOC_ARENA_MAX)
-    proc = subprocess.Popen(
-        [
-            WORKER_BINARY,
-            f"--port={port}",
-            f"--max_concurrent_computation_calls={max_concurrent_computation_calls}",
-        ],
+    argv = [WORKER_BINARY, f"--port={port}", f"--max_concurrent_computation_calls={max_concurrent_computation_calls}"]
+    popen_kw = dict(
         stdin=subprocess.DEVNULL,
         stdout=out,
         stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
@@ -121,8 +308,25 @@ def start_worker(
         start_new_session=True,  # a terminal's Ctrl-C goes to us, not to it
         env=env,
     )
+    if loopback_only:
+        proc, binder = _start_loopback_only(argv, log, **popen_kw)
+        _binders[proc] = binder
+    else:
+        proc = subprocess.Popen(argv, **popen_kw)
     _live_workers.add(proc)
     return proc, port
+
+
+def loopback_status(proc: subprocess.Popen) -> str | None:
+    """For a ready worker started with `loopback_only`: None if it listens on loopback only, else why not."""
+    binder = _binders.get(proc)
+    if binder is None:
+        return "not requested"
+    if isinstance(binder, str):
+        return binder
+    if binder.bound:
+        return None
+    return binder.failure or "its bind() was not seen"
 
 
 def stop_worker(proc: subprocess.Popen, timeout: float = 10.0) -> None:
@@ -135,6 +339,7 @@ def stop_worker(proc: subprocess.Popen, timeout: float = 10.0) -> None:
             proc.kill()
             proc.wait()
     _live_workers.discard(proc)
+    _binders.pop(proc, None)
 
 
 @atexit.register
@@ -220,17 +425,6 @@ def _executor_factory(
     return python_executor_stacks.ResourceManagingExecutorFactory(stack_fn)
 
 
-def _context_over_stub(
-    stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub,
-) -> sync_execution_context.SyncExecutionContext:
-    return sync_execution_context.SyncExecutionContext(
-        executor_fn=_executor_factory(stub),
-        compiler_fn=native_compiler.desugar_and_transform_to_native,
-        transform_args=tensorflow_computation.transform_args,
-        transform_result=tensorflow_computation.transform_result,
-    )
-
-
 def _grpc_reason(error: BaseException) -> str:
     """'gRPC UNAVAILABLE: Socket closed' from a gRPC error, or TFF's wrapper of one."""
     for e in (error, *getattr(error, "args", ())):
@@ -241,22 +435,64 @@ def _grpc_reason(error: BaseException) -> str:
 
 
 class WorkerLost(RuntimeError):
-    """A remote TFF worker stopped answering during a computation."""
+    """A TFF worker stopped answering, or the local one died, during a computation."""
 
-    def __init__(self, address: str, cause: BaseException):
-        super().__init__(f"TFF worker at {address} stopped answering ({_grpc_reason(cause)})")
+    def __init__(self, address: str, cause: BaseException | None = None, message: str | None = None):
+        super().__init__(message or f"TFF worker at {address} stopped answering ({_grpc_reason(cause)})")
         self.address = address
+
+
+def exit_status(returncode: int) -> str:
+    """'killed by SIGKILL' or 'exited with code 3' for a `Popen.returncode`."""
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+class LocalWorkerDied(WorkerLost):
+    """The private local worker (our child process) exited during a computation."""
+
+    def __init__(self, address: str, proc: subprocess.Popen, log_path: str | None):
+        log = f"its log: {log_path}" if log_path else "its output went to /dev/null"
+        super().__init__(
+            address,
+            message=f"local TFF worker {address} (pid {proc.pid}) {exit_status(proc.returncode)} ({log})",
+        )
+        self.pid = proc.pid
+        self.returncode = proc.returncode
+        self.log_path = log_path
 
 
 # TFF's AsyncExecutionContext.invoke retries a failing worker forever (30 s apart);
 # `__wrapped__` is the same coroutine without that decorator.
 _INVOKE_ONCE = async_execution_context.AsyncExecutionContext.invoke.__wrapped__
+# Between a dead worker's socket closing and its exit status being reapable.
+_EXIT_GRACE_SECONDS = 1.0
 
 
 class _WorkerContext(async_execution_context.AsyncExecutionContext):
-    """Runs subrounds on one remote worker; gives up after `retry_seconds` of failures."""
+    """Runs calls on one worker; gives up after `retry_seconds` of failures.
 
-    def __init__(self, address: str, stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub, retry_seconds: float):
+    For a remote worker (`proc` None) any gRPC failure that is not retryable,
+    or retryable ones for `retry_seconds`, raise `WorkerLost`. For our local
+    worker (`proc` given), a failed call first checks whether the process
+    exited (a dead worker closes its socket, so a call blocked on it returns
+    at once) and raises `LocalWorkerDied` with its exit status; errors of a
+    live worker that are not retryable are raised unchanged. Successful calls
+    cost nothing extra.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub,
+        retry_seconds: float,
+        proc: subprocess.Popen | None = None,
+        log_path: str | None = None,
+    ):
         super().__init__(
             executor_fn=_executor_factory(stub),
             compiler_fn=native_compiler.desugar_and_transform_to_native,
@@ -265,6 +501,16 @@ class _WorkerContext(async_execution_context.AsyncExecutionContext):
         )
         self.address = address
         self._retry_seconds = retry_seconds
+        self._proc = proc
+        self._log_path = log_path
+
+    def _check_alive(self, grace: float) -> None:
+        """Raises `LocalWorkerDied` if the local worker exits within `grace` seconds."""
+        try:
+            self._proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            return
+        raise LocalWorkerDied(self.address, self._proc, self._log_path)
 
     async def invoke(self, comp, arg):
         if asyncio.iscoroutine(arg):
@@ -275,10 +521,31 @@ class _WorkerContext(async_execution_context.AsyncExecutionContext):
             try:
                 return await _INVOKE_ONCE(self, comp, arg)
             except (executors_errors.RetryableError, grpc.RpcError) as e:
-                if not isinstance(e, executors_errors.RetryableError) or time.monotonic() > deadline:
+                retryable = isinstance(e, executors_errors.RetryableError)
+                if self._proc is not None:
+                    try:
+                        self._check_alive(_EXIT_GRACE_SECONDS if retryable else 0.0)
+                    except LocalWorkerDied as died:
+                        raise died from e
+                    if not retryable:
+                        raise
+                if not retryable or time.monotonic() > deadline:
                     raise WorkerLost(self.address, e) from e
                 await asyncio.sleep(wait)
                 wait = min(2 * wait, 2.0)
+
+
+class _SyncWorkerContext(sync_execution_context.SyncExecutionContext):
+    """TFF's sync context over a `_WorkerContext` instead of its forever-retrying async context."""
+
+    def __init__(self, worker_context: _WorkerContext):
+        super().__init__(
+            executor_fn=worker_context.executor_factory,
+            compiler_fn=native_compiler.desugar_and_transform_to_native,
+            transform_args=tensorflow_computation.transform_args,
+            transform_result=tensorflow_computation.transform_result,
+        )
+        self._async_context = worker_context  # what SyncExecutionContext.invoke runs
 
 
 class WorkersUnreachable(RuntimeError):
@@ -352,35 +619,92 @@ def remote_context(addresses: list[str], timeout: float = 30.0) -> Iterator[None
             s._channel.close()  # noqa: SLF001  (the stub owns no close())
 
 
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
-def local_context(log_path: str | None = None, startup_timeout: float = 60.0) -> Iterator[None]:
+def local_context(
+    log_path: str | None = None,
+    startup_timeout: float = 60.0,
+    retry_seconds: float = 30.0,
+    warn: Callable[[str], None] = _warn,
+) -> Iterator[None]:
     """Runs TFF computations on a private local worker for the `with` block.
+
+    The worker listens on loopback only (`start_worker(loopback_only=True)`).
+    Where this machine does not allow that, it listens on all interfaces, as
+    TFF's worker does, and one line through `warn` (stderr by default, and the
+    worker log) gives its pid, its port and the reason.
+
+    A call that fails because the worker died raises `LocalWorkerDied` (a
+    `WorkerLost`) at once, with the worker's exit status, and so does the next
+    call if it died between calls; a live worker that keeps answering
+    UNAVAILABLE fails the call with `WorkerLost` after `retry_seconds`.
 
     Args:
       log_path: file that receives the worker's output (appended); /dev/null
         when None.
       startup_timeout: seconds to wait for the worker to answer.
+      retry_seconds: how long a call retries a live worker that does not answer.
+      warn: receives the line saying the worker listens on all interfaces.
 
     Yields:
       Nothing; TFF computations invoked inside the block use the worker.
     """
     log = open(log_path, "ab") if log_path else None  # noqa: SIM115
-    proc, port = start_worker(log=log)
-    address = f"localhost:{port}"
-    channel = grpc.insecure_channel(address, GRPC_CHANNEL_OPTIONS)
+    proc = channel = None
     stack = context_stack_impl.context_stack
     previous = stack.current
     try:
-        stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(channel)
-        wait_until_ready(stub, address, startup_timeout, proc)
-        stack.set_default_context(_context_over_stub(stub))
+        proc, port = start_worker(log=log, loopback_only=True)
+        try:
+            address, channel, stub = _connect(proc, port, startup_timeout)
+            reason = loopback_status(proc)
+        except RuntimeError as e:
+            binder = _binders.get(proc)
+            if not isinstance(binder, _LoopbackBinder) or binder.bound:
+                raise
+            # The redirection itself failed (the worker could not bind): once more, as TFF starts it.
+            reason = f"{binder.failure or 'the worker could not bind'}; {e}"
+            stop_worker(proc)
+            proc, port = start_worker(log=log)
+            address, channel, stub = _connect(proc, port, startup_timeout)
+        if reason is not None:
+            line = (
+                f"WARNING: local TFF worker: pid {proc.pid}, port {port} (listens on all interfaces, "
+                f"unauthenticated: could not restrict it to loopback: {reason}; see README \"Security\")"
+            )
+            warn(line)
+            if log is not None:
+                os.write(log.fileno(), f"dpfl_tff: {line}\n".encode())
+        stack.set_default_context(
+            _SyncWorkerContext(_WorkerContext(address, stub, retry_seconds, proc=proc, log_path=log_path))
+        )
         yield
     finally:
         stack.set_default_context(previous)
-        channel.close()
-        stop_worker(proc)
+        if channel is not None:
+            channel.close()
+        if proc is not None:
+            stop_worker(proc)
         if log is not None:
             log.close()
+
+
+def _connect(
+    proc: subprocess.Popen, port: int, timeout: float
+) -> tuple[str, grpc.Channel, remote_executor_grpc_stub.RemoteExecutorGrpcStub]:
+    """A channel and stub to our worker on `port`, once it answers (else RuntimeError)."""
+    address = f"localhost:{port}"
+    channel = grpc.insecure_channel(address, GRPC_CHANNEL_OPTIONS)
+    try:
+        stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(channel)
+        wait_until_ready(stub, address, timeout, proc)
+    except BaseException:
+        channel.close()
+        raise
+    return address, channel, stub
 
 
 def execution_context(

@@ -8,8 +8,8 @@ With --workers=host:port,... the rounds run on TFF worker services started
 with `python -m experiments.run_worker --port=PORT`.
 Exit codes: 0 done (or already complete), 2 bad flags, unreachable --workers or
 a run folder that cannot be resumed (e.g. a damaged ledger.jsonl), 1 failure
-(e.g. a round failed on a lost worker; rerun to resume), 128+signal when
-stopped by one.
+(e.g. a round failed on a lost --workers worker or a dead local worker; rerun
+to resume), 128+signal when stopped by one.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def main(argv: list[str]) -> None:
             file=sys.stderr, flush=True,
         )
         sys.exit(2)
-    except training.RoundFailed as e:
+    except (training.RoundFailed, runtime.WorkerLost) as e:  # WorkerLost: outside a round's call
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     if result.already_complete:

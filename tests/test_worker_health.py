@@ -1,0 +1,144 @@
+"""The private local worker: its death mid-run fails the run fast, naming it, and a rerun resumes; it
+listens on loopback only, or one line says it listens on all interfaces."""
+
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import worker_pids
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROUNDS = 60
+ARGS = [
+    "--task=synthetic", "--num_clients=20", "--synthetic_examples_per_client=10", "--synthetic_input_dim=8",
+    "--clients_per_round=5", "--noise_multiplier=1.1", "--clip_norm=0.5", "--eval_every=0",
+    f"--rounds={ROUNDS}", "--checkpoint_every=1000",  # the only mid-run checkpoint is the one of the failure
+]
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def test_killed_local_worker_fails_the_run_within_seconds_and_a_rerun_resumes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "experiments.run_federated", *ARGS, f"--output_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while not line.startswith("round 3/"):
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, proc.stderr.read()
+        (worker,) = [p for p in _children(proc.pid) if p in worker_pids()]
+        os.kill(worker, signal.SIGKILL)
+        t = time.monotonic()
+        _, stderr = proc.communicate(timeout=40)  # before: TFF retried the dead worker forever, silently
+        took = time.monotonic() - t
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, stderr[-3000:]
+    assert took < 30
+    errors = [s for s in stderr.splitlines() if s.startswith("error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    error = errors[0]
+    assert f"(pid {worker})" in error and "localhost:" in error and "killed by SIGKILL" in error, error
+    assert str(out / "worker.log") in error, error
+    failed = int(re.match(r"error: round (\d+) failed: ", error).group(1))
+    done = failed - 1
+    assert done >= 3 and f"round {done} is checkpointed" in error, error
+    assert [json.loads(s)["round"] for s in open(out / "metrics.jsonl")] == list(range(1, done + 1))
+    assert os.path.isdir(out / "checkpoints" / f"ckpt_{done:06d}")  # written on the way out
+    assert json.loads((out / "summary.json").read_text())["status"].startswith("stopped: RoundFailed")
+
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming {out} from round {done} (checkpoint)" in again.stdout
+    assert [json.loads(s)["round"] for s in open(out / "metrics.jsonl")] == list(range(1, ROUNDS + 1))
+
+
+def _listening(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of the TCP sockets process `pid` listens on, from /proc/net/tcp{,6}."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    found = []
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        with open(table) as f:
+            for row in f.readlines()[1:]:
+                cols = row.split()
+                if cols[3] != "0A" or cols[9] not in inodes:  # 0A: LISTEN
+                    continue
+                hex_addr, hex_port = cols[1].split(":")
+                raw = b"".join(bytes.fromhex(hex_addr[i:i + 8])[::-1] for i in range(0, 2 * width, 8))  # host-order words
+                family = socket.AF_INET if width == 4 else socket.AF_INET6
+                found.append((socket.inet_ntop(family, raw), int(hex_port, 16)))
+    return found
+
+
+def _local_worker(tmp_path, **kw):
+    from dpfl_tff import runtime
+
+    warnings = []
+    log = tmp_path / "worker.log"
+    others = set(runtime.live_worker_pids())  # e.g. the session's `tff_context`
+    with runtime.local_context(log_path=str(log), warn=warnings.append, **kw):
+        (pid,) = set(runtime.live_worker_pids()) - others
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            port = int(f.read().split(b"--port=")[1].split(b"\0")[0])
+        listening = _listening(pid)
+    return pid, port, listening, warnings, log.read_text()
+
+
+def _kernel() -> tuple[int, ...]:
+    return tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", os.uname().release).groups())
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64") or _kernel() < (5, 6),
+                    reason="needs seccomp user notification and pidfd_getfd (Linux >= 5.6, x86_64/aarch64)")
+def test_local_worker_listens_on_loopback_only(tmp_path):
+    pid, port, listening, warnings, log = _local_worker(tmp_path)
+    assert warnings == []  # else the mechanism was refused here: the warning says why
+    assert listening and {p for _, p in listening} == {port}, listening
+    assert all(a in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for a, _ in listening), listening
+    assert f"this worker listens on 127.0.0.1:{port} only (loopback)" in log
+
+
+def _no_seccomp(monkeypatch, runtime):
+    broken = {m: (arch, nr_bind, 99999) for m, (arch, nr_bind, _) in runtime._SECCOMP_ARCH.items()}  # noqa: SLF001
+    monkeypatch.setattr(runtime, "_SECCOMP_ARCH", broken)  # seccomp(2) -> ENOSYS in the helper
+    return "Function not implemented"
+
+
+def _binder_dies(monkeypatch, runtime):
+    def close(self):  # as if the thread had died: the worker's bind() gets ENOSYS, the worker exits
+        os.close(self.listener)
+
+    monkeypatch.setattr(runtime._LoopbackBinder, "_run", close)  # noqa: SLF001
+    return "the worker could not bind"
+
+
+@pytest.mark.parametrize("breakage", [_no_seccomp, _binder_dies])
+def test_without_the_mechanism_the_worker_listens_everywhere_and_one_line_says_so(tmp_path, monkeypatch, breakage):
+    from dpfl_tff import runtime
+
+    reason = breakage(monkeypatch, runtime)
+    pid, port, listening, warnings, log = _local_worker(tmp_path)
+    assert listening and {a for a, _ in listening} <= {"::", "0.0.0.0"}, listening
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"WARNING: local TFF worker: pid {pid}, port {port} (listens on all interfaces")
+    assert reason in warnings[0] and 'see README "Security"' in warnings[0], warnings[0]
+    assert warnings[0] in log
