@@ -6,8 +6,9 @@ Writes hparams.json, metrics.jsonl (one line per round), summary.json and
 worker.log to --output_dir; prints one progress line per round.
 With --workers=host:port,... the rounds run on TFF worker services started
 with `python -m experiments.run_worker --port=PORT`.
-Exit codes: 0 done, 2 bad flags or unreachable --workers, 1 failure (e.g. a
-round failed on a lost worker; rerun to resume), 128+signal when stopped by one.
+Exit codes: 0 done, 2 bad flags, missing or bad data files or unreachable
+--workers, 1 failure (e.g. a round failed on a lost worker; rerun to resume),
+128+signal when stopped by one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from absl import app, logging
 
 from dpfl_tff import runtime, training
 from dpfl_tff.config import ConfigError
+from dpfl_tff.tasks import DataFileError
 from experiments import flags as dpfl_flags
 
 
@@ -71,7 +73,7 @@ def main(argv: list[str]) -> None:
     except training.RunInterrupted as e:
         print(f"{e}: summary written to {cfg.output_dir}, TFF worker shut down", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
-    except (ConfigError, FileExistsError, OSError, runtime.WorkersUnreachable) as e:
+    except (ConfigError, DataFileError, FileExistsError, OSError, runtime.WorkersUnreachable) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except training.RoundFailed as e:
