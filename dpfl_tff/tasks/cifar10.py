@@ -47,7 +47,7 @@ def load(cfg: TaskConfig, seed: int) -> FederatedData:
     y = np.concatenate([p[1] for p in parts])
     x_test, y_test = _read(files[5])
     rng = np.random.default_rng([seed, 3])
-    clients = partition(x, y, cfg.num_clients, cfg.partition, cfg.dirichlet_alpha, rng)
+    clients = partition(x, y, cfg.num_clients, cfg.partition, cfg.dirichlet_alpha, rng, "cifar10")
     split = "iid" if cfg.partition == "iid" else f"dirichlet(alpha={cfg.dirichlet_alpha})"
     return FederatedData(
         clients=clients,
