@@ -22,6 +22,8 @@ PARTITIONS = ("iid", "dirichlet")
 SEED_REDACTED = "set (not recorded)"
 # Tasks whose data comes split into clients: N is the data's, not --num_clients.
 NATURAL_SPLIT_TASKS = ("emnist", "cifar100")
+# Below this numpy 1.25's Dirichlet sampler slows to a halt (numpy/numpy#24203).
+MIN_DIRICHLET_ALPHA = 1e-6
 
 
 class ConfigError(ValueError):
@@ -114,6 +116,12 @@ class TaskConfig:
             raise ConfigError("--data_dir is empty: give the folder that holds (or will hold) the data files")
         _choice("partition", self.partition, PARTITIONS)
         _positive("dirichlet_alpha", self.dirichlet_alpha)
+        if self.partition == "dirichlet" and self.dirichlet_alpha < MIN_DIRICHLET_ALPHA:
+            raise ConfigError(
+                f"--dirichlet_alpha={self.dirichlet_alpha}: must be >= {MIN_DIRICHLET_ALPHA:g} (numpy's "
+                f"Dirichlet sampler stalls below; at {MIN_DIRICHLET_ALPHA:g} nearly all of a label's examples "
+                "already go to one client)"
+            )
         _open_unit("test_fraction", self.test_fraction)
         _int_at_least("synthetic_examples_per_client", self.synthetic_examples_per_client, 1)
         _int_at_least("synthetic_input_dim", self.synthetic_input_dim, 1)

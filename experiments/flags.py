@@ -36,7 +36,7 @@ PARTITION = flags.DEFINE_string(
     "partition", _T.partition, "Client split: iid (equal random shards) | dirichlet (label skew, see --dirichlet_alpha)."
 )
 DIRICHLET_ALPHA = flags.DEFINE_float(
-    "dirichlet_alpha", _T.dirichlet_alpha, "Dirichlet concentration of the label split (> 0; smaller = more skewed)."
+    "dirichlet_alpha", _T.dirichlet_alpha, "Dirichlet concentration of the label split (>= 1e-6; smaller = more skewed)."
 )
 TEST_FRACTION = flags.DEFINE_float(
     "test_fraction", _T.test_fraction, "Share of the data held out as the central test set, in (0, 1)."

@@ -6,10 +6,10 @@ Writes hparams.json, metrics.jsonl (one line per round), summary.json and
 worker.log to --output_dir; prints one progress line per round.
 With --workers=host:port,... the rounds run on TFF worker services started
 with `python -m experiments.run_worker --port=PORT`.
-Exit codes: 0 done (or already complete), 2 bad flags, unreachable --workers or
-a run folder that cannot be resumed (e.g. a damaged ledger.jsonl), 1 failure
-(e.g. a round failed on a lost --workers worker or a dead local worker; rerun
-to resume), 128+signal when stopped by one.
+Exit codes: 0 done (or already complete), 2 bad flags, missing or bad data
+files, unreachable --workers or a run folder that cannot be resumed (e.g. a
+damaged ledger.jsonl), 1 failure (e.g. a round failed on a lost --workers
+worker or a dead local worker; rerun to resume), 128+signal when stopped by one.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from absl import app, logging
 
 from dpfl_tff import checkpoints, runtime, training
 from dpfl_tff.config import ConfigError
+from dpfl_tff.tasks import DataFileError
 from experiments import cli
 from experiments import flags as dpfl_flags
 
@@ -67,7 +68,7 @@ def main(argv: list[str]) -> None:
         try:
             training.dry_run(cfg, overwrite=dpfl_flags.OVERWRITE.value, fresh=dpfl_flags.FRESH.value,
                              log=lambda s: print(s, flush=True))
-        except (ConfigError, FileExistsError, OSError) as e:
+        except (ConfigError, DataFileError, FileExistsError, OSError) as e:
             cli.usage_error(str(e))
         except checkpoints.LedgerError as e:
             cli.usage_error(f"cannot resume: {e}")
@@ -87,7 +88,7 @@ def main(argv: list[str]) -> None:
         print(f"{e}: last completed round checkpointed, summary written to {cfg.output_dir}, TFF worker shut down",
               file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
-    except (ConfigError, FileExistsError, OSError, runtime.WorkersUnreachable) as e:
+    except (ConfigError, DataFileError, FileExistsError, OSError, runtime.WorkersUnreachable) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except checkpoints.LedgerError as e:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dpfl_tff.config import TaskConfig
 from dpfl_tff.tasks import cifar10, cifar100, digits, emnist, synthetic
 from dpfl_tff.tasks.base import ClientArrays, FederatedData
-from dpfl_tff.tasks.files import DataMissingError
+from dpfl_tff.tasks.files import DataFileError, DataMissingError
 
 TaskLoader = Callable[[TaskConfig, int], FederatedData]
 
@@ -25,4 +25,4 @@ def load_task(cfg: TaskConfig, seed: int) -> FederatedData:
     return TASKS[cfg.task](cfg, seed)
 
 
-__all__ = ["TASKS", "ClientArrays", "DataMissingError", "FederatedData", "load_task"]
+__all__ = ["TASKS", "ClientArrays", "DataFileError", "DataMissingError", "FederatedData", "load_task"]

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from dpfl_tff.config import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class ClientArrays:
@@ -115,9 +117,7 @@ def shuffle_order(n: int, epochs: int, seed: int, buffer: int = 0) -> np.ndarray
 def split_iid(num_examples: int, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Random equal shards (sizes differ by at most one)."""
     if num_clients > num_examples:
-        raise ValueError(
-            f"--num_clients={num_clients}: must be <= the {num_examples} training examples"
-        )
+        raise ConfigError(f"--num_clients={num_clients}: must be <= the {num_examples} training examples")
     return np.array_split(rng.permutation(num_examples), num_clients)
 
 
@@ -132,27 +132,33 @@ def split_dirichlet(
     """Label-skewed split: each label's examples go to clients in Dir(alpha) shares.
 
     The standard non-IID benchmark split (Hsu et al. 2019, arXiv:1909.06335).
-    Draws again until every client has at least `min_examples` examples.
+    Draws again until every client has at least `min_examples` examples; a
+    draw's client sizes are checked before its shards are built, so giving up
+    after `max_tries` draws stays fast for many clients.
 
     Raises:
-      ValueError: if no such split was found in `max_tries` draws.
+      ConfigError: if no such split was found in `max_tries` draws.
     """
     if num_clients * min_examples > labels.shape[0]:
-        raise ValueError(
-            f"--num_clients={num_clients}: must be <= the {labels.shape[0]} training examples"
-        )
+        raise ConfigError(f"--num_clients={num_clients}: must be <= the {labels.shape[0]} training examples")
     classes = np.unique(labels)
     for _ in range(max_tries):
-        shards: list[list[int]] = [[] for _ in range(num_clients)]
+        parts = []
+        sizes = np.zeros(num_clients, np.int64)
         for c in classes:
             idx = rng.permutation(np.flatnonzero(labels == c))
             shares = rng.dirichlet(np.full(num_clients, alpha))
             cuts = (np.cumsum(shares)[:-1] * idx.shape[0]).astype(int)
+            sizes += np.diff(np.concatenate(([0], np.clip(cuts, 0, idx.shape[0]), [idx.shape[0]])))
+            parts.append((idx, cuts))
+        if sizes.min() < min_examples:
+            continue
+        shards: list[list[int]] = [[] for _ in range(num_clients)]
+        for idx, cuts in parts:
             for shard, part in zip(shards, np.split(idx, cuts)):
                 shard.extend(part.tolist())
-        if min(len(s) for s in shards) >= min_examples:
-            return [rng.permutation(np.asarray(s, dtype=np.int64)) for s in shards]
-    raise ValueError(
+        return [rng.permutation(np.asarray(s, dtype=np.int64)) for s in shards]
+    raise ConfigError(
         f"--dirichlet_alpha={alpha}: no split with >= {min_examples} example(s) per client "
         f"for {num_clients} clients in {max_tries} draws; raise --dirichlet_alpha or lower --num_clients"
     )
@@ -165,12 +171,22 @@ def partition(
     scheme: str,
     alpha: float,
     rng: np.random.Generator,
+    task: str,
 ) -> list[ClientArrays]:
-    """Splits (x, y) into clients by `scheme` (`iid` or `dirichlet`)."""
+    """Splits the training examples (x, y) of `task` into clients by `scheme` (`iid` or `dirichlet`).
+
+    Raises:
+      ConfigError: if `num_clients` exceeds the examples, or no Dirichlet
+        split gives every client an example.
+    """
+    if num_clients > y.shape[0]:
+        raise ConfigError(
+            f"--num_clients={num_clients}: must be <= {y.shape[0]}, the number of training examples of --task={task}"
+        )
     if scheme == "iid":
         shards = split_iid(y.shape[0], num_clients, rng)
     elif scheme == "dirichlet":
         shards = split_dirichlet(y, num_clients, alpha, rng)
     else:
-        raise ValueError(f"--partition={scheme}: must be one of iid, dirichlet")
+        raise ConfigError(f"--partition={scheme}: must be one of iid, dirichlet")
     return [ClientArrays(x[s], y[s]) for s in shards]

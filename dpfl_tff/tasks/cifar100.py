@@ -17,9 +17,11 @@ import tensorflow_federated as tff
 from dpfl_tff.config import TaskConfig
 from dpfl_tff.tasks.base import FederatedData
 from dpfl_tff.tasks.files import require_file
-from dpfl_tff.tasks.tff_sqlite import LazyClients, all_clients_arrays
+from dpfl_tff.tasks.tff_sqlite import LazyClients, all_clients_arrays, load_client_data
 
 FILE = "cifar100.sqlite"
+SPLITS = ("train", "test")  # the splits TFF's loader reads
+EXPECTED = 'expected TFF\'s CIFAR-100 file, see README "Tasks and data files"'
 CROP = (24, 24, 3)  # TFF baselines' DEFAULT_CROP_HEIGHT/WIDTH
 HOW_TO_GET = (
     "On a machine with internet: python -c \"import tensorflow_federated as tff; "
@@ -36,12 +38,15 @@ def _preprocess(example: collections.OrderedDict) -> tuple[tf.Tensor, tf.Tensor]
 
 def load(cfg: TaskConfig, seed: int) -> FederatedData:
     del seed  # the client split is the data's own
-    require_file("cifar100", cfg.data_dir, FILE, HOW_TO_GET)
-    train, test = tff.simulation.datasets.cifar100.load_data(cache_dir=cfg.data_dir)
-    clients = LazyClients(train, _preprocess)
+    path = require_file("cifar100", cfg.data_dir, FILE, HOW_TO_GET)
+    train, test = load_client_data(
+        path, lambda: tff.simulation.datasets.cifar100.load_data(cache_dir=cfg.data_dir), SPLITS, EXPECTED
+    )
+    clients = LazyClients(train, _preprocess, path, SPLITS[0], EXPECTED)
+    clients[0]  # noqa: B018  (parse one training client now: a bad file fails here, not in round 1)
     return FederatedData(
         clients=clients,
-        test=all_clients_arrays(test, _preprocess),
+        test=all_clients_arrays(test, _preprocess, path, SPLITS[1], EXPECTED),
         input_shape=CROP,
         num_classes=100,
         description=f"CIFAR-100 (TFF split): {len(clients)} clients, 24x24 central crop",

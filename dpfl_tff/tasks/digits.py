@@ -24,7 +24,7 @@ def load(cfg: TaskConfig, seed: int) -> FederatedData:
         x, y, test_size=cfg.test_fraction, stratify=y, random_state=seed
     )
     rng = np.random.default_rng([seed, 1])
-    clients = partition(x_train, y_train, cfg.num_clients, cfg.partition, cfg.dirichlet_alpha, rng)
+    clients = partition(x_train, y_train, cfg.num_clients, cfg.partition, cfg.dirichlet_alpha, rng, "digits")
     split = "iid" if cfg.partition == "iid" else f"dirichlet(alpha={cfg.dirichlet_alpha})"
     return FederatedData(
         clients=clients,

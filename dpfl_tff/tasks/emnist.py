@@ -17,9 +17,12 @@ import tensorflow_federated as tff
 from dpfl_tff.config import TaskConfig
 from dpfl_tff.tasks.base import FederatedData
 from dpfl_tff.tasks.files import require_file
-from dpfl_tff.tasks.tff_sqlite import LazyClients, all_clients_arrays
+from dpfl_tff.tasks.tff_sqlite import LazyClients, all_clients_arrays, load_client_data
 
 FILE = "emnist_all.sqlite"
+# The (train, test) splits TFF's loader reads, by `only_digits`.
+SPLITS = {True: ("digits_only_train", "digits_only_test"), False: ("all_train", "all_test")}
+EXPECTED = 'expected TFF\'s EMNIST file, see README "Tasks and data files"'
 HOW_TO_GET = (
     "On a machine with internet: python -c \"import tensorflow_federated as tff; "
     "tff.simulation.datasets.emnist.load_data(cache_dir='DIR')\" writes DIR/emnist_all.sqlite "
@@ -34,13 +37,20 @@ def _preprocess(example: collections.OrderedDict) -> tuple[tf.Tensor, tf.Tensor]
 
 def load(cfg: TaskConfig, seed: int) -> FederatedData:
     del seed  # the client split is the data's own
-    require_file("emnist", cfg.data_dir, FILE, HOW_TO_GET)
-    train, test = tff.simulation.datasets.emnist.load_data(only_digits=cfg.emnist_only_digits, cache_dir=cfg.data_dir)
-    clients = LazyClients(train, _preprocess)
+    path = require_file("emnist", cfg.data_dir, FILE, HOW_TO_GET)
+    splits = SPLITS[cfg.emnist_only_digits]
+    train, test = load_client_data(
+        path,
+        lambda: tff.simulation.datasets.emnist.load_data(only_digits=cfg.emnist_only_digits, cache_dir=cfg.data_dir),
+        splits,
+        EXPECTED,
+    )
+    clients = LazyClients(train, _preprocess, path, splits[0], EXPECTED)
+    clients[0]  # noqa: B018  (parse one training client now: a bad file fails here, not in round 1)
     classes = 10 if cfg.emnist_only_digits else 62
     return FederatedData(
         clients=clients,
-        test=all_clients_arrays(test, _preprocess),
+        test=all_clients_arrays(test, _preprocess, path, splits[1], EXPECTED),
         input_shape=(28, 28, 1),
         num_classes=classes,
         description=f"EMNIST ({'digits' if cfg.emnist_only_digits else 'all 62 classes'}): {len(clients)} writers",

@@ -9,6 +9,14 @@ class DataMissingError(FileNotFoundError):
     """A data file is not where the task looks for it. The message says how to get it."""
 
 
+class DataFileError(ValueError):
+    """A data file is there but not in the format its task reads.
+
+    The message is one line: the file's path, what is wrong with it and, in
+    parentheses, what was expected.
+    """
+
+
 def require_file(task: str, data_dir: str, name: str, how_to_get: str) -> str:
     """Returns data_dir/name, or raises DataMissingError naming the file, the folder and the fix.
 
