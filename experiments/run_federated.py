@@ -14,6 +14,7 @@ worker or a dead local worker; rerun to resume), 128+signal when stopped by one.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -24,6 +25,12 @@ from dpfl_tff.config import ConfigError
 from dpfl_tff.tasks import DataFileError
 from experiments import cli
 from experiments import flags as dpfl_flags
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write: a second signal's handler cannot split it."""
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), (line + "\n").encode())
 
 
 class _Signals:
@@ -44,10 +51,10 @@ class _Signals:
     def __call__(self, signum, frame):  # noqa: ARG002
         name = signal.Signals(signum).name
         if self.received is not None:
-            print(f"{name} received again: cutting the current round short", file=sys.stderr, flush=True)
+            _say(f"{name} received again: cutting the current round short")
             raise training.RunInterrupted(f"stopped by {name}", 128 + signum)
         self.received = signum
-        print(f"{name} received: stopping after the current round", file=sys.stderr, flush=True)
+        _say(f"{name} received: stopping after the current round")
 
     def stop_requested(self) -> training.RunInterrupted | None:
         if self.received is None:

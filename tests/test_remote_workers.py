@@ -79,7 +79,7 @@ def _cfg(tmp_path, name, workers=(), **dp):
         task=TaskConfig(task="digits", num_clients=40),
         train=TrainConfig(
             model="mlp", rounds=3, clients_per_round=8, client_sampling="uniform", client_learning_rate=0.1,
-            server_optimizer="sgd", server_learning_rate=1.0, eval_every=0, seed=3,
+            server_optimizer="sgd", server_learning_rate=1.0, eval_every=0, seed=3, sampling_seed=3,
         ),
         dp=DPConfig(**dp),
         output_dir=str(tmp_path / name),

@@ -24,6 +24,7 @@ def test_batch_scheduler_cancel_under_uv_run_keeps_the_last_round(tmp_path):
     out = tmp_path / "run"
     cmd = ["setsid", uv, "run", "--frozen", "python", "-m", "experiments.run_federated", *SMALL,
            "--rounds=100000", "--checkpoint_every=1000", f"--output_dir={out}"]
+    before = set(worker_pids())  # e.g. this session's shared worker
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -31,7 +32,7 @@ def test_batch_scheduler_cancel_under_uv_run_keeps_the_last_round(tmp_path):
         while not line.startswith("round 3/") and time.monotonic() < deadline:
             line = proc.stdout.readline()
             assert line or proc.poll() is None, proc.stderr.read()
-        workers = set(worker_pids())
+        workers = set(worker_pids()) - before  # the driver's own
         os.killpg(os.getpgid(proc.pid), signal.SIGTERM)  # as a batch scheduler cancels a job
         _, stderr = proc.communicate(timeout=120)
     finally:
@@ -40,7 +41,9 @@ def test_batch_scheduler_cancel_under_uv_run_keeps_the_last_round(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     # (uv forwards the signal, so "SIGTERM received again" appears in stderr here; not asserted, since only
     # the outcome below is the contract, whatever uv's version does.)
-    assert stderr.strip().splitlines()[-1].startswith("stopped by SIGTERM: last completed round checkpointed")
+    assert "Traceback" not in stderr
+    assert any(line.startswith("stopped by SIGTERM: last completed round checkpointed")
+               for line in stderr.splitlines()), stderr
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     last = len(rows)
     assert last >= 3 and [r["round"] for r in rows] == list(range(1, last + 1))
@@ -50,4 +53,4 @@ def test_batch_scheduler_cancel_under_uv_run_keeps_the_last_round(tmp_path):
     deadline = time.monotonic() + 15
     while workers & set(worker_pids()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not workers & set(worker_pids())
+    assert workers and not workers & set(worker_pids())
