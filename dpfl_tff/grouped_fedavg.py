@@ -50,6 +50,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from dpfl_tff import runtime  # noqa: F401  (replaces TFF's worker-starting default context)
 from dpfl_tff.privacy import local
 from dpfl_tff.tasks.base import FederatedData
 

@@ -81,6 +81,8 @@ GRPC_CHANNEL_OPTIONS = [
 _PR_SET_PDEATHSIG = 1
 WORKER_MALLOC_ARENA_MAX = "2"
 _live_workers: set[subprocess.Popen] = set()
+# (worker, address, log path) of the `local_context()` blocks now open in this process, innermost last.
+_active_local: list[tuple[subprocess.Popen, str, str | None]] = []
 _binders: dict[subprocess.Popen, "_LoopbackBinder | str"] = {}  # workers started with loopback_only
 
 context_stack_impl.context_stack.set_default_context(runtime_error_context.create_runtime_error_context())
@@ -681,7 +683,11 @@ def local_context(
         stack.set_default_context(
             _SyncWorkerContext(_WorkerContext(address, stub, retry_seconds, proc=proc, log_path=log_path))
         )
-        yield
+        _active_local.append((proc, address, log_path))
+        try:
+            yield
+        finally:
+            _active_local.pop()
     finally:
         stack.set_default_context(previous)
         if channel is not None:
@@ -710,10 +716,28 @@ def _connect(
 def execution_context(
     workers: tuple[str, ...] | list[str], log_path: str | None = None, timeout: float = 30.0
 ) -> contextlib.AbstractContextManager[None]:
-    """`remote_context(workers, timeout)` if workers are given, else `local_context(log_path)`."""
+    """The context a run executes in.
+
+    `remote_context(workers, timeout)` if workers are given. Otherwise, inside
+    an enclosing `local_context()` (a sweep, a notebook, a test session), that
+    context's worker is used as it is, and `log_path` gets one line naming it;
+    else a new `local_context(log_path)`.
+    """
     if workers:
         return remote_context(list(workers), timeout)
+    if _active_local:
+        return _reuse_local(log_path)
     return local_context(log_path=log_path)
+
+
+@contextlib.contextmanager
+def _reuse_local(log_path: str | None) -> Iterator[None]:
+    proc, address, its_log = _active_local[-1]
+    if log_path:
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(f"dpfl_tff: this run used the TFF worker of an enclosing runtime.local_context() (pid "
+                    f"{proc.pid}, {address}); its output goes to {its_log or '/dev/null'}\n")
+    yield
 
 
 def live_worker_pids() -> list[int]:

@@ -36,9 +36,10 @@ def worker_pids() -> list[int]:
     return pids
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def tff_context():
-    """A private TFF worker for tests that run TFF computations directly."""
+    """One private TFF worker for the whole session: TFF computations and in-process runs
+    (`training.run` reuses an enclosing local context) share it instead of starting their own."""
     from dpfl_tff import runtime
 
     with runtime.local_context():
@@ -56,3 +57,24 @@ def pytest_sessionfinish(session, exitstatus):
     if left:
         print(f"\nFAIL: TFF worker_binary processes left running after the tests: {left}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def run_driver(args: list[str]) -> int:
+    """`experiments.run_federated` in this process (no TF import, the session's worker): its exit code.
+
+    `args` are the flags; the parsed flags are restored afterwards.
+    """
+    from absl import flags
+    from absl.testing import flagsaver
+
+    from experiments import run_federated
+
+    argv = ["run_federated", *args]
+    with flagsaver.flagsaver():
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(argv)
+        try:
+            run_federated.main(argv[:1])
+        except SystemExit as e:
+            return int(e.code or 0)
+    return 0

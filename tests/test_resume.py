@@ -12,7 +12,7 @@ import pytest
 from dpfl_tff.config import DPConfig, ExperimentConfig, TaskConfig, TrainConfig
 from dpfl_tff.privacy import accounting
 from dpfl_tff.sampling import CohortSampler
-from tests.conftest import worker_pids
+from tests.conftest import run_driver, worker_pids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS = 12
@@ -69,16 +69,15 @@ def _ledger(out):
     return [json.loads(line) for line in open(os.path.join(out, "ledger.jsonl"))]
 
 
-def test_sigkill_between_checkpoints_then_resume_charges_every_execution_with_fresh_cohorts(tmp_path):
+def test_sigkill_between_checkpoints_then_resume_charges_every_execution_with_fresh_cohorts(tmp_path, capsys):
     out = str(tmp_path / "run")
     flags = ("--checkpoint_every=4", "--log_cohorts", "--sampling_seed=3")
     workers = _kill_after_round(out, 6, *flags)
     assert workers and _wait_gone(workers)  # PR_SET_PDEATHSIG took the worker down with the driver
     released_before = len(_ledger(out))
     assert released_before >= 6
-    done = subprocess.run(_cmd(out, *flags), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "resuming" in done.stdout and "from round 4" in done.stdout
+    assert run_driver([*ARGS, f"--output_dir={out}", *flags]) == 0  # the same command, in-process
+    assert f"resuming {out} from round 4" in capsys.readouterr().out
     rows = _rows(out)
     assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))  # no duplicate, no gap
     ledger = _ledger(out)
@@ -100,36 +99,17 @@ def test_sigkill_between_checkpoints_then_resume_charges_every_execution_with_fr
     assert summary["sampling_seeded"] is True and summary["resumed_from_round"] == 4
 
 
-def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+def test_resume_with_changed_privacy_flag_is_refused(tmp_path, capsys):
     out = str(tmp_path / "run")
-    proc = subprocess.Popen(_cmd(out, "--rounds=100000", "--checkpoint_every=1000"), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("round 3/"):
-                break
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
-    assert stderr.strip().splitlines()[-1].startswith("stopped by SIGTERM")
-    last = len(_rows(out))
-    assert os.path.isdir(os.path.join(out, "checkpoints", f"ckpt_{last:06d}"))  # written on the way out
-
-
-def test_resume_with_changed_privacy_flag_is_refused(tmp_path):
-    out = str(tmp_path / "run")
-    first = subprocess.run(_cmd(out, "--rounds=2"), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr
-    again = subprocess.run(_cmd(out, "--rounds=3", "--noise_multiplier=0.5", "--clip_norm=0.7"), cwd=ROOT,
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2
-    err = again.stderr.strip().splitlines()[-1]
+    assert run_driver([*ARGS, f"--output_dir={out}", "--rounds=2"]) == 0
+    capsys.readouterr()
+    assert run_driver([*ARGS, f"--output_dir={out}", "--rounds=3", "--noise_multiplier=0.5", "--clip_norm=0.7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "cannot resume" in err and "--noise_multiplier: was 1.1, now 0.5" in err and "--clip_norm: was 0.5" in err
     assert "--rounds" not in err  # more rounds is a resumable change
-    fresh = subprocess.run(_cmd(out, "--fresh"), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert fresh.returncode == 2 and "--fresh" in fresh.stderr and "--overwrite" in fresh.stderr
+    assert run_driver([*ARGS, f"--output_dir={out}", "--fresh"]) == 2
+    err = capsys.readouterr().err
+    assert "--fresh" in err and "--overwrite" in err
 
 
 def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path):
@@ -160,18 +140,14 @@ def test_budget_guard_holds_across_resume(tmp_path):
     out = str(tmp_path / "run")
     eps4 = _uninterrupted_epsilon(4)
     budget = (eps4 + _uninterrupted_epsilon(5)) / 2
-    first = subprocess.run(_cmd(out, "--rounds=3", f"--max_epsilon={budget}"), cwd=ROOT, capture_output=True,
-                           text=True, timeout=300)
-    assert first.returncode == 0, first.stderr
-    second = subprocess.run(_cmd(out, "--rounds=10", f"--max_epsilon={budget}"), cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
-    assert second.returncode == 0, second.stderr
+    assert run_driver([*ARGS, f"--output_dir={out}", "--rounds=3", f"--max_epsilon={budget}"]) == 0
+    assert run_driver([*ARGS, f"--output_dir={out}", "--rounds=10", f"--max_epsilon={budget}"]) == 0
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["rounds"] == 4 and summary["status"] == "stopped_at_budget"
     assert summary["epsilon"] == pytest.approx(eps4) and summary["epsilon"] <= budget
 
 
-def test_unwritable_output_dir_is_a_clear_error(tmp_path):
+def test_unwritable_output_dir_is_a_clear_error(tmp_path, capsys):
     if os.geteuid() == 0:
         target = "/proc/dpfl_tff_cannot_write_here"  # root ignores permissions; /proc refuses everyone
     else:
@@ -179,9 +155,9 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path):
         ro.mkdir()
         ro.chmod(0o500)
         target = str(ro / "run")
-    proc = subprocess.run(_cmd(target), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --output_dir={target}: cannot create the folder")
+    assert run_driver([*ARGS, f"--output_dir={target}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: --output_dir={target}: cannot create the folder")
 
 
 def test_plot_scripts_make_pngs_from_real_runs(tmp_path):

@@ -22,6 +22,7 @@ import tensorflow_federated as tff
 import tensorflow_privacy as tfp
 from tensorflow_federated.python.aggregators.differential_privacy import adaptive_clip_noise_params
 
+from dpfl_tff import runtime  # noqa: F401  (replaces TFF's worker-starting default context)
 from dpfl_tff.config import ConfigError, DPConfig
 from dpfl_tff.privacy.local import LocalDPFactory
 

@@ -27,6 +27,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from dpfl_tff import runtime  # noqa: F401  (replaces TFF's worker-starting default context)
+
 GAUSSIAN = "gaussian"
 LAPLACE = "laplace"
 LOCAL_MECHANISMS = (GAUSSIAN, LAPLACE)
