@@ -1,23 +1,39 @@
 """experiments.compute_epsilon: same flags and configs as run_federated, JSON last line."""
 
+import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import dp_accounting
 import pytest
+from absl import flags
+from absl.testing import flagsaver
 from dp_accounting.rdp import RdpAccountant
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from experiments import cli, compute_epsilon
+
+
+@dataclasses.dataclass
+class _Result:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
 def _run(*args):
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.compute_epsilon", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    return proc
+    """The tool in this process, parsed by its own parser (exit codes and output as from the command line)."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with flagsaver.flagsaver(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        flags.FLAGS.unparse_flags()
+        try:
+            cli.parser_for(compute_epsilon.__doc__, compute_epsilon.GROUPS)(["compute_epsilon", *args])
+            compute_epsilon.main(["compute_epsilon"])
+        except SystemExit as e:
+            code = int(e.code or 0)
+    return _Result(code, out.getvalue(), err.getvalue())
 
 
 def test_tutorial_setting_last_line_is_json():

@@ -1,16 +1,12 @@
 """--model=package.module:function: validated before training with clear errors."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from dpfl_tff import models
 from dpfl_tff.config import ConfigError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import run_driver
 
 
 def test_good_custom_model_validates():
@@ -42,22 +38,17 @@ def test_batchnorm_warns_loudly():
 
 
 def _driver(tmp_path, model):
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.run_federated", "--task=digits", "--num_clients=20",
-         "--clients_per_round=5", "--rounds=2", "--eval_every=1", f"--model={model}",
-         f"--output_dir={tmp_path / 'run'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
+    return run_driver(["--task=digits", "--num_clients=20", "--clients_per_round=5", "--rounds=2", "--eval_every=1",
+                       f"--model={model}", f"--output_dir={tmp_path / 'run'}"])
 
 
-def test_driver_trains_a_custom_model_and_rejects_a_wrong_one(tmp_path):
-    ok = _driver(tmp_path / "ok", "tests.custom_models:tiny_mlp")
-    assert ok.returncode == 0, ok.stderr
+def test_driver_trains_a_custom_model_and_rejects_a_wrong_one(tmp_path, capsys):
+    assert _driver(tmp_path / "ok", "tests.custom_models:tiny_mlp") == 0
     rows = [json.loads(line) for line in open(tmp_path / "ok" / "run" / "metrics.jsonl")]
     assert [r["round"] for r in rows] == [1, 2]
-    bad = _driver(tmp_path / "bad", "tests.custom_models:wrong_output_size")
-    assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1] == (
+    capsys.readouterr()
+    assert _driver(tmp_path / "bad", "tests.custom_models:wrong_output_size") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: --model=tests.custom_models:wrong_output_size: output shape is (None, 11); "
         "must be (batch, 10) logits for this task"
     )

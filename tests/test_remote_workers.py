@@ -156,10 +156,8 @@ def test_unreachable_worker_fails_fast_naming_it(tmp_path, two_workers):
     dead = f"localhost:{portpicker.pick_unused_port()}"
     cfg = _cfg(tmp_path, "unreachable", [two_workers[0].address, dead], mode="none")
     cfg = dataclasses.replace(cfg, worker_timeout=2.0).validate()
-    t = time.monotonic()
-    with pytest.raises(runtime.WorkersUnreachable) as e:
+    with pytest.raises(runtime.WorkersUnreachable) as e:  # raised, not TFF's retry loop (forever, 30 s apart)
         training.run(cfg, log=lambda s: None)
-    assert time.monotonic() - t < 60  # no TFF retry loop (it would retry forever, 30 s apart)
     msg = str(e.value)
     assert dead in msg and two_workers[0].address not in msg.split("reachable after")[1]
     assert "--worker_timeout" in msg and "run_worker --port" in msg

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -40,13 +39,12 @@ def test_killed_local_worker_fails_the_run_within_seconds_and_a_rerun_resumes(tm
             assert line or proc.poll() is None, proc.stderr.read()
         (worker,) = [p for p in _children(proc.pid) if p in worker_pids()]
         os.kill(worker, signal.SIGKILL)
-        t = time.monotonic()
-        _, stderr = proc.communicate(timeout=40)  # before: TFF retried the dead worker forever, silently
-        took = time.monotonic() - t
+        # The bound: noticed within 30 s (it takes ~0.2 s; before, TFF retried the dead worker forever,
+        # silently). A hang guard, not a timing measurement: TimeoutExpired fails the test.
+        _, stderr = proc.communicate(timeout=30)
     finally:
         proc.kill()
     assert proc.returncode == 1, stderr[-3000:]
-    assert took < 30
     errors = [s for s in stderr.splitlines() if s.startswith("error:")]
     assert len(errors) == 1, stderr[-3000:]
     error = errors[0]
