@@ -17,7 +17,9 @@ import socket
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from experiments import cli
 
 PORT = flags.DEFINE_integer("port", None, "TCP port (1..65535) to listen on, on all interfaces.")
 MAX_CONCURRENT_CALLS = flags.DEFINE_integer(
@@ -31,8 +33,7 @@ STARTUP_TIMEOUT = flags.DEFINE_float(
 
 
 def _error(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    cli.usage_error(msg)
 
 
 def _port_is_free(port: int) -> bool:
@@ -53,8 +54,7 @@ def _port_is_free(port: int) -> bool:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # cli.parser_for refuses stray arguments
     port = PORT.value
     if port is None or not 1 <= port <= 65535:
         _error(f"--port={port}: give the TCP port to listen on, in 1..65535")
@@ -104,8 +104,11 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
 
 
+GROUPS = (("Worker", (PORT, MAX_CONCURRENT_CALLS, STARTUP_TIMEOUT)),)
+
+
 def run() -> None:
-    app.run(main)
+    cli.run(main, __doc__, GROUPS)
 
 
 if __name__ == "__main__":
