@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from dpfl_tff.config import ConfigError
+from dpfl_tff.errors import CheckpointMismatch, LedgerError
 
 CHECKPOINTS = "checkpoints"
 LEDGER = "ledger.jsonl"
@@ -58,10 +58,6 @@ def _fsync_dir(path: str) -> None:
 
 
 _START_FRESH = "it cannot be resumed; start afresh with --overwrite or another --output_dir"
-
-
-class CheckpointMismatch(ConfigError):
-    """A checkpoint that is intact but does not fit the model or state built now."""
 
 
 class CheckpointManager:
@@ -182,10 +178,6 @@ class CheckpointManager:
                 )
             return round_num, tf.nest.pack_sequence_as(template, leaves), meta["record"]
         return None
-
-
-class LedgerError(Exception):
-    """The ledger cannot be trusted to cover what the run released; the run must not resume."""
 
 
 LEDGER_FORMAT = "dpfl_tff ledger v2"

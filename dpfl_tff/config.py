@@ -1,8 +1,12 @@
-"""Experiment configuration: frozen dataclasses, validated in one place.
+"""Experiment configuration: frozen dataclasses with range checks, and nothing else.
 
-Drivers parse flags into these objects and nothing else; the library reads
-only these objects. Every check raises `ConfigError` with one line naming the
-flag, the value and the allowed range, before any training starts.
+Drivers parse flags into these objects; the library reads only these objects.
+`validate()` checks every value on its own (ranges, names, combinations) and
+raises `ConfigError` with one line naming the flag, the value and the allowed
+range. It is pure: importing this module imports no TensorFlow, task, model or
+accountant. What needs those (the task's N, a custom model's import, whether
+the accountant can take the round's event, the calibrated noise) is resolved
+once, by `dpfl_tff.plan`.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import dataclasses
 import math
 from typing import Any
 
+from dpfl_tff.errors import ConfigError
+
 DP_MODES = ("none", "central", "local")
 LOCAL_MECHANISMS = ("gaussian", "laplace")
 CLIENT_SAMPLING = ("poisson", "uniform")
@@ -18,16 +24,15 @@ ACCOUNTANTS = ("rdp", "pld")
 OPTIMIZERS = ("sgd", "sgdm", "adam")
 FEDAVG_IMPLS = ("grouped", "tff")
 PARTITIONS = ("iid", "dirichlet")
+# Registered tasks and models (dpfl_tff.tasks.TASKS, dpfl_tff.models.MODELS; a test keeps them equal).
+TASK_NAMES = ("digits", "synthetic", "emnist", "cifar10", "cifar100")
+MODEL_NAMES = ("mlp", "cnn", "logistic", "emnist_cnn_dropout", "emnist_2nn", "resnet18_gn", "cifar_cnn")
 # hparams.json holds this instead of a --sampling_seed: knowing it would reveal every cohort.
 SEED_REDACTED = "set (not recorded)"
 # Tasks whose data comes split into clients: N is the data's, not --num_clients.
 NATURAL_SPLIT_TASKS = ("emnist", "cifar100")
 # Below this numpy 1.25's Dirichlet sampler slows to a halt (numpy/numpy#24203).
 MIN_DIRICHLET_ALPHA = 1e-6
-
-
-class ConfigError(ValueError):
-    """A flag value outside its allowed range. The message is one line."""
 
 
 def _finite(name: str, value: float) -> None:
@@ -55,6 +60,18 @@ def _int_at_least(name: str, value: int, low: int) -> None:
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"--{name}={value}: must be one of {', '.join(allowed)}")
+
+
+def _check_model_name(name: str) -> None:
+    """A registered model name, or `package.module:function` (imported later, by `plan.check`)."""
+    if name in MODEL_NAMES:
+        return
+    module, sep, function = name.partition(":")
+    if not sep or not module or not function.isidentifier() or not all(p.isidentifier() for p in module.split(".")):
+        raise ConfigError(
+            f"--model={name}: must be one of {', '.join(MODEL_NAMES)}, or package.module:function returning an "
+            "uncompiled Keras model for (input_shape, num_classes)"
+        )
 
 
 def _open_unit(name: str, value: float) -> None:
@@ -108,9 +125,7 @@ class TaskConfig:
         return not self.natural_split or self.num_clients_known
 
     def validate(self) -> None:
-        from dpfl_tff import tasks  # late import: registry imports TF
-
-        _choice("task", self.task, tuple(tasks.TASKS))
+        _choice("task", self.task, TASK_NAMES)
         _int_at_least("num_clients", self.num_clients, 1)
         if not self.data_dir:
             raise ConfigError("--data_dir is empty: give the folder that holds (or will hold) the data files")
@@ -188,9 +203,7 @@ class TrainConfig:
     sampling_seed: int | None = None
 
     def validate(self, num_clients: int | None) -> None:
-        from dpfl_tff import models
-
-        models.resolve_builder(self.model)  # registered name or importable package.module:function
+        _check_model_name(self.model)  # its import and build are checked by plan.check (they need TensorFlow)
         _int_at_least("rounds", self.rounds, 1)
         _int_at_least("clients_per_round", self.clients_per_round, 1)
         if num_clients is not None and self.clients_per_round > num_clients:
@@ -329,10 +342,6 @@ class ExperimentConfig:
         self.task.validate()
         self.train.validate(self.task.num_clients if self.task.n_is_known else None)
         self.dp.validate()
-        if self.dp.mode != "none" and self.task.n_is_known:
-            from dpfl_tff.privacy import accounting  # late import: accounting imports this module
-
-            accounting.check_accountable(self)
         if not self.output_dir:
             raise ConfigError("--output_dir is empty: give a folder for the experiment's outputs")
         for address in self.workers:

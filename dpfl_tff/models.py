@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from dpfl_tff.config import ConfigError
+from dpfl_tff.errors import ConfigError
 from dpfl_tff.paper_models import PAPER_MODELS
 
 ModelBuilder = Callable[[Sequence[int], int], tf.keras.Model]

@@ -20,7 +20,7 @@ import os
 import shutil
 from typing import Any
 
-from dpfl_tff.config import ConfigError
+from dpfl_tff.errors import ConfigError
 
 HPARAMS = "hparams.json"
 METRICS = "metrics.jsonl"

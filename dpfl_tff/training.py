@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from dpfl_tff import checkpoints, grouped_fedavg, models, outputs, plots, runtime
+from dpfl_tff import checkpoints, grouped_fedavg, models, outputs, plan, plots, runtime
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.privacy import accounting, coverage
 from dpfl_tff.privacy.aggregators import build_aggregator, central_query
@@ -240,40 +240,21 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def _prepare(cfg: ExperimentConfig, log: Callable[[str], None]) -> tuple[ExperimentConfig, FederatedData, list[str]]:
-    """Loads the data, fixes N for tasks with their own split, checks the model, calibrates z."""
-    data = load_task(cfg.task, cfg.train.seed)
-    if cfg.task.natural_split:
-        if data.num_clients != cfg.task.num_clients:
-            log(f"--task={cfg.task.task} has its own client split: N = {data.num_clients} clients (not --num_clients)")
-        cfg = dataclasses.replace(
-            cfg, task=dataclasses.replace(cfg.task, num_clients=data.num_clients, num_clients_known=True)
-        ).validate()
-    notes = models.validate_model(cfg.train.model, data.input_shape, data.num_classes)
-    calibrated = accounting.with_calibrated_noise(cfg)
-    if calibrated is not cfg:
-        notes.append(
-            f"calibrated --noise_multiplier={calibrated.dp.noise_multiplier:.6g}: smallest z with epsilon "
-            f"<= {cfg.dp.target_epsilon:g} after {cfg.train.rounds} rounds"
-        )
-    return calibrated, data, notes
-
-
-def _privacy_line(cfg: ExperimentConfig, plan: dict[str, Any]) -> str:
+def _privacy_line(cfg: ExperimentConfig, planned: dict[str, Any]) -> str:
     delta_text = f"delta={cfg.target_delta:.3g}{'' if cfg.dp.target_delta else ' (default 1/num_clients^1.1)'}"
     if cfg.dp.mode == "none":
         return "privacy: none (--dp_mode=none): no DP guarantee, epsilon is infinite"
     if cfg.dp.mode == "central":
         line = (
-            f"privacy: central DP, {plan['analysis']}; accountant {cfg.dp.accountant.upper()}, {delta_text}; "
-            f"epsilon after {cfg.train.rounds} rounds: {plan['epsilon']:.4g}"
+            f"privacy: central DP, {planned['analysis']}; accountant {cfg.dp.accountant.upper()}, {delta_text}; "
+            f"epsilon after {cfg.train.rounds} rounds: {planned['epsilon']:.4g}"
         )
     else:
         line = (
             f"privacy: local DP ({cfg.dp.local_mechanism}) at each client, replace-one; accountant "
             f"{cfg.dp.accountant.upper()}, {delta_text}; if a client took part in all {cfg.train.rounds} rounds: "
-            f"local epsilon {plan['local_epsilon']:.4g}, central view {plan['epsilon']:.4g} "
-            f"({plan['epsilon_analysis']})"
+            f"local epsilon {planned['local_epsilon']:.4g}, central view {planned['epsilon']:.4g} "
+            f"({planned['epsilon_analysis']})"
         )
     return f"{line}; {_sampling_text(cfg)}"
 
@@ -328,9 +309,8 @@ def run(
     Raises:
       checkpoints.LedgerError: the folder's ledger does not cover its releases.
     """
-    cfg.validate()
     start = time.time()
-    cfg, data, notes = _prepare(cfg, log)
+    cfg, data, notes = plan.prepare(cfg, log)
     out = outputs.ExperimentDir(cfg.output_dir, cfg.to_dict(), overwrite=overwrite, fresh=fresh)  # checks only
     ckpts = checkpoints.CheckpointManager(cfg.output_dir, warn=log)
     ledger_log = checkpoints.LedgerLog(cfg.output_dir)
@@ -345,7 +325,7 @@ def run(
             log(f"already complete: {finished['rounds']} rounds, epsilon {eps}; outputs in {cfg.output_dir}")
             return RunResult(finished, outputs.read_metrics(cfg.output_dir), already_complete=True)
     ledger = accounting.make_ledger(cfg)
-    plan = ledger.planned(cfg.train.rounds)
+    planned = ledger.planned(cfg.train.rounds)
     relation = ledger.neighboring_relation
     delta = cfg.target_delta
     noise_seeded = cfg.dp.mode != "none" and cfg.dp.noise_seed is not None
@@ -357,7 +337,7 @@ def run(
     for note in notes:
         log(note)
     log(f"task: {data.description}")
-    log(_privacy_line(cfg, plan))
+    log(_privacy_line(cfg, planned))
     if not_covered:
         log(f"released but not covered by epsilon: {', '.join(not_covered)} (--client_metrics=false leaves them out)")
     if noise_seeded:
@@ -515,12 +495,11 @@ def dry_run(cfg: ExperimentConfig, overwrite: bool = False, fresh: bool = False,
     Raises:
       ConfigError, OSError, checkpoints.LedgerError: as `run` would, before training.
     """
-    cfg.validate()
-    cfg, data, notes = _prepare(cfg, log)
+    cfg, data, notes = plan.prepare(cfg, log)
     model = keras_model(cfg, data)
     ledger = accounting.make_ledger(cfg)
     try:
-        plan = ledger.planned(cfg.train.rounds)
+        planned = ledger.planned(cfg.train.rounds)
     finally:
         ledger.close()
     folder = _folder_plan(cfg, overwrite, fresh, model)
@@ -530,7 +509,7 @@ def dry_run(cfg: ExperimentConfig, overwrite: bool = False, fresh: bool = False,
     log(f"task: {data.description}")
     log(f"clients: N = {data.num_clients}, {cfg.train.clients_per_round} per round ({cfg.train.client_sampling})")
     log(f"model: {cfg.train.model}, {model.count_params():,} parameters")
-    log(_privacy_line(cfg, plan))
+    log(_privacy_line(cfg, planned))
     not_covered = coverage.not_covered(cfg)
     if not_covered:
         log(f"released but not covered by epsilon: {', '.join(not_covered)} (--client_metrics=false leaves them out)")
@@ -538,7 +517,7 @@ def dry_run(cfg: ExperimentConfig, overwrite: bool = False, fresh: bool = False,
     return {
         "num_clients": data.num_clients,
         "model_parameters": int(model.count_params()),
-        "epsilon": plan["epsilon"],
+        "epsilon": planned["epsilon"],
         "noise_multiplier": cfg.dp.noise_multiplier,
         "output": folder,
     }

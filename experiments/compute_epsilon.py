@@ -1,4 +1,4 @@
-"""Epsilon of a planned run without training, or the noise for a target epsilon.
+r"""Epsilon of a planned run without training, or the noise for a target epsilon.
 
   uv run python -m experiments.compute_epsilon --num_clients=3383 \
       --clients_per_round=120 --noise_multiplier=1.2 --rounds=100 --target_delta=1e-5
@@ -8,17 +8,25 @@ other than --num_clients are ignored: no data is loaded, so for emnist give
 --num_clients=3383 (digits) or 3400, for cifar100 500). With
 --target_epsilon=E it returns the smallest noise multiplier whose epsilon after
 --rounds is <= E. The last line of stdout is one JSON object.
+
+--noise_multiplier, --rounds and --clients_per_round also take comma lists
+(e.g. --noise_multiplier=0.8,1,1.2 --rounds=100,200): then every combination
+is computed and printed as one JSON line, and the last line is a JSON summary
+(`combinations`, the lists, the smallest and largest epsilon). It imports no
+TensorFlow (dp-accounting only) and answers in about a second.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 
 from absl import flags
 
 from dpfl_tff.config import ConfigError
+from dpfl_tff import plan
 from dpfl_tff.privacy import accounting
 from experiments import cli
 from experiments import flags as dpfl_flags
@@ -55,15 +63,51 @@ def compute(cfg, participations: int | None = None) -> dict:
     return result
 
 
+# Flags that take a comma list here; `_parse` keeps the lists and hands absl the first value.
+LIST_FLAGS = {"noise_multiplier": float, "rounds": int, "clients_per_round": int}
+_lists: dict[str, list] = {}
+
+
+def _jsonable(result: dict) -> str:
+    return json.dumps({k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()})
+
+
+def _combinations(cfg) -> list:
+    """One configuration per combination of the comma-listed values (just `cfg` without lists)."""
+    names = [n for n in LIST_FLAGS if n in _lists]
+    out = []
+    for values in itertools.product(*(_lists[n] for n in names)):
+        c = cfg
+        for name, value in zip(names, values):
+            if name == "noise_multiplier":
+                c = dataclasses.replace(c, dp=dataclasses.replace(c.dp, noise_multiplier=value))
+            else:
+                c = dataclasses.replace(c, train=dataclasses.replace(c.train, **{name: value}))
+        out.append(c)
+    return out
+
+
 def main(argv: list[str]) -> None:
     del argv  # cli.parser_for refuses stray arguments
     try:
         cfg = dpfl_flags.experiment_config()
         # No data is loaded here: N is --num_clients, also for tasks with their own split.
         cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, num_clients_known=True))
-        result = compute(cfg.validate(), PARTICIPATIONS.value)
+        results = [compute(plan.check(c), PARTICIPATIONS.value) for c in _combinations(cfg)]
     except ConfigError as e:
         cli.usage_error(str(e))
+    if len(results) > 1:
+        for r in results:
+            print(_jsonable(r))
+        eps = [r["epsilon"] for r in results]
+        print(_jsonable({
+            "combinations": len(results), **{n: v for n, v in _lists.items()},
+            "epsilon_min": min(eps), "epsilon_max": max(eps),
+            "delta": results[0]["delta"], "accountant": results[0]["accountant"],
+            "neighboring_relation": results[0]["neighboring_relation"],
+        }))
+        return
+    result = results[0]
     if result["neighboring_relation"] is None:
         print("--dp_mode=none: no DP guarantee, epsilon is infinite")
     else:
@@ -75,7 +119,24 @@ def main(argv: list[str]) -> None:
             f"epsilon {result['epsilon']:.6g} at delta {result['delta']:.3g} after {result['rounds']} rounds "
             f"({result['analysis']}; {result['accountant'].upper()})"
         )
-    print(json.dumps({k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}))
+    print(_jsonable(result))
+
+
+def _parse(argv: list[str]) -> list[str]:
+    """absl's parse (through `cli`), after taking the comma lists out of `LIST_FLAGS`."""
+    _lists.clear()
+    expanded = flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+    kept = [argv[0]]
+    for arg in expanded:
+        name, sep, value = arg.lstrip("-").partition("=")
+        if arg.startswith("--") and sep and name in LIST_FLAGS and "," in value:
+            try:
+                _lists[name] = [LIST_FLAGS[name](v) for v in value.split(",")]
+            except ValueError:
+                cli.usage_error(f"--{name}={value}: give one value or a comma list of {LIST_FLAGS[name].__name__}s")
+            arg = f"--{name}={value.split(',')[0]}"
+        kept.append(arg)
+    return cli.parser_for(__doc__, GROUPS)(kept)
 
 
 _USED = (dpfl_flags.NUM_CLIENTS, dpfl_flags.ROUNDS, dpfl_flags.CLIENTS_PER_ROUND, dpfl_flags.CLIENT_SAMPLING)
@@ -89,4 +150,6 @@ GROUPS = (
 )
 
 if __name__ == "__main__":
-    cli.run(main, __doc__, GROUPS)
+    from absl import app
+
+    app.run(main, flags_parser=_parse)

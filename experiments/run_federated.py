@@ -20,7 +20,7 @@ import sys
 
 from absl import app, logging
 
-from dpfl_tff import checkpoints, runtime, training
+from dpfl_tff import checkpoints, plan, runtime, training
 from dpfl_tff.config import ConfigError
 from dpfl_tff.tasks import DataFileError
 from experiments import cli
@@ -66,7 +66,7 @@ class _Signals:
 def main(argv: list[str]) -> None:
     del argv  # cli.parser_for refuses stray arguments
     try:
-        cfg = dpfl_flags.experiment_config().validate()
+        cfg = plan.check(dpfl_flags.experiment_config())
     except ConfigError as e:
         cli.usage_error(str(e))
     if not app.FLAGS["verbosity"].present:

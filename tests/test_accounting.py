@@ -6,8 +6,9 @@ from dp_accounting import pld
 from dp_accounting.rdp import RdpAccountant
 
 from dpfl_tff.config import ConfigError, DPConfig, ExperimentConfig, TaskConfig, TrainConfig
+from dpfl_tff import plan
 from dpfl_tff.privacy import accounting
-from dpfl_tff.privacy.aggregators import central_noise
+from dpfl_tff.privacy.noise import central_noise
 
 
 def _cfg(n, m, z, sampling="poisson", adaptive=False, delta=1e-5, rounds=100):
@@ -148,13 +149,13 @@ def test_adaptive_noise_split_error_names_flags_and_smallest_cohort():
         dp=DPConfig(noise_multiplier=1.2, adaptive_clipping=True),
     )
     with pytest.raises(ConfigError) as e:
-        cfg.validate()
+        plan.check(cfg)
     msg = str(e.value)
     # TFF needs 0.05 * m > z / 2, i.e. m > 10 z = 12: smallest m is 13.
     assert "--clients_per_round >= 13" in msg and "--clipped_count_stddev" in msg and "--noise_multiplier" in msg
     ok = ExperimentConfig(task=TaskConfig(num_clients=3383), train=TrainConfig(clients_per_round=13),
                           dp=DPConfig(noise_multiplier=1.2, adaptive_clipping=True))
-    ok.validate()
+    plan.check(ok)
 
 
 @pytest.mark.parametrize(
@@ -168,4 +169,26 @@ def test_adaptive_noise_split_error_names_flags_and_smallest_cohort():
 )
 def test_bad_accounting_flags(dp, train, flag):
     with pytest.raises(ConfigError, match=flag.replace("(", r"\(").replace(")", r"\)")):
-        ExperimentConfig(dp=dp, train=train).validate()
+        plan.check(ExperimentConfig(dp=dp, train=train))
+
+
+def test_noise_split_is_tffs_and_needs_no_tensorflow():
+    """`noise.value_split` reproduces TFF's `adaptive_clip_noise_params`; config and accounting import no TF."""
+    import subprocess
+    import sys
+
+    from tensorflow_federated.python.aggregators.differential_privacy import adaptive_clip_noise_params
+
+    from dpfl_tff.privacy import noise
+
+    for z, m, std in [(1.2, 120, None), (0.5, 20, 0.3), (3.0, 1000, None), (0.0, 10, None), (0.0, 10, 2.0)]:
+        assert noise.value_split(z, m, std) == pytest.approx(adaptive_clip_noise_params(z, m, std), rel=1e-12)
+    with pytest.raises(ValueError):
+        adaptive_clip_noise_params(1.2, 20, None)
+    with pytest.raises(ValueError):
+        noise.value_split(1.2, 20, None)
+    code = ("import sys, dpfl_tff.config, dpfl_tff.plan, dpfl_tff.privacy.accounting, experiments.compute_epsilon; "
+            "print(sorted(m for m in ('tensorflow', 'tensorflow_federated', 'tensorflow_privacy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=__import__("os").path.dirname(__import__("os").path.dirname(__file__)))
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]

@@ -9,7 +9,7 @@ from absl import flags
 from absl.testing import flagsaver
 from dp_accounting.rdp import RdpAccountant
 
-from experiments import cli, compute_epsilon
+from experiments import compute_epsilon
 
 
 @dataclasses.dataclass
@@ -29,7 +29,7 @@ def _run(*args):
     with flagsaver.flagsaver(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         flags.FLAGS.unparse_flags()
         try:
-            cli.parser_for(compute_epsilon.__doc__, compute_epsilon.GROUPS)(["compute_epsilon", *args])
+            compute_epsilon._parse(["compute_epsilon", *args])
             compute_epsilon.main(["compute_epsilon"])
         except SystemExit as e:
             code = int(e.code or 0)
@@ -65,3 +65,25 @@ def test_target_epsilon_returns_noise_within_target_and_bad_flag_is_one_line():
     assert [line for line in bad.stderr.splitlines() if line.startswith("error:")] == [
         bad.stderr.strip().splitlines()[-1]
     ] and "--accountant=pld" in bad.stderr
+
+
+def test_comma_lists_print_one_json_line_per_combination_then_a_summary():
+    proc = _run("--num_clients=1000", "--clients_per_round=20,50", "--noise_multiplier=0.8,1.6", "--rounds=10,40",
+                "--target_delta=1e-6")
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    rows, summary = lines[:-1], lines[-1]
+    assert len(rows) == summary["combinations"] == 8
+    seen = {(r["clients_per_round"], r["noise_multiplier"], r["rounds"]) for r in rows}
+    assert seen == {(m, z, t) for m in (20, 50) for z in (0.8, 1.6) for t in (10, 40)}
+    for r in rows:  # each row is the single-combination answer
+        acc = RdpAccountant()
+        acc.compose(dp_accounting.PoissonSampledDpEvent(r["clients_per_round"] / 1000,
+                                                        dp_accounting.GaussianDpEvent(r["noise_multiplier"])),
+                    r["rounds"])
+        assert r["epsilon"] == pytest.approx(acc.get_epsilon(1e-6), rel=1e-9)
+    assert summary["epsilon_min"] == min(r["epsilon"] for r in rows)
+    assert summary["epsilon_max"] == max(r["epsilon"] for r in rows)
+    assert summary["noise_multiplier"] == [0.8, 1.6] and summary["rounds"] == [10, 40]
+    bad = _run("--rounds=10,x")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --rounds=10,x: give one value or a comma list of ints"

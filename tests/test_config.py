@@ -47,3 +47,11 @@ def test_default_delta_is_one_over_n_to_the_1_1():
     assert cfg.target_delta == pytest.approx(1000**-1.1)
     assert cfg.target_delta == default_delta(1000) < 1 / 1000
     assert _cfg(dp=DPConfig(target_delta=1e-5)).target_delta == 1e-5
+
+
+def test_config_names_match_the_registries():
+    """config.py stays a leaf: it lists the registered names itself; the registries must agree."""
+    from dpfl_tff import config, models, tasks
+
+    assert tuple(tasks.TASKS) == config.TASK_NAMES
+    assert tuple(models.MODELS) == config.MODEL_NAMES

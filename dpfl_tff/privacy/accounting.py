@@ -1,7 +1,7 @@
 """Privacy accounting: configuration -> DpEvent -> (epsilon, delta).
 
 The event of one round is built from the same `ExperimentConfig` that builds
-the aggregator (`aggregators.central_noise`) and the client sampler
+the aggregator (`noise.central_noise`) and the client sampler
 (`sampling.py`), so the number reported is the number of what runs.
 
 Guarantees (client-level DP: neighbouring data sets differ in one client's
@@ -34,8 +34,9 @@ import dp_accounting
 from dp_accounting import mechanism_calibration, pld
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
-from dpfl_tff.config import ConfigError, ExperimentConfig
-from dpfl_tff.privacy.aggregators import central_noise
+from dpfl_tff.config import ExperimentConfig
+from dpfl_tff.errors import ConfigError
+from dpfl_tff.privacy.noise import central_noise
 
 PLD_DISCRETIZATION = 1e-3
 ADD_OR_REMOVE_ONE = "add_or_remove_one"

@@ -13,18 +13,16 @@ Noise comes from TensorFlow's stateful RNG with OS-entropy seeds unless
 
 from __future__ import annotations
 
-import dataclasses
-import math
 
 import dp_accounting
 import tensorflow as tf
 import tensorflow_federated as tff
 import tensorflow_privacy as tfp
-from tensorflow_federated.python.aggregators.differential_privacy import adaptive_clip_noise_params
 
 from dpfl_tff import runtime  # noqa: F401  (replaces TFF's worker-starting default context)
-from dpfl_tff.config import ConfigError, DPConfig
+from dpfl_tff.config import DPConfig
 from dpfl_tff.privacy.local import LocalDPFactory
+from dpfl_tff.privacy.noise import CentralNoise, central_noise
 
 # Offsets that keep the op seeds of different noise sources apart.
 _VALUE_SEED_OFFSET = 0
@@ -56,65 +54,6 @@ class SeededGaussianSumQuery(tfp.GaussianSumQuery):
         ]
         event = dp_accounting.GaussianDpEvent(global_state.stddev / global_state.l2_norm_clip)
         return tf.nest.pack_sequence_as(sample_state, noised), global_state, event
-
-
-@dataclasses.dataclass(frozen=True)
-class CentralNoise:
-    """What the central Gaussian aggregator adds per round, in clip units.
-
-    Attributes:
-      value_noise_multiplier: std of the noise on the sum of clipped updates,
-        divided by the (current) clip norm.
-      clipped_count_stddev: std of the noise on the clipped-count release of
-        adaptive clipping (0 when clipping is fixed).
-      effective_noise_multiplier: the single Gaussian noise multiplier
-        equivalent to both releases together (what is accounted):
-        (value_z**-2 + (2 * clipped_count_stddev)**-2)**-0.5; the clipped
-        count has sensitivity 1/2 per client.
-    """
-
-    value_noise_multiplier: float
-    clipped_count_stddev: float
-    effective_noise_multiplier: float
-
-
-def central_noise(dp: DPConfig, expected_cohort: float) -> CentralNoise:
-    """Splits `dp.noise_multiplier` between the value and clipped-count queries.
-
-    With fixed clipping the value query gets all of it. With adaptive clipping
-    TFF's rule applies: `dp.noise_multiplier` is the effective total, and the
-    value query's noise is raised so that both releases together are exactly as
-    private as one Gaussian release with that multiplier.
-
-    Raises:
-      ConfigError: when the clipped-count noise is too small for z (TFF needs
-        clipped_count_stddev > z / 2); names the flags to change.
-    """
-    z = dp.noise_multiplier
-    if not dp.adaptive_clipping:
-        return CentralNoise(z, 0.0, z)
-    try:
-        value_z, cc_std = adaptive_clip_noise_params(z, float(expected_cohort), dp.clipped_count_stddev)
-    except ValueError as e:
-        raise ConfigError(_adaptive_noise_error(z, expected_cohort, dp.clipped_count_stddev)) from e
-    if z == 0:
-        return CentralNoise(0.0, cc_std, 0.0)
-    return CentralNoise(value_z, cc_std, (value_z**-2 + (2 * cc_std) ** -2) ** -0.5)
-
-
-def _adaptive_noise_error(z: float, m: float, clipped_count_stddev: float | None) -> str:
-    if clipped_count_stddev is None:
-        smallest_m = math.floor(10 * z) + 1  # default stddev 0.05 m must exceed z / 2
-        return (
-            f"--adaptive_clipping with --noise_multiplier={z} and --clients_per_round={m:g}: the clipped-count "
-            f"noise (default --clipped_count_stddev = 0.05*clients_per_round = {0.05 * m:g}) must exceed "
-            f"noise_multiplier/2 = {z / 2:g}; use --clients_per_round >= {smallest_m}, or set "
-            f"--clipped_count_stddev > {z / 2:g}, or lower --noise_multiplier"
-        )
-    return (
-        f"--clipped_count_stddev={clipped_count_stddev} with --adaptive_clipping and --noise_multiplier={z}: "
-        f"must be > noise_multiplier/2 = {z / 2:g}; raise --clipped_count_stddev or lower --noise_multiplier"
-    )
 
 
 def _seeded_adaptive_query(

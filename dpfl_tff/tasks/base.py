@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from dpfl_tff.config import ConfigError
+from dpfl_tff.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,16 +5,9 @@ from __future__ import annotations
 import os
 
 
-class DataMissingError(FileNotFoundError):
-    """A data file is not where the task looks for it. The message says how to get it."""
+from dpfl_tff.errors import DataFileError, DataMissingError
 
-
-class DataFileError(ValueError):
-    """A data file is there but not in the format its task reads.
-
-    The message is one line: the file's path, what is wrong with it and, in
-    parentheses, what was expected.
-    """
+__all__ = ["DataFileError", "DataMissingError", "require_file"]
 
 
 def require_file(task: str, data_dir: str, name: str, how_to_get: str) -> str:
