@@ -277,15 +277,6 @@ class DPConfig:
     def validate(self) -> None:
         _choice("dp_mode", self.mode, DP_MODES)
         _choice("local_mechanism", self.local_mechanism, LOCAL_MECHANISMS)
-        if self.mode == "local" and self.adaptive_clipping:
-            raise ConfigError("--adaptive_clipping with --dp_mode=local: not supported; use a fixed --clip_norm")
-        if self.mode == "local" and self.noise_multiplier == 0 and self.target_epsilon is None:
-            raise ConfigError(
-                "--noise_multiplier=0 with --dp_mode=local: zero noise gives no privacy; "
-                "use --dp_mode=none, or set --noise_multiplier > 0"
-            )
-        if self.mode == "local" and self.target_epsilon is not None:
-            raise ConfigError(f"--target_epsilon={self.target_epsilon}: calibration supports --dp_mode=central only")
         _nonnegative("noise_multiplier", self.noise_multiplier)
         _positive("clip_norm", self.clip_norm)
         _open_unit("target_unclipped_quantile", self.target_unclipped_quantile)
@@ -301,14 +292,7 @@ class DPConfig:
             _positive("target_epsilon", self.target_epsilon)
         if self.max_epsilon is not None:
             _positive("max_epsilon", self.max_epsilon)
-        if self.mode == "none" and self.target_epsilon is not None:
-            raise ConfigError(f"--target_epsilon={self.target_epsilon}: needs a DP mode, not --dp_mode=none")
-        if self.mode == "central" and self.noise_multiplier == 0 and self.target_epsilon is None:
-            raise ConfigError(
-                "--noise_multiplier=0 with --dp_mode=central: zero noise gives no privacy "
-                "(epsilon is infinite); use --dp_mode=none to train without DP, "
-                "or set --noise_multiplier > 0"
-            )
+        # Settings a mode refuses (e.g. zero noise with a DP mode) are its mechanism's check (plan.check).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,11 +340,6 @@ class ExperimentConfig:
         if self.dp.target_delta is not None:
             return self.dp.target_delta
         return default_delta(self.task.num_clients)
-
-    @property
-    def records_cohorts(self) -> bool:
-        """Whether `ledger.jsonl` lists each round's cohort (asked for, or needed by local DP)."""
-        return self.log_cohorts or self.dp.mode == "local"
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as written to hparams.json; a sampling seed is only said to be set."""

@@ -12,27 +12,27 @@ every round. The result is the same algorithm:
     delta_c = (server weights - weights after local SGD on c's examples)
     non-finite delta_c -> zeros (counted in `nonfinite_clients`, except under
     local DP, where no count leaves the client)
-  central: tensorflow-privacy's DP query, record by record: every delta_c is
-           clipped by `query.preprocess_record` (L2 norm C, or the adaptive
-           clip) and added to the sample state; the groups' sample states are
-           summed (`federated_sum`: the queries' sample states are sums); the
-           server calls `query.get_noised_result` once (noise N(0, (zC)^2) on
-           the sum, / m), as `tff.aggregators.DifferentiallyPrivateFactory`.
-  local:   every delta_c is clipped and noised (`local.clip_and_noise`)
-           before it is added to anything; the server averages. The group's
-           call returns the sum of noised updates and the number of clients,
-           nothing else: no training metric, norm or flag leaves a client.
-  none:    plain mean of the deltas.
-  server:  the server optimizer applies the mean, in the same call as the
-           noise (as TFF's `build_apply_optimizer_finalizer`: a non-finite
-           update is not applied).
+    record_c = query.preprocess_record(params, delta_c)    (at the client)
+  the group's call sums its clients' records (the query's sample state);
+  the groups' sums are summed (`federated_sum`: the privacy modes' queries
+  are sums); the server calls `query.get_noised_result` once and the server
+  optimizer applies the result, in the same call (as TFF's
+  `build_apply_optimizer_finalizer`: a non-finite update is not applied).
 
-The DP guarantee is the query's (central) or the local mechanism's (local),
-exactly as with one TFF client per client: the grouping is how the
-simulation schedules work, and the sensitivity of the released sum to one
-client is unchanged (its record enters the sum once, clipped). The state has
-the fields of TFF's `LearningAlgorithmState` and the metrics the structure
-`training` reads from TFF's FedAvg.
+The query is the privacy mechanism's (`privacy.queries`): central DP clips in
+`preprocess_record` and adds N(0, (zC)^2) once in `get_noised_result`, as
+`tff.aggregators.DifferentiallyPrivateFactory` does; local DP clips and
+noises in `preprocess_record`, so before the update is added to anything;
+no DP averages. With `release_client_statistics=False` (local DP) a group's
+call returns its records' sum and nothing else: no training metric, count or
+flag leaves a client.
+
+The DP guarantee is the mechanism's, exactly as with one TFF client per
+client: the grouping is how the simulation schedules work, and the
+sensitivity of the released sum to one client is unchanged (its record
+enters the sum once, clipped). The state has the fields of TFF's
+`LearningAlgorithmState` and the metrics the structure the round loop reads
+from TFF's FedAvg.
 
 Client data reaches the worker in one of two ways, chosen by the caller:
 `ClientFiles` (raw bytes per client in a local folder, read by the worker:
@@ -51,10 +51,8 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from dpfl_tff import runtime  # noqa: F401  (replaces TFF's worker-starting default context)
-from dpfl_tff.privacy import local
 from dpfl_tff.tasks.base import FederatedData
 
-NONE, CENTRAL, LOCAL = "none", "central", "local"
 # Client calls per worker and round when --clients_per_call=0: two let one call's small ops overlap
 # the other's on a 2-core worker (~5% faster than one call in scripts/bench_round.py).
 CALLS_PER_WORKER = 2
@@ -160,12 +158,8 @@ def build_grouped_fed_avg(
     client_optimizer: tff.learning.optimizers.Optimizer,
     server_optimizer: tff.learning.optimizers.Optimizer,
     batch_size: int,
-    mode: str,
-    query=None,
-    local_mechanism: str = local.GAUSSIAN,
-    clip_norm: float = 0.0,
-    noise_multiplier: float = 0.0,
-    noise_seed: int | None = None,
+    query,
+    release_client_statistics: bool = True,
     files_root: str | None = None,
 ) -> tff.learning.templates.LearningProcess:
     """The DP-FedAvg `LearningProcess` over client groups (see the module docstring).
@@ -175,200 +169,176 @@ def build_grouped_fed_avg(
       input_shape: shape of one example's features.
       client_optimizer, server_optimizer: `tff.learning.optimizers` optimizers.
       batch_size: local minibatch size (a batch may span two epochs).
-      mode: `none`, `central` (needs `query`) or `local` (needs
-        `local_mechanism`, `clip_norm`, `noise_multiplier`, `noise_seed`).
-      query: the tensorflow-privacy DPQuery of central DP; its sample state
-        must be a sum of preprocessed records (true of tfp's Gaussian, adaptive
-        clip and normalized queries).
+      query: the privacy mechanism's tensorflow-privacy DPQuery; its sample
+        state must be a sum of preprocessed records (true of every query in
+        `privacy.queries`).
+      release_client_statistics: whether the clients' training loss, accuracy,
+        example and non-finite counts leave them (False under local DP).
       files_root: folder of `ClientFiles` read by the worker; None: the
         groups carry their data (`make_groups(files=None)`).
 
     `next(state, groups)` takes `make_groups`' list (one entry per group).
     """
-    if mode not in (NONE, CENTRAL, LOCAL):
-        raise ValueError(f"mode={mode!r}: must be none, central or local")
-    if mode == CENTRAL and query is None:
-        raise ValueError("mode=central needs the DP query")
     ship = files_root is None
     input_shape = tuple(int(d) for d in input_shape)
-    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
     @tff.tensorflow.computation
     def initial_weights():
         return tff.learning.models.ModelWeights.from_model(model_fn())
 
-    weights_type = initial_weights.type_signature.result
-
-    # --- aggregator state: the query's global state, or a round counter -------------
-    @tff.tensorflow.computation
-    def agg_init():
-        if mode == CENTRAL:
-            return query.initial_global_state()
-        return tf.constant(0, tf.int64)  # rounds so far (local: keys the seeded test noise)
-
-    agg_state_type = agg_init.type_signature.result
-
-    def client_params(agg_state):
-        """What clients need from the aggregator state: the query's sample params (the clip)."""
-        return query.derive_sample_params(agg_state) if mode == CENTRAL else agg_state
-
-    def empty_sums(trainable):
-        """Per-group accumulators: the query's sample state, or plain sums."""
-        zeros = [tf.zeros_like(t) for t in trainable]
-        if mode == CENTRAL:
-            return query.initial_sample_state(zeros)
-        return collections.OrderedDict(total=zeros)
-
-    def add_client(sums, delta, params):
-        if mode == CENTRAL:
-            record = query.preprocess_record(params, delta)
-            return query.accumulate_preprocessed_record(sums, record)
-        if mode == LOCAL:
-            key = None if noise_seed is None else tf.constant(noise_seed, tf.int64) * 1_000_003 + params
-            noised = local.clip_and_noise(delta, local_mechanism, clip_norm, noise_multiplier, key)
-            return collections.OrderedDict(total=[a + b for a, b in zip(sums["total"], noised)])
-        return collections.OrderedDict(total=[a + b for a, b in zip(sums["total"], delta)])
-
-    # --- client work: one call trains a whole group ----------------------------------
-    def group_trainer(model: tf.keras.Model):
-        """The tf.function (weights, aggregator state, group) -> (sums, stats) training `model`."""
-        trainable = model.trainable_variables
-        non_trainable = model.non_trainable_variables
-        specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable)
-
-        def client_arrays(group, i):
-            if ship:
-                return group["x"][i], group["y"][i]
-            c = tf.strings.as_string(group["client_ids"][i])
-            x = tf.io.decode_raw(tf.io.read_file(tf.strings.join([files_root, "/", c, ".x"])), tf.float32)
-            y = tf.io.decode_raw(tf.io.read_file(tf.strings.join([files_root, "/", c, ".y"])), tf.int32)
-            return tf.reshape(x, (-1, *input_shape)), y
-
-        @tf.function
-        def run(weights, agg_state, group):
-            params = client_params(agg_state)
-            sums = empty_sums(list(weights.trainable))
-            loss_sum = tf.constant(0.0)
-            correct = tf.constant(0.0)
-            examples = tf.constant(0, tf.int64)
-            batches = tf.constant(0, tf.int64)
-            nonfinite = tf.constant(0, tf.int64)
-            clients = tf.constant(0, tf.int64)
-            for i in tf.range(tf.shape(group["lengths"])[0]):
-                x_i, y_i = client_arrays(group, i)
-                order = group["orders"][i, : group["lengths"][i]]
-                for v, w in zip(trainable + non_trainable, list(weights.trainable) + list(weights.non_trainable)):
-                    v.assign(w)  # every client starts from the server model
-                opt_state = client_optimizer.initialize(specs)
-                for start in tf.range(0, group["lengths"][i], batch_size):
-                    idx = order[start : start + batch_size]
-                    xb, yb = tf.gather(x_i, idx), tf.gather(y_i, idx)
-                    with tf.GradientTape() as tape:
-                        logits = model(xb, training=True)
-                        batch_loss = loss_fn(yb, logits)
-                        total_loss = batch_loss + tf.add_n([0.0, *model.losses])
-                    grads = tape.gradient(total_loss, trainable)
-                    opt_state, new = client_optimizer.next(opt_state, tuple(trainable), tuple(grads))
-                    for v, n in zip(trainable, new):
-                        v.assign(n)
-                    b = tf.shape(yb)[0]
-                    loss_sum += batch_loss * tf.cast(b, tf.float32)
-                    predicted = tf.argmax(logits, axis=-1, output_type=yb.dtype)
-                    correct += tf.reduce_sum(tf.cast(tf.equal(predicted, yb), tf.float32))
-                    examples += tf.cast(b, tf.int64)
-                    batches += 1
-                delta = [w - v for w, v in zip(weights.trainable, trainable)]  # TFF's sign: initial - trained
-                finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(d)) for d in delta])
-                delta = [tf.where(finite, d, tf.zeros_like(d)) for d in delta]
-                nonfinite += 1 - tf.cast(finite, tf.int64)
-                clients += 1
-                sums = add_client(sums, delta, params)
-            if mode == LOCAL:  # the count of clients is the server's own knowledge; the rest is the clients'
-                return sums, collections.OrderedDict(clients=clients)
-            stats = collections.OrderedDict(
-                loss_sum=loss_sum, correct=correct, examples=examples, batches=batches,
-                nonfinite=nonfinite, clients=clients,
-            )
-            return sums, stats
-
-        return run
+    agg_init = tff.tensorflow.computation(query.initial_global_state)
+    weights_type, agg_state_type = initial_weights.type_signature.result, agg_init.type_signature.result
+    trainer = _GroupTrainer(query, client_optimizer, batch_size, input_shape, files_root, release_client_statistics)
 
     @tff.tensorflow.computation(weights_type, agg_state_type, group_type(input_shape, ship))
     def train_group(weights, agg_state, group):
-        return group_trainer(model_fn())(weights, agg_state, group)
+        return trainer(model_fn())(weights, agg_state, group)
 
-    sums_type, stats_type = train_group.type_signature.result
+    optimizer_init, server_step = _server_computations(
+        query, server_optimizer, weights_type, agg_state_type, train_group.type_signature.result,
+        release_client_statistics,
+    )
+    return _learning_process(initial_weights, agg_init, optimizer_init, train_group, server_step,
+                             group_type(input_shape, ship))
 
-    # --- server side: aggregation, server optimizer and metrics in one call ----------
+
+class _GroupTrainer:
+    """Builds the tf.function (weights, aggregator state, group) -> (records' sum, statistics) for a model."""
+
+    def __init__(self, query, client_optimizer, batch_size: int, input_shape: tuple[int, ...],
+                 files_root: str | None, release_client_statistics: bool):
+        self.query = query
+        self.client_optimizer = client_optimizer
+        self.batch_size = batch_size
+        self.input_shape = input_shape
+        self.files_root = files_root
+        self.release = release_client_statistics
+        self.loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def _client_arrays(self, group, i):
+        if self.files_root is None:
+            return group["x"][i], group["y"][i]
+        c = tf.strings.as_string(group["client_ids"][i])
+        x = tf.io.decode_raw(tf.io.read_file(tf.strings.join([self.files_root, "/", c, ".x"])), tf.float32)
+        y = tf.io.decode_raw(tf.io.read_file(tf.strings.join([self.files_root, "/", c, ".y"])), tf.int32)
+        return tf.reshape(x, (-1, *self.input_shape)), y
+
+    def _local_training(self, model, weights, x, y, order, length, stats):
+        """Local SGD of one client from the server model; returns (delta, stats updated)."""
+        trainable, non_trainable = model.trainable_variables, model.non_trainable_variables
+        for v, w in zip(trainable + non_trainable, list(weights.trainable) + list(weights.non_trainable)):
+            v.assign(w)  # every client starts from the server model
+        opt_state = self.client_optimizer.initialize(tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable))
+        loss_sum, correct, examples, batches = stats["loss_sum"], stats["correct"], stats["examples"], stats["batches"]
+        for start in tf.range(0, length, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            xb, yb = tf.gather(x, idx), tf.gather(y, idx)
+            with tf.GradientTape() as tape:
+                logits = model(xb, training=True)
+                batch_loss = self.loss_fn(yb, logits)
+                total_loss = batch_loss + tf.add_n([0.0, *model.losses])
+            grads = tape.gradient(total_loss, trainable)
+            opt_state, new = self.client_optimizer.next(opt_state, tuple(trainable), tuple(grads))
+            for v, n in zip(trainable, new):
+                v.assign(n)
+            b = tf.shape(yb)[0]
+            loss_sum += batch_loss * tf.cast(b, tf.float32)
+            predicted = tf.argmax(logits, axis=-1, output_type=yb.dtype)
+            correct += tf.reduce_sum(tf.cast(tf.equal(predicted, yb), tf.float32))
+            examples += tf.cast(b, tf.int64)
+            batches += 1
+        delta = [w - v for w, v in zip(weights.trainable, trainable)]  # TFF's sign: initial - trained
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(d)) for d in delta])
+        delta = [tf.where(finite, d, tf.zeros_like(d)) for d in delta]
+        stats = collections.OrderedDict(
+            loss_sum=loss_sum, correct=correct, examples=examples, batches=batches,
+            nonfinite=stats["nonfinite"] + 1 - tf.cast(finite, tf.int64),
+        )
+        return delta, stats
+
+    def __call__(self, model: tf.keras.Model):
+        query = self.query
+
+        @tf.function
+        def run(weights, agg_state, group):
+            params = query.derive_sample_params(agg_state)
+            sums = query.initial_sample_state([tf.zeros_like(t) for t in weights.trainable])
+            stats = collections.OrderedDict(
+                loss_sum=tf.constant(0.0), correct=tf.constant(0.0), examples=tf.constant(0, tf.int64),
+                batches=tf.constant(0, tf.int64), nonfinite=tf.constant(0, tf.int64),
+            )
+            for i in tf.range(tf.shape(group["lengths"])[0]):
+                x_i, y_i = self._client_arrays(group, i)
+                order = group["orders"][i, : group["lengths"][i]]
+                delta, stats = self._local_training(model, weights, x_i, y_i, order, group["lengths"][i], stats)
+                sums = query.accumulate_preprocessed_record(sums, query.preprocess_record(params, delta))
+            # Without release, the records' sum is all that leaves the clients (local DP).
+            return sums, (stats if self.release else collections.OrderedDict())
+
+        return run
+
+
+def _server_computations(query, server_optimizer, weights_type, agg_state_type, group_result_type, release: bool):
+    """(optimizer init, server step): noise and mean by the query, server optimizer and metrics in one call."""
+    sums_type, stats_type = group_result_type
+
     @tff.tensorflow.computation
     def optimizer_init():
         return server_optimizer.initialize(tuple(tf.TensorSpec(t.shape, t.dtype) for t in weights_type.trainable))
 
-    optimizer_state_type = optimizer_init.type_signature.result
-
-    def aggregate(agg_state, sums, stats):
-        """(mean update, new aggregator state, aggregator measurements)."""
-        clients = tf.cast(tf.maximum(stats["clients"], 1), tf.float32)
-        if mode == CENTRAL:
-            update, new_state, _ = query.get_noised_result(sums, agg_state)
-            return update, new_state, collections.OrderedDict(dp_query_metrics=query.derive_metrics(new_state))
-        update = [t / clients for t in sums["total"]]
-        if mode == NONE:
-            return update, agg_state + 1, collections.OrderedDict()
-        key = "noise_std" if local_mechanism == local.GAUSSIAN else "laplace_scale"
-        return update, agg_state + 1, collections.OrderedDict(
-            clients=tf.cast(stats["clients"], tf.float32),
-            **{key: tf.constant(noise_multiplier * clip_norm, tf.float32)},
-        )
-
-    @tff.tensorflow.computation(weights_type, agg_state_type, optimizer_state_type, sums_type, stats_type)
+    @tff.tensorflow.computation(weights_type, agg_state_type, optimizer_init.type_signature.result, sums_type,
+                                stats_type)
     @tf.function
     def server_step(weights, agg_state, optimizer_state, sums, stats):
-        update, new_agg_state, agg_metrics = aggregate(agg_state, sums, stats)
+        update, new_agg_state, _ = query.get_noised_result(sums, agg_state)
         update = tuple(update)
         # As TFF's build_apply_optimizer_finalizer: a non-finite update is not applied.
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(u)) for u in update])
         new_optimizer_state, trainable = server_optimizer.next(optimizer_state, tuple(weights.trainable), update)
         if not finite:
             new_optimizer_state, trainable = optimizer_state, tuple(weights.trainable)
-        if mode == LOCAL:  # the clients sent no training statistic (see the module docstring)
-            train_metrics = collections.OrderedDict()
-            aggregator_metrics = collections.OrderedDict(inner=agg_metrics)
-        else:
+        aggregator = collections.OrderedDict(inner=collections.OrderedDict(
+            dp_query_metrics=query.derive_metrics(new_agg_state)))
+        train = collections.OrderedDict()
+        if release:
             n = tf.cast(tf.maximum(stats["examples"], 1), tf.float32)
-            train_metrics = collections.OrderedDict(
-                accuracy=stats["correct"] / n,
-                loss=stats["loss_sum"] / n,
-                num_examples=stats["examples"],
-                num_batches=stats["batches"],
+            train = collections.OrderedDict(
+                accuracy=stats["correct"] / n, loss=stats["loss_sum"] / n,
+                num_examples=stats["examples"], num_batches=stats["batches"],
             )
-            aggregator_metrics = collections.OrderedDict(
-                inner=agg_metrics, nonfinite_clients=tf.cast(stats["nonfinite"], tf.int32)
-            )
+            aggregator["nonfinite_clients"] = tf.cast(stats["nonfinite"], tf.int32)
         metrics = collections.OrderedDict(
             distributor=(),
-            client_work=collections.OrderedDict(train=train_metrics),
-            aggregator=aggregator_metrics,
+            client_work=collections.OrderedDict(train=train),
+            aggregator=aggregator,
             finalizer=collections.OrderedDict(update_non_finite=1 - tf.cast(finite, tf.int32)),
         )
         new_weights = tff.learning.models.ModelWeights(list(trainable), list(weights.non_trainable))
         return new_weights, new_agg_state, new_optimizer_state, metrics
 
+    return optimizer_init, server_step
+
+
+def _learning_process(initial_weights, agg_init, optimizer_init, train_group, server_step, groups_type):
+    """The federated computations around the TensorFlow ones: TFF's LearningProcess shape."""
+
+    def algorithm_state(weights, distributor, client_work, aggregator, finalizer):
+        return tff.learning.templates.LearningAlgorithmState(
+            global_model_weights=weights, distributor=distributor, client_work=client_work,
+            aggregator=aggregator, finalizer=finalizer,
+        )
+
     @tff.federated_computation
     def init_fn():
-        return tff.federated_zip(
-            tff.learning.templates.LearningAlgorithmState(
-                global_model_weights=tff.federated_eval(initial_weights, tff.SERVER),
-                distributor=tff.federated_value((), tff.SERVER),
-                client_work=tff.federated_value((), tff.SERVER),
-                aggregator=tff.federated_eval(agg_init, tff.SERVER),
-                finalizer=tff.federated_eval(optimizer_init, tff.SERVER),
-            )
-        )
+        return tff.federated_zip(algorithm_state(
+            tff.federated_eval(initial_weights, tff.SERVER), tff.federated_value((), tff.SERVER),
+            tff.federated_value((), tff.SERVER), tff.federated_eval(agg_init, tff.SERVER),
+            tff.federated_eval(optimizer_init, tff.SERVER),
+        ))
 
     state_type = init_fn.type_signature.result
 
-    @tff.federated_computation(state_type, tff.FederatedType(group_type(input_shape, ship), tff.CLIENTS))
+    @tff.federated_computation(state_type, tff.FederatedType(groups_type, tff.CLIENTS))
     def next_fn(state, groups):
         weights_at_clients = tff.federated_broadcast(state.global_model_weights)
         agg_state_at_clients = tff.federated_broadcast(state.aggregator)
@@ -379,14 +349,7 @@ def build_grouped_fed_avg(
              tff.federated_sum(stats)),
         )
         new_state = tff.federated_zip(
-            tff.learning.templates.LearningAlgorithmState(
-                global_model_weights=weights,
-                distributor=state.distributor,
-                client_work=state.client_work,
-                aggregator=agg_state,
-                finalizer=optimizer_state,
-            )
-        )
+            algorithm_state(weights, state.distributor, state.client_work, agg_state, optimizer_state))
         return tff.learning.templates.LearningProcessOutput(new_state, metrics)
 
     @tff.tensorflow.computation(state_type.member)
@@ -395,12 +358,6 @@ def build_grouped_fed_avg(
 
     @tff.tensorflow.computation(state_type.member, state_type.member.global_model_weights)
     def set_model_weights(state, weights):
-        return tff.learning.templates.LearningAlgorithmState(
-            global_model_weights=weights,
-            distributor=state.distributor,
-            client_work=state.client_work,
-            aggregator=state.aggregator,
-            finalizer=state.finalizer,
-        )
+        return algorithm_state(weights, state.distributor, state.client_work, state.aggregator, state.finalizer)
 
     return tff.learning.templates.LearningProcess(init_fn, next_fn, get_model_weights, set_model_weights)

@@ -1,7 +1,8 @@
 """From a validated configuration to what a run needs, resolved once.
 
-`check(cfg)` adds to `cfg.validate()` the checks that need the accountant (is
-the round's DP event accountable as configured, is the adaptive-clipping noise
+`check(cfg)` adds to `cfg.validate()` the settings its privacy mode refuses
+(the mechanism's `check`) and the checks that need the accountant (is the
+round's DP event accountable as configured, is the adaptive-clipping noise
 split possible): pure Python and dp-accounting, no TensorFlow, so that
 `compute_epsilon` and flag errors stay fast. `prepare(cfg)` then loads the
 task's data (fixing N for tasks with their own client split), imports and
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from dpfl_tff.config import ExperimentConfig
-from dpfl_tff.privacy import accounting
+from dpfl_tff.privacy import accounting, registry
 
 if TYPE_CHECKING:
     from dpfl_tff.tasks import FederatedData
@@ -30,7 +31,8 @@ def check(cfg: ExperimentConfig) -> ExperimentConfig:
       ConfigError: one line naming the flag, the value and the allowed range.
     """
     cfg.validate()
-    if cfg.dp.mode != "none" and cfg.task.n_is_known:
+    registry.mechanism_class(cfg).check(cfg)
+    if cfg.task.n_is_known:
         accounting.check_accountable(cfg)
     return cfg
 

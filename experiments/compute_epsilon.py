@@ -28,6 +28,7 @@ from absl import flags
 from dpfl_tff.config import ConfigError
 from dpfl_tff import plan
 from dpfl_tff.privacy import accounting
+from dpfl_tff.privacy.registry import mechanism_for
 from experiments import cli
 from experiments import flags as dpfl_flags
 
@@ -43,9 +44,9 @@ def compute(cfg, participations: int | None = None) -> dict:
     if participations is not None and not 1 <= participations <= cfg.train.rounds:
         raise ConfigError(f"--participations={participations}: must be in [1, --rounds={cfg.train.rounds}]")
     cfg = accounting.with_calibrated_noise(cfg)
-    ledger = accounting.make_ledger(cfg)
+    ledger = mechanism_for(cfg).ledger()
     result = {
-        "dp_mode": cfg.dp.mode,
+        "dp_mode": cfg.dp.mode,  # the flag's value, as given
         "num_clients": cfg.task.num_clients,
         "clients_per_round": cfg.train.clients_per_round,
         "client_sampling": cfg.train.client_sampling,
@@ -56,8 +57,7 @@ def compute(cfg, participations: int | None = None) -> dict:
         "neighboring_relation": ledger.neighboring_relation,
         "target_epsilon": cfg.dp.target_epsilon,
     }
-    if cfg.dp.mode == "local":
-        result["local_mechanism"] = cfg.dp.local_mechanism
+    result.update(mechanism_for(cfg).summary_fields())
     result.update(ledger.planned(cfg.train.rounds, participations))
     ledger.close()
     return result

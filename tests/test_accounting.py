@@ -184,9 +184,9 @@ def test_noise_split_is_tffs_and_needs_no_tensorflow():
     for z, m, std in [(1.2, 120, None), (0.5, 20, 0.3), (3.0, 1000, None), (0.0, 10, None), (0.0, 10, 2.0)]:
         assert noise.value_split(z, m, std) == pytest.approx(adaptive_clip_noise_params(z, m, std), rel=1e-12)
     with pytest.raises(ValueError):
-        adaptive_clip_noise_params(1.2, 20, None)
+        adaptive_clip_noise_params(1.2, 10, None)
     with pytest.raises(ValueError):
-        noise.value_split(1.2, 20, None)
+        noise.value_split(1.2, 10, None)
     code = ("import sys, dpfl_tff.config, dpfl_tff.plan, dpfl_tff.privacy.accounting, experiments.compute_epsilon; "
             "print(sorted(m for m in ('tensorflow', 'tensorflow_federated', 'tensorflow_privacy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

@@ -2,6 +2,7 @@ import math
 
 import pytest
 
+from dpfl_tff import plan
 from dpfl_tff.config import ConfigError, DPConfig, ExperimentConfig, TaskConfig, TrainConfig, default_delta
 
 
@@ -31,8 +32,9 @@ def _cfg(task=None, train=None, dp=None) -> ExperimentConfig:
     ],
 )
 def test_bad_values_name_flag_value_and_range(cfg, flag, words):
+    # plan.check: cfg.validate() (ranges, names) and the settings the privacy mode refuses (its mechanism).
     with pytest.raises(ConfigError) as e:
-        cfg.validate()
+        plan.check(cfg)
     msg = str(e.value)
     assert flag in msg and words in msg, msg
     assert "\n" not in msg

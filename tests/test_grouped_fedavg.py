@@ -68,10 +68,11 @@ def test_grouped_equals_tff_fedavg(tff_context, tmp_path, dp):
         if dp.mode == "local":
             # Local DP: no client statistic leaves a client in either implementation.
             assert len(ta) == len(tb) == 0
-            agg_a, agg_b = a["aggregator"], b["aggregator"]["inner"]
-            assert set(agg_a) == set(agg_b) == {"clients", dp.local_mechanism == "gaussian" and "noise_std"
-                                                or "laplace_scale"}
-            assert float(agg_a["clients"]) == float(agg_b["clients"]) == 5
+            # The query's metrics are its settings only (noise std or Laplace scale), nothing of the data.
+            key = "noise_std" if dp.local_mechanism == "gaussian" else "laplace_scale"
+            qa, qb = a["aggregator"]["dp_query_metrics"], b["aggregator"]["inner"]["dp_query_metrics"]
+            assert set(qa) == set(qb) == {key} and float(qa[key]) == float(qb[key]) == pytest.approx(1e-6 * 0.05)
+            assert "nonfinite_clients" not in a["aggregator"] and "nonfinite_clients" not in b["aggregator"]
             continue
         assert int(ta["num_examples"]) == int(tb["num_examples"]) == 5 * 2 * 40
         assert int(ta["num_batches"]) == int(tb["num_batches"]) == 5 * math.ceil(80 / 7)

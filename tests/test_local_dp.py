@@ -42,7 +42,7 @@ def test_laplace_noise_at_clients_has_laplace_shape(tff_context):
     got, meas = _mean_of(DPConfig(mode="local", local_mechanism="laplace", noise_multiplier=z, clip_norm=clip),
                          [np.zeros(DIM)], m=1)
     b = z * clip
-    assert meas["laplace_scale"] == pytest.approx(b)
+    assert meas["dp_query_metrics"]["laplace_scale"] == pytest.approx(b)
     # Unseeded; n = 20,000 draws of Laplace(0, b), 6 standard errors per check (P(|Z| > 6) = 2e-9; both
     # estimates have finite fourth moments, so the normal approximation holds): failure probability < 4e-9.
     # Variance 2b^2: relative sd of the estimate sqrt(20/n)/2 = 1.6%.
@@ -60,12 +60,14 @@ def test_clipping_and_only_data_free_measurements(tff_context):
     nan = np.array([np.nan, 1.0, 0.0])  # zeroed at the client, before clipping and noise
     got, meas = _mean_of(DPConfig(mode="local", noise_multiplier=tiny, clip_norm=1.0), [a, b, nan], dim=3)
     np.testing.assert_allclose(got, (a / 5 + b + 0) / 3, atol=1e-5)  # L2 clip, mean over the 3 clients
-    # Nothing computed from a client's data (norm, clipped flag, non-finite flag) reaches the server.
-    assert set(meas) == {"clients", "noise_std"} and meas["clients"] == 3 and meas["noise_std"] == pytest.approx(tiny)
+    # Nothing computed from a client's data (norm, clipped flag, non-finite flag) reaches the server: the
+    # measurements are the query's settings and TFF's (empty) record-sum measurements.
+    assert set(meas) == {"dp_query_metrics", "dp"} and len(meas["dp"]) == 0
+    assert dict(meas["dp_query_metrics"]) == {"noise_std": pytest.approx(tiny)}
     got, meas = _mean_of(DPConfig(mode="local", local_mechanism="laplace", noise_multiplier=tiny, clip_norm=1.0),
                          [a, b], dim=3)
     np.testing.assert_allclose(got, (a / 7 + b) / 2, atol=1e-5)  # L1 clip
-    assert set(meas) == {"clients", "laplace_scale"}
+    assert set(meas["dp_query_metrics"]) == {"laplace_scale"}
 
 
 def _cfg(tmp_path, name, **dp):

@@ -21,7 +21,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from dpfl_tff import runtime, training
+from dpfl_tff import checkpoints, runtime, training
 from dpfl_tff.config import DPConfig, ExperimentConfig, TaskConfig, TrainConfig
 from dpfl_tff.tasks import load_task
 from tests.conftest import worker_pids
@@ -205,7 +205,7 @@ def test_lost_worker_fails_the_round_then_a_rerun_resumes(tmp_path):
         msg = str(e.value)
         assert msg.startswith("round 3 failed: WorkerLost: TFF worker at " + b.address), msg
         assert "round 2 is checkpointed" in msg
-        assert training.checkpoints.CheckpointManager(cfg.output_dir).rounds() == [2]
+        assert checkpoints.CheckpointManager(cfg.output_dir).rounds() == [2]
         code, out = b.stop()
         assert code == 1  # run_worker reports its worker's death
 

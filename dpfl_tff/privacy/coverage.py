@@ -29,6 +29,7 @@ list; README's threat model says what they reveal about the cohorts.
 from __future__ import annotations
 
 from dpfl_tff.config import ExperimentConfig
+from dpfl_tff.privacy.registry import mechanism_for
 
 CLIENT_TRAINING_FIELDS = ("train_loss", "train_accuracy", "nonfinite_clients")
 COHORT_SIZE_FIELD = "clients_this_round"
@@ -41,12 +42,12 @@ def client_statistics_released(cfg: ExperimentConfig) -> bool:
     Never under local DP: nothing computed from a client's data but its
     noised update leaves the client computation.
     """
-    return cfg.client_metrics and cfg.dp.mode != "local"
+    return cfg.client_metrics and mechanism_for(cfg).releases_client_statistics
 
 
 def cohort_size_covered(cfg: ExperimentConfig) -> bool:
     """The realised cohort size is covered unless Poisson sampling meets add-or-remove-one."""
-    return cfg.dp.mode == "local" or cfg.train.client_sampling != "poisson"
+    return mechanism_for(cfg).cohort_size_covered()
 
 
 def not_covered(cfg: ExperimentConfig) -> list[str]:

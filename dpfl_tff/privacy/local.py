@@ -1,154 +1,71 @@
-"""Client-level (local) DP: each client clips and noises its own update.
+"""`--dp_mode=local`: client-level local DP, for an untrusted server.
 
-The noise is added inside the client computation (TFF `CLIENTS` placement),
-and nothing computed from the client's data leaves the client but its noised
-update: no norm, no clipped flag, no training metric, no non-finite flag (a
-non-finite update is zeroed at the client, before clipping). The server only
-averages what it receives. No tensorflow-privacy factory does this, so
-`LocalDPFactory` is a TFF `UnweightedAggregationFactory`:
-
-  federated_map(zero non-finite, clip_and_noise) @CLIENTS -> federated_sum -> / number of clients
-
-Mechanisms (C = clip norm, z = noise multiplier), per client per round:
-
-* `gaussian`: clip to L2 norm C, add N(0, (z C)^2) to every coordinate.
-  Replacing the client's whole data moves the clipped update by up to 2C in
-  L2, so one release is the Gaussian mechanism with noise multiplier z/2:
-  (epsilon, delta)-DP for every delta, computed by the accountant.
-* `laplace`: clip to L1 norm C, add Laplace(0, b = z C) to every coordinate.
-  L1 sensitivity 2C, so one release is pure (2/z)-DP (Dwork et al. 2006).
+Each client zeroes a non-finite update, clips it (L2 norm C for Gaussian, L1
+for Laplace) and adds its own noise (std zC, or Laplace scale zC) before it
+leaves the client (`queries.LocalNoiseMeanQuery`); the server averages. Nothing
+else computed from a client's data leaves it: no training metric, no norm, no
+flag. One release is the Gaussian mechanism with multiplier z/2 (replace-one
+sensitivity 2C) or pure (2/z)-DP Laplace; `ledgers.LocalLedger` composes them
+over each client's participations, which is why its ledger records cohorts.
 """
 
 from __future__ import annotations
 
-import collections
+from typing import Any
 
-import numpy as np
-import tensorflow as tf
-import tensorflow_federated as tff
-
-from dpfl_tff import runtime  # noqa: F401  (replaces TFF's worker-starting default context)
-
-GAUSSIAN = "gaussian"
-LAPLACE = "laplace"
-LOCAL_MECHANISMS = (GAUSSIAN, LAPLACE)
+from dpfl_tff.config import DPConfig, ExperimentConfig
+from dpfl_tff.errors import ConfigError
+from dpfl_tff.privacy.events import REPLACE_ONE
+from dpfl_tff.privacy.ledgers import LocalLedger
+from dpfl_tff.privacy.mechanism import PrivacyMechanism
 
 
-def _global_norm(tensors, order: int) -> tf.Tensor:
-    if order == 2:
-        return tf.linalg.global_norm(tensors)
-    return tf.add_n([tf.reduce_sum(tf.abs(t)) for t in tensors])
+class LocalNoise(PrivacyMechanism):
+    """Clip and noise at every client (see the module docstring)."""
 
+    name = "local"
+    neighboring_relation = REPLACE_ONE
+    releases_client_statistics = False
+    ledger_needs_cohorts = True
 
-def _draw(kind: str, shape, seed: tf.Tensor | None) -> tf.Tensor:
-    """Standard normal or standard Laplace noise; stateless when `seed` (int64[2]) is given."""
-    if kind == GAUSSIAN:
-        if seed is None:
-            return tf.random.normal(shape)
-        return tf.random.stateless_normal(shape, seed=seed)
-    # Laplace(0, 1) as the difference of two Exp(1) draws; 1 - U lies in (0, 1], so logs are finite.
-    if seed is None:
-        u1, u2 = tf.random.uniform(shape), tf.random.uniform(shape)
-    else:
-        u1 = tf.random.stateless_uniform(shape, seed=seed)
-        u2 = tf.random.stateless_uniform(shape, seed=seed + tf.constant([0, 1], tf.int64))
-    return tf.math.log(1.0 - u2) - tf.math.log(1.0 - u1)
-
-
-def _content_hash(flat) -> tf.Tensor:
-    """A deterministic int64 of the tensors' values (seeded test mode only)."""
-    v = tf.concat([tf.reshape(t, [-1]) for t in flat], axis=0)
-    w = tf.cast(tf.range(1, tf.size(v) + 1), tf.float32)
-    return tf.cast(tf.bitcast(tf.reduce_sum(v * tf.sin(w)), tf.int32), tf.int64)
-
-
-def clip_and_noise(tensors, mechanism: str, clip: float, noise_multiplier: float, seed: tf.Tensor | None = None):
-    """Clips `tensors` jointly (L2 for gaussian, L1 for laplace) to `clip` and adds noise.
-
-    Noise: N(0, (z C)^2) or Laplace(0, z C) per coordinate, from TF's stateful
-    RNG seeded by OS entropy; if `seed` (int64 scalar, tests only) is given, from
-    a stateless RNG keyed by the seed and the update's own values (so clients
-    with bit-identical updates then draw identical noise).
-
-    Returns:
-      The noised tensors, shaped like `tensors`. Nothing else: the norm and
-      whether it was clipped are the client's own and never leave it.
-    """
-    flat = [tf.cast(t, tf.float32) for t in tf.nest.flatten(tensors)]
-    order = 2 if mechanism == GAUSSIAN else 1
-    norm = _global_norm(flat, order)
-    scale = tf.minimum(1.0, clip / tf.maximum(norm, 1e-12))
-    key = None if seed is None else tf.stack([seed, _content_hash(flat)])
-    noised = []
-    for i, t in enumerate(flat):
-        op_key = None if key is None else key + tf.constant([0, 2**20], tf.int64) * i
-        noised.append(t * scale + noise_multiplier * clip * _draw(mechanism, tf.shape(t), op_key))
-    return tf.nest.pack_sequence_as(tensors, noised)
-
-
-def zero_nonfinite(tensors):
-    """`tensors` unchanged if all finite, else zeros of the same structure (norm 0 <= any clip)."""
-    flat = tf.nest.flatten(tensors)
-    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in flat])
-    return tf.nest.map_structure(lambda t: tf.where(finite, t, tf.zeros_like(t)), tensors)
-
-
-class LocalDPFactory(tff.aggregators.UnweightedAggregationFactory):
-    """Zero-if-non-finite and clip-and-noise at CLIENTS, then the server's plain mean.
-
-    What reaches the server from a client: its noised update and the constant
-    1 (the server counts the clients it sent work to). Measurements per round:
-    `clients` and `noise_std` (Gaussian) or `laplace_scale` (Laplace), neither
-    of which depends on any client's data. With no client in a round the
-    result is zero.
-    """
-
-    def __init__(self, mechanism: str, clip: float, noise_multiplier: float, noise_seed: int | None = None):
-        if mechanism not in LOCAL_MECHANISMS:
-            raise ValueError(f"--local_mechanism={mechanism}: must be one of {', '.join(LOCAL_MECHANISMS)}")
-        self._mechanism = mechanism
-        self._clip = float(clip)
-        self._z = float(noise_multiplier)
-        self._seed = noise_seed
-
-    def create(self, value_type) -> tff.templates.AggregationProcess:
-        mechanism, clip, z, seed = self._mechanism, self._clip, self._z, self._seed
-
-        @tff.tensorflow.computation(value_type, np.int64)
-        def privatize(value, round_num):
-            key = None if seed is None else tf.constant(seed, tf.int64) * 1_000_003 + round_num
-            noised = clip_and_noise(zero_nonfinite(value), mechanism, clip, z, key)
-            return noised, tf.constant(1.0)
-
-        @tff.tensorflow.computation(np.int64)
-        def increment(round_num):
-            return round_num + 1
-
-        @tff.tensorflow.computation
-        def finish(total, count):
-            n = tf.maximum(count, 1.0)
-            return tf.nest.map_structure(lambda t: t / tf.cast(n, t.dtype), total)
-
-        @tff.federated_computation
-        def init_fn():
-            return tff.federated_value(np.int64(0), tff.SERVER)  # rounds so far
-
-        noise_key = "noise_std" if mechanism == GAUSSIAN else "laplace_scale"
-
-        @tff.federated_computation(init_fn.type_signature.result, tff.FederatedType(value_type, tff.CLIENTS))
-        def next_fn(state, value):
-            round_at_clients = tff.federated_broadcast(state)
-            noised, one = tff.federated_map(privatize, (value, round_at_clients))
-            total = tff.federated_sum(noised)
-            count = tff.federated_sum(one)
-            mean = tff.federated_map(finish, tff.federated_zip((total, count)))
-            measurements = tff.federated_zip(
-                collections.OrderedDict(
-                    clients=count,
-                    **{noise_key: tff.federated_value(np.float32(z * clip), tff.SERVER)},
-                )
+    @classmethod
+    def check(cls, cfg: ExperimentConfig) -> None:
+        dp = cfg.dp
+        if dp.adaptive_clipping:
+            raise ConfigError("--adaptive_clipping with --dp_mode=local: not supported; use a fixed --clip_norm")
+        if dp.noise_multiplier == 0 and dp.target_epsilon is None:
+            raise ConfigError(
+                "--noise_multiplier=0 with --dp_mode=local: zero noise gives no privacy; "
+                "use --dp_mode=none, or set --noise_multiplier > 0"
             )
-            new_state = tff.federated_map(increment, state)
-            return tff.templates.MeasuredProcessOutput(state=new_state, result=mean, measurements=measurements)
+        if dp.target_epsilon is not None:
+            raise ConfigError(f"--target_epsilon={dp.target_epsilon}: calibration supports --dp_mode=central only")
 
-        return tff.templates.AggregationProcess(init_fn, next_fn)
+    @staticmethod
+    def query_of(dp: DPConfig, expected_cohort: float):
+        from dpfl_tff.privacy import queries
+
+        return queries.LocalNoiseMeanQuery(dp.local_mechanism, dp.clip_norm, dp.noise_multiplier, dp.noise_seed)
+
+    def ledger(self) -> LocalLedger:
+        return LocalLedger(self.cfg)
+
+    @property
+    def noise_key(self) -> str:
+        return "noise_std" if self.cfg.dp.local_mechanism == "gaussian" else "laplace_scale"
+
+    def record_fields(self, aggregator_metrics: dict[str, Any], clip: float | None) -> tuple[dict[str, Any], Any]:
+        query_metrics = aggregator_metrics.get("dp_query_metrics", aggregator_metrics)
+        return {"next_clip_norm": clip, self.noise_key: float(query_metrics[self.noise_key])}, clip
+
+    def summary_fields(self) -> dict[str, Any]:
+        return {"local_mechanism": self.cfg.dp.local_mechanism}
+
+    def privacy_line(self, planned: dict[str, Any]) -> str:
+        cfg = self.cfg
+        return (
+            f"privacy: local DP ({cfg.dp.local_mechanism}) at each client, replace-one; accountant "
+            f"{cfg.dp.accountant.upper()}, {self.delta_text()}; if a client took part in all {cfg.train.rounds} "
+            f"rounds: local epsilon {planned['local_epsilon']:.4g}, central view {planned['epsilon']:.4g} "
+            f"({planned['epsilon_analysis']})"
+        )

@@ -1,0 +1,144 @@
+"""What the round loop tells the outside world, one observer per output.
+
+After each completed round the loop hands the round's record (its metrics
+line) to every observer in order; at the end it hands them the summary. The
+order is part of the privacy ledger's write-ahead rule: the ledger line is
+written before the loop builds the record, the checkpoint before the metrics
+line (`Checkpointer` first), so whatever is on disk the ledger covers.
+
+  Checkpointer    checkpoints/ every --checkpoint_every rounds, at the end and when stopped
+  MetricsFile     metrics.jsonl, one flushed line per round
+  TensorBoardLog  tensorboard/ scalars
+  SummaryKeeper   the running summary.json fields (written at the end, also when stopped)
+  ProgressLine    one line per round on stdout, with an ETA
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from dpfl_tff import checkpoints, outputs
+from dpfl_tff.privacy.events import ADD_OR_REMOVE_ONE, REPLACE_ONE
+
+_RELATION_TEXT = {ADD_OR_REMOVE_ONE: "add-or-remove-one", REPLACE_ONE: "replace-one"}
+# Ledger fields a summary copies from the last record when present (local DP's, Laplace's).
+_LEDGER_SUMMARY_FIELDS = ("local_epsilon", "epsilon_analysis", "max_participations", "local_epsilon_pure")
+
+
+class Observer:
+    """Receives each completed round's record and, at the end, the summary."""
+
+    def on_round(self, record: dict[str, Any], state: Any, last: bool, stopping: bool) -> None:
+        """`state` is the process state after the round; `last`: the final round; `stopping`: a stop request."""
+
+    def close(self) -> None:
+        pass
+
+
+class Checkpointer(Observer):
+    """Saves the full state (with the ledger's length and hash) when due; must run before MetricsFile."""
+
+    def __init__(self, ckpts: checkpoints.CheckpointManager, ledger_log: checkpoints.LedgerLog, every: int):
+        self.ckpts, self.ledger_log, self.every = ckpts, ledger_log, every
+
+    def on_round(self, record, state, last, stopping):
+        r = record["round"]
+        if last or stopping or (self.every and r % self.every == 0):
+            self.ckpts.save(r, state, record, self.ledger_log)
+
+    def save_if_missing(self, round_num: int, state: Any, record: dict[str, Any] | None) -> bool:
+        """Checkpoints round `round_num` unless it is; False if no round was completed."""
+        if round_num <= 0 or record is None:
+            return False
+        if round_num not in self.ckpts.rounds():
+            self.ckpts.save(round_num, state, record, self.ledger_log)
+        return True
+
+
+class MetricsFile(Observer):
+    def __init__(self, out: outputs.ExperimentDir):
+        self.out = out
+
+    def on_round(self, record, state, last, stopping):
+        self.out.append_metrics(record)
+
+
+class TensorBoardLog(Observer):
+    def __init__(self, path: str):
+        self.tb = outputs.TensorBoard(path)
+
+    def on_round(self, record, state, last, stopping):
+        self.tb.write(record)
+
+    def close(self):
+        self.tb.close()
+
+
+class SummaryKeeper(Observer):
+    """Keeps summary.json's running fields: rounds, epsilon, the last test metrics."""
+
+    def __init__(self, summary: dict[str, Any]):
+        self.summary = summary
+
+    def on_round(self, record, state, last, stopping):
+        summarize(self.summary, record)
+
+
+def summarize(summary: dict[str, Any], record: dict[str, Any]) -> None:
+    """Copies a round's figures that summary.json reports into `summary`."""
+    summary.update(rounds=record["round"], epsilon=record["epsilon"], rounds_accounted=record["rounds_accounted"])
+    for key in _LEDGER_SUMMARY_FIELDS:
+        if key in record:
+            summary[key] = record[key]
+    if "test_accuracy" in record:
+        summary.update(final_test_accuracy=record["test_accuracy"], final_test_loss=record["test_loss"])
+
+
+class ProgressLine(Observer):
+    """`round 12/100 | clients 73 | loss .. | acc .. | eps 1.9 (delta .., relation) | 0.03s | ETA 3s`."""
+
+    def __init__(self, log: Callable[[str], None], total: int, relation: str | None):
+        self.log, self.total, self.relation = log, total, relation
+        self.seconds: list[float] = []
+
+    def on_round(self, record, state, last, stopping):
+        if "round_seconds" in record:
+            self.seconds = (self.seconds + [record["round_seconds"]])[-20:]
+        r = record["round"]
+        eta = sum(self.seconds) / len(self.seconds) * (self.total - r) if self.seconds else None
+        self.log(progress_line(r, self.total, record, self.relation, eta))
+
+
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def progress_line(r: int, total: int, rec: dict[str, Any], relation: str | None, eta: float | None = 0.0) -> str:
+    """The progress line of round `r` (fields the record lacks are left out)."""
+    parts = [f"round {r}/{total}"]
+    if "clients_this_round" in rec:
+        parts.append(f"clients {rec['clients_this_round']}")
+    if "train_loss" in rec:
+        parts += [f"loss {_fmt(rec['train_loss'])}", f"acc {_fmt(rec['train_accuracy'])}"]
+    if "test_accuracy" in rec:
+        parts.append(f"test acc {rec['test_accuracy']:.4f}")
+    if relation is None:
+        parts.append("eps inf (no DP)")
+    else:
+        if "local_epsilon" in rec:
+            parts.append(f"local eps {rec['local_epsilon']:.4g}")
+        parts.append(f"eps {rec['epsilon']:.4g} (delta {rec['delta']:.3g}, {_RELATION_TEXT[relation]})")
+    if "round_seconds" in rec:
+        parts.append(f"{rec['round_seconds']:.2f}s")
+    if r < total and eta is not None:
+        parts.append(f"ETA {_duration(eta)}")
+    return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")

@@ -1,0 +1,162 @@
+"""The dp-accounting machinery every mechanism shares: events of a round, accountants, epsilon over rounds.
+
+Pure Python and dp-accounting (no TensorFlow). A mechanism (`privacy.mechanism`)
+describes one round as a `RoundPrivacy`: the DpEvent and the neighbouring
+relation it holds under; `EpsilonTracker` composes it over rounds.
+
+Sampling (client-level DP: neighbours differ in one client's whole data):
+
+* Poisson sampling (each client joins with probability q = m / N):
+  `PoissonSampledDpEvent(q, GaussianDpEvent(z))` under add-or-remove-one; the
+  sum's L2 sensitivity is C and the noise std z C.
+* A fixed cohort of m drawn without replacement: only replace-one has a sound
+  analysis (`SampledWithoutReplacementDpEvent`, Wang, Balle, Kasiviswanathan
+  2019, arXiv:1808.00087); replacing one client moves the clipped sum by up to
+  2C, so noise std z C is the Gaussian mechanism with multiplier z / 2.
+
+Composition is linear in RDP, so the per-round RDP curve is computed once and
+scaled; PLD self-composes the per-round distribution.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+
+import dp_accounting
+from dp_accounting import pld
+from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
+
+from dpfl_tff.errors import ConfigError
+
+PLD_DISCRETIZATION = 1e-3
+ADD_OR_REMOVE_ONE = "add_or_remove_one"
+REPLACE_ONE = "replace_one"
+_RELATIONS = {
+    ADD_OR_REMOVE_ONE: dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+    REPLACE_ONE: dp_accounting.NeighboringRelation.REPLACE_ONE,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundPrivacy:
+    """The DP event of one training round and the relation it holds under."""
+
+    event: dp_accounting.DpEvent
+    neighboring_relation: str  # ADD_OR_REMOVE_ONE or REPLACE_ONE
+    noise_multiplier: float  # effective z of what the server adds, in clip units
+    description: str
+
+
+def sampled_gaussian_round(num_clients: int, clients_per_round: int, scheme: str, z: float) -> RoundPrivacy:
+    """One round of a Gaussian sum with noise multiplier `z`, amplified by the round's sampling `scheme`."""
+    n, m = num_clients, clients_per_round
+    if scheme == "poisson":
+        q = m / n
+        return RoundPrivacy(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)),
+            ADD_OR_REMOVE_ONE,
+            z,
+            f"Poisson sampling q={q:.6g}, Gaussian z={z:.6g}, add-or-remove-one",
+        )
+    return RoundPrivacy(
+        dp_accounting.SampledWithoutReplacementDpEvent(n, m, dp_accounting.GaussianDpEvent(z / 2)),
+        REPLACE_ONE,
+        z,
+        f"fixed cohort {m} of {n} without replacement, Gaussian z/2={z / 2:.6g} "
+        "(replace-one sensitivity 2C), replace-one",
+    )
+
+
+def make_accountant(kind: str, relation: str) -> dp_accounting.PrivacyAccountant:
+    """An empty RDP or PLD accountant for `relation`."""
+    rel = _RELATIONS[relation]
+    if kind == "rdp":
+        return dp_accounting.rdp.RdpAccountant(neighboring_relation=rel)
+    if kind == "pld":
+        # Pessimistic discretisation keeps PLD an upper bound at any interval; 1e-3 (dp-accounting's
+        # default is 1e-4) moves epsilon by ~2e-5 relative and makes each epsilon ~10x cheaper.
+        return pld.PLDAccountant(neighboring_relation=rel, value_discretization_interval=PLD_DISCRETIZATION)
+    raise ValueError(f"--accountant={kind}: must be one of rdp, pld")
+
+
+def epsilon_after(rp: RoundPrivacy, rounds: int, delta: float, accountant: str) -> float:
+    """Epsilon of `rounds` composed rounds at `delta` (inf if unsupported)."""
+    if rounds == 0:
+        return 0.0
+    acc = make_accountant(accountant, rp.neighboring_relation)
+    if not acc.supports(rp.event):
+        raise ConfigError(
+            f"--accountant={accountant}: dp-accounting cannot account {rp.description}; use --accountant=rdp"
+        )
+    acc.compose(rp.event, rounds)
+    return float(acc.get_epsilon(delta))
+
+
+class EpsilonTracker:
+    """Epsilon after each round, computed incrementally.
+
+    RDP: the per-round RDP curve is computed once; after t rounds it is t
+    times that curve (RDP composes additively), converted at `delta`
+    (microseconds). PLD: the per-round privacy loss distribution is built once
+    and self-composed t times (tens of milliseconds); `prefetch(t)` starts that
+    in a background thread so that it overlaps with round t's training.
+    """
+
+    def __init__(self, rp: RoundPrivacy, delta: float, accountant: str):
+        self.round_privacy = rp
+        self.delta = delta
+        self.accountant = accountant
+        acc = make_accountant(accountant, rp.neighboring_relation)
+        if not acc.supports(rp.event):
+            raise ConfigError(
+                f"--accountant={accountant}: dp-accounting cannot account {rp.description}; use --accountant=rdp"
+            )
+        acc.compose(rp.event)
+        if accountant == "rdp":
+            self._orders = acc.orders
+            self._rdp_one = acc.rdp
+        else:
+            self._pld_one = acc._pld  # noqa: SLF001  (the accountant exposes no getter)
+        self._cache: dict[int, float] = {}
+        self._pending: dict[int, concurrent.futures.Future] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def _compute(self, rounds: int) -> float:
+        if rounds <= 0:
+            return 0.0
+        if self.accountant == "rdp":
+            eps, _ = rdp_lib.compute_epsilon(self._orders, self._rdp_one * rounds, self.delta)
+            return float(eps)
+        return float(self._pld_one.self_compose(rounds).get_epsilon_for_delta(self.delta))
+
+    def prefetch(self, rounds: int) -> None:
+        """Starts computing `epsilon(rounds)` in the background (PLD only; RDP is instant)."""
+        if self.accountant == "rdp" or rounds in self._cache or rounds in self._pending:
+            return
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="epsilon")
+        self._pending[rounds] = self._pool.submit(self._compute, rounds)
+
+    def epsilon(self, rounds: int) -> float:
+        """Epsilon after `rounds` rounds at `self.delta`."""
+        if rounds not in self._cache:
+            pending = self._pending.pop(rounds, None)
+            self._cache[rounds] = pending.result() if pending else self._compute(rounds)
+        return self._cache[rounds]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def rounds_within_budget(tracker: EpsilonTracker, max_epsilon: float, max_rounds: int) -> int:
+    """Largest t <= max_rounds with epsilon(t) <= max_epsilon (epsilon grows with t)."""
+    lo, hi = 0, max_rounds
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tracker.epsilon(mid) <= max_epsilon:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -1,0 +1,100 @@
+"""One object per privacy mode: its DP query, its per-round event, its relation, what it releases, its checks.
+
+Like tensorflow-privacy's `DPQuery` (and pfl-research's central/local
+mechanisms), a mechanism is the one place that knows what its mode does:
+
+* `check(cfg)`: the settings the mode refuses (pure; `plan.check` calls it);
+* `query()`: the tensorflow-privacy query the process runs, clients calling
+  `preprocess_record`, the server `get_noised_result` (TensorFlow, imported
+  only when a process is built);
+* `round_privacy()` / `ledger()`: the DP event of one round and the ledger
+  that composes the released rounds (pure; `compute_epsilon` needs no TF);
+* `releases_client_statistics`, `cohort_size_covered()`: what leaves the
+  clients and what the epsilon covers (`privacy.coverage`);
+* `record_fields()`, `privacy_line()`, `summary_fields()`: what the run
+  writes about the mechanism.
+
+The round loop, the process and the outputs ask the mechanism and never
+switch on the mode's name; a new mechanism is a new subclass registered in
+`privacy.registry`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+from dpfl_tff.config import DPConfig, ExperimentConfig
+from dpfl_tff.privacy.events import REPLACE_ONE, RoundPrivacy
+from dpfl_tff.privacy.ledgers import Ledger
+
+
+class PrivacyMechanism(abc.ABC):
+    """The privacy mode of a run (see the module docstring). `cfg` is the run's resolved configuration."""
+
+    name: ClassVar[str]
+    # What one round's epsilon holds under: "add_or_remove_one", "replace_one", or None (no DP).
+    neighboring_relation: ClassVar[str | None] = None
+    # Whether the clients' unnoised training statistics (loss, accuracy, example and non-finite counts)
+    # leave the clients at all.
+    releases_client_statistics: ClassVar[bool] = True
+    # Whether the privacy ledger needs every cohort (participation counts), so records them.
+    ledger_needs_cohorts: ClassVar[bool] = False
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+
+    @classmethod
+    def check(cls, cfg: ExperimentConfig) -> None:
+        """Raises ConfigError (one line naming the flag) for settings this mode refuses."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def query_of(dp: DPConfig, expected_cohort: float) -> Any:
+        """The tensorflow-privacy `DPQuery` of this mode for `dp` and cohort m (imports TensorFlow)."""
+
+    def query(self) -> Any:
+        """The tensorflow-privacy `DPQuery` the run's process runs."""
+        return self.query_of(self.cfg.dp, self.cfg.train.clients_per_round)
+
+    def round_privacy(self) -> RoundPrivacy | None:
+        """The DP event of one round, if this mode's epsilon depends only on the number of rounds."""
+        return None
+
+    def ledger(self) -> Ledger:
+        """An empty ledger for this run (no DP: epsilon is infinite)."""
+        return Ledger()
+
+    def check_accountable(self) -> None:
+        """Raises ConfigError unless the accountant can take this mode's events (builds the ledger once)."""
+        self.ledger().close()
+
+    @property
+    def noise_seeded(self) -> bool:
+        """Whether the noise follows `--noise_seed` (tests only: then there is no privacy)."""
+        return self.cfg.dp.noise_seed is not None
+
+    def cohort_size_covered(self) -> bool:
+        """The realised cohort size reveals nothing under replace-one or a fixed cohort size."""
+        return self.neighboring_relation == REPLACE_ONE or self.cfg.train.client_sampling != "poisson"
+
+    def initial_clip(self) -> float | None:
+        """The clip of round 1 as the metrics report it (None: nothing is clipped)."""
+        return self.cfg.dp.clip_norm
+
+    def record_fields(self, aggregator_metrics: dict[str, Any], clip: float | None) -> tuple[dict[str, Any], Any]:
+        """Fields of a round's metrics line from the process' aggregator metrics, and the next round's clip."""
+        del aggregator_metrics
+        return {}, clip
+
+    def summary_fields(self) -> dict[str, Any]:
+        """Fields this mode adds to summary.json (beyond the epsilon fields the ledger gives)."""
+        return {}
+
+    @abc.abstractmethod
+    def privacy_line(self, planned: dict[str, Any]) -> str:
+        """The run's one line about its privacy, from the ledger's `planned` figures."""
+
+    def delta_text(self) -> str:
+        cfg = self.cfg
+        return f"delta={cfg.target_delta:.3g}{'' if cfg.dp.target_delta else ' (default 1/num_clients^1.1)'}"

@@ -1,0 +1,37 @@
+"""`--dp_mode=none`: plain FedAvg, no clipping, no noise, no guarantee (epsilon is infinite)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dpfl_tff.config import DPConfig, ExperimentConfig
+from dpfl_tff.errors import ConfigError
+from dpfl_tff.privacy.mechanism import PrivacyMechanism
+
+
+class NoPrivacy(PrivacyMechanism):
+    """The plain mean of the clients' updates (`queries.MeanQuery`)."""
+
+    name = "none"
+
+    @classmethod
+    def check(cls, cfg: ExperimentConfig) -> None:
+        if cfg.dp.target_epsilon is not None:
+            raise ConfigError(f"--target_epsilon={cfg.dp.target_epsilon}: needs a DP mode, not --dp_mode=none")
+
+    @staticmethod
+    def query_of(dp: DPConfig, expected_cohort: float):
+        from dpfl_tff.privacy import queries
+
+        return queries.MeanQuery()
+
+    @property
+    def noise_seeded(self) -> bool:
+        return False  # there is no noise to seed
+
+    def initial_clip(self) -> float | None:
+        return None
+
+    def privacy_line(self, planned: dict[str, Any]) -> str:
+        del planned
+        return "privacy: none (--dp_mode=none): no DP guarantee, epsilon is infinite"

@@ -1,0 +1,21 @@
+"""The privacy modes by `--dp_mode` name: the one place that maps a mode's name to its mechanism."""
+
+from __future__ import annotations
+
+from dpfl_tff.config import DP_MODES, ExperimentConfig
+from dpfl_tff.privacy.central import CentralGaussian
+from dpfl_tff.privacy.local import LocalNoise
+from dpfl_tff.privacy.mechanism import PrivacyMechanism
+from dpfl_tff.privacy.no_dp import NoPrivacy
+
+MECHANISMS: dict[str, type[PrivacyMechanism]] = {m.name: m for m in (NoPrivacy, CentralGaussian, LocalNoise)}
+assert tuple(MECHANISMS) == DP_MODES, "config.DP_MODES must list the registered mechanisms"
+
+
+def mechanism_class(cfg: ExperimentConfig) -> type[PrivacyMechanism]:
+    return MECHANISMS[cfg.dp.mode]
+
+
+def mechanism_for(cfg: ExperimentConfig) -> PrivacyMechanism:
+    """The mechanism of `cfg` (validated, with N known for the accounting parts)."""
+    return MECHANISMS[cfg.dp.mode](cfg)

@@ -1,0 +1,184 @@
+"""The learning process of a run and what feeds it: model, optimizers, client data, evaluation (TFF).
+
+`build_learning_process` wraps the run's privacy mechanism's query in either
+the grouped process (`grouped_fedavg`, the default) or TFF's own
+`build_unweighted_fed_avg` (`--fedavg_impl=tff`, a cross-check against TFF's
+implementation of the same algorithm). Both take `round_input`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from dpfl_tff import grouped_fedavg, models
+from dpfl_tff.config import ExperimentConfig
+from dpfl_tff.privacy.nonfinite import ZeroNonFiniteFactory
+from dpfl_tff.privacy.registry import mechanism_for
+from dpfl_tff.tasks import FederatedData
+
+
+def build_optimizer(name: str, learning_rate: float) -> tff.learning.optimizers.Optimizer:
+    """`sgd`, `sgdm` (momentum 0.9) or `adam` from `tff.learning.optimizers`."""
+    if name == "sgd":
+        return tff.learning.optimizers.build_sgdm(learning_rate=learning_rate)
+    if name == "sgdm":
+        return tff.learning.optimizers.build_sgdm(learning_rate=learning_rate, momentum=0.9)
+    if name == "adam":
+        return tff.learning.optimizers.build_adam(learning_rate=learning_rate)
+    raise ValueError(f"unknown optimizer {name!r}: must be one of sgd, sgdm, adam")
+
+
+def keras_model(cfg: ExperimentConfig, data: FederatedData) -> tf.keras.Model:
+    return models.build_model(cfg.train.model, data.input_shape, data.num_classes)
+
+
+def model_fn_for(cfg: ExperimentConfig, data: FederatedData) -> Callable[[], tff.learning.models.VariableModel]:
+    """A no-argument TFF model constructor for the task's input spec."""
+
+    def model_fn() -> tff.learning.models.VariableModel:
+        return tff.learning.models.from_keras_model(
+            keras_model(cfg, data),
+            input_spec=data.element_spec,
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        )
+
+    return model_fn
+
+
+def build_learning_process(
+    cfg: ExperimentConfig, data: FederatedData, files: grouped_fedavg.ClientFiles | None = None
+) -> tff.learning.templates.LearningProcess:
+    """Unweighted DP-FedAvg with the DP aggregation of `cfg`.
+
+    Unweighted: every client's update counts equally, as client-level DP
+    needs (a weight would let one client's influence exceed the clip).
+    `cfg.train.fedavg_impl` picks `grouped_fedavg` (several clients per TFF
+    client call; the worker reads client data from `files`, or, with None,
+    the round's request carries it) or TFF's `build_unweighted_fed_avg` with
+    our aggregator. Feed `next` with `round_input`.
+    """
+    client_opt = build_optimizer(cfg.train.client_optimizer, cfg.train.client_learning_rate)
+    server_opt = build_optimizer(cfg.train.server_optimizer, cfg.train.server_learning_rate)
+    mechanism = mechanism_for(cfg)
+    release = mechanism.releases_client_statistics
+    if cfg.train.fedavg_impl == "grouped":
+        return grouped_fedavg.build_grouped_fed_avg(
+            lambda: keras_model(cfg, data),
+            data.input_shape,
+            client_optimizer=client_opt,
+            server_optimizer=server_opt,
+            batch_size=cfg.train.client_batch_size,
+            query=mechanism.query(),
+            release_client_statistics=release,
+            files_root=None if files is None else files.root,
+        )
+    # TFF's own FedAvg around the same query, as a cross-check of the grouped process: the query's
+    # preprocess_record runs at CLIENTS in TFF's DifferentiallyPrivateFactory too.
+    aggregator = tff.aggregators.DifferentiallyPrivateFactory(mechanism.query())
+    return tff.learning.algorithms.build_unweighted_fed_avg(
+        model_fn_for(cfg, data),
+        client_optimizer_fn=client_opt,
+        server_optimizer_fn=server_opt,
+        model_aggregator=ZeroNonFiniteFactory(aggregator) if release else aggregator,
+        metrics_aggregator=None if release else _discard_client_metrics,
+        loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR,
+    )
+
+
+def _discard_client_metrics(metric_finalizers, local_unfinalized_metrics_type=None):
+    """A TFF metrics aggregator for local DP: the clients' training metrics stay at the clients."""
+    del metric_finalizers, local_unfinalized_metrics_type
+
+    def aggregate(client_metrics):
+        del client_metrics
+        return tff.federated_value(collections.OrderedDict(), tff.SERVER)
+
+    return aggregate
+
+
+def round_input(
+    cfg: ExperimentConfig,
+    data: FederatedData,
+    cohort: Sequence[int],
+    round_num: int,
+    files: grouped_fedavg.ClientFiles | None = None,
+) -> list:
+    """The CLIENTS value of round `round_num` for `build_learning_process(cfg, data, files)`.
+
+    Every client's examples are visited in `data.client_order` order, seeded by
+    (seed, round, client): the same batches whichever `fedavg_impl` runs.
+    """
+    t = cfg.train
+
+    def seed_of(c: int) -> int:
+        return _shuffle_seed(t.seed, round_num, c)
+
+    if t.fedavg_impl != "grouped":
+        return [
+            data.client_dataset(c, t.client_epochs, t.client_batch_size, seed_of(c), t.client_shuffle_buffer,
+                                t.client_max_examples)
+            for c in cohort
+        ]
+    orders = [
+        data.client_order(c, t.client_epochs, seed_of(c), t.client_shuffle_buffer, t.client_max_examples)
+        for c in cohort
+    ]
+    calls = grouped_fedavg.CALLS_PER_WORKER * max(1, len(cfg.workers))
+    groups = grouped_fedavg.split_groups(len(cohort), t.clients_per_call, calls)
+    return grouped_fedavg.make_groups(data, list(cohort), orders, groups, files)
+
+
+@contextlib.contextmanager
+def client_files(cfg: ExperimentConfig, data: FederatedData) -> Iterator[grouped_fedavg.ClientFiles | None]:
+    """A private folder of client data files for a local worker; None when not used.
+
+    Used by `fedavg_impl=grouped` without `--workers` (remote workers get the
+    data in each round's request). Deleted on exit.
+    """
+    if cfg.train.fedavg_impl != "grouped" or cfg.workers:
+        yield None
+        return
+    root = tempfile.mkdtemp(prefix="dpfl_tff_clients_")
+    try:
+        yield grouped_fedavg.ClientFiles(data, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def initial_state(process, cfg: ExperimentConfig, data: FederatedData) -> Any:
+    """Process state whose model weights are seeded by `cfg.train.seed`."""
+    state = process.initialize()
+    tf.keras.utils.set_random_seed(cfg.train.seed)
+    weights = tff.learning.models.ModelWeights.from_model(keras_model(cfg, data))
+    return process.set_model_weights(state, weights)
+
+
+class Evaluator:
+    """Central evaluation of the server model on the task's test split."""
+
+    def __init__(self, cfg: ExperimentConfig, data: FederatedData):
+        self._model = keras_model(cfg, data)
+        self._model.compile(
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        )
+        self._test = data.test
+
+    def __call__(self, weights: tff.learning.models.ModelWeights) -> dict[str, float]:
+        weights.assign_weights_to(self._model)
+        loss, acc = self._model.evaluate(self._test.x, self._test.y, batch_size=512, verbose=0)
+        return {"test_loss": float(loss), "test_accuracy": float(acc)}
+
+
+def _shuffle_seed(seed: int, round_num: int, client_id: int) -> int:
+    return int(np.random.default_rng([seed, 11, round_num, int(client_id)]).integers(2**31 - 1))

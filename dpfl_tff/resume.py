@@ -1,0 +1,115 @@
+"""Opening a run folder: a new run, a resume checked before anything is written, or a finished run.
+
+`open_folder` does every check a resume needs before the run writes a byte:
+settings that must not change (`outputs.ExperimentDir`), the privacy ledger
+(intact, hash-chained, covering every release the checkpoints, metrics and
+summary record: `checkpoints.check_ledger_covers`), the newest checkpoint
+against the model built now, and whether the run has anything left to do.
+`restore` then loads the state, replays the ledger into the accountant and
+trims metrics.jsonl to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+from dpfl_tff import checkpoints, outputs
+from dpfl_tff.config import ExperimentConfig
+from dpfl_tff.privacy.ledgers import Ledger
+from dpfl_tff.privacy.mechanism import PrivacyMechanism
+
+
+@dataclasses.dataclass
+class RunFolder:
+    """The run folder's handles; `finished` is its summary when the run has nothing left to do."""
+
+    out: outputs.ExperimentDir
+    ckpts: checkpoints.CheckpointManager
+    ledger_log: checkpoints.LedgerLog
+    finished: dict[str, Any] | None = None
+
+
+def open_folder(cfg: ExperimentConfig, mechanism: PrivacyMechanism, model_weights: list, overwrite: bool,
+                fresh: bool, warn: Callable[[str], None] = print, create: bool = True) -> RunFolder:
+    """Checks `cfg.output_dir` as a run would use it; writes nothing but an absent folder (if `create`).
+
+    Raises:
+      ConfigError: settings differ from the run in the folder, or a checkpoint no longer fits the model.
+      LedgerError: the ledger does not cover what the folder says was released.
+      OSError, FileExistsError: the folder cannot be used.
+    """
+    out = outputs.ExperimentDir(cfg.output_dir, cfg.to_dict(), overwrite=overwrite, fresh=fresh, create=create)
+    folder = RunFolder(out, checkpoints.CheckpointManager(cfg.output_dir, warn=warn),
+                       checkpoints.LedgerLog(cfg.output_dir))
+    if out.resuming:
+        folder.ledger_log.load(needs_cohorts=mechanism.ledger_needs_cohorts)
+        checkpoints.check_ledger_covers(folder.ledger_log, cfg.output_dir, folder.ckpts.dir)
+        folder.ckpts.check_fits(model_weights, cfg.train.model)
+        folder.finished = finished_summary(out, cfg)
+    return folder
+
+
+def describe(cfg: ExperimentConfig, mechanism: PrivacyMechanism, model_weights: list, overwrite: bool,
+             fresh: bool) -> str:
+    """What a run would do with its folder (for --dry_run), checked as `open_folder` does, writing nothing."""
+    path = cfg.output_dir
+    if not os.path.exists(path):
+        return f"new run in {path}"
+    if not os.path.isdir(path):
+        raise OSError(f"--output_dir={path}: is a file, not a folder; give a folder path")
+    if overwrite:
+        return f"{path}: an earlier run there would be deleted (--overwrite), then a new run"
+    folder = open_folder(cfg, mechanism, model_weights, overwrite=False, fresh=fresh, create=False)
+    if not folder.out.resuming:
+        return f"new run in {path}"
+    if folder.finished is not None:
+        return f"{path} holds this run, already complete ({folder.finished['rounds']} rounds): nothing would be done"
+    done = max(folder.ckpts.rounds(), default=0)
+    return (f"resumes {path} from its newest checkpoint (round {done}); its ledger holds "
+            f"{folder.ledger_log.count} release(s)")
+
+
+def finished_summary(out: outputs.ExperimentDir, cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """The folder's summary if its run has nothing left to do under `cfg`, else None.
+
+    Finished: completed with at least `cfg.train.rounds` rounds, or stopped at
+    the budget guard with a `--max_epsilon` that is not larger now.
+    """
+    summary = out.read_summary()
+    if summary is None or not isinstance(summary.get("rounds"), int):
+        return None
+    if summary.get("status") == "completed" and summary["rounds"] >= cfg.train.rounds:
+        return summary
+    old = (out.previous_hparams or {}).get("dp", {}).get("max_epsilon")
+    new = cfg.dp.max_epsilon
+    if summary.get("status") == "stopped_at_budget" and new is not None and old is not None and new <= old:
+        return summary
+    return None
+
+
+def restore(folder: RunFolder, ledger: Ledger, state: Any, clip: float | None,
+            log: Callable[[str], None]) -> tuple[int, Any, float | None, list[dict[str, Any]]]:
+    """Restores state, accountant and metrics of an interrupted run: (round, state, clip, records).
+
+    Every release in the (verified) ledger is replayed into the accountant,
+    also those after the checkpoint, which are about to be re-run.
+    """
+    done, record = 0, None
+    ckpts, ledger_log = folder.ckpts, folder.ledger_log
+    loaded = ckpts.load_latest(state)
+    if loaded is not None:
+        done, state, record = loaded
+        if record.get("next_clip_norm") is not None:
+            clip = record["next_clip_norm"]
+    elif ckpts.rounds():
+        log(f"WARNING: no checkpoint in {ckpts.dir} is readable: the run restarts from round 1 "
+            f"(the ledger keeps its {ledger_log.count} release(s): epsilon counts them)")
+    elif ledger_log.count:
+        log(f"no checkpoint was written: the run restarts from round 1 "
+            f"(the ledger keeps its {ledger_log.count} release(s): epsilon counts them)")
+    for entry in ledger_log.entries:
+        ledger.replay(entry.get("cohort"))
+    return done, state, clip, folder.out.truncate_metrics(done, record)
