@@ -35,6 +35,30 @@ NATURAL_SPLIT_TASKS = ("emnist", "cifar100")
 MIN_DIRICHLET_ALPHA = 1e-6
 
 
+# Groups of --help and of docs/flags.md, in their order (each field's metadata names its group).
+TASK, MODEL, TRAINING, PRIVACY, OUTPUTS, WORKERS = (
+    "Task and data", "Model", "Training (FedAvg)", "Privacy", "Run and outputs", "Workers")
+FLAG_GROUPS = (TASK, MODEL, TRAINING, PRIVACY, OUTPUTS, WORKERS)
+
+
+def _field(default: Any, group: str | None = None, help: str | None = None, flag: str | None = None) -> Any:  # noqa: A002
+    """A config field whose metadata is its flag: the one place its help text, group and default live.
+
+    `group` None: an internal field with no flag. `flag`: the flag's name when it is not the field's.
+    """
+    return dataclasses.field(default=default, metadata={"group": group, "help": help, "flag": flag})
+
+
+def flag_fields(cls: type) -> list[tuple[str, dataclasses.Field]]:
+    """(flag name, field) of every field of the dataclass `cls` that has a flag, in definition order."""
+    return [(f.metadata.get("flag") or f.name, f) for f in dataclasses.fields(cls) if f.metadata.get("group")]
+
+
+def field_help(cls: type, name: str) -> str:
+    """The help text of field `name` of `cls` (its flag's --help)."""
+    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata["help"]
+
+
 def _finite(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"--{name}={value}: must be a finite number")
@@ -84,36 +108,53 @@ def _open_unit(name: str, value: float) -> None:
 class TaskConfig:
     """Which federated data set and how it is split into clients.
 
-    Attributes:
-      task: registered task name (`dpfl_tff.tasks.TASKS`).
-      num_clients: number of clients the training data is split into (tasks
-        with a natural client split may ignore it; see the task).
-      partition: `iid` (equal random shards) or `dirichlet` (label skew).
-      dirichlet_alpha: concentration of the per-label Dirichlet; smaller is
-        more skewed. Used when partition is `dirichlet`.
-      test_fraction: share of the data held out as the central test set.
-      synthetic_examples_per_client: `synthetic` task only.
-      synthetic_input_dim: `synthetic` task only; flat input size.
-      synthetic_num_classes: `synthetic` task only.
-      data_dir: folder holding downloaded data files (emnist, cifar10, cifar100).
-      emnist_only_digits: `emnist` only: 10 digit classes (3,383 clients) or
-        all 62 classes (3,400 clients).
-      num_clients_known: for tasks with their own client split (emnist,
-        cifar100) N is the data's; the library sets this once it has loaded
-        the data and copied its N into `num_clients`.
+    Each field's meaning, unit and range is its `help` metadata, which is also the flag's
+    --help text (`field_help`); `validate()` checks them.
     """
 
-    task: str = "digits"
-    num_clients: int = 100
-    partition: str = "iid"
-    dirichlet_alpha: float = 0.5
-    test_fraction: float = 0.2
-    synthetic_examples_per_client: int = 20
-    synthetic_input_dim: int = 32
-    synthetic_num_classes: int = 10
-    data_dir: str = "data"
-    emnist_only_digits: bool = True
-    num_clients_known: bool = False
+    task: str = _field(
+        "digits", TASK,
+        "Task: digits (offline default, sklearn digits) | synthetic | emnist | cifar10 | cifar100"
+        " (the last three read files from --data_dir).",
+    )
+    num_clients: int = _field(
+        100, TASK,
+        "Number of clients N the training data is split into (>= 1). emnist and cifar100 come "
+        "split into clients: there N is the data's and this flag is ignored.",
+    )
+    partition: str = _field(
+        "iid", TASK,
+        "Client split: iid (equal random shards) | dirichlet (label skew, see --dirichlet_alpha).",
+    )
+    dirichlet_alpha: float = _field(
+        0.5, TASK,
+        "Dirichlet concentration of the label split (>= 1e-6; smaller = more skewed).",
+    )
+    test_fraction: float = _field(
+        0.2, TASK,
+        "Share of the data held out as the central test set, in (0, 1).",
+    )
+    synthetic_examples_per_client: int = _field(
+        20, TASK,
+        "synthetic task: examples per client (>= 1).",
+    )
+    synthetic_input_dim: int = _field(
+        32, TASK,
+        "synthetic task: input features (>= 1).",
+    )
+    synthetic_num_classes: int = _field(
+        10, TASK,
+        "synthetic task: number of classes (>= 2).",
+    )
+    data_dir: str = _field(
+        "data", TASK,
+        "Folder with the data files of emnist, cifar10 and cifar100 (nothing is downloaded).",
+    )
+    emnist_only_digits: bool = _field(
+        True, TASK,
+        "emnist: 10 digit classes, 3,383 clients (true) or 62 classes, 3,400 clients.",
+    )
+    num_clients_known: bool = _field(False, None)
 
     @property
     def natural_split(self) -> bool:
@@ -147,60 +188,94 @@ class TaskConfig:
 class TrainConfig:
     """The federated optimisation (FedAvg) and its schedule.
 
-    Attributes:
-      model: registered model name (`dpfl_tff.models.MODELS`) or
-        `package.module:function` returning an uncompiled Keras model for
-        (input_shape, num_classes).
-      rounds: number of federated rounds to run.
-      clients_per_round: expected cohort size m. Poisson sampling includes
-        each client with probability m / num_clients; uniform sampling draws
-        exactly m without replacement.
-      client_sampling: `poisson` or `uniform`.
-      client_epochs: local passes over each client's data per round.
-      client_batch_size: local minibatch size.
-      client_optimizer, server_optimizer: `sgd`, `sgdm` (momentum 0.9), `adam`.
-      client_learning_rate, server_learning_rate: step sizes.
-      client_shuffle_buffer: shuffle buffer of the local data (0: the whole
-        client's data).
-      client_max_examples: use at most this many of a client's examples
-        (0: all), like TFF's baselines' cap.
-      fedavg_impl: `grouped` (`dpfl_tff.grouped_fedavg`: several clients per
-        TFF client call, data read inside a local worker) or `tff` (TFF's
-        `build_unweighted_fed_avg`, one TFF client call per client). Same
-        algorithm and DP guarantee; `grouped` is faster.
-      clients_per_call: `grouped` only: at most this many clients trained in
-        one TFF client call (0: the round's clients split into two calls per
-        worker).
-      eval_every: evaluate on the test split every this many rounds (and after
-        the last round); 0 evaluates only after the last round.
-      checkpoint_every: checkpoint the full state every this many rounds
-        (and at the end, and when stopped); 0: only then.
-      seed: seeds the client split, the order of each client's examples and
-        the model initialisation. It never seeds the DP noise or the cohorts.
-      sampling_seed: None (default): cohorts are drawn from OS entropy, so they
-        are secret, as amplification by sampling requires. An integer makes
-        cohorts reproducible (tests, debugging); amplification then holds only
-        against whoever does not know it (it is not written to hparams.json).
+    Each field's meaning, unit and range is its `help` metadata, which is also the flag's
+    --help text (`field_help`); `validate()` checks them.
     """
 
-    model: str = "mlp"
-    rounds: int = 50
-    clients_per_round: int = 10
-    client_sampling: str = "poisson"
-    client_epochs: int = 1
-    client_batch_size: int = 20
-    client_optimizer: str = "sgd"
-    client_learning_rate: float = 0.1
-    server_optimizer: str = "sgdm"
-    server_learning_rate: float = 1.0
-    client_shuffle_buffer: int = 0
-    client_max_examples: int = 0
-    fedavg_impl: str = "grouped"
-    clients_per_call: int = 0
-    eval_every: int = 5
-    checkpoint_every: int = 10
-    seed: int = 0
-    sampling_seed: int | None = None
+    model: str = _field(
+        "mlp", MODEL,
+        "Model: mlp (one hidden layer of 64) | cnn | logistic | emnist_cnn_dropout | emnist_2nn |"
+        " resnet18_gn | cifar_cnn, or package.module:function returning an uncompiled Keras model"
+        " for (input_shape, num_classes).",
+    )
+    rounds: int = _field(
+        50, TRAINING,
+        "Federated rounds to run (>= 1).",
+    )
+    clients_per_round: int = _field(
+        10, TRAINING,
+        "Expected cohort size m (1..num_clients). Poisson sampling: each client joins with "
+        "probability m/N; uniform: exactly m. The DP noise is divided by m.",
+    )
+    client_sampling: str = _field(
+        "poisson", TRAINING,
+        "poisson (each client independently, q=m/N; add-or-remove-one DP) | uniform (fixed m "
+        "without replacement; replace-one DP, noise multiplier z/2 in the accountant).",
+    )
+    client_epochs: int = _field(
+        1, TRAINING,
+        "Local epochs per round (>= 1).",
+    )
+    client_batch_size: int = _field(
+        20, TRAINING,
+        "Local batch size (>= 1).",
+    )
+    client_optimizer: str = _field(
+        "sgd", TRAINING,
+        "Client optimizer: sgd | sgdm (momentum 0.9) | adam.",
+    )
+    client_learning_rate: float = _field(
+        0.1, TRAINING,
+        "Client learning rate (> 0).",
+    )
+    server_optimizer: str = _field(
+        "sgdm", TRAINING,
+        "Server optimizer: sgd | sgdm (momentum 0.9) | adam.",
+    )
+    server_learning_rate: float = _field(
+        1.0, TRAINING,
+        "Server learning rate (> 0).",
+    )
+    client_shuffle_buffer: int = _field(
+        0, TRAINING,
+        "Local shuffle buffer in examples (>= 0; 0 = whole client).",
+    )
+    client_max_examples: int = _field(
+        0, TRAINING,
+        "Use at most this many examples per client (>= 0; 0 = all).",
+    )
+    fedavg_impl: str = _field(
+        "grouped", TRAINING,
+        "grouped (several clients per TFF client call, data read inside a local worker; fast) | "
+        "tff (TFF's build_unweighted_fed_avg, one TFF client call per client). Same algorithm and"
+        " DP guarantee.",
+    )
+    clients_per_call: int = _field(
+        0, TRAINING,
+        "--fedavg_impl=grouped: at most this many clients trained in one TFF client call (>= 0; 0"
+        " = the round's clients split into two calls per worker).",
+    )
+    eval_every: int = _field(
+        5, TRAINING,
+        "Evaluate on the test split every this many rounds and after the last (0 = last only).",
+    )
+    checkpoint_every: int = _field(
+        10, OUTPUTS,
+        "Checkpoint the full state every this many rounds (>= 0; also at the end and when "
+        "stopped; 0 = only then). Rerunning with the same --output_dir resumes from the newest "
+        "checkpoint.",
+    )
+    seed: int = _field(
+        0, TRAINING,
+        "Seeds the client split, the order of each client's examples and the model init (>= 0). "
+        "Never seeds the DP noise or the cohorts.",
+    )
+    sampling_seed: int | None = _field(
+        None, TRAINING,
+        "Seed of the cohorts (>= 0; tests, debugging). Unset = OS entropy: cohorts are secret, as"
+        " amplification by sampling assumes. Set: amplification holds only against readers who do"
+        " not know the seed (it is not written to hparams.json).",
+    )
 
     def validate(self, num_clients: int | None) -> None:
         _check_model_name(self.model)  # its import and build are checked by plan.check (they need TensorFlow)
@@ -232,47 +307,69 @@ class TrainConfig:
 class DPConfig:
     """Differential privacy of the aggregation, and how it is accounted.
 
-    Attributes:
-      mode: `none` (plain averaging, no guarantee), `central` (the server
-        clips each client update to L2 norm `clip_norm` and adds Gaussian
-        noise of standard deviation `noise_multiplier * clip_norm` to the sum)
-        or `local` (each client clips and noises its own update before it
-        leaves the client; see `local_mechanism`).
-      local_mechanism: `gaussian` (L2 clip C, noise std z C) or `laplace`
-        (L1 clip C, Laplace scale z C per coordinate); `local` mode only.
-      noise_multiplier: z, noise std in units of the clip norm.
-      clip_norm: C, L2 clip of each client's model update (the initial clip
-        when adaptive).
-      adaptive_clipping: adapt C towards a quantile of the update norms
-        (Andrew et al. 2021, arXiv:1905.03871).
-      target_unclipped_quantile: quantile the adaptive clip tracks.
-      clip_learning_rate: geometric learning rate of the adaptive clip.
-      clipped_count_stddev: noise std of the clipped-count release; None is
-        TFF's default 0.05 * clients_per_round.
-      target_delta: delta of the reported (epsilon, delta); None is
-        1 / num_clients**1.1.
-      accountant: `rdp` or `pld`.
-      noise_seed: seeds the DP noise. For tests only: a published seed lets
-        anyone subtract the noise. None draws noise from OS entropy.
-      target_epsilon: if set, `noise_multiplier` is ignored and replaced by the
-        smallest one whose epsilon after the planned rounds is <= this.
-      max_epsilon: budget guard: stop before any round whose completion would
-        push epsilon above this.
+    Each field's meaning, unit and range is its `help` metadata, which is also the flag's
+    --help text (`field_help`); `validate()` checks them.
     """
 
-    mode: str = "central"
-    local_mechanism: str = "gaussian"
-    noise_multiplier: float = 1.0
-    clip_norm: float = 1.0
-    adaptive_clipping: bool = False
-    target_unclipped_quantile: float = 0.5
-    clip_learning_rate: float = 0.2
-    clipped_count_stddev: float | None = None
-    target_delta: float | None = None
-    accountant: str = "rdp"
-    noise_seed: int | None = None
-    target_epsilon: float | None = None
-    max_epsilon: float | None = None
+    mode: str = _field(
+        "central", PRIVACY,
+        "none (plain FedAvg, no guarantee) | central (server clips each update to --clip_norm and"
+        " adds Gaussian noise of std noise_multiplier*clip_norm to the sum) | local (each client "
+        "clips and noises its own update before sending it; see --local_mechanism).", flag="dp_mode",
+    )
+    local_mechanism: str = _field(
+        "gaussian", PRIVACY,
+        "--dp_mode=local only: gaussian (L2 clip C, noise std z*C per coordinate) | laplace (L1 "
+        "clip C, Laplace scale z*C per coordinate; pure 2/z-DP per release).",
+    )
+    noise_multiplier: float = _field(
+        1.0, PRIVACY,
+        "z: noise std in units of the clip norm (> 0 with --dp_mode=central).",
+    )
+    clip_norm: float = _field(
+        1.0, PRIVACY,
+        "C: L2 clip of each client update (> 0); the initial clip when adaptive.",
+    )
+    adaptive_clipping: bool = _field(
+        False, PRIVACY,
+        "Adapt the clip to a quantile of update norms (Andrew et al. 2021).",
+    )
+    target_unclipped_quantile: float = _field(
+        0.5, PRIVACY,
+        "Adaptive clipping: quantile to track, in (0, 1).",
+    )
+    clip_learning_rate: float = _field(
+        0.2, PRIVACY,
+        "Adaptive clipping: geometric learning rate (> 0).",
+    )
+    clipped_count_stddev: float | None = _field(
+        None, PRIVACY,
+        "Adaptive clipping: noise std of the clipped count (> 0); unset = 0.05*clients_per_round "
+        "(TFF default).",
+    )
+    target_delta: float | None = _field(
+        None, PRIVACY,
+        "delta of the reported (epsilon, delta), in (0, 1); unset = 1/num_clients^1.1.",
+    )
+    accountant: str = _field(
+        "rdp", PRIVACY,
+        "Privacy accountant: rdp | pld (dp-accounting; pld only for poisson sampling).",
+    )
+    noise_seed: int | None = _field(
+        None, PRIVACY,
+        "TESTS ONLY: seed the DP noise (>= 0). Unset = fresh OS entropy. A known seed removes the"
+        " privacy.",
+    )
+    target_epsilon: float | None = _field(
+        None, PRIVACY,
+        "If set (> 0): ignore --noise_multiplier and calibrate the smallest z whose epsilon after"
+        " --rounds is <= this (dp-accounting calibration, never above the target).",
+    )
+    max_epsilon: float | None = _field(
+        None, PRIVACY,
+        "Budget guard (> 0): stop before any round whose completion would push epsilon above "
+        "this; exit 0.",
+    )
 
     def validate(self) -> None:
         _choice("dp_mode", self.mode, DP_MODES)
@@ -299,28 +396,42 @@ class DPConfig:
 class ExperimentConfig:
     """Everything one run needs; `validate()` checks all of it at once.
 
-    Attributes (besides the groups):
-      output_dir: the experiment folder.
-      workers: `host:port` of TFF worker services; empty: one private local worker.
-      worker_timeout: seconds to wait for (and retry) a remote worker.
-      log_cohorts: write every round's cohort to `ledger.jsonl`. Whoever reads
-        the folder then knows who took part, which voids amplification by
-        sampling against them. (Local DP always records cohorts there: the
-        participation counts of its accounting need them.)
-      client_metrics: release the clients' training loss and accuracy, the
-        non-finite count, the realised Poisson cohort size and timings, none of
-        which the epsilon covers. False: every released number is covered by
-        the epsilon or computed on the held-out test set.
+    The fields besides the three groups are documented like theirs (`help` metadata).
     """
 
     task: TaskConfig = TaskConfig()
     train: TrainConfig = TrainConfig()
     dp: DPConfig = DPConfig()
-    output_dir: str = "/tmp/dpfl_tff/quickstart"
-    workers: tuple[str, ...] = ()
-    worker_timeout: float = 30.0
-    log_cohorts: bool = False
-    client_metrics: bool = True
+    output_dir: str = _field(
+        "/tmp/dpfl_tff/run", OUTPUTS,
+        "Experiment folder: hparams.json, metrics.jsonl, summary.json, ledger.jsonl, "
+        "checkpoints/, tensorboard/, run.png, worker.log.",
+    )
+    workers: tuple[str, ...] = _field(
+        (), WORKERS,
+        "TFF worker services (host:port,host:port,...) started with `python -m "
+        "experiments.run_worker --port=P`; each round's clients are split over them and merged "
+        "before the server step. Empty: one private local worker.",
+    )
+    worker_timeout: float = _field(
+        30.0, WORKERS,
+        "Seconds (0 < t <= 3600) to wait for every --workers address to answer before training, "
+        "and to keep retrying a worker that stops answering mid-round before the round fails "
+        "naming it.",
+    )
+    log_cohorts: bool = _field(
+        False, OUTPUTS,
+        "Write every round's cohort to ledger.jsonl. Whoever reads the folder then knows who took"
+        " part, which voids amplification by sampling against them. (--dp_mode=local always "
+        "records cohorts there.)",
+    )
+    client_metrics: bool = _field(
+        True, OUTPUTS,
+        "Release the clients' training loss/accuracy, nonfinite_clients, the realised Poisson "
+        "cohort size and timings, none covered by epsilon (listed in summary.json "
+        "outputs_not_covered_by_epsilon). false: every released number is covered by epsilon or "
+        "computed on the test set. Local DP never releases client statistics.",
+    )
 
     def validate(self) -> ExperimentConfig:
         self.task.validate()

@@ -50,7 +50,6 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from dpfl_tff import runtime  # noqa: F401  (replaces TFF's worker-starting default context)
 from dpfl_tff.tasks.base import FederatedData
 
 # Client calls per worker and round when --clients_per_call=0: two let one call's small ops overlap

@@ -23,9 +23,10 @@ pipe, then leaves an orphan worker that keeps the pipe open.
 else started (`experiments.run_worker`), splitting each call's clients over
 them with TFF's mergeable-computation context.
 
-Importing this module replaces TFF's lazily-starting default context with one
-that raises: a TFF computation invoked outside these blocks fails with a
-clear error instead of starting a worker nobody stops.
+`install()` (called on entering either block) replaces TFF's lazily-starting
+default context with one that raises: a TFF computation invoked outside these
+blocks then fails with a clear error instead of starting a worker nobody
+stops. Importing this module changes nothing.
 """
 
 from __future__ import annotations
@@ -85,8 +86,25 @@ _live_workers: set[subprocess.Popen] = set()
 _active_local: list[tuple[subprocess.Popen, str, str | None]] = []
 _binders: dict[subprocess.Popen, "_LoopbackBinder | str"] = {}  # workers started with loopback_only
 
-context_stack_impl.context_stack.set_default_context(runtime_error_context.create_runtime_error_context())
-gc.collect()  # free TFF's replaced context now, not at interpreter exit when its __del__ fails
+_installed = False
+
+
+def install() -> None:
+    """Replaces TFF's lazily-starting default context by one that raises (idempotent).
+
+    TFF's own default context starts a `worker_binary` on the first call made
+    outside any context and stops it only from a garbage-collection `__del__`:
+    a driver that is killed, or whose stdout is a pipe, then leaves an orphan
+    worker. After this, such a call fails with a clear error instead. Every
+    context here calls it on entry (so that leaving the context restores the
+    raising one, never TFF's); call it yourself before running TFF
+    computations of your own outside them.
+    """
+    global _installed
+    if not _installed:
+        context_stack_impl.context_stack.set_default_context(runtime_error_context.create_runtime_error_context())
+        gc.collect()  # free TFF's replaced context now, not at interpreter exit when its __del__ fails
+        _installed = True
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -603,6 +621,7 @@ def remote_context(addresses: list[str], timeout: float = 30.0) -> Iterator[None
     Raises:
       WorkersUnreachable: a worker is not reachable within `timeout`.
     """
+    install()
     stubs = check_reachable(list(addresses), timeout)
     contexts = [_WorkerContext(a, s, timeout) for a, s in zip(addresses, stubs)]
     stack = context_stack_impl.context_stack
@@ -654,6 +673,7 @@ def local_context(
     Yields:
       Nothing; TFF computations invoked inside the block use the worker.
     """
+    install()
     log = open(log_path, "ab") if log_path else None  # noqa: SIM115
     proc = channel = None
     stack = context_stack_impl.context_stack

@@ -34,7 +34,8 @@ def test_worker_gets_two_malloc_arenas_unless_the_user_chose(monkeypatch, preset
 
 _OUTSIDE = """
 import os
-import dpfl_tff.runtime  # installs the raising default context
+from dpfl_tff import runtime
+runtime.install()  # the raising default context
 import tensorflow as tf
 import tensorflow_federated as tff
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import tensorflow_federated as tff
 
-from dpfl_tff import runtime  # noqa: F401  (replaces TFF's worker-starting default context)
 from dpfl_tff.config import DPConfig
 from dpfl_tff.privacy.registry import MECHANISMS
 

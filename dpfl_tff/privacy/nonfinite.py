@@ -24,8 +24,6 @@ import collections
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from dpfl_tff import runtime  # noqa: F401  (replaces TFF's worker-starting default context)
-
 
 class ZeroNonFiniteFactory(tff.aggregators.UnweightedAggregationFactory):
     """Wraps an unweighted factory; non-finite client values become zeros first.

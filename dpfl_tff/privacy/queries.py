@@ -30,7 +30,6 @@ import dp_accounting
 import tensorflow as tf
 import tensorflow_privacy as tfp
 
-from dpfl_tff import runtime  # noqa: F401  (replaces TFF's worker-starting default context)
 from dpfl_tff.config import DPConfig
 from dpfl_tff.privacy.local_noise import GAUSSIAN, clip_and_noise, zero_nonfinite
 from dpfl_tff.privacy.noise import CentralNoise, central_noise
