@@ -1,4 +1,4 @@
-"""README and flagfiles stay true to the flags the code defines."""
+"""README, docs/ and flagfiles stay true to the flags the code defines."""
 
 import glob
 import os
@@ -15,9 +15,9 @@ def _our_flags() -> set[str]:
     return {f.name for f in flags.FLAGS.get_key_flags_for_module(dpfl_flags)}
 
 
-def test_readme_documents_every_flag():
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    missing = sorted(f for f in _our_flags() if f"`--{f}`" not in readme)
+def test_flags_md_documents_every_flag():
+    text = open(os.path.join(ROOT, "docs", "flags.md"), encoding="utf-8").read()
+    missing = sorted(f for f in _our_flags() if f"`--{f}`" not in text)
     assert len(_our_flags()) > 20 and missing == []
 
 
@@ -34,15 +34,15 @@ def test_flagfiles_only_use_defined_flags():
                 assert name in known or bool_negation, f"{path}: unknown flag --{name}"
 
 
-def test_readme_python_example_runs(tmp_path):
-    """The README's "From Python" example runs as printed: three rounds, finite losses, no worker left."""
+def test_python_example_runs(tmp_path):
+    """docs/performance.md's "From Python" example runs as printed: three rounds, finite losses, no worker left."""
     import subprocess
     import sys
 
     from tests.conftest import worker_pids
 
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    code = re.search(r"From Python.*?```python\n(.*?)```", readme, re.S).group(1)
+    page = open(os.path.join(ROOT, "docs", "performance.md"), encoding="utf-8").read()
+    code = re.search(r"## From Python.*?```python\n(.*?)```", page, re.S).group(1)
     before = set(worker_pids())
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": ROOT})
