@@ -135,6 +135,18 @@ def test_readme_is_short_and_links_every_docs_page():
     assert sorted(p for p in linked if p.startswith(os.path.join(ROOT, "docs"))) == DOCS  # no link to a missing page
 
 
+def test_readme_layout_lists_the_files():
+    """Every path in README's Layout exists, and every module of the package, drivers and scripts is listed."""
+    block = re.search(r"## Layout\n+```\n(.*?)^```", _read(README), re.S | re.M).group(1)
+    entries = [line.split()[0] for line in block.splitlines() if line.strip() and not line[0].isspace()]
+    assert [e for e in entries if not os.path.exists(os.path.join(ROOT, e))] == []
+    modules = [*glob.glob(os.path.join(ROOT, "dpfl_tff", "**", "*.py"), recursive=True),
+               *glob.glob(os.path.join(ROOT, "experiments", "*.py")), *glob.glob(os.path.join(ROOT, "scripts", "*.py"))]
+    unlisted = [_rel(m) for m in modules if os.path.basename(m) != "__init__.py"
+                and _rel(m) not in entries and os.path.basename(m) not in block]
+    assert modules and unlisted == []
+
+
 def test_source_references_to_doc_sections_exist():
     """Error messages and comments that send the reader to a README or docs section name one that exists."""
     bad = []
