@@ -695,7 +695,7 @@ def local_context(
         if reason is not None:
             line = (
                 f"WARNING: local TFF worker: pid {proc.pid}, port {port} (listens on all interfaces, "
-                f"unauthenticated: could not restrict it to loopback: {reason}; see README \"Security\")"
+                f"unauthenticated: could not restrict it to loopback: {reason}; see docs/several-machines.md \"Security\")"
             )
             warn(line)
             if log is not None:

@@ -33,13 +33,13 @@ from tests.data_fixtures import (
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = 'see README "Tasks and data files"'
+DOCS_REF = 'see docs/tasks-and-models.md "Tasks and data files"'
 EXPECTED = {
-    "emnist": f"(expected TFF's EMNIST file, {README})",
-    "cifar100": f"(expected TFF's CIFAR-100 file, {README})",
+    "emnist": f"(expected TFF's EMNIST file, {DOCS_REF})",
+    "cifar100": f"(expected TFF's CIFAR-100 file, {DOCS_REF})",
     "cifar10": (
         "(expected a CIFAR-10 python batch: a pickled dict with b'data', a uint8 array of N x 3072, "
-        f"and b'labels', N labels in 0-9; {README})"
+        f"and b'labels', N labels in 0-9; {DOCS_REF})"
     ),
 }
 FILENAME = {"emnist": EMNIST_FILENAME, "cifar100": CIFAR100_FILENAME}

@@ -138,5 +138,5 @@ def test_without_the_mechanism_the_worker_listens_everywhere_and_one_line_says_s
     assert listening and {a for a, _ in listening} <= {"::", "0.0.0.0"}, listening
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith(f"WARNING: local TFF worker: pid {pid}, port {port} (listens on all interfaces")
-    assert reason in warnings[0] and 'see README "Security"' in warnings[0], warnings[0]
+    assert reason in warnings[0] and 'see docs/several-machines.md "Security"' in warnings[0], warnings[0]
     assert warnings[0] in log

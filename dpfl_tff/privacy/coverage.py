@@ -23,7 +23,7 @@ held-out test set; the list is then empty.
 
 Numbers that depend only on the sampling, never on data (local DP's
 `max_participations` and the `local_epsilon` computed from it) are not in the
-list; README's threat model says what they reveal about the cohorts.
+list; the threat model in docs/privacy.md says what they reveal about the cohorts.
 """
 
 from __future__ import annotations

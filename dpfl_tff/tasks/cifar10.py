@@ -29,7 +29,7 @@ HOW_TO_GET = (
 )
 EXPECTED = (
     "expected a CIFAR-10 python batch: a pickled dict with b'data', a uint8 array of N x 3072, "
-    'and b\'labels\', N labels in 0-9; see README "Tasks and data files"'
+    'and b\'labels\', N labels in 0-9; see docs/tasks-and-models.md "Tasks and data files"'
 )
 
 

@@ -21,7 +21,7 @@ from dpfl_tff.tasks.tff_sqlite import LazyClients, all_clients_arrays, load_clie
 
 FILE = "cifar100.sqlite"
 SPLITS = ("train", "test")  # the splits TFF's loader reads
-EXPECTED = 'expected TFF\'s CIFAR-100 file, see README "Tasks and data files"'
+EXPECTED = 'expected TFF\'s CIFAR-100 file, see docs/tasks-and-models.md "Tasks and data files"'
 CROP = (24, 24, 3)  # TFF baselines' DEFAULT_CROP_HEIGHT/WIDTH
 HOW_TO_GET = (
     "On a machine with internet: python -c \"import tensorflow_federated as tff; "

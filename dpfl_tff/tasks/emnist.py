@@ -22,7 +22,7 @@ from dpfl_tff.tasks.tff_sqlite import LazyClients, all_clients_arrays, load_clie
 FILE = "emnist_all.sqlite"
 # The (train, test) splits TFF's loader reads, by `only_digits`.
 SPLITS = {True: ("digits_only_train", "digits_only_test"), False: ("all_train", "all_test")}
-EXPECTED = 'expected TFF\'s EMNIST file, see README "Tasks and data files"'
+EXPECTED = 'expected TFF\'s EMNIST file, see docs/tasks-and-models.md "Tasks and data files"'
 HOW_TO_GET = (
     "On a machine with internet: python -c \"import tensorflow_federated as tff; "
     "tff.simulation.datasets.emnist.load_data(cache_dir='DIR')\" writes DIR/emnist_all.sqlite "
