@@ -124,7 +124,8 @@ class TaskConfig:
     )
     partition: str = _field(
         "iid", TASK,
-        "Client split: iid (equal random shards) | dirichlet (label skew, see --dirichlet_alpha).",
+        "Client split of digits and cifar10: iid (equal random shards) | dirichlet (label skew, see "
+        "--dirichlet_alpha).",
     )
     dirichlet_alpha: float = _field(
         0.5, TASK,
@@ -132,7 +133,8 @@ class TaskConfig:
     )
     test_fraction: float = _field(
         0.2, TASK,
-        "Share of the data held out as the central test set, in (0, 1).",
+        "digits: share of the data held out (stratified) as the central test set; synthetic: test set size "
+        "relative to the training data; in (0, 1). The other tasks have their own test split.",
     )
     synthetic_examples_per_client: int = _field(
         20, TASK,
@@ -324,11 +326,12 @@ class DPConfig:
     )
     noise_multiplier: float = _field(
         1.0, PRIVACY,
-        "z: noise std in units of the clip norm (> 0 with --dp_mode=central).",
+        "z: noise std in units of the clip norm (>= 0; 0 is refused with --dp_mode=central and local).",
     )
     clip_norm: float = _field(
         1.0, PRIVACY,
-        "C: L2 clip of each client update (> 0); the initial clip when adaptive.",
+        "C: L2 clip of each client update (> 0; L1 with --local_mechanism=laplace); the initial clip when "
+        "adaptive.",
     )
     adaptive_clipping: bool = _field(
         False, PRIVACY,
@@ -409,9 +412,9 @@ class ExperimentConfig:
     )
     workers: tuple[str, ...] = _field(
         (), WORKERS,
-        "TFF worker services (host:port,host:port,...) started with `python -m "
-        "experiments.run_worker --port=P`; each round's clients are split over them and merged "
-        "before the server step. Empty: one private local worker.",
+        "TFF worker services host:port,host:port,... (ports 1..65535), each started with "
+        "experiments.run_worker; each round's clients are split over them and merged before the "
+        "server step. Empty: one private local worker.",
     )
     worker_timeout: float = _field(
         30.0, WORKERS,

@@ -41,17 +41,33 @@ def _flag_error_text(error: flags.Error) -> str:
     return text
 
 
+def default_text(name: str) -> str:
+    """A flag's default as --help and docs/flags.md print it."""
+    value = flags.FLAGS[name].default
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "empty"
+    return str(value)
+
+
+def markdown_tables(groups: FlagGroups) -> str:
+    """docs/flags.md's tables: one `## group` section per group, a row per flag (default, help)."""
+    out = []
+    for title, holders in groups:
+        out += [f"## {title}", "", "| flag | default | meaning, units, range |", "|---|---|---|"]
+        for h in holders:
+            text = " ".join(flags.FLAGS[h.name].help.split()).replace("|", "\\|")
+            out.append(f"| `--{h.name}` | `{default_text(h.name)}` | {text} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def _describe(holder: flags.FlagHolder) -> str:
     flag = flags.FLAGS[holder.name]
-    value = flag.default
-    if value is None:
-        default = "unset"
-    elif isinstance(value, bool):
-        default = str(value).lower()
-    elif isinstance(value, (list, tuple)):
-        default = ",".join(map(str, value)) or "empty"
-    else:
-        default = str(value)
+    default = default_text(holder.name)
     kind = flag.flag_type()
     head = f"  --{flag.name} ({kind}; default: {default})"
     body = textwrap.fill(flag.help, width=100, initial_indent="      ", subsequent_indent="      ")

@@ -104,7 +104,7 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
 
 
-GROUPS = (("Worker", (PORT, MAX_CONCURRENT_CALLS, STARTUP_TIMEOUT)),)
+GROUPS = (("run_worker", (PORT, MAX_CONCURRENT_CALLS, STARTUP_TIMEOUT)),)
 
 
 def run() -> None:

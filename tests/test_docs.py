@@ -188,6 +188,7 @@ OTHER_PROGRAMS = {
         "clip", "noise_multiplier", "adaptive_clip_learning_rate", "target_unclipped_quantile", "uniform_weighting",
         "client_datasets_random_seed", "rounds_per_checkpoint"},
     "pfl-research benchmarks": {"population", "noise_cohort_size"},
+    "scripts/flags_reference.py": {"write"},
 }
 
 
@@ -227,48 +228,16 @@ def test_flags_md_documents_every_flag():
     assert len(_our_flags()) > 20 and missing == []
 
 
-def _default_text(name: str) -> str:
-    """A flag's default as `--help` (experiments/cli.py) prints it."""
-    value = flags.FLAGS[name].default
-    if value is None:
-        return "unset"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value)) or "empty"
-    return str(value)
+def test_flags_md_tables_are_generated_from_the_config_fields():
+    """docs/flags.md's tables are what scripts/flags_reference.py makes from the flags' one source."""
+    import importlib.util
 
-
-def _flag_tables(text: str) -> dict[str, list[tuple[str, str]]]:
-    """Section title -> [(flag, default cell)] of the `| `--flag` | default | ...` rows under it."""
-    sections: dict[str, list[tuple[str, str]]] = {}
-    title = None
-    for line in _outside_fences(text):
-        m = re.match(r"## (.+)", line)
-        if m:
-            title = m.group(1).strip()
-            sections[title] = []
-            continue
-        m = re.match(r"\| `--(\w+)` \| ([^|]*) \|", line)
-        if m and title is not None:
-            sections[title].append((m.group(1), m.group(2).replace("`", "").strip()))
-    return sections
-
-
-def test_flags_md_tables_follow_the_groups_with_the_code_defaults():
-    """One section per `experiments.flags.GROUPS` entry, its flags in the group's order, each with its real default."""
-    from experiments import compute_epsilon, run_worker
-
-    tables = _flag_tables(_read(os.path.join(ROOT, "docs", "flags.md")))
-    expected = [(title, [h.name for h in holders]) for title, holders in dpfl_flags.GROUPS]
-    expected += [("compute_epsilon", [compute_epsilon.PARTICIPATIONS.name]),
-                 ("run_worker", [h.name for _, group in run_worker.GROUPS for h in group])]
-    for title, names in expected:
-        assert title in tables, f"docs/flags.md has no section '## {title}'"
-        assert [n for n, _ in tables[title]] == names, title
-        for name, cell in tables[title]:
-            default = _default_text(name)
-            assert cell.startswith(default), f"--{name}: docs/flags.md says '{cell}', the code '{default}'"
+    spec = importlib.util.spec_from_file_location("flags_reference", os.path.join(ROOT, "scripts", "flags_reference.py"))
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    text = _read(os.path.join(ROOT, "docs", "flags.md"))
+    assert ref.BEGIN in text and ref.END in text
+    assert text == ref.rewritten(text), "run: uv run python scripts/flags_reference.py --write"
 
 
 def test_flagfiles_only_use_defined_flags():
@@ -348,7 +317,7 @@ def test_documented_commands_parse(monkeypatch, capsys):
                 assert code == 0, f"{where}: exit {code}: {err}"
                 if "--help" in argv:
                     continue
-                if driver == "run_federated" and ":" not in dpfl_flags.MODEL.value:
+                if driver == "run_federated" and ":" not in dpfl_flags.HOLDERS["model"].value:
                     try:
                         dpfl_flags.experiment_config().validate()
                     except ConfigError as e:
