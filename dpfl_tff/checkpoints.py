@@ -197,7 +197,7 @@ class LedgerLog:
     other fields as sorted JSON) and h(0) = sha256("dpfl_tff ledger v2"). The
     chain makes every line its own checksum and fixes the order; a line is
     never rewritten. `cohort` is present only when the run records cohorts
-    (`ExperimentConfig.records_cohorts`).
+    (`--log_cohorts`, or a mechanism whose ledger needs them: `PrivacyMechanism.ledger_needs_cohorts`).
     """
 
     def __init__(self, root: str):

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from dpfl_tff import observers, outputs, plan, plots, process, resume, runtime
+from dpfl_tff import observers, outputs, plan, plots, resume, runtime
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.privacy import coverage
 from dpfl_tff.privacy.mechanism import PrivacyMechanism
