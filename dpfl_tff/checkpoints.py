@@ -140,8 +140,8 @@ class CheckpointManager:
                 continue  # load_latest warns about it and falls back
             path = os.path.join(self.dir, f"ckpt_{round_num:06d}")
             with np.load(os.path.join(path, "state.npz"), allow_pickle=False) as z:
-                stored = [(tuple(z[f"arr_{i}"].shape), z[f"arr_{i}"].dtype.name)
-                          for i in range(min(len(weights), int(meta["num_leaves"])))]
+                arrays = [z[f"arr_{i}"] for i in range(min(len(weights), int(meta["num_leaves"])))]
+            stored = [(tuple(a.shape), a.dtype.name) for a in arrays]
             wanted = [(tuple(w.shape), np.dtype(w.dtype.as_numpy_dtype if hasattr(w.dtype, "as_numpy_dtype")
                                                else w.dtype).name) for w in weights]
             if len(stored) < len(wanted):

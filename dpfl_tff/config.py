@@ -54,11 +54,6 @@ def flag_fields(cls: type) -> list[tuple[str, dataclasses.Field]]:
     return [(f.metadata.get("flag") or f.name, f) for f in dataclasses.fields(cls) if f.metadata.get("group")]
 
 
-def field_help(cls: type, name: str) -> str:
-    """The help text of field `name` of `cls` (its flag's --help)."""
-    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata["help"]
-
-
 def _finite(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"--{name}={value}: must be a finite number")
@@ -109,7 +104,7 @@ class TaskConfig:
     """Which federated data set and how it is split into clients.
 
     Each field's meaning, unit and range is its `help` metadata, which is also the flag's
-    --help text (`field_help`); `validate()` checks them.
+    --help text (`experiments/flags.py` defines the flags from it); `validate()` checks them.
     """
 
     task: str = _field(
@@ -191,7 +186,7 @@ class TrainConfig:
     """The federated optimisation (FedAvg) and its schedule.
 
     Each field's meaning, unit and range is its `help` metadata, which is also the flag's
-    --help text (`field_help`); `validate()` checks them.
+    --help text (`experiments/flags.py` defines the flags from it); `validate()` checks them.
     """
 
     model: str = _field(
@@ -310,7 +305,7 @@ class DPConfig:
     """Differential privacy of the aggregation, and how it is accounted.
 
     Each field's meaning, unit and range is its `help` metadata, which is also the flag's
-    --help text (`field_help`); `validate()` checks them.
+    --help text (`experiments/flags.py` defines the flags from it); `validate()` checks them.
     """
 
     mode: str = _field(

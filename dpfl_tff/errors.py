@@ -32,5 +32,3 @@ class DataFileError(ValueError):
 class LedgerError(Exception):
     """The ledger cannot be trusted to cover what the run released; the run must not resume."""
 
-
-USAGE_ERRORS = (ConfigError, DataMissingError, DataFileError)

@@ -174,6 +174,8 @@ class _Loop:
         self.summary = _initial_summary(cfg, mechanism, self.ledger.neighboring_relation, self.sampler.seeded)
         self.checkpointer = observers.Checkpointer(folder.ckpts, folder.ledger_log, t.checkpoint_every)
         self.done, self.state, self.clip, self.cohort = 0, None, mechanism.initial_clip(), None
+        self.observers: list[observers.Observer] = []
+        self.unreleased = _unreleased_fields(cfg)  # per run, not per round
 
     def announce(self, notes: list[str]) -> None:
         """Opens the folder for writing and prints the run's opening lines."""
@@ -264,7 +266,7 @@ class _Loop:
     def _complete(self, r: int, cohort: np.ndarray, result, t0: float) -> RunInterrupted | None:
         """Ledger first (write-ahead), then the record, then the observers. Returns a pending stop request."""
         cfg = self.cfg
-        self.folder.ledger_log.append(r, cohort if cfg.log_cohorts or self.mechanism.ledger_needs_cohorts else None)
+        self.folder.ledger_log.append(r, cohort if self.mechanism.records_cohorts else None)
         self.state = result.state
         record = self._record(r, cohort, result.metrics)
         record["round_seconds"] = time.time() - t0
@@ -278,7 +280,8 @@ class _Loop:
         last = self.summary["stop_reason"] is not None or r == cfg.train.rounds
         if last or (cfg.train.eval_every and r % cfg.train.eval_every == 0):
             record.update(self.evaluate(self.process.get_model_weights(self.state)))
-        _drop_unreleased(cfg, record)
+        for key in self.unreleased:
+            record.pop(key, None)
         interrupted = self.stop_requested()
         for observer in self.observers:
             observer.on_round(record, self.state, last, interrupted is not None)
@@ -312,7 +315,7 @@ class _Loop:
     def close(self, wall_seconds: float) -> None:
         """Closes the accountant and the observers and writes summary.json (also when the run failed)."""
         self.ledger.close()
-        for observer in getattr(self, "observers", []):
+        for observer in self.observers:
             observer.close()
         if self.cfg.client_metrics:
             self.summary["wall_seconds"] = wall_seconds
@@ -338,7 +341,7 @@ def _initial_summary(cfg: ExperimentConfig, mechanism: PrivacyMechanism, relatio
         **mechanism.summary_fields(),
         "noise_seeded": mechanism.noise_seeded,
         "sampling_seeded": sampling_seeded,
-        "cohorts_logged": cfg.log_cohorts or mechanism.ledger_needs_cohorts,
+        "cohorts_logged": mechanism.records_cohorts,
         "client_metrics": cfg.client_metrics,
         "outputs_not_covered_by_epsilon": coverage.not_covered(cfg),
         "final_test_accuracy": None,
@@ -359,18 +362,19 @@ def _sampling_text(cfg: ExperimentConfig, mechanism: PrivacyMechanism) -> str:
         )
     if cfg.log_cohorts:
         text += "; --log_cohorts: ledger.jsonl lists every cohort, so its readers know who took part"
-    elif mechanism.ledger_needs_cohorts:
+    elif mechanism.records_cohorts:
         text += "; ledger.jsonl lists every cohort (local DP's participation counts need them)"
     return text
 
 
-def _drop_unreleased(cfg: ExperimentConfig, record: dict[str, Any]) -> None:
-    """Removes from `record` every field `cfg` does not release (`privacy.coverage`)."""
+def _unreleased_fields(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The metrics fields `cfg` does not release (`privacy.coverage`): dropped from every record."""
+    fields: tuple[str, ...] = ()
     if not cfg.client_metrics:
-        for key in (*coverage.CLIENT_TRAINING_FIELDS, *coverage.TIMING_FIELDS):
-            record.pop(key, None)
+        fields += (*coverage.CLIENT_TRAINING_FIELDS, *coverage.TIMING_FIELDS)
     if not coverage.cohort_size_released(cfg):
-        record.pop(coverage.COHORT_SIZE_FIELD, None)
+        fields += (coverage.COHORT_SIZE_FIELD,)
+    return fields
 
 
 def dry_run(cfg: ExperimentConfig, overwrite: bool = False, fresh: bool = False,

@@ -70,6 +70,11 @@ class PrivacyMechanism(abc.ABC):
         self.ledger().close()
 
     @property
+    def records_cohorts(self) -> bool:
+        """Whether ledger.jsonl lists each round's cohort (--log_cohorts, or this mode's ledger needs them)."""
+        return self.cfg.log_cohorts or self.ledger_needs_cohorts
+
+    @property
     def noise_seeded(self) -> bool:
         """Whether the noise follows `--noise_seed` (tests only: then there is no privacy)."""
         return self.cfg.dp.noise_seed is not None
