@@ -29,7 +29,8 @@ def test_bench_round_emits_every_field_and_leaves_no_worker():
     before = set(worker_pids())
     proc = subprocess.run(
         [sys.executable, "scripts/bench_round.py", "--rounds=1", "--clients_per_round=2",
-         "--examples_per_client=10", "--models=mlp,cnn", "--worker_counts=1,2", "--memory_rounds=6"],
+         "--examples_per_client=10", "--models=mlp,cnn", "--worker_counts=1,2", "--memory_rounds=6",
+         "--eval_sizes=30,70", "--pin_workers", "--worker_clients=4", "--worker_rounds=2"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -42,7 +43,18 @@ def test_bench_round_emits_every_field_and_leaves_no_worker():
         assert set(r) == {"model", "dpfl_tff_seconds_per_round", "reference_seconds_per_round",
                           "ratio_dpfl_tff_over_reference", "accounting_seconds_per_round",
                           "dpfl_tff_seconds_per_round_2x_clients", "ratio_2x_clients_over_1x",
-                          "tff_fedavg_seconds_per_round", "ratio_tff_fedavg_over_reference"}
+                          "tff_fedavg_seconds_per_round", "ratio_tff_fedavg_over_reference",
+                          "dpfl_tff_seconds_per_round_0_clients", "ratio_0_clients_over_reference",
+                          "get_model_weights_seconds", "evaluation"}
+        assert r["ratio_0_clients_over_reference"] == r["dpfl_tff_seconds_per_round_0_clients"] / r["reference_seconds_per_round"]
+        assert r["get_model_weights_seconds"] > 0
+        ev = r["evaluation"]
+        assert set(ev) == {f"{p}eval_seconds_{n}_examples{q}" for n in (30, 70)
+                           for p, q in (("", ""), ("ratio_", "_over_round"))}
+        for n in (30, 70):
+            assert ev[f"eval_seconds_{n}_examples"] > 0
+            assert ev[f"ratio_eval_seconds_{n}_examples_over_round"] == (
+                ev[f"eval_seconds_{n}_examples"] / r["dpfl_tff_seconds_per_round"])
         assert r["ratio_dpfl_tff_over_reference"] == r["dpfl_tff_seconds_per_round"] / r["reference_seconds_per_round"]
         assert r["ratio_tff_fedavg_over_reference"] == r["tff_fedavg_seconds_per_round"] / r["reference_seconds_per_round"]
         assert all(r[k] > 0 for k in r if k.endswith("_per_round"))
@@ -53,7 +65,43 @@ def test_bench_round_emits_every_field_and_leaves_no_worker():
         assert mem[f"{who}_rss_mb_first"] > 0 and mem[f"{who}_rss_mb_last"] > 0
         assert isinstance(mem[f"{who}_rss_slope_mb_per_100_rounds"], float)
     w = report["workers"]
-    assert w["model"] == "emnist_2nn"
+    assert w["model"] == "emnist_2nn" and w["clients_per_round"] == 4 and w["pinned_one_core_per_worker"] is True
     assert w["1_workers_seconds_per_round"] > 0 and w["2_workers_seconds_per_round"] > 0
     assert w["ratio_2_over_1_workers"] == w["2_workers_seconds_per_round"] / w["1_workers_seconds_per_round"]
+    assert w["speedup_2_over_1_workers"] == 1 / w["ratio_2_over_1_workers"]
+    for n in (1, 2):  # CPU seconds of each pinned worker and of this process, per round
+        assert len(w[f"{n}_workers_worker_cpu_seconds_per_round"]) == n
+        assert all(c >= 0 for c in w[f"{n}_workers_worker_cpu_seconds_per_round"])
+        assert w[f"{n}_workers_python_cpu_seconds_per_round"] >= 0
+    assert set(worker_pids()) - before == set()
+
+
+def test_bench_round_population_mode_emits_every_field():
+    """Full runs over a population; tiny here (the README's figures use N = 100,000)."""
+    from tests.conftest import worker_pids
+
+    before = set(worker_pids())
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_round.py", "--population=400", "--population_cohorts=20,10",
+         "--population_rounds=5", "--population_timing_rounds=3", "--population_examples_per_client=3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    pop = report["population"]
+    assert pop["num_clients"] == 400 and pop["examples_per_client"] == 3 and set(pop["cohorts"]) == {"10", "20"}
+    assert pop["cohorts"]["10"]["rounds"] == 3 and pop["cohorts"]["20"]["rounds"] == 5  # the largest m: all rounds
+    for m, entry in pop["cohorts"].items():
+        assert entry["ratio_cohort_over_smallest_cohort"] == int(m) / 10
+        assert entry["ratio_seconds_over_smallest_cohort"] == (
+            entry["seconds_per_round_process"] / pop["cohorts"]["10"]["seconds_per_round_process"])
+        assert entry["seconds_per_round_wall"] > 0 and entry["run_seconds"] > 0 and 0 < entry["epsilon"] < 100
+        assert 0 < entry["mean_clients_per_round"] <= 400
+        for who in ("python", "worker"):
+            assert 0 < entry[f"{who}_rss_mb_first"] <= entry[f"{who}_rss_mb_max"]
+            assert entry[f"{who}_rss_mb_last"] <= entry[f"{who}_rss_mb_max"]
+            assert isinstance(entry[f"{who}_rss_slope_mb_per_100_rounds"], float)
+    prep = pop["preparation"]
+    assert prep["clients_per_round"] == 20 and prep["ratio_10n_over_n"] == prep["seconds_at_10n"] / prep["seconds_at_n"]
+    assert report["python_peak_rss_mb"] > 0
     assert set(worker_pids()) - before == set()
