@@ -201,3 +201,30 @@ def test_without_download_nothing_is_fetched(tmp_path, monkeypatch, capsys, task
     assert run_driver([f"--task={task}", f"--data_dir={tmp_path}", f"--output_dir={tmp_path / 'run'}"]) == 2
     assert "rerun with --download" in capsys.readouterr().err
     assert os.listdir(tmp_path) in ([], ["run"])
+
+
+def test_archive_placed_by_hand_is_verified_and_unpacked_without_fetching(server, archives, tmp_path):
+    (tmp_path / "cifar100.sqlite.lzma").write_bytes(archives["cifar100.sqlite.lzma"])
+    download.ensure_task_files("cifar100", str(tmp_path), lambda s: None)
+    assert server.log == [] and os.listdir(tmp_path) == ["cifar100.sqlite"]
+
+
+def test_incomplete_cifar10_folder_only_gains_missing_files(server, tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "data_batch_1").write_bytes(b"the user's own file")
+    download.ensure_task_files("cifar10", str(tmp_path), lambda s: None)
+    assert (folder / "data_batch_1").read_bytes() == b"the user's own file"  # not overwritten
+    assert {"data_batch_2", "data_batch_5", "test_batch", "batches.meta"} <= set(os.listdir(folder))
+
+
+def test_download_does_not_block_resuming():
+    """A run may resume with or without --download, also a run whose hparams.json predates the flag."""
+    from dpfl_tff.config import ExperimentConfig
+    from dpfl_tff.outputs import hparam_differences
+
+    new = ExperimentConfig(task=TaskConfig(task="emnist", download=True)).to_dict()
+    old = ExperimentConfig(task=TaskConfig(task="emnist")).to_dict()
+    del old["task"]["download"]
+    assert hparam_differences(old, new) == []
+    assert hparam_differences(old, ExperimentConfig(task=TaskConfig(task="cifar10")).to_dict()) != []

@@ -21,7 +21,11 @@ Guarantees:
     refused, nothing is written to the loaders' paths.
   * Decompressing and unpacking write to a temporary name and rename it into
     place, so the loaders never see half a file; the verified archive is
-    deleted afterwards.
+    deleted afterwards. An incomplete cifar-10-batches-py/ only gains the
+    files it lacks (nothing of the user's is overwritten or deleted).
+  * An archive already in --data_dir under its own name (e.g. fetched by
+    hand) is verified and unpacked like a finished download; a `.part` longer
+    than the pinned size is discarded and fetched afresh.
   * A file the loaders already find is neither fetched nor checked again.
   * No network, a refused connection, an HTTP error or a stalled transfer
     raises `DownloadError`: one line naming the URL and how to place the file
@@ -156,7 +160,7 @@ def fetch_verified(remote: RemoteFile, path: str, log: Callable[[str], None]) ->
     part = path + ".part"
     if os.path.isfile(path) and not os.path.exists(part):
         os.replace(path, part)  # an archive kept from before: verify it like a finished download
-    if not os.path.exists(part) or os.path.getsize(part) < remote.size:
+    if not os.path.exists(part) or os.path.getsize(part) != remote.size:
         _fetch_to_part(remote, part, log)
     _verify(remote, part)
     os.replace(part, path)
@@ -281,18 +285,20 @@ def _decompress_lzma(archive: str, target: str) -> None:
     try:
         with lzma.open(archive, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, CHUNK)
-    except lzma.LZMAError as e:
-        os.remove(tmp)
-        raise DownloadError(f"--download: {archive} passed its checksum but is not LZMA data ({e})") from e
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, lzma.LZMAError):
+            raise DownloadError(f"--download: {archive} passed its checksum but is not LZMA data ({e})") from e
         raise
     os.replace(tmp, target)
 
 
 def _unpack_tar(archive: str, data_dir: str, folder: str) -> None:
-    """Unpacks `folder/` from the tar.gz `archive` into `data_dir` (members elsewhere are refused)."""
+    """Unpacks `folder/` from the tar.gz `archive` into `data_dir` (members elsewhere are refused).
+
+    An existing, incomplete `data_dir/folder` only gains the files it lacks: nothing there is overwritten.
+    """
     tmp = os.path.join(data_dir, f".{folder}.unpacking")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -303,8 +309,12 @@ def _unpack_tar(archive: str, data_dir: str, folder: str) -> None:
                 raise DownloadError(f"--download: {archive} holds {outside[0]!r}, outside {folder}/: refused")
             tar.extractall(tmp, members=members, filter="data")
         final = os.path.join(data_dir, folder)
-        shutil.rmtree(final, ignore_errors=True)  # an incomplete folder (a batch missing) is replaced whole
-        os.replace(os.path.join(tmp, folder), final)
+        if not os.path.exists(final):
+            os.replace(os.path.join(tmp, folder), final)
+        else:
+            for name in os.listdir(os.path.join(tmp, folder)):
+                if not os.path.exists(os.path.join(final, name)):
+                    os.replace(os.path.join(tmp, folder, name), os.path.join(final, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
