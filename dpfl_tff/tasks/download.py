@@ -129,7 +129,10 @@ def ensure_task_files(task: str, data_dir: str, log: Callable[[str], None]) -> N
     if _target_complete(remote, target):
         log(f"--download: {target} is already there; not downloading")
         return
-    os.makedirs(data_dir, exist_ok=True)
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--data_dir={data_dir}: cannot create the folder ({e.strerror or e})") from e
     archive = os.path.join(data_dir, remote.archive)
     fetch_verified(remote, archive, log)
     log(f"--download: unpacking {remote.archive} to {target}")
@@ -174,8 +177,9 @@ def _open(url: str, offset: int):
 
 
 def _by_hand(remote: RemoteFile, data_dir_hint: str) -> str:
+    fetch = "fetch it" if url_of(remote) == remote.url else f"fetch {remote.url}"
     return (
-        f"to place it by hand, fetch {remote.url} on a machine with internet and put "
+        f"to place it by hand, {fetch} on a machine with internet and put "
         f"{'its decompressed ' + remote.target if remote.unpack == 'lzma' else 'the unpacked ' + remote.target + '/'} "
         f"in {data_dir_hint} (docs/tasks-and-models.md \"Getting the data files\")"
     )
@@ -228,7 +232,9 @@ def _announced_total(response, offset: int) -> int | None:
     return int(length) + (offset if response.status == 206 else 0)
 
 
-def _copy_with_progress(response, part: str, offset: int, remote: RemoteFile, url: str, log) -> None:
+def _copy_with_progress(
+    response, part: str, offset: int, remote: RemoteFile, url: str, log: Callable[[str], None]
+) -> None:
     """Appends the response body to `part`, a progress line every 5 s; an interrupted transfer keeps `part`."""
     done, last_logged = offset, time.monotonic()
     with open(part, "ab" if offset else "wb") as out:
