@@ -85,12 +85,27 @@ def _check_model_name(name: str) -> None:
     """A registered model name, or `package.module:function` (imported later, by `plan.check`)."""
     if name in MODEL_NAMES:
         return
-    module, sep, function = name.partition(":")
-    if not sep or not module or not function.isidentifier() or not all(p.isidentifier() for p in module.split(".")):
+    if not _is_dotted_function(name):
         raise ConfigError(
             f"--model={name}: must be one of {', '.join(MODEL_NAMES)}, or package.module:function returning an "
             "uncompiled Keras model for (input_shape, num_classes)"
         )
+
+
+def _check_task_name(name: str) -> None:
+    """A registered task name, or `package.module:function` (imported when the data is loaded)."""
+    if name in TASK_NAMES:
+        return
+    if not _is_dotted_function(name):
+        raise ConfigError(
+            f"--task={name}: must be one of {', '.join(TASK_NAMES)}, or package.module:function returning a "
+            "dpfl_tff.tasks.FederatedData"
+        )
+
+
+def _is_dotted_function(name: str) -> bool:
+    module, sep, function = name.partition(":")
+    return bool(sep and module and function.isidentifier() and all(p.isidentifier() for p in module.split(".")))
 
 
 def _open_unit(name: str, value: float) -> None:
@@ -110,12 +125,14 @@ class TaskConfig:
     task: str = _field(
         "digits", TASK,
         "Task: digits (offline default, sklearn digits) | synthetic | emnist | cifar10 | cifar100"
-        " (the last three read files from --data_dir).",
+        " (the last three read files from --data_dir), or package.module:function returning a"
+        " dpfl_tff.tasks.FederatedData (its own clients; see docs/tasks-and-models.md).",
     )
     num_clients: int = _field(
         100, TASK,
-        "Number of clients N the training data is split into (>= 1). emnist and cifar100 come "
-        "split into clients: there N is the data's and this flag is ignored.",
+        "Number of clients N the training data is split into (>= 1). emnist, cifar100 and custom "
+        "tasks come split into clients: there N is the data's (a custom task function is passed "
+        "this value and may use it).",
     )
     partition: str = _field(
         "iid", TASK,
@@ -145,7 +162,14 @@ class TaskConfig:
     )
     data_dir: str = _field(
         "data", TASK,
-        "Folder with the data files of emnist, cifar10 and cifar100 (nothing is downloaded).",
+        "Folder with the data files of emnist, cifar10 and cifar100 (nothing is downloaded "
+        "unless --download).",
+    )
+    download: bool = _field(
+        False, TASK,
+        "Download a missing data file of emnist, cifar100 or cifar10 into --data_dir from its public"
+        " source, verified against a pinned SHA-256 (a mismatch is refused); resumes a partial "
+        "download. Without it nothing is ever downloaded.",
     )
     emnist_only_digits: bool = _field(
         True, TASK,
@@ -154,8 +178,13 @@ class TaskConfig:
     num_clients_known: bool = _field(False, None)
 
     @property
+    def is_custom(self) -> bool:
+        """`--task=package.module:function`: a user's function returns the federated data."""
+        return ":" in self.task
+
+    @property
     def natural_split(self) -> bool:
-        return self.task in NATURAL_SPLIT_TASKS
+        return self.task in NATURAL_SPLIT_TASKS or self.is_custom
 
     @property
     def n_is_known(self) -> bool:
@@ -163,7 +192,7 @@ class TaskConfig:
         return not self.natural_split or self.num_clients_known
 
     def validate(self) -> None:
-        _choice("task", self.task, TASK_NAMES)
+        _check_task_name(self.task)
         _int_at_least("num_clients", self.num_clients, 1)
         if not self.data_dir:
             raise ConfigError("--data_dir is empty: give the folder that holds (or will hold) the data files")

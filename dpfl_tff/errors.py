@@ -1,6 +1,6 @@
 """Every error dpfl_tff raises on purpose, in one place (pure Python: importing it imports nothing else).
 
-Drivers print any of the first five as one `error: ...` line and exit 2 (usage:
+Drivers print any of the first six as one `error: ...` line and exit 2 (usage:
 nothing was trained); `LedgerError` also exits 2 and leaves the run folder as
 it was. The run-control exceptions (`training.RunInterrupted`,
 `training.RoundFailed`) live with the loop that raises them.
@@ -19,6 +19,13 @@ class CheckpointMismatch(ConfigError):
 
 class DataMissingError(FileNotFoundError):
     """A data file is not where the task looks for it. The message says how to get it."""
+
+
+class DownloadError(DataMissingError):
+    """`--download` could not provide a data file (offline, HTTP error, interrupted, checksum mismatch).
+
+    The message is one line naming the URL or file, what happened and what to do.
+    """
 
 
 class DataFileError(ValueError):

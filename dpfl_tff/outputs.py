@@ -36,6 +36,8 @@ RESUMABLE_CHANGES = {
     "workers", "worker_timeout", "train.clients_per_call",
     # Cohorts are fresh draws in every execution, seeded or not; logging them more or less is the user's call.
     "train.sampling_seed", "log_cohorts",
+    # Whether missing data files may be fetched: the files a run reads are the same (checksum-pinned).
+    "task.download",
 }
 _FLAG_NAMES = {"dp.mode": "dp_mode", "task.task": "task", "train.model": "model"}
 

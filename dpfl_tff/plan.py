@@ -5,7 +5,8 @@
 round's DP event accountable as configured, is the adaptive-clipping noise
 split possible): pure Python and dp-accounting, no TensorFlow, so that
 `compute_epsilon` and flag errors stay fast. `prepare(cfg)` then loads the
-task's data (fixing N for tasks with their own client split), imports and
+task's data (after fetching its files if `--download`; fixing N for tasks
+with their own client split, custom tasks included), imports and
 builds the model once to check it, and calibrates the noise multiplier to
 `--target_epsilon`: the configuration it returns is the one the run, its
 accounting and its hparams.json use.
@@ -62,6 +63,10 @@ def prepare(cfg: ExperimentConfig, log: Callable[[str], None]) -> tuple[Experime
 
     check(cfg)
     models.resolve_builder(cfg.train.model)  # a custom model's import fails before the data is loaded
+    if cfg.task.download:  # the only place anything is fetched
+        from dpfl_tff.tasks import download
+
+        download.ensure_task_files(cfg.task.task, cfg.task.data_dir, log)
     data = load_task(cfg.task, cfg.train.seed)
     if cfg.task.natural_split:
         if data.num_clients != cfg.task.num_clients:

@@ -1,11 +1,15 @@
-"""Task registry: name -> loader of federated data (client split + test set)."""
+"""Task registry: name -> loader of federated data (client split + test set).
+
+`--task` is a registered name (`TASKS`) or `package.module:function` naming a
+custom task function (`custom`), whose data is checked before training.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from dpfl_tff.config import TaskConfig
-from dpfl_tff.tasks import cifar10, cifar100, digits, emnist, synthetic
+from dpfl_tff.tasks import cifar10, cifar100, custom, digits, emnist, synthetic
 from dpfl_tff.tasks.base import ClientArrays, FederatedData
 from dpfl_tff.tasks.files import DataFileError, DataMissingError
 
@@ -21,7 +25,9 @@ TASKS: dict[str, TaskLoader] = {
 
 
 def load_task(cfg: TaskConfig, seed: int) -> FederatedData:
-    """Loads the task named by `cfg.task`, split with `seed`."""
+    """Loads the task named by `cfg.task` (registered or custom), split with `seed`."""
+    if cfg.is_custom:
+        return custom.load(cfg, seed)
     return TASKS[cfg.task](cfg, seed)
 
 

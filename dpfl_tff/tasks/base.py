@@ -31,14 +31,14 @@ class FederatedData:
       test: central held-out test set (never seen by any client).
       input_shape: shape of one example's features.
       num_classes: labels are integers in [0, num_classes).
-      description: one line for logs and summaries.
+      description: one line for logs and summaries (custom tasks: generated when empty).
     """
 
     clients: Sequence[ClientArrays]
     test: ClientArrays
     input_shape: tuple[int, ...]
     num_classes: int
-    description: str
+    description: str = ""
 
     @property
     def num_clients(self) -> int:

@@ -24,7 +24,7 @@ FOLDER = "cifar-10-batches-py"
 MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 STD = np.array([0.2470, 0.2435, 0.2616], np.float32)
 HOW_TO_GET = (
-    "Download cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) on a machine with "
+    "download cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) on a machine with "
     "internet and unpack it into --data_dir (tar xzf cifar-10-python.tar.gz -C DATA_DIR)."
 )
 EXPECTED = (

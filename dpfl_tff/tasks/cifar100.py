@@ -24,7 +24,7 @@ SPLITS = ("train", "test")  # the splits TFF's loader reads
 EXPECTED = 'expected TFF\'s CIFAR-100 file, see docs/tasks-and-models.md "Tasks and data files"'
 CROP = (24, 24, 3)  # TFF baselines' DEFAULT_CROP_HEIGHT/WIDTH
 HOW_TO_GET = (
-    "On a machine with internet: python -c \"import tensorflow_federated as tff; "
+    "on a machine with internet, python -c \"import tensorflow_federated as tff; "
     "tff.simulation.datasets.cifar100.load_data(cache_dir='DIR')\" writes DIR/cifar100.sqlite "
     "(TFF downloads tff-datasets-public/cifar100.sqlite.lzma from Google Cloud Storage and "
     "decompresses it); copy that file into --data_dir."

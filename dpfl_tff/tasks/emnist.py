@@ -24,7 +24,7 @@ FILE = "emnist_all.sqlite"
 SPLITS = {True: ("digits_only_train", "digits_only_test"), False: ("all_train", "all_test")}
 EXPECTED = 'expected TFF\'s EMNIST file, see docs/tasks-and-models.md "Tasks and data files"'
 HOW_TO_GET = (
-    "On a machine with internet: python -c \"import tensorflow_federated as tff; "
+    "on a machine with internet, python -c \"import tensorflow_federated as tff; "
     "tff.simulation.datasets.emnist.load_data(cache_dir='DIR')\" writes DIR/emnist_all.sqlite "
     "(TFF downloads tff-datasets-public/emnist_all.sqlite.lzma from Google Cloud Storage and "
     "decompresses it); copy that file into --data_dir."
