@@ -3,8 +3,8 @@
   uv run python scripts/bench_round.py [--models=cnn,mlp] [--clients_per_round=10]
       [--examples_per_client=100] [--batch_size=20] [--rounds=10] [--memory_rounds=0]
       [--worker_counts=1,2] [--pin_workers --worker_clients=100 --worker_rounds=3]
-  uv run python scripts/bench_round.py --population=100000 [--population_cohorts=250,500,1000]
-      [--population_rounds=200]
+  uv run python scripts/bench_round.py --models= --worker_counts= --population=100000
+      [--population_cohorts=250,500,1000] [--population_rounds=200]
 
 Both run the same round on the same synthetic EMNIST-shaped data (28x28x1,
 10 classes): every client does one local epoch of SGD from the server model,
@@ -26,7 +26,7 @@ first model over 1 and 2 local worker services (`--workers`' remote context;
 with --pin_workers worker i runs on CPU i only, so 2 workers on 2 cores are
 compared with 1 worker on 1 core, and each worker's CPU seconds show the split).
 
-`--population=N` instead runs full runs (`training.run`: sampling, ledger,
+`--population=N` also runs (last) full runs (`training.run`: sampling, ledger,
 metrics, checkpoints) of a small MLP on a synthetic task of N clients, one per
 cohort size m in --population_cohorts (Poisson sampling): seconds per round
 and their ratio to the smallest m (linear in m: the ratio of the m's), RSS of
@@ -77,9 +77,9 @@ WORKER_COUNTS = flags.DEFINE_list(
 )
 POPULATION = flags.DEFINE_integer(
     "population", 0,
-    "If > 0: population mode instead of the model comparison: full runs (training.run: sampling, ledger, "
-    "metrics, checkpoints) of a small MLP on a synthetic task with this many clients (N), one per "
-    "--population_cohorts value.",
+    "If > 0: also (after the rest; --models= --worker_counts= for this alone) full runs (training.run: "
+    "sampling, ledger, metrics, checkpoints) of a small MLP on a synthetic task with this many clients (N), "
+    "one per --population_cohorts value.",
 )
 POP_COHORTS = flags.DEFINE_list("population_cohorts", ["250", "500", "1000"],
                                 "Population mode: expected clients per round (m, Poisson sampling).")
@@ -353,12 +353,6 @@ def _population(n: int, tmp: str) -> dict:
 
 def main(argv):
     del argv
-    if POPULATION.value > 0:
-        with tempfile.TemporaryDirectory() as tmp, runtime.local_context():
-            report = {"population": _population(POPULATION.value, tmp)}
-        report["python_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps(report))
-        return
     m, n = COHORT.value, EXAMPLES.value
     data = _data(m, n)
     report: dict = {"clients_per_round": m, "examples_per_client": n, "batch_size": BATCH.value,
@@ -435,9 +429,12 @@ def main(argv):
             worker_peak = max(worker_peak, _worker_peak_rss_mb())
         if MEMORY_ROUNDS.value > 0:
             report["memory"] = _memory_slope(data, tmp, MEMORY_ROUNDS.value)
-        if WORKER_COUNTS.value:
+        if WORKER_COUNTS.value and MODELS.value:
             wm = WORKER_CLIENTS.value or m
             report["workers"] = _time_workers(_NAMES[MODELS.value[0]], data if wm == m else _data(wm, n), tmp)
+        if POPULATION.value > 0:
+            report["population"] = _population(POPULATION.value, tmp)
+            worker_peak = max(worker_peak, _worker_peak_rss_mb())
     report["python_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report["worker_peak_rss_mb"] = worker_peak
     print(json.dumps(report))
