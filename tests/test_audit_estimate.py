@@ -32,15 +32,19 @@ def test_equal_variances_is_the_gaussian_mechanism_closed_form(mu, eps):
 def test_gaussian_mechanism_epsilon_matches_dp_accounting(mu, delta):
     """The inverted closed form equals dp-accounting's PLD of a Gaussian mechanism (std 1/mu, sensitivity 1).
 
-    PLD discretisation 1e-4 is pessimistic: its epsilon is above the exact one by at most about 1e-4
-    per unit of privacy loss; 1e-3 absolute covers it.
+    PLD discretisation 2e-4 is pessimistic: its epsilon is above the exact one by at most about the
+    interval; 2e-3 absolute covers it.
     """
     pld = privacy_loss_distribution.from_gaussian_mechanism(
-        standard_deviation=1 / mu, sensitivity=1.0, value_discretization_interval=1e-4)
+        standard_deviation=1 / mu, sensitivity=1.0, value_discretization_interval=2e-4)
     exact = E.gaussian_mechanism_epsilon(mu, delta)
-    assert exact == pytest.approx(pld.get_epsilon_for_delta(delta), abs=1e-3)
+    assert exact == pytest.approx(pld.get_epsilon_for_delta(delta), abs=2e-3)
     assert E.epsilon_two_gaussians(E.Gaussian(0, 1), E.Gaussian(mu, 1), delta) == pytest.approx(exact, abs=1e-7)
     assert E.gaussian_mechanism_delta(exact, mu) == pytest.approx(delta, rel=1e-6)
+
+
+def _pdf(x: float, g: E.Gaussian) -> float:
+    return math.exp(-0.5 * ((x - g.mean) / g.std) ** 2) / (g.std * math.sqrt(2 * math.pi))
 
 
 @pytest.mark.parametrize("p,q", [((0, 1), (1, 2)), ((0, 0.0144), (0.02, 0.016)), ((0.3, 2), (0, 0.5))])
@@ -50,7 +54,7 @@ def test_unequal_variances_match_numerical_integration(p, q, eps):
     P, Q = E.Gaussian(*p), E.Gaussian(*q)
     for a, b in ((P, Q), (Q, P)):
         def integrand(x, a=a, b=b):
-            return max(0.0, scipy.stats.norm.pdf(x, a.mean, a.std) - math.exp(eps) * scipy.stats.norm.pdf(x, b.mean, b.std))
+            return max(0.0, _pdf(x, a) - math.exp(eps) * _pdf(x, b))
         lo = min(a.mean - 40 * a.std, b.mean - 40 * b.std)
         hi = max(a.mean + 40 * a.std, b.mean + 40 * b.std)
         breaks = sorted({a.mean, b.mean, *(m + k * s for m, s in ((a.mean, a.std), (b.mean, b.std)) for k in (-3, 3))})
