@@ -369,6 +369,7 @@ def _initial_summary(cfg: ExperimentConfig, mechanism: PrivacyMechanism, relatio
         "canary_clients": cfg.canary_clients,
         "empirical_epsilon": None,
         "empirical_epsilon_all_rounds": None,
+        "empirical_epsilon_no_signal_level": None,
         "stop_reason": None,
         "resumed_from_round": None,
     }

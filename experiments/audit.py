@@ -31,6 +31,7 @@ import sys
 from absl import app, logging
 
 from dpfl_tff import checkpoints, plan, runtime, training
+from dpfl_tff.audit import auditor
 from dpfl_tff.config import ConfigError, ExperimentConfig
 from dpfl_tff.tasks import DataFileError
 from experiments import cli
@@ -53,12 +54,19 @@ def variants(cfg: ExperimentConfig) -> dict[str, ExperimentConfig]:
     }
 
 
-def report(name: str, s: dict) -> dict:
-    """One run's figures: theoretical and empirical epsilons at the run's delta."""
+def report(name: str, s: dict, output_dir: str) -> dict:
+    """One run's figures: theoretical and empirical epsilons at the run's delta, and the no-signal levels."""
+    try:
+        with open(os.path.join(output_dir, auditor.AUDIT_JSON), encoding="utf-8") as f:
+            audit = json.load(f)
+    except (OSError, ValueError):
+        audit = {}
+    levels = {part: (audit.get(part) or {}).get("no_signal_level_95") for part in ("final_model", "all_rounds")}
     return {
         "run": name, "noise_multiplier": s["noise_multiplier"], "epsilon": s["epsilon"], "delta": s["delta"],
         "empirical_epsilon": s.get("empirical_epsilon"),
         "empirical_epsilon_all_rounds": s.get("empirical_epsilon_all_rounds"),
+        "no_signal_level_95": levels["final_model"], "no_signal_level_95_all_rounds": levels["all_rounds"],
         "canary_clients": s.get("canary_clients"), "final_test_accuracy": s.get("final_test_accuracy"),
     }
 
@@ -71,7 +79,8 @@ def human_line(r: dict) -> str:
     bound = "inf (no DP noise)" if r["noise_multiplier"] == 0 else _num(r["epsilon"])
     return (f"{r['run']}: z={r['noise_multiplier']:g}, epsilon bound {bound}; empirical epsilon "
             f"{_num(r['empirical_epsilon'])} (final model), {_num(r['empirical_epsilon_all_rounds'])} (all rounds); "
-            f"delta {r['delta']:.3g}, {r['canary_clients']} canaries")
+            f"with no signal 95% of estimates are below {_num(r['no_signal_level_95'])}, "
+            f"{_num(r['no_signal_level_95_all_rounds'])}; delta {r['delta']:.3g}, {r['canary_clients']} canaries")
 
 
 def _jsonable(obj: dict) -> str:
@@ -95,7 +104,7 @@ def main(argv: list[str]) -> None:
                 print(f"== {name}: {cfg.output_dir}", flush=True)
                 result = training.run(cfg, overwrite=dpfl_flags.OVERWRITE.value, log=lambda s: print(s, flush=True),
                                       fresh=dpfl_flags.FRESH.value)
-                results.append(report(name, result.summary))
+                results.append(report(name, result.summary, cfg.output_dir))
     except (ConfigError, DataFileError, FileExistsError, OSError, runtime.WorkersUnreachable) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

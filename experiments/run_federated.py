@@ -129,7 +129,8 @@ def done_line(s: dict, output_dir: str) -> str:
         all_rounds = s.get("empirical_epsilon_all_rounds")
         audit = (f", empirical epsilon {s['empirical_epsilon']:.4g} (final model"
                  + ("" if all_rounds is None else f"; all rounds {all_rounds:.4g}")
-                 + f", {s['canary_clients']} canaries; an estimate, not a bound)")
+                 + f"; {s['canary_clients']} canaries, whose fitting noise alone gives up to "
+                 f"{s['empirical_epsilon_no_signal_level']:.2g}; an estimate, not a bound)")
     return (f"done: {s['rounds']} rounds, test accuracy {acc}, "
             f"epsilon {eps} at delta {s['delta']:.3g}{audit}{wall}; outputs in {output_dir}")
 

@@ -128,3 +128,11 @@ def test_estimate_with_held_out_null_from_samples():
     assert lo <= truth <= hi
     assert lo <= got["epsilon"] <= hi
     assert got["null_source"] == "held_out"
+
+
+def test_no_signal_level_shrinks_with_more_canaries():
+    """With no signal the estimate is still positive (fitting noise); fewer canaries, more noise; a fitted null
+    adds its own. Deterministic (fixed seed)."""
+    levels = [E.no_signal_level(k, None, 5.6e-4, repetitions=50) for k in (50, 200, 1000)]
+    assert levels[0] > levels[1] > levels[2] > 0
+    assert E.no_signal_level(200, 200, 5.6e-4, repetitions=50) > levels[1]

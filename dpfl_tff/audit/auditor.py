@@ -137,7 +137,8 @@ class CanaryAuditor(observers.Observer):
             "canary_clients": k, "held_out_canaries": k, "model_dimension": self.dim, "delta": self.delta,
             "final_model": {
                 **estimate.estimate(final[:k], self.delta, null=analytic, held_out=final[k:]),
-                "held_out_null_epsilon": estimate.estimate(final[:k], self.delta, held_out=final[k:])["epsilon"],
+                "held_out_null_epsilon": estimate.epsilon_two_gaussians(
+                    estimate.fit(final[k:]), estimate.fit(final[:k]), self.delta),
                 "inserted_cosines": final[:k].tolist(), "held_out_cosines": final[k:].tolist(),
             },
             "all_rounds": None, "all_rounds_note": self.all_rounds_note,
@@ -154,7 +155,8 @@ class CanaryAuditor(observers.Observer):
         if r is None:
             return {}
         return {"empirical_epsilon": r["final_model"]["epsilon"],
-                "empirical_epsilon_all_rounds": r["all_rounds"]["epsilon"] if r["all_rounds"] else None}
+                "empirical_epsilon_all_rounds": r["all_rounds"]["epsilon"] if r["all_rounds"] else None,
+                "empirical_epsilon_no_signal_level": r["final_model"]["no_signal_level_95"]}
 
 
 def plot(audit: dict[str, Any], path: str) -> str:
