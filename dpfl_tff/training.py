@@ -154,7 +154,7 @@ def run(
     if loop.records:
         try:
             plots.plot_run(cfg.output_dir)
-            if loop.auditor is not None and loop.auditor.results is not None:
+            if loop.auditor is not None and (loop.auditor.results or {}).get("final_model") is not None:
                 canary_audit.plot(loop.auditor.results, folder.out.file(canary_audit.AUDIT_PNG))
         except Exception as e:  # noqa: BLE001  (a plot must never fail a finished run)
             log(f"WARNING: could not write {plots.RUN_PNG} or {canary_audit.AUDIT_PNG}: {e}")
@@ -206,13 +206,12 @@ class _Loop:
 
     def train(self, files) -> None:
         cfg = self.cfg
-        seed = canary_audit.load_or_create_seed(self.folder.ckpts.dir) if cfg.canary_clients else None
+        seed, lost_seed = canary_audit.run_seed(cfg, self.folder.ckpts.dir, self.folder.ledger_log.count, self.log)
         self.process = build_learning_process(cfg, self.data, files, canary_seed=seed)
         self.state = initial_state(self.process, cfg, self.data)
         if seed is not None:
-            self.auditor = canary_audit.CanaryAuditor(
-                cfg.canary_clients, seed, self.process.get_model_weights(self.state).trainable, cfg.target_delta,
-                self.folder.ckpts.dir, cfg.train.checkpoint_every)
+            self.auditor = canary_audit.CanaryAuditor.for_run(
+                cfg, seed, self.process.get_model_weights(self.state).trainable, self.folder.ckpts.dir, lost_seed)
         self.evaluate = Evaluator(cfg, self.data)
         if self.folder.out.resuming:
             self._restore()

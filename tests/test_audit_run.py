@@ -89,7 +89,7 @@ def test_noise_free_audit_outputs_and_resume(tmp_path):
     assert len(audit["final_model"]["inserted_cosines"]) == len(audit["final_model"]["held_out_cosines"]) == 100
     assert len(audit["all_rounds"]["inserted_max_cosines"]) == 100 and audit["delta"] == s["delta"]
     assert os.path.exists(os.path.join(out, auditor.AUDIT_PNG))
-    seed = str(auditor.load_or_create_seed(os.path.join(out, "checkpoints")))  # the secret: never released
+    seed = str(auditor.load_or_create_seed(os.path.join(out, "checkpoints"))[0])  # the secret: never released
     for name in ("summary.json", "audit.json", "hparams.json", "metrics.jsonl", "ledger.jsonl"):
         with open(os.path.join(out, name), encoding="utf-8") as f:
             assert seed not in f.read()
@@ -109,3 +109,38 @@ def test_canary_settings_checked():
         plan.check(dataclasses.replace(cfg, canary_clients=0))
     with pytest.raises(C.ConfigError, match="--canary_clients=-1"):
         dataclasses.replace(cfg, canary_clients=-1).validate()
+
+
+class _State:
+    def __init__(self, trainable):
+        self.global_model_weights = type("W", (), {"trainable": trainable})()
+
+
+def test_auditor_keeps_maxima_across_a_matching_checkpoint_only(tmp_path):
+    """The running maxima are saved with every checkpoint round and restored only for that round; a lost seed
+    gives no estimate rather than one about unknown canaries."""
+    shapes, k, ckpt = [(30, 40), (40,)], 60, str(tmp_path / "checkpoints")
+    seed, created = auditor.load_or_create_seed(ckpt)
+    assert created and auditor.load_or_create_seed(ckpt) == (seed, False)
+    w0 = [np.zeros(s, np.float32) for s in shapes]
+    dirs = canaries.directions(seed, range(2 * k), shapes)
+    a = auditor.CanaryAuditor(k, seed, w0, 1e-3, ckpt, checkpoint_every=2)
+    # Two rounds whose update is -(sum of canaries 0..9): their cosines are the largest.
+    step = -dirs[:10].sum(axis=0)
+    w1, w2 = step, 2 * step
+    unflat = lambda v: [v[:1200].reshape(30, 40), v[1200:]]  # noqa: E731
+    a.on_round({"round": 1}, _State(unflat(w1)), False, False)
+    a.on_round({"round": 2}, _State(unflat(w2)), False, False)
+    expected = dirs @ (-step) / np.linalg.norm(step)
+    np.testing.assert_allclose(a.max_cos, expected, atol=1e-6)
+    b = auditor.CanaryAuditor(k, seed, w0, 1e-3, ckpt, checkpoint_every=2)
+    b.resume(2, unflat(w2))
+    np.testing.assert_allclose(b.max_cos, a.max_cos)
+    c = auditor.CanaryAuditor(k, seed, w0, 1e-3, ckpt, checkpoint_every=2)
+    c.resume(1, unflat(w1))  # round 1 was never saved: no all-rounds estimate
+    c.on_round({"round": 2}, _State(unflat(w2)), True, False)
+    assert c.results["all_rounds"] is None and "resumed from round 1" in c.results["all_rounds_note"]
+    assert c.results["final_model"]["epsilon"] > 0 and len(c.results["final_model"]["inserted_cosines"]) == k
+    lost = auditor.CanaryAuditor(k, seed, w0, 1e-3, ckpt, checkpoint_every=2, lost_seed=True)
+    lost.on_round({"round": 3}, _State(unflat(w2)), True, False)
+    assert lost.results["final_model"] is None and lost.summary_fields() == {}

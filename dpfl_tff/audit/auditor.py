@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from dpfl_tff import observers
 from dpfl_tff.audit import canaries, estimate
+from dpfl_tff.config import ExperimentConfig
 
 AUDIT_JSON = "audit.json"
 AUDIT_PNG = "audit.png"
@@ -39,15 +41,33 @@ SECRET_FILE = "canaries.json"  # inside checkpoints/
 MAX_KEPT_FLOATS = 25_000_000  # directions kept in memory for the per-round cosines (100 MB of float32)
 
 
-def load_or_create_seed(ckpt_dir: str) -> int:
-    """The run's secret canary seed: read from `ckpt_dir/canaries.json`, or drawn and written there."""
+def load_or_create_seed(ckpt_dir: str) -> tuple[int, bool]:
+    """(the run's secret canary seed, whether it was created now): read from `ckpt_dir/canaries.json`, or drawn
+    and written there before the first round."""
     path = os.path.join(ckpt_dir, SECRET_FILE)
     saved = _read(path)
     if saved is not None:
-        return int(saved["seed"])
+        return int(saved["seed"]), False
     seed = canaries.new_seed()
     _write(path, {"seed": seed, "round": None})
-    return seed
+    return seed, True
+
+
+def run_seed(cfg: ExperimentConfig, ckpt_dir: str, releases: int, log: Callable[[str], None]) -> tuple[int | None, bool]:
+    """(the canary seed of `cfg`'s run or None without canaries, whether it was lost).
+
+    Lost: the run has released rounds (`releases` in its ledger) but no seed
+    file, so the earlier rounds' canaries are unknown (the audit is then not
+    computed; the run itself goes on).
+    """
+    if not cfg.canary_clients:
+        return None, False
+    seed, created = load_or_create_seed(ckpt_dir)
+    lost = bool(created and releases)
+    if lost:
+        log(f"WARNING: the canary seed of this run is missing ({SECRET_FILE} in {ckpt_dir}): the audit of the "
+            "resumed run is not computed (the earlier rounds' canaries are unknown)")
+    return seed, lost
 
 
 def _read(path: str) -> dict[str, Any] | None:
@@ -84,8 +104,10 @@ def cosines(unit_rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
 class CanaryAuditor(observers.Observer):
     """Measures the canaries' cosines every round and the estimates after the last (see the module docstring)."""
 
-    def __init__(self, k: int, seed: int, initial_trainable, delta: float, ckpt_dir: str, checkpoint_every: int):
-        self.k, self.seed, self.delta = k, seed, delta
+    def __init__(self, k: int, seed: int, initial_trainable, delta: float, ckpt_dir: str, checkpoint_every: int,
+                 lost_seed: bool = False):
+        """`lost_seed`: a resumed run whose seed file was missing, so earlier rounds' canaries are unknown."""
+        self.k, self.seed, self.delta, self.lost_seed = k, seed, delta, lost_seed
         self.shapes = [tuple(np.shape(t)) for t in initial_trainable]
         self.dim = int(sum(np.prod(s) for s in self.shapes))
         self.path, self.every = os.path.join(ckpt_dir, SECRET_FILE), checkpoint_every
@@ -96,6 +118,12 @@ class CanaryAuditor(observers.Observer):
         self.max_cos = np.full(2 * k, -np.inf) if kept else None
         self.all_rounds_note = None if kept else f"not computed: {2 * k} directions of d={self.dim} exceed memory cap"
         self.results: dict[str, Any] | None = None
+
+    @classmethod
+    def for_run(cls, cfg: ExperimentConfig, seed: int, initial_trainable, ckpt_dir: str,
+                lost_seed: bool) -> CanaryAuditor:
+        return cls(cfg.canary_clients, seed, initial_trainable, cfg.target_delta, ckpt_dir,
+                   cfg.train.checkpoint_every, lost_seed)
 
     def resume(self, done: int, trainable) -> None:
         """After `training` restored round `done`: the running maxima if saved with that round, else none."""
@@ -131,6 +159,10 @@ class CanaryAuditor(observers.Observer):
     def _finish(self, delta_w: np.ndarray) -> dict[str, Any]:
         """The estimates and the samples they come from (audit.json)."""
         k = self.k
+        if self.lost_seed:
+            return {"canary_clients": k, "delta": self.delta, "final_model": None, "all_rounds": None,
+                    "all_rounds_note": f"not computed: {SECRET_FILE} (the canary seed) was missing when the run "
+                                       "resumed, so the canaries of the earlier rounds are unknown"}
         final = self._final_cosines(delta_w)
         analytic = estimate.cosine_null(self.dim) if self.dim >= 1000 else None
         out: dict[str, Any] = {
@@ -152,7 +184,7 @@ class CanaryAuditor(observers.Observer):
 
     def summary_fields(self) -> dict[str, Any]:
         r = self.results
-        if r is None:
+        if r is None or r["final_model"] is None:
             return {}
         return {"empirical_epsilon": r["final_model"]["epsilon"],
                 "empirical_epsilon_all_rounds": r["all_rounds"]["epsilon"] if r["all_rounds"] else None,
@@ -166,6 +198,8 @@ def plot(audit: dict[str, Any], path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if audit.get("final_model") is None:
+        raise ValueError(audit.get("all_rounds_note", "no estimate"))
     panels = [("final model: cos(canary, w_0 - w_T)", audit["final_model"], "inserted_cosines", "held_out_cosines")]
     if audit.get("all_rounds"):
         panels.append(("all rounds: max_t cos(canary, w_{t-1} - w_t)", audit["all_rounds"],
