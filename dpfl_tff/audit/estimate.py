@@ -139,8 +139,9 @@ def delta_two_gaussians(eps: float, null: Gaussian, alt: Gaussian) -> float:
     return math.exp(max(log_hockey_stick(eps, alt, null), log_hockey_stick(eps, null, alt)))
 
 
-def epsilon_two_gaussians(null: Gaussian, alt: Gaussian, delta: float) -> float:
-    """The smallest eps >= 0 with delta_two_gaussians(eps) <= delta (bisection on log delta); inf above MAX_EPSILON."""
+def epsilon_two_gaussians(null: Gaussian, alt: Gaussian, delta: float, xtol: float = 1e-7) -> float:
+    """The smallest eps >= 0 with delta_two_gaussians(eps) <= delta (bisection on log delta, to `xtol`); inf above
+    MAX_EPSILON."""
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     log_delta = math.log(delta)
@@ -155,8 +156,8 @@ def epsilon_two_gaussians(null: Gaussian, alt: Gaussian, delta: float) -> float:
         lo, hi = hi, 2 * hi
         if hi > MAX_EPSILON:
             return math.inf
-    # delta(eps) is non-increasing in eps, so the root is unique; xtol far below any reported digit.
-    return float(scipy.optimize.bisect(lambda e: 1.0 if excess(e) > 0 else -1.0, lo, hi, xtol=1e-7))
+    # delta(eps) is non-increasing in eps, so the root is unique; the default xtol is far below any reported digit.
+    return float(scipy.optimize.bisect(lambda e: 1.0 if excess(e) > 0 else -1.0, lo, hi, xtol=xtol))
 
 
 def gaussian_mechanism_epsilon(mu: float, delta: float) -> float:
@@ -187,7 +188,7 @@ def no_signal_level(k_inserted: int, k_held_out: int | None, delta: float, quant
     values = []
     for _ in range(repetitions):
         null = known if k_held_out is None else fit(rng.standard_normal(k_held_out))
-        values.append(epsilon_two_gaussians(null, fit(rng.standard_normal(k_inserted)), delta))
+        values.append(epsilon_two_gaussians(null, fit(rng.standard_normal(k_inserted)), delta, xtol=1e-3))
     return float(np.quantile(values, quantile))
 
 
