@@ -144,3 +144,24 @@ def test_auditor_keeps_maxima_across_a_matching_checkpoint_only(tmp_path):
     lost = auditor.CanaryAuditor(k, seed, w0, 1e-3, ckpt, checkpoint_every=2, lost_seed=True)
     lost.on_round({"round": 3}, _State(unflat(w2)), True, False)
     assert lost.results["final_model"] is None and lost.summary_fields() == {}
+
+
+def test_done_line_and_audit_variants():
+    """The done: line shows the empirical epsilon beside the bound and says "no DP noise" at z=0; the audit
+    driver's second run is the first with zero noise, in its own subfolder."""
+    import pytest
+
+    from experiments import audit, run_federated
+
+    s = {"rounds": 100, "final_test_accuracy": 0.9, "neighboring_relation": "add_or_remove_one", "noise_multiplier": 0.0,
+         "epsilon": float("inf"), "accountant": "rdp", "delta": 5.6e-4, "empirical_epsilon": 19.7,
+         "empirical_epsilon_all_rounds": 206.7, "empirical_epsilon_no_signal_level": 0.98, "canary_clients": 200}
+    line = run_federated.done_line(s, "runs/x")
+    assert "epsilon inf (no DP noise" in line and "empirical epsilon 19.7 (final model; all rounds 206.7" in line
+    cfg = dataclasses.replace(_cfg(), dp=dataclasses.replace(_cfg().dp, noise_multiplier=1.0), output_dir="runs/a")
+    runs = audit.variants(cfg)
+    assert runs["noised"].dp.noise_multiplier == 1.0 and runs["noise_free"].dp.noise_multiplier == 0.0
+    assert runs["noise_free"].output_dir == os.path.join("runs/a", "noise_free")
+    assert runs["noised"].target_delta == runs["noise_free"].target_delta
+    with pytest.raises(C.ConfigError, match="--canary_clients=0"):
+        audit.variants(dataclasses.replace(cfg, canary_clients=0))
