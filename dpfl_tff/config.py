@@ -350,7 +350,8 @@ class DPConfig:
     )
     noise_multiplier: float = _field(
         1.0, PRIVACY,
-        "z: noise std in units of the clip norm (>= 0; 0 is refused with --dp_mode=central and local).",
+        "z: noise std in units of the clip norm (>= 0; 0 is refused with --dp_mode=central and local, "
+        "except with --canary_clients > 0: the audit's noise-free check, epsilon inf).",
     )
     clip_norm: float = _field(
         1.0, PRIVACY,
@@ -376,7 +377,8 @@ class DPConfig:
     )
     target_delta: float | None = _field(
         None, PRIVACY,
-        "delta of the reported (epsilon, delta), in (0, 1); unset = 1/num_clients^1.1.",
+        "delta of the reported (epsilon, delta), in (0, 1); unset = 1/N'^1.1 with N' = num_clients + "
+        "canary_clients.",
     )
     accountant: str = _field(
         "rdp", PRIVACY,
@@ -452,6 +454,14 @@ class ExperimentConfig:
         " part, which voids amplification by sampling against them. (--dp_mode=local always "
         "records cohorts there.)",
     )
+    canary_clients: int = _field(
+        0, PRIVACY,
+        "Empirical privacy audit (>= 0; 0 = off): add this many synthetic canary clients to the population "
+        "(N becomes N + K for sampling and accounting) whose update is a fixed secret random direction at the "
+        "clip norm; after training, the cosines of the model delta with them against K held-out directions "
+        "give empirical_epsilon (summary.json, audit.json). An estimate under one attack, not a bound. "
+        "--fedavg_impl=grouped only.",
+    )
     client_metrics: bool = _field(
         True, OUTPUTS,
         "Release the clients' training loss/accuracy, nonfinite_clients, the realised Poisson "
@@ -468,16 +478,27 @@ class ExperimentConfig:
             raise ConfigError("--output_dir is empty: give a folder for the experiment's outputs")
         for address in self.workers:
             check_worker_address(address, ",".join(self.workers))
+        _int_at_least("canary_clients", self.canary_clients, 0)
+        if self.canary_clients and self.train.fedavg_impl != "grouped":
+            raise ConfigError(
+                f"--canary_clients={self.canary_clients} with --fedavg_impl={self.train.fedavg_impl}: canaries are "
+                "supported by --fedavg_impl=grouped only"
+            )
         if not (isinstance(self.worker_timeout, (int, float)) and 0 < self.worker_timeout <= 3600):
             raise ConfigError(f"--worker_timeout={self.worker_timeout}: must be in (0, 3600] seconds")
         return self
 
     @property
+    def population(self) -> int:
+        """N' = N + canary clients: the population cohorts are drawn from and the accounting's N."""
+        return self.task.num_clients + self.canary_clients
+
+    @property
     def target_delta(self) -> float:
-        """The delta every reported epsilon is computed at."""
+        """The delta every reported epsilon (and the empirical epsilon) is computed at: 1/N'^1.1 by default."""
         if self.dp.target_delta is not None:
             return self.dp.target_delta
-        return default_delta(self.task.num_clients)
+        return default_delta(self.population)
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as written to hparams.json; a sampling seed is only said to be set."""

@@ -12,6 +12,8 @@ every round. The result is the same algorithm:
     delta_c = (server weights - weights after local SGD on c's examples)
     non-finite delta_c -> zeros (counted in `nonfinite_clients`, except under
     local DP, where no count leaves the client)
+    (a canary client, `--canary_clients`: delta_c = its direction x the clip
+    instead of local SGD; it adds nothing to the training metrics)
     record_c = query.preprocess_record(params, delta_c)    (at the client)
   the group's call sums its clients' records (the query's sample state);
   the groups' sums are summed (`federated_sum`: the privacy modes' queries
@@ -50,6 +52,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from dpfl_tff.audit import canaries
 from dpfl_tff.tasks.base import FederatedData
 
 # Client calls per worker and round when --clients_per_call=0: two let one call's small ops overlap
@@ -101,15 +104,19 @@ def make_groups(
     orders: Sequence[np.ndarray],
     groups: Sequence[slice],
     files: ClientFiles | None,
+    num_real: int | None = None,
 ) -> list[collections.OrderedDict]:
     """The round's CLIENTS value: one entry per group.
 
     `orders[k]` is the visiting order of client `cohort[k]`'s examples
     (`FederatedData.client_order`). With `files`, a group names its clients
     (their files are written first); without, it carries their data, padded.
+    `num_real` (canaries on): ids >= num_real are canaries, which have no data;
+    each group then lists `canaries` (the canary's index, -1 for a real client).
     """
+    real = [c for c in cohort if num_real is None or c < num_real]
     if files is not None:
-        files.ensure(cohort)
+        files.ensure(real)
     out = []
     for g in groups:
         ids = np.asarray(cohort[g], np.int32)
@@ -121,13 +128,18 @@ def make_groups(
         entry = collections.OrderedDict(
             orders=padded, lengths=np.asarray([len(o) for o in ords], np.int32)
         )
+        if num_real is not None:
+            entry["canaries"] = np.where(ids >= num_real, ids - num_real, -1).astype(np.int32)
         if files is not None:
             entry["client_ids"] = ids
         else:
-            n_max = max((len(data.clients[c]) for c in ids), default=0)
+            real_ids = [c for c in ids if num_real is None or c < num_real]
+            n_max = max((len(data.clients[c]) for c in real_ids), default=0)
             x = np.zeros((len(ids), n_max, *data.input_shape), np.float32)
             y = np.zeros((len(ids), n_max), np.int32)
             for k, c in enumerate(ids):
+                if num_real is not None and c >= num_real:
+                    continue  # a canary: no data
                 n = len(data.clients[c])
                 x[k, :n], y[k, :n] = data.clients[c].x, data.clients[c].y
             entry["x"], entry["y"] = x, y
@@ -135,11 +147,13 @@ def make_groups(
     return out
 
 
-def group_type(input_shape: Sequence[int], ship: bool) -> tff.StructWithPythonType:
+def group_type(input_shape: Sequence[int], ship: bool, canaries: bool = False) -> tff.StructWithPythonType:
     fields = [
         ("orders", tff.TensorType(np.int32, (None, None))),
         ("lengths", tff.TensorType(np.int32, (None,))),
     ]
+    if canaries:
+        fields.append(("canaries", tff.TensorType(np.int32, (None,))))
     if ship:
         fields += [
             ("x", tff.TensorType(np.float32, (None, None, *input_shape))),
@@ -160,6 +174,8 @@ def build_grouped_fed_avg(
     query,
     release_client_statistics: bool = True,
     files_root: str | None = None,
+    canary_seed: int | None = None,
+    canary_norm: float = 1.0,
 ) -> tff.learning.templates.LearningProcess:
     """The DP-FedAvg `LearningProcess` over client groups (see the module docstring).
 
@@ -175,6 +191,9 @@ def build_grouped_fed_avg(
         example and non-finite counts leave them (False under local DP).
       files_root: folder of `ClientFiles` read by the worker; None: the
         groups carry their data (`make_groups(files=None)`).
+      canary_seed: the run's secret canary seed (`audit.canaries`), or None
+        (no canaries). With it, the groups list `canaries` (`make_groups(num_real=N)`)
+        and a canary's update is its direction times `canary_norm`.
 
     `next(state, groups)` takes `make_groups`' list (one entry per group).
     """
@@ -187,9 +206,11 @@ def build_grouped_fed_avg(
 
     agg_init = tff.tensorflow.computation(query.initial_global_state)
     weights_type, agg_state_type = initial_weights.type_signature.result, agg_init.type_signature.result
-    trainer = _GroupTrainer(query, client_optimizer, batch_size, input_shape, files_root, release_client_statistics)
+    trainer = _GroupTrainer(query, client_optimizer, batch_size, input_shape, files_root, release_client_statistics,
+                            canary_seed, canary_norm)
+    groups_type = group_type(input_shape, ship, canary_seed is not None)
 
-    @tff.tensorflow.computation(weights_type, agg_state_type, group_type(input_shape, ship))
+    @tff.tensorflow.computation(weights_type, agg_state_type, groups_type)
     def train_group(weights, agg_state, group):
         return trainer(model_fn())(weights, agg_state, group)
 
@@ -197,16 +218,17 @@ def build_grouped_fed_avg(
         query, server_optimizer, weights_type, agg_state_type, train_group.type_signature.result,
         release_client_statistics,
     )
-    return _learning_process(initial_weights, agg_init, optimizer_init, train_group, server_step,
-                             group_type(input_shape, ship))
+    return _learning_process(initial_weights, agg_init, optimizer_init, train_group, server_step, groups_type)
 
 
 class _GroupTrainer:
     """Builds the tf.function (weights, aggregator state, group) -> (records' sum, statistics) for a model."""
 
     def __init__(self, query, client_optimizer, batch_size: int, input_shape: tuple[int, ...],
-                 files_root: str | None, release_client_statistics: bool):
+                 files_root: str | None, release_client_statistics: bool, canary_seed: int | None = None,
+                 canary_norm: float = 1.0):
         self.query = query
+        self.canary_seed, self.canary_norm = canary_seed, canary_norm
         self.client_optimizer = client_optimizer
         self.batch_size = batch_size
         self.input_shape = input_shape
@@ -255,6 +277,16 @@ class _GroupTrainer:
         )
         return delta, stats
 
+    def _client_update(self, model, weights, group, i, stats):
+        x_i, y_i = self._client_arrays(group, i)
+        order = group["orders"][i, : group["lengths"][i]]
+        return self._local_training(model, weights, x_i, y_i, order, group["lengths"][i], stats)
+
+    def _canary_update(self, weights, index):
+        """A canary's delta: its fixed direction (`audit.canaries`) times the canary norm; no training."""
+        shapes = [w.shape for w in weights.trainable]
+        return [self.canary_norm * d for d in canaries.direction(self.canary_seed, index, shapes)]
+
     def __call__(self, model: tf.keras.Model):
         query = self.query
 
@@ -267,9 +299,12 @@ class _GroupTrainer:
                 batches=tf.constant(0, tf.int64), nonfinite=tf.constant(0, tf.int64),
             )
             for i in tf.range(tf.shape(group["lengths"])[0]):
-                x_i, y_i = self._client_arrays(group, i)
-                order = group["orders"][i, : group["lengths"][i]]
-                delta, stats = self._local_training(model, weights, x_i, y_i, order, group["lengths"][i], stats)
+                if self.canary_seed is None:  # Python: no canary branch in the graph
+                    delta, stats = self._client_update(model, weights, group, i, stats)
+                elif group["canaries"][i] >= 0:  # a canary: its update, and no statistics
+                    delta = self._canary_update(weights, group["canaries"][i])
+                else:
+                    delta, stats = self._client_update(model, weights, group, i, stats)
                 sums = query.accumulate_preprocessed_record(sums, query.preprocess_record(params, delta))
             # Without release, the records' sum is all that leaves the clients (local DP).
             return sums, (stats if self.release else collections.OrderedDict())

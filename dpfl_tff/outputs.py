@@ -9,6 +9,7 @@ Files (all under `output_dir`):
   checkpoints/   full training state every --checkpoint_every rounds
   tensorboard/   TensorBoard event files
   run.png        test accuracy and epsilon per round
+  audit.json     --canary_clients: the canaries' cosines and the empirical epsilons (audit.png: histograms)
   worker.log     output of the TFF worker process
 """
 
@@ -27,7 +28,8 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 WORKER_LOG = "worker.log"
 TENSORBOARD = "tensorboard"
-_RUN_FILES = (HPARAMS, METRICS, SUMMARY, "ledger.jsonl", "checkpoints", TENSORBOARD, "run.png", WORKER_LOG)
+_RUN_FILES = (HPARAMS, METRICS, SUMMARY, "ledger.jsonl", "checkpoints", TENSORBOARD, "run.png", WORKER_LOG,
+              "audit.json", "audit.png")
 
 # Settings that may change between a run and its resumption: they change neither
 # the model trained so far nor its privacy accounting.

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from dpfl_tff import observers, outputs, plan, plots, resume, runtime
+from dpfl_tff.audit import auditor as canary_audit
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.privacy import coverage
 from dpfl_tff.privacy.mechanism import PrivacyMechanism
@@ -153,8 +154,10 @@ def run(
     if loop.records:
         try:
             plots.plot_run(cfg.output_dir)
+            if loop.auditor is not None and (loop.auditor.results or {}).get("final_model") is not None:
+                canary_audit.plot(loop.auditor.results, folder.out.file(canary_audit.AUDIT_PNG))
         except Exception as e:  # noqa: BLE001  (a plot must never fail a finished run)
-            log(f"WARNING: could not write {plots.RUN_PNG}: {e}")
+            log(f"WARNING: could not write {plots.RUN_PNG} or {canary_audit.AUDIT_PNG}: {e}")
     return RunResult(loop.summary, loop.records)
 
 
@@ -169,7 +172,10 @@ class _Loop:
         self.ledger = mechanism.ledger()
         self.planned = self.ledger.planned(cfg.train.rounds)
         t = cfg.train
-        self.sampler = CohortSampler(t.client_sampling, data.num_clients, t.clients_per_round, t.sampling_seed)
+        # Canary clients (--canary_clients) are ids N..N+K-1 of the population the cohorts are drawn from.
+        self.sampler = CohortSampler(t.client_sampling, data.num_clients + cfg.canary_clients, t.clients_per_round,
+                                     t.sampling_seed)
+        self.auditor: canary_audit.CanaryAuditor | None = None
         self.records: list[dict[str, Any]] = []
         self.summary = _initial_summary(cfg, mechanism, self.ledger.neighboring_relation, self.sampler.seeded)
         self.checkpointer = observers.Checkpointer(folder.ckpts, folder.ledger_log, t.checkpoint_every)
@@ -191,19 +197,29 @@ class _Loop:
                      "no privacy")
         if self.cfg.workers:
             self.log(f"workers: {', '.join(self.cfg.workers)} (clients split over them, merged before the server step)")
+        if self.cfg.canary_clients:
+            k = self.cfg.canary_clients
+            self.log(f"audit: {k} canary clients in the population (N' = {self.data.num_clients} + {k}), {k} held-out "
+                     "directions; empirical epsilon after the last round")
 
     def _privacy_line(self) -> str:
         return f"{self.mechanism.privacy_line(self.planned)}; {_sampling_text(self.cfg, self.mechanism)}"
 
     def train(self, files) -> None:
         cfg = self.cfg
-        self.process = build_learning_process(cfg, self.data, files)
+        seed, lost_seed = canary_audit.run_seed(cfg, self.folder.ckpts.dir, self.folder.ledger_log.count, self.log)
+        self.process = build_learning_process(cfg, self.data, files, canary_seed=seed)
         self.state = initial_state(self.process, cfg, self.data)
+        if seed is not None:
+            self.auditor = canary_audit.CanaryAuditor.for_run(
+                cfg, seed, self.process.get_model_weights(self.state).trainable, self.folder.ckpts.dir, lost_seed)
         self.outbox = observers.Outbox(Evaluator(cfg, self.data), self._deliver)
         if self.folder.out.resuming:
             self._restore()
+            if self.auditor is not None:
+                self.auditor.resume(self.done, self.process.get_model_weights(self.state).trainable)
         self.observers = [
-            self.checkpointer, observers.MetricsFile(self.folder.out),
+            self.checkpointer, *([self.auditor] if self.auditor else []), observers.MetricsFile(self.folder.out),
             observers.TensorBoardLog(self.folder.out.file(outputs.TENSORBOARD)),
             observers.SummaryKeeper(self.summary),
             observers.ProgressLine(self.log, cfg.train.rounds, self.ledger.neighboring_relation),
@@ -219,6 +235,9 @@ class _Loop:
             raise
         if self.summary["stop_reason"]:
             self.log(f"stopped: {self.summary['stop_reason']}")
+        if self.auditor is not None and self.auditor.results is not None:
+            self.summary.update(self.auditor.summary_fields())
+            self.folder.out.write_json(canary_audit.AUDIT_JSON, self.auditor.results)
 
     def _restore(self) -> None:
         self.done, self.state, self.clip, self.records = resume.restore(
@@ -355,6 +374,10 @@ def _initial_summary(cfg: ExperimentConfig, mechanism: PrivacyMechanism, relatio
         "outputs_not_covered_by_epsilon": coverage.not_covered(cfg),
         "final_test_accuracy": None,
         "final_test_loss": None,
+        "canary_clients": cfg.canary_clients,
+        "empirical_epsilon": None,
+        "empirical_epsilon_all_rounds": None,
+        "empirical_epsilon_no_signal_level": None,
         "stop_reason": None,
         "resumed_from_round": None,
     }
@@ -413,7 +436,8 @@ def dry_run(cfg: ExperimentConfig, overwrite: bool = False, fresh: bool = False,
         log(note)
     log("dry run: nothing is trained, no TFF worker is started, nothing is written")
     log(f"task: {data.description}")
-    log(f"clients: N = {data.num_clients}, {cfg.train.clients_per_round} per round ({cfg.train.client_sampling})")
+    canary = f" + {cfg.canary_clients} canary clients" if cfg.canary_clients else ""
+    log(f"clients: N = {data.num_clients}{canary}, {cfg.train.clients_per_round} per round ({cfg.train.client_sampling})")
     log(f"model: {cfg.train.model}, {model.count_params():,} parameters")
     log(f"{mechanism.privacy_line(planned)}; {_sampling_text(cfg, mechanism)}")
     not_covered = coverage.not_covered(cfg)

@@ -110,16 +110,29 @@ def main(argv: list[str]) -> None:
         sys.exit(1)
     if result.already_complete:
         return
-    s = result.summary
+    print(done_line(result.summary, cfg.output_dir), flush=True)
+
+
+def done_line(s: dict, output_dir: str) -> str:
+    """The final `done:` line: rounds, accuracy, epsilon (and the audit's empirical epsilon beside it)."""
     relation = (s["neighboring_relation"] or "").replace("_", "-")
-    eps = "inf (no DP)" if not relation else f"{s['epsilon']:.4g} ({relation}, {s['accountant'].upper()})"
+    if not relation:
+        eps = "inf (no DP)"
+    elif s["noise_multiplier"] == 0:
+        eps = f"inf (no DP noise: --noise_multiplier=0; {relation})"
+    else:
+        eps = f"{s['epsilon']:.4g} ({relation}, {s['accountant'].upper()})"
     acc = "n/a" if s["final_test_accuracy"] is None else f"{s['final_test_accuracy']:.4f}"
     wall = f", {s['wall_seconds']:.0f} s" if "wall_seconds" in s else ""
-    print(
-        f"done: {s['rounds']} rounds, test accuracy {acc}, "
-        f"epsilon {eps} at delta {s['delta']:.3g}{wall}; outputs in {cfg.output_dir}",
-        flush=True,
-    )
+    audit = ""
+    if s.get("empirical_epsilon") is not None:
+        all_rounds = s.get("empirical_epsilon_all_rounds")
+        audit = (f", empirical epsilon {s['empirical_epsilon']:.4g} (final model"
+                 + ("" if all_rounds is None else f"; all rounds {all_rounds:.4g}")
+                 + f"; {s['canary_clients']} canaries, whose fitting noise alone gives up to "
+                 f"{s['empirical_epsilon_no_signal_level']:.2g}; an estimate, not a bound)")
+    return (f"done: {s['rounds']} rounds, test accuracy {acc}, "
+            f"epsilon {eps} at delta {s['delta']:.3g}{audit}{wall}; outputs in {output_dir}")
 
 
 def run() -> None:

@@ -198,6 +198,7 @@ def _driver_flags() -> dict[str, set[str]]:
     own = lambda module: {f.name for f in flags.FLAGS.get_key_flags_for_module(module)}  # noqa: E731
     return {
         "run_federated": _our_flags() | ABSL_FLAGS,
+        "audit": _our_flags() | ABSL_FLAGS,
         "compute_epsilon": _our_flags() | own(compute_epsilon) | ABSL_FLAGS,
         "run_worker": own(run_worker) | ABSL_FLAGS,
     }
@@ -273,9 +274,10 @@ def _commands(text: str) -> list[tuple[str, str, str]]:
 
 def _parse(driver: str, argv: list[str]) -> int:
     """Parses `argv` with the driver's own parser (usage errors exit 2, --help exits 0); returns the exit code."""
-    from experiments import cli, compute_epsilon, run_federated, run_worker
+    from experiments import audit, cli, compute_epsilon, run_federated, run_worker
 
     doc, groups = {"run_federated": (run_federated.__doc__, dpfl_flags.GROUPS),
+                   "audit": (audit.__doc__, dpfl_flags.GROUPS),
                    "compute_epsilon": (compute_epsilon.__doc__, compute_epsilon.GROUPS),
                    "run_worker": (run_worker.__doc__, run_worker.GROUPS)}[driver]
     try:

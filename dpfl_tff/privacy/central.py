@@ -32,7 +32,7 @@ class CentralGaussian(PrivacyMechanism):
 
     @classmethod
     def check(cls, cfg: ExperimentConfig) -> None:
-        if cfg.dp.noise_multiplier == 0 and cfg.dp.target_epsilon is None:
+        if cfg.dp.noise_multiplier == 0 and cfg.dp.target_epsilon is None and not cfg.canary_clients:
             raise ConfigError(
                 "--noise_multiplier=0 with --dp_mode=central: zero noise gives no privacy "
                 "(epsilon is infinite); use --dp_mode=none to train without DP, "
@@ -49,7 +49,7 @@ class CentralGaussian(PrivacyMechanism):
         t = self.cfg.train
         if not self.cfg.task.n_is_known:
             return None
-        return sampled_gaussian_round(self.cfg.task.num_clients, t.clients_per_round, t.client_sampling,
+        return sampled_gaussian_round(self.cfg.population, t.clients_per_round, t.client_sampling,
                                       self.noise.effective_noise_multiplier)
 
     def ledger(self) -> CentralLedger:

@@ -134,7 +134,7 @@ class LocalLedger(Ledger):
         self._local = EpsilonTracker(self._release, self.delta, dp.accountant)
         self._sum: EpsilonTracker | None = None
         if self.mechanism == "gaussian" and cfg.train.client_sampling == "uniform":
-            n, m = cfg.task.num_clients, cfg.train.clients_per_round
+            n, m = cfg.population, cfg.train.clients_per_round
             summed = RoundPrivacy(
                 dp_accounting.SampledWithoutReplacementDpEvent(n, m, dp_accounting.GaussianDpEvent(math.sqrt(m) * z / 2)),
                 REPLACE_ONE, math.sqrt(m) * z, "sum of m local Gaussian noises, fixed cohort, replace-one",

@@ -33,7 +33,8 @@ class LocalNoise(PrivacyMechanism):
         dp = cfg.dp
         if dp.adaptive_clipping:
             raise ConfigError("--adaptive_clipping with --dp_mode=local: not supported; use a fixed --clip_norm")
-        if dp.noise_multiplier == 0 and dp.target_epsilon is None:
+        if dp.noise_multiplier == 0 and dp.target_epsilon is None and not (
+                cfg.canary_clients and dp.local_mechanism == "gaussian"):
             raise ConfigError(
                 "--noise_multiplier=0 with --dp_mode=local: zero noise gives no privacy; "
                 "use --dp_mode=none, or set --noise_multiplier > 0"

@@ -102,4 +102,5 @@ class PrivacyMechanism(abc.ABC):
 
     def delta_text(self) -> str:
         cfg = self.cfg
-        return f"delta={cfg.target_delta:.3g}{'' if cfg.dp.target_delta else ' (default 1/num_clients^1.1)'}"
+        default = " (default 1/(num_clients+canary_clients)^1.1)" if cfg.canary_clients else " (default 1/num_clients^1.1)"
+        return f"delta={cfg.target_delta:.3g}{'' if cfg.dp.target_delta else default}"
