@@ -228,16 +228,20 @@ class _Loop:
             self.summary["stop_reason"] = self._over_budget()
             while self.summary["stop_reason"] is None and self.done < cfg.train.rounds:
                 self._round(files)
-        except RunInterrupted:
+        except RunInterrupted:  # raised by the loop, or by a second signal's handler mid-round
             with signals_deferred():
-                self.outbox.flush()
-                self.checkpointer.save_if_missing(self.done, self.state, self.records[-1] if self.records else None)
+                self._save_last_completed()
             raise
         if self.summary["stop_reason"]:
             self.log(f"stopped: {self.summary['stop_reason']}")
         if self.auditor is not None and self.auditor.results is not None:
             self.summary.update(self.auditor.summary_fields())
             self.folder.out.write_json(canary_audit.AUDIT_JSON, self.auditor.results)
+
+    def _save_last_completed(self) -> None:
+        """Delivers every pending record and checkpoints round `done` unless it is (a stop or an error)."""
+        self.outbox.flush()
+        self.checkpointer.save_if_missing(self.done, self.state, self.records[-1] if self.records else None)
 
     def _restore(self) -> None:
         self.done, self.state, self.clip, self.records = resume.restore(
@@ -282,6 +286,10 @@ class _Loop:
         # A signal that waited above is handled here; a second one raises RunInterrupted.
         interrupted = interrupted or self.stop_requested()
         if interrupted is not None:
+            # Checkpoint before raising: a second signal (uv forwarding the first) that lands while the
+            # exception travels to `train`'s handler would otherwise skip the checkpoint.
+            with signals_deferred():
+                self._save_last_completed()
             raise interrupted
 
     def _complete(self, r: int, cohort: np.ndarray, result, t0: float) -> RunInterrupted | None:
