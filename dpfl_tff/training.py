@@ -370,7 +370,7 @@ def _sampling_text(cfg: ExperimentConfig, mechanism: PrivacyMechanism) -> str:
     if cfg.log_cohorts:
         text += "; --log_cohorts: ledger.jsonl lists every cohort, so its readers know who took part"
     elif mechanism.records_cohorts:
-        text += "; ledger.jsonl lists every cohort (this privacy mode's accounting needs them)"
+        text += "; ledger.jsonl lists every cohort (this privacy mode's accounting or the epoch shuffle needs them)"
     return text
 
 

@@ -163,8 +163,11 @@ def test_shuffle_every_client_at_most_once_per_epoch_remainder_sits_out_and_resu
 
 def test_ftrl_trains_and_logs_dp_accounting_epsilon_every_round(tmp_path, capsys):
     out = tmp_path / "run"
-    assert run_driver([*ARGS, "--rounds=4", f"--output_dir={out}"]) == 0  # --client_sampling unset: shuffle
-    assert "DP-FTRL" in capsys.readouterr().out
+    budget = (_direct_epsilon([3, 1]) + _direct_epsilon([3, 2])) / 2  # the budget guard stops before round 5
+    # --client_sampling unset: shuffle
+    assert run_driver([*ARGS, "--rounds=6", f"--max_epsilon={budget}", f"--output_dir={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert "DP-FTRL" in printed and "stopped: privacy budget: round 5 would bring epsilon to" in printed
     rows = _lines(out / "metrics.jsonl")
     assert [(r["epoch"], r["tree"], r["tree_round"]) for r in rows] == [(1, 1, 1), (1, 1, 2), (1, 1, 3), (2, 2, 1)]
     trees = [[1], [2], [3], [3, 1]]
@@ -174,7 +177,8 @@ def test_ftrl_trains_and_logs_dp_accounting_epsilon_every_round(tmp_path, capsys
     epoch1 = np.concatenate([e["cohort"] for e in ledger[:3]])
     assert len(set(epoch1.tolist())) == 3 * M == N
     summary = json.load(open(out / "summary.json"))
-    assert summary["dp_mode"] == "ftrl" and summary["rounds_per_epoch"] == 3
+    assert summary["dp_mode"] == "ftrl" and summary["rounds_per_epoch"] == 3 and summary["trees"] == 2
+    assert summary["status"] == "stopped_at_budget" and summary["clients_left_out_per_epoch"] == 0
     assert np.isfinite(rows[-1]["test_accuracy"])
 
 

@@ -91,8 +91,12 @@ class PrivacyMechanism(abc.ABC):
 
     @property
     def records_cohorts(self) -> bool:
-        """Whether ledger.jsonl lists each round's cohort (--log_cohorts, or this mode's ledger needs them)."""
-        return self.cfg.log_cohorts or self.ledger_needs_cohorts
+        """Whether ledger.jsonl lists each round's cohort.
+
+        With --log_cohorts; when this mode's ledger needs them; and with --client_sampling=shuffle, whose
+        epochs a resumed run rebuilds from them (`sampling.EpochShuffler.restore`).
+        """
+        return self.cfg.log_cohorts or self.ledger_needs_cohorts or self.cfg.train.client_sampling == "shuffle"
 
     @property
     def noise_seeded(self) -> bool:
