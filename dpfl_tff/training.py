@@ -3,9 +3,9 @@
 `run(cfg)` resolves the run (`plan.prepare`), opens its folder (`resume`:
 a new run, a checked resume, or a finished run left as it is), then loops:
 
-  draw the round's cohort (secret, `sampling.CohortSampler`)
+  draw the round's cohort (secret, `sampling.CohortSampler`); the ledger begins the round
   budget guard: stop before a round that would exceed --max_epsilon
-  process.next(state, the cohort's data)          # the mechanism's query inside
+  process.next(mechanism.prepare_state(state), the cohort's data)   # the mechanism's query inside
   -- from here nothing is cut short (signals wait) --
   ledger.jsonl += the round (write-ahead)
   the record: the mechanism's fields, epsilon from the ledger, test metrics
@@ -111,7 +111,8 @@ def run(
     checkpoint once the ledger is verified against the folder (a damaged,
     shortened or missing ledger refuses the resume: `LedgerError`, nothing
     written). Rounds after the checkpoint are re-run with fresh cohorts and
-    fresh noise, and counted again. A folder holding this run finished is left
+    fresh noise (`--client_sampling=shuffle`: the same clients; DP-FTRL: in a
+    fresh noise tree), and counted again. A folder holding this run finished is left
     as it is (`RunResult.already_complete`).
 
     Args:
@@ -361,7 +362,7 @@ def _initial_summary(cfg: ExperimentConfig, mechanism: PrivacyMechanism, relatio
 def _sampling_text(cfg: ExperimentConfig, mechanism: PrivacyMechanism) -> str:
     """How secret the cohorts are: what amplification by sampling rests on."""
     if cfg.train.sampling_seed is None:
-        text = "cohorts drawn from OS entropy (secret)"
+        text = "cohorts drawn from OS entropy" + ("" if mechanism.records_cohorts else " (secret)")
     else:
         text = (
             "cohorts seeded by --sampling_seed: amplification by sampling holds only against readers who do "

@@ -125,7 +125,7 @@ class TreeAggregationFTRL(PrivacyMechanism):
     def privacy_line(self, planned: dict[str, Any]) -> str:
         cfg = self.cfg
         return (
-            f"privacy: DP-FTRL, {planned['analysis']}; accountant RDP, {self.delta_text()}; epsilon after "
+            f"privacy: {planned['analysis']}; accountant RDP, {self.delta_text()}; epsilon after "
             f"{cfg.train.rounds} rounds: {planned['epsilon']:.4g} (no amplification by sampling: each client at "
             "most once per epoch, cohorts not protected)"
         )
