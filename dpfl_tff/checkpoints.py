@@ -198,6 +198,7 @@ class LedgerLog:
     chain makes every line its own checksum and fixes the order; a line is
     never rewritten. `cohort` is present only when the run records cohorts
     (`--log_cohorts`, or a mechanism whose ledger needs them: `PrivacyMechanism.ledger_needs_cohorts`).
+    A ledger may add fields of its own (DP-FTRL: `epoch`, `tree`, `tree_round`; `Ledger.begin_round`).
     """
 
     def __init__(self, root: str):
@@ -256,11 +257,14 @@ class LedgerLog:
             self._executions[entry["round"]] += 1
         return self.entries
 
-    def append(self, round_num: int, cohort: Iterable[int] | None = None) -> None:
-        """Appends and fsyncs the next execution of `round_num`; a failed write is cut back off the file."""
+    def append(self, round_num: int, cohort: Iterable[int] | None = None, fields: dict[str, Any] | None = None) -> None:
+        """Appends and fsyncs the next execution of `round_num`; a failed write is cut back off the file.
+
+        `fields`: the ledger's own fields of the round (`Ledger.begin_round`, e.g. DP-FTRL's tree).
+        """
         round_num = int(round_num)
         body: dict[str, Any] = {
-            "release": self.count + 1, "round": round_num, "execution": self._executions[round_num] + 1,
+            **(fields or {}), "release": self.count + 1, "round": round_num, "execution": self._executions[round_num] + 1,
         }
         if cohort is not None:
             body["cohort"] = [int(c) for c in cohort]

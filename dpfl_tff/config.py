@@ -17,9 +17,9 @@ from typing import Any
 
 from dpfl_tff.errors import ConfigError
 
-DP_MODES = ("none", "central", "local")
+DP_MODES = ("none", "central", "local", "ftrl")
 LOCAL_MECHANISMS = ("gaussian", "laplace")
-CLIENT_SAMPLING = ("poisson", "uniform")
+CLIENT_SAMPLING = ("poisson", "uniform", "shuffle")
 ACCOUNTANTS = ("rdp", "pld")
 OPTIMIZERS = ("sgd", "sgdm", "adam")
 FEDAVG_IMPLS = ("grouped", "tff")
@@ -236,7 +236,10 @@ class TrainConfig:
     client_sampling: str = _field(
         "poisson", TRAINING,
         "poisson (each client independently, q=m/N; add-or-remove-one DP) | uniform (fixed m "
-        "without replacement; replace-one DP, noise multiplier z/2 in the accountant).",
+        "without replacement; replace-one DP, noise multiplier z/2 in the accountant) | shuffle (each epoch a "
+        "random permutation of the clients cut into floor(N/m) rounds of m; the N mod m left over sit that "
+        "epoch out; no client twice per epoch). Unset: poisson, but shuffle with --dp_mode=ftrl (the only "
+        "sampling it allows); shuffle is refused with --dp_mode=central (no amplification to account).",
     )
     client_epochs: int = _field(
         1, TRAINING,
@@ -341,7 +344,9 @@ class DPConfig:
         "central", PRIVACY,
         "none (plain FedAvg, no guarantee) | central (server clips each update to --clip_norm and"
         " adds Gaussian noise of std noise_multiplier*clip_norm to the sum) | local (each client "
-        "clips and noises its own update before sending it; see --local_mechanism).", flag="dp_mode",
+        "clips and noises its own update before sending it; see --local_mechanism) | ftrl (DP-FTRL: server "
+        "clips, tree-aggregation noise of std noise_multiplier*clip_norm per tree node, one tree per epoch of "
+        "--client_sampling=shuffle; --server_optimizer sgd or sgdm; RDP only).", flag="dp_mode",
     )
     local_mechanism: str = _field(
         "gaussian", PRIVACY,
@@ -350,8 +355,8 @@ class DPConfig:
     )
     noise_multiplier: float = _field(
         1.0, PRIVACY,
-        "z: noise std in units of the clip norm (>= 0; 0 is refused with --dp_mode=central and local, "
-        "except with --canary_clients > 0: the audit's noise-free check, epsilon inf).",
+        "z: noise std in units of the clip norm (>= 0; ftrl: per tree node; 0 is refused with --dp_mode=central, "
+        "local and ftrl, except with --canary_clients > 0: the audit's noise-free check, epsilon inf).",
     )
     clip_norm: float = _field(
         1.0, PRIVACY,

@@ -206,23 +206,25 @@ def build_grouped_fed_avg(
 
     agg_init = tff.tensorflow.computation(query.initial_global_state)
     weights_type, agg_state_type = initial_weights.type_signature.result, agg_init.type_signature.result
+    sample_params = tff.tensorflow.computation(query.derive_sample_params, agg_state_type)
     trainer = _GroupTrainer(query, client_optimizer, batch_size, input_shape, files_root, release_client_statistics,
                             canary_seed, canary_norm)
     groups_type = group_type(input_shape, ship, canary_seed is not None)
 
-    @tff.tensorflow.computation(weights_type, agg_state_type, groups_type)
-    def train_group(weights, agg_state, group):
-        return trainer(model_fn())(weights, agg_state, group)
+    @tff.tensorflow.computation(weights_type, sample_params.type_signature.result, groups_type)
+    def train_group(weights, params, group):
+        return trainer(model_fn())(weights, params, group)
 
     optimizer_init, server_step = _server_computations(
         query, server_optimizer, weights_type, agg_state_type, train_group.type_signature.result,
         release_client_statistics,
     )
-    return _learning_process(initial_weights, agg_init, optimizer_init, train_group, server_step, groups_type)
+    return _learning_process(initial_weights, agg_init, sample_params, optimizer_init, train_group, server_step,
+                             groups_type)
 
 
 class _GroupTrainer:
-    """Builds the tf.function (weights, aggregator state, group) -> (records' sum, statistics) for a model."""
+    """Builds the tf.function (weights, sample params, group) -> (records' sum, statistics) for a model."""
 
     def __init__(self, query, client_optimizer, batch_size: int, input_shape: tuple[int, ...],
                  files_root: str | None, release_client_statistics: bool, canary_seed: int | None = None,
@@ -291,8 +293,7 @@ class _GroupTrainer:
         query = self.query
 
         @tf.function
-        def run(weights, agg_state, group):
-            params = query.derive_sample_params(agg_state)
+        def run(weights, params, group):
             sums = query.initial_sample_state([tf.zeros_like(t) for t in weights.trainable])
             stats = collections.OrderedDict(
                 loss_sum=tf.constant(0.0), correct=tf.constant(0.0), examples=tf.constant(0, tf.int64),
@@ -353,7 +354,8 @@ def _server_computations(query, server_optimizer, weights_type, agg_state_type, 
     return optimizer_init, server_step
 
 
-def _learning_process(initial_weights, agg_init, optimizer_init, train_group, server_step, groups_type):
+def _learning_process(initial_weights, agg_init, sample_params, optimizer_init, train_group, server_step,
+                      groups_type):
     """The federated computations around the TensorFlow ones: TFF's LearningProcess shape."""
 
     def algorithm_state(weights, distributor, client_work, aggregator, finalizer):
@@ -375,8 +377,9 @@ def _learning_process(initial_weights, agg_init, optimizer_init, train_group, se
     @tff.federated_computation(state_type, tff.FederatedType(groups_type, tff.CLIENTS))
     def next_fn(state, groups):
         weights_at_clients = tff.federated_broadcast(state.global_model_weights)
-        agg_state_at_clients = tff.federated_broadcast(state.aggregator)
-        sums, stats = tff.federated_map(train_group, (weights_at_clients, agg_state_at_clients, groups))
+        # Only the query's sample params (e.g. the clip) reach the clients, never its state (e.g. DP-FTRL's noise).
+        params_at_clients = tff.federated_broadcast(tff.federated_map(sample_params, state.aggregator))
+        sums, stats = tff.federated_map(train_group, (weights_at_clients, params_at_clients, groups))
         weights, agg_state, optimizer_state, metrics = tff.federated_map(
             server_step,
             (state.global_model_weights, state.aggregator, state.finalizer, tff.federated_sum(sums),

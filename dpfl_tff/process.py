@@ -81,7 +81,7 @@ def build_learning_process(
             client_optimizer=client_opt,
             server_optimizer=server_opt,
             batch_size=cfg.train.client_batch_size,
-            query=mechanism.query(),
+            query=mechanism.query(_update_specs(cfg, data)),
             release_client_statistics=release,
             files_root=None if files is None else files.root,
             canary_seed=canary_seed if cfg.canary_clients else None,
@@ -98,6 +98,11 @@ def build_learning_process(
         metrics_aggregator=None if release else _discard_client_metrics,
         loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR,
     )
+
+
+def _update_specs(cfg: ExperimentConfig, data: FederatedData) -> list[tf.TensorSpec]:
+    """TensorSpecs of a client's model update (the trainable weights, as the grouped process lists them)."""
+    return [tf.TensorSpec(w.shape, w.dtype) for w in keras_model(cfg, data).trainable_weights]
 
 
 def _discard_client_metrics(metric_finalizers, local_unfinalized_metrics_type=None):

@@ -111,5 +111,5 @@ def restore(folder: RunFolder, ledger: Ledger, state: Any, clip: float | None,
         log(f"no checkpoint was written: the run restarts from round 1 "
             f"(the ledger keeps its {ledger_log.count} release(s): epsilon counts them)")
     for entry in ledger_log.entries:
-        ledger.replay(entry.get("cohort"))
+        ledger.replay_entry(entry)
     return done, state, clip, folder.out.truncate_metrics(done, record)

@@ -4,6 +4,12 @@
   Drawn as K ~ Binomial(N, q) and then a uniform K-subset, which has exactly
   the same distribution, in O(K) time and memory.
 * `uniform`: exactly m clients, uniformly without replacement.
+* `shuffle` (DP-FTRL's participation, `EpochShuffler`): epoch e is a uniformly
+  random permutation of the N clients cut into floor(N / m) rounds of exactly
+  m; the N mod m clients at the end of each epoch's permutation sit that epoch
+  out. No client takes part twice in an epoch. Its privacy analysis needs no
+  secrecy of the order (`privacy.ftrl`), so a resumed run re-runs a round with
+  the clients the ledger recorded for it.
 
 Amplification by sampling holds only against someone who does not know who
 took part. So cohorts are secret by default: `CohortSampler` draws them from a
@@ -20,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SCHEMES = ("poisson", "uniform")
+SCHEMES = ("poisson", "uniform", "shuffle")
 
 
 def _subset(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
@@ -44,6 +50,8 @@ def draw_cohort(scheme: str, num_clients: int, clients_per_round: int, rng: np.r
         return _subset(rng, num_clients, k)
     if scheme == "uniform":
         return _subset(rng, num_clients, clients_per_round)
+    if scheme == "shuffle":
+        raise ValueError("--client_sampling=shuffle draws epochs, not rounds: use EpochShuffler")
     raise ValueError(f"--client_sampling={scheme}: must be one of {', '.join(SCHEMES)}")
 
 
@@ -83,3 +91,71 @@ class CohortSampler:
         else:
             rng = np.random.default_rng([self.sampling_seed, 7, int(round_num), int(execution)])
         return draw_cohort(self.scheme, self.num_clients, self.clients_per_round, rng)
+
+    def restore(self, ledger_entries: list[dict]) -> None:
+        """Takes the cohorts a resumed run's ledger recorded (only `shuffle` reuses them)."""
+        del ledger_entries
+
+
+class EpochShuffler(CohortSampler):
+    """`--client_sampling=shuffle`: every epoch a fresh permutation of the clients, cut into rounds of m.
+
+    rounds_per_epoch = floor(N / m); round r is in epoch e = (r - 1) // rounds_per_epoch
+    (0-based) at position k = (r - 1) % rounds_per_epoch and gets the clients at
+    positions k m .. (k + 1) m - 1 of epoch e's permutation; the last N mod m
+    clients of the permutation sit the epoch out. Every execution of a round
+    gets the same clients. Permutations: `default_rng([sampling_seed, 13, e])`
+    with a seed; without, drawn from a generator seeded by OS entropy when the
+    epoch is first needed. `restore` fixes the cohorts a resumed run's ledger
+    holds: epoch e's permutation starts with those rounds' clients and goes on
+    with the others in the seeded order (seeded: the very same permutation)
+    or in a fresh random order (unseeded).
+    """
+
+    def __init__(self, scheme: str, num_clients: int, clients_per_round: int, sampling_seed: int | None = None):
+        super().__init__(scheme, num_clients, clients_per_round, sampling_seed)
+        if clients_per_round > num_clients:
+            raise ValueError(f"--clients_per_round={clients_per_round}: must be <= the {num_clients} clients")
+        self.rounds_per_epoch = num_clients // clients_per_round
+        self._recorded: dict[int, np.ndarray] = {}  # round -> the cohort its first execution had
+        self._permutations: dict[int, np.ndarray] = {}
+
+    def epoch_of(self, round_num: int) -> int:
+        """0-based epoch of round `round_num` (1-based)."""
+        return (int(round_num) - 1) // self.rounds_per_epoch
+
+    def restore(self, ledger_entries: list[dict]) -> None:
+        for entry in ledger_entries:
+            if entry.get("cohort") is not None:
+                self._recorded.setdefault(int(entry["round"]), np.asarray(entry["cohort"], np.int64))
+        self._permutations.clear()
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """Epoch `epoch`'s order of all N clients (the first rounds_per_epoch * m take part)."""
+        if epoch not in self._permutations:
+            rng = self._secret if self._secret is not None else np.random.default_rng([self.sampling_seed, 13, epoch])
+            order = rng.permutation(self.num_clients)
+            first = epoch * self.rounds_per_epoch + 1
+            rounds = [r for r in range(first, first + self.rounds_per_epoch) if r in self._recorded]
+            if rounds != list(range(first, first + len(rounds))):
+                raise ValueError(f"the ledger's rounds of epoch {epoch + 1} are not its first ones: {rounds}")
+            fixed = [self._recorded[r] for r in rounds]
+            taken = np.concatenate([np.zeros(0, np.int64), *fixed])
+            if len(np.unique(taken)) != len(taken):
+                raise ValueError(f"the ledger's cohorts of epoch {epoch + 1} repeat a client")
+            self._permutations[epoch] = np.concatenate([taken, order[~np.isin(order, taken)]])
+        return self._permutations[epoch]
+
+    def cohort(self, round_num: int, execution: int = 1) -> np.ndarray:
+        """The clients of round `round_num` (every execution the same: see the class docstring)."""
+        del execution
+        k = (int(round_num) - 1) % self.rounds_per_epoch
+        m = self.clients_per_round
+        return np.sort(self.permutation(self.epoch_of(round_num))[k * m:(k + 1) * m])
+
+
+def sampler_for(scheme: str, num_clients: int, clients_per_round: int,
+                sampling_seed: int | None = None) -> CohortSampler:
+    """The sampler of `--client_sampling=scheme` (`EpochShuffler` for shuffle)."""
+    cls = EpochShuffler if scheme == "shuffle" else CohortSampler
+    return cls(scheme, num_clients, clients_per_round, sampling_seed)

@@ -3,9 +3,9 @@
 `run(cfg)` resolves the run (`plan.prepare`), opens its folder (`resume`:
 a new run, a checked resume, or a finished run left as it is), then loops:
 
-  draw the round's cohort (secret, `sampling.CohortSampler`)
+  draw the round's cohort (secret, `sampling.CohortSampler`); the ledger begins the round
   budget guard: stop before a round that would exceed --max_epsilon
-  process.next(state, the cohort's data)          # the mechanism's query inside
+  process.next(mechanism.prepare_state(state), the cohort's data)   # the mechanism's query inside
   -- from here nothing is cut short (signals wait) --
   ledger.jsonl += the round (write-ahead)
   the record: the mechanism's fields, epsilon from the ledger, test metrics
@@ -45,7 +45,7 @@ from dpfl_tff.process import (  # noqa: F401  (the process API, as the README's 
     model_fn_for,
     round_input,
 )
-from dpfl_tff.sampling import CohortSampler
+from dpfl_tff.sampling import sampler_for
 from dpfl_tff.tasks import FederatedData
 
 
@@ -112,7 +112,8 @@ def run(
     checkpoint once the ledger is verified against the folder (a damaged,
     shortened or missing ledger refuses the resume: `LedgerError`, nothing
     written). Rounds after the checkpoint are re-run with fresh cohorts and
-    fresh noise, and counted again. A folder holding this run finished is left
+    fresh noise (`--client_sampling=shuffle`: the same clients; DP-FTRL: in a
+    fresh noise tree), and counted again. A folder holding this run finished is left
     as it is (`RunResult.already_complete`).
 
     Args:
@@ -173,13 +174,14 @@ class _Loop:
         self.planned = self.ledger.planned(cfg.train.rounds)
         t = cfg.train
         # Canary clients (--canary_clients) are ids N..N+K-1 of the population the cohorts are drawn from.
-        self.sampler = CohortSampler(t.client_sampling, data.num_clients + cfg.canary_clients, t.clients_per_round,
-                                     t.sampling_seed)
+        self.sampler = sampler_for(t.client_sampling, data.num_clients + cfg.canary_clients, t.clients_per_round,
+                                   t.sampling_seed)
         self.auditor: canary_audit.CanaryAuditor | None = None
         self.records: list[dict[str, Any]] = []
         self.summary = _initial_summary(cfg, mechanism, self.ledger.neighboring_relation, self.sampler.seeded)
         self.checkpointer = observers.Checkpointer(folder.ckpts, folder.ledger_log, t.checkpoint_every)
         self.done, self.state, self.clip, self.cohort = 0, None, mechanism.initial_clip(), None
+        self.round_fields: dict[str, Any] = {}  # the ledger's fields of the next round (begin_round)
         self.observers: list[observers.Observer] = []
         self.outbox: observers.Outbox | None = None  # set when training starts
         self.unreleased = _unreleased_fields(cfg)  # per run, not per round
@@ -247,6 +249,7 @@ class _Loop:
         self.done, self.state, self.clip, self.records = resume.restore(
             self.folder, self.ledger, self.state, self.clip, self.log)
         self.summary["resumed_from_round"] = self.done
+        self.sampler.restore(self.folder.ledger_log.entries)
         if self.done:
             self.log(f"resuming {self.cfg.output_dir} from round {self.done} (checkpoint); "
                      f"ledger: {self.ledger.released} released round(s) so far")
@@ -254,9 +257,13 @@ class _Loop:
             observers.summarize(self.summary, self.records[-1])
 
     def _next_cohort(self) -> np.ndarray:
-        """The cohort of round done + 1, drawn once (also when the budget guard previews it)."""
+        """The cohort of round done + 1, drawn once (also when the budget guard previews it).
+
+        The ledger learns then that the round is next (`Ledger.begin_round`).
+        """
         if self.cohort is None:
             r = self.done + 1
+            self.round_fields = self.ledger.begin_round(r)
             self.cohort = self.sampler.cohort(r, self.folder.ledger_log.executions(r) + 1)
         return self.cohort
 
@@ -275,7 +282,7 @@ class _Loop:
         client_data = round_input(self.cfg, self.data, cohort, r, files)
         self.ledger.prefetch()  # PLD: overlaps the accountant with the round
         try:
-            result = self.process.next(self.state, client_data)
+            result = self.process.next(self.mechanism.prepare_state(self.state, self.round_fields), client_data)
         except RunInterrupted:  # a second stop request cut the round short
             raise
         except Exception as e:
@@ -295,9 +302,10 @@ class _Loop:
     def _complete(self, r: int, cohort: np.ndarray, result, t0: float) -> RunInterrupted | None:
         """Ledger first (write-ahead), then the record, then the observers. Returns a pending stop request."""
         cfg = self.cfg
-        self.folder.ledger_log.append(r, cohort if self.mechanism.records_cohorts else None)
+        self.folder.ledger_log.append(r, cohort if self.mechanism.records_cohorts else None, self.round_fields)
         self.state = result.state
         record = self._record(r, cohort, result.metrics)
+        record.update(self.round_fields)
         record["round_seconds"] = time.time() - t0
         t_acc = time.time()
         record.update(self.ledger.commit(cohort))
@@ -394,7 +402,7 @@ def _initial_summary(cfg: ExperimentConfig, mechanism: PrivacyMechanism, relatio
 def _sampling_text(cfg: ExperimentConfig, mechanism: PrivacyMechanism) -> str:
     """How secret the cohorts are: what amplification by sampling rests on."""
     if cfg.train.sampling_seed is None:
-        text = "cohorts drawn from OS entropy (secret)"
+        text = "cohorts drawn from OS entropy" + ("" if mechanism.records_cohorts else " (secret)")
     else:
         text = (
             "cohorts seeded by --sampling_seed: amplification by sampling holds only against readers who do "
@@ -403,7 +411,7 @@ def _sampling_text(cfg: ExperimentConfig, mechanism: PrivacyMechanism) -> str:
     if cfg.log_cohorts:
         text += "; --log_cohorts: ledger.jsonl lists every cohort, so its readers know who took part"
     elif mechanism.records_cohorts:
-        text += "; ledger.jsonl lists every cohort (local DP's participation counts need them)"
+        text += "; ledger.jsonl lists every cohort (this privacy mode's accounting or the epoch shuffle needs them)"
     return text
 
 

@@ -70,11 +70,22 @@ def _section(cls: type) -> dict:
     return out
 
 
+def _train_section() -> dict:
+    """The training fields; --client_sampling, when not given, is the privacy mode's default if it has one."""
+    from dpfl_tff.privacy.registry import MECHANISMS
+
+    train = _section(C.TrainConfig)
+    mechanism = MECHANISMS.get(HOLDERS["dp_mode"].value)
+    if not CLIENT_SAMPLING.present and mechanism is not None and mechanism.default_client_sampling:
+        train["client_sampling"] = mechanism.default_client_sampling
+    return train
+
+
 def experiment_config() -> C.ExperimentConfig:
     """Builds the (unvalidated) configuration from the parsed flags."""
     return C.ExperimentConfig(
         task=C.TaskConfig(**_section(C.TaskConfig)),
-        train=C.TrainConfig(**_section(C.TrainConfig)),
+        train=C.TrainConfig(**_train_section()),
         dp=C.DPConfig(**_section(C.DPConfig)),
         **_section(C.ExperimentConfig),
     )

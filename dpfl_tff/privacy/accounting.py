@@ -69,9 +69,9 @@ def calibrate_noise_multiplier(cfg: ExperimentConfig, target_epsilon: float) -> 
     """
     def event(z: float) -> dp_accounting.DpEvent:
         z_cfg = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, noise_multiplier=float(z)))
-        return dp_accounting.SelfComposedDpEvent(round_privacy(z_cfg).event, cfg.train.rounds)
+        return mechanism_for(z_cfg).planned_event(cfg.train.rounds)[0]
 
-    relation = round_privacy(cfg).neighboring_relation
+    relation = mechanism_for(cfg).planned_event(cfg.train.rounds)[1]
 
     def solve(kind: str, bracket: mechanism_calibration.BracketInterval) -> float:
         return float(mechanism_calibration.calibrate_dp_mechanism(

@@ -32,6 +32,12 @@ class CentralGaussian(PrivacyMechanism):
 
     @classmethod
     def check(cls, cfg: ExperimentConfig) -> None:
+        if cfg.train.client_sampling == "shuffle":
+            raise ConfigError(
+                "--client_sampling=shuffle with --dp_mode=central: DP-FedAvg's epsilon rests on amplification by "
+                "random sampling, which a shuffle does not give; use --client_sampling=poisson or uniform, or "
+                "--dp_mode=ftrl"
+            )
         if cfg.dp.noise_multiplier == 0 and cfg.dp.target_epsilon is None and not cfg.canary_clients:
             raise ConfigError(
                 "--noise_multiplier=0 with --dp_mode=central: zero noise gives no privacy "

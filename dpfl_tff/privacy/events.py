@@ -32,9 +32,12 @@ from dpfl_tff.errors import ConfigError
 PLD_DISCRETIZATION = 1e-3
 ADD_OR_REMOVE_ONE = "add_or_remove_one"
 REPLACE_ONE = "replace_one"
+# A client's data replaced by a special record (a zero update), its participation unchanged (DP-FTRL).
+REPLACE_SPECIAL = "replace_special"
 _RELATIONS = {
     ADD_OR_REMOVE_ONE: dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
     REPLACE_ONE: dp_accounting.NeighboringRelation.REPLACE_ONE,
+    REPLACE_SPECIAL: dp_accounting.NeighboringRelation.REPLACE_SPECIAL,
 }
 
 

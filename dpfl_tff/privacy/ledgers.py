@@ -31,6 +31,14 @@ class Ledger:
     def __init__(self):
         self.released = 0
 
+    def begin_round(self, round_num: int) -> dict[str, Any]:
+        """Called once before round `round_num` runs (before `preview`); returns fields for its ledger line.
+
+        The fields also go into the round's metrics; the base ledger has none.
+        """
+        del round_num
+        return {}
+
     def preview(self, cohort) -> float:
         """Epsilon (central view) if one more round runs with `cohort`."""
         del cohort
@@ -46,6 +54,10 @@ class Ledger:
         """Re-records a release from the ledger log (resume); computes no epsilon."""
         del cohort
         self.released += 1
+
+    def replay_entry(self, entry: dict[str, Any]) -> None:
+        """Re-records the release of one ledger.jsonl line (`checkpoints.LedgerLog` entry)."""
+        self.replay(entry.get("cohort"))
 
     def planned(self, rounds: int, participations: int | None = None) -> dict[str, Any]:
         """Figures of a planned run of `rounds` rounds (no training)."""

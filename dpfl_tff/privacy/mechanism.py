@@ -7,8 +7,11 @@ mechanisms), a mechanism is the one place that knows what its mode does:
 * `query()`: the tensorflow-privacy query the process runs, clients calling
   `preprocess_record`, the server `get_noised_result` (TensorFlow, imported
   only when a process is built);
-* `round_privacy()` / `ledger()`: the DP event of one round and the ledger
-  that composes the released rounds (pure; `compute_epsilon` needs no TF);
+* `round_privacy()` / `ledger()` / `planned_event()`: the DP event of one
+  round, the ledger that composes the released rounds, the event of a planned
+  run (calibration) (pure; `compute_epsilon` needs no TF);
+* `prepare_state()`: what the mode does to the process state before a round
+  (DP-FTRL: start a new noise tree);
 * `releases_client_statistics`, `cohort_size_covered()`: what leaves the
   clients and what the epsilon covers (`privacy.coverage`);
 * `record_fields()`, `privacy_line()`, `summary_fields()`: what the run
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import abc
 from typing import Any, ClassVar
+
+import dp_accounting
 
 from dpfl_tff.config import DPConfig, ExperimentConfig
 from dpfl_tff.privacy.events import REPLACE_ONE, RoundPrivacy
@@ -40,6 +45,8 @@ class PrivacyMechanism(abc.ABC):
     releases_client_statistics: ClassVar[bool] = True
     # Whether the privacy ledger needs every cohort (participation counts), so records them.
     ledger_needs_cohorts: ClassVar[bool] = False
+    # --client_sampling when the flag is not given (None: the field's default, poisson).
+    default_client_sampling: ClassVar[str | None] = None
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
@@ -53,9 +60,15 @@ class PrivacyMechanism(abc.ABC):
     def query_of(dp: DPConfig, expected_cohort: float) -> Any:
         """The tensorflow-privacy `DPQuery` of this mode for `dp` and cohort m (imports TensorFlow)."""
 
-    def query(self) -> Any:
-        """The tensorflow-privacy `DPQuery` the run's process runs."""
+    def query(self, record_specs: Any = None) -> Any:
+        """The tensorflow-privacy `DPQuery` the run's process runs (`record_specs`: the model update's TensorSpecs)."""
+        del record_specs
         return self.query_of(self.cfg.dp, self.cfg.train.clients_per_round)
+
+    def prepare_state(self, state: Any, round_fields: dict[str, Any]) -> Any:
+        """The process state to run the next round from (`round_fields`: the ledger's `begin_round`)."""
+        del round_fields
+        return state
 
     def round_privacy(self) -> RoundPrivacy | None:
         """The DP event of one round, if this mode's epsilon depends only on the number of rounds."""
@@ -65,14 +78,25 @@ class PrivacyMechanism(abc.ABC):
         """An empty ledger for this run (no DP: epsilon is infinite)."""
         return Ledger()
 
+    def planned_event(self, rounds: int) -> tuple[Any, str] | None:
+        """(DpEvent of `rounds` rounds run without a resume, its neighbouring relation), None if not one event."""
+        rp = self.round_privacy()
+        if rp is None:
+            return None
+        return dp_accounting.SelfComposedDpEvent(rp.event, rounds), rp.neighboring_relation
+
     def check_accountable(self) -> None:
         """Raises ConfigError unless the accountant can take this mode's events (builds the ledger once)."""
         self.ledger().close()
 
     @property
     def records_cohorts(self) -> bool:
-        """Whether ledger.jsonl lists each round's cohort (--log_cohorts, or this mode's ledger needs them)."""
-        return self.cfg.log_cohorts or self.ledger_needs_cohorts
+        """Whether ledger.jsonl lists each round's cohort.
+
+        With --log_cohorts; when this mode's ledger needs them; and with --client_sampling=shuffle, whose
+        epochs a resumed run rebuilds from them (`sampling.EpochShuffler.restore`).
+        """
+        return self.cfg.log_cohorts or self.ledger_needs_cohorts or self.cfg.train.client_sampling == "shuffle"
 
     @property
     def noise_seeded(self) -> bool:
