@@ -70,32 +70,36 @@ def _ledger(out):
 
 def test_sigkill_between_checkpoints_then_resume_charges_every_execution_with_fresh_cohorts(tmp_path, capsys):
     out = str(tmp_path / "run")
-    flags = ("--checkpoint_every=4", "--log_cohorts", "--sampling_seed=3")
+    # (--eval_every=0: no background evaluation delays the checkpoints, so the kill usually lands after
+    # checkpoint 4 and before checkpoint 8; the newest checkpoint on disk is what the rerun must resume from.)
+    flags = ("--checkpoint_every=4", "--log_cohorts", "--sampling_seed=3", "--eval_every=0")
     workers = _kill_after_round(out, 6, *flags)
     assert workers and _wait_gone(workers)  # PR_SET_PDEATHSIG took the worker down with the driver
     released_before = len(_ledger(out))
     assert released_before >= 6
+    ckpt = max(int(d.split("_")[1]) for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith("ckpt_"))
+    assert ckpt in (4, 8)
     assert run_driver([*ARGS, f"--output_dir={out}", *flags]) == 0  # the same command, in-process
-    assert f"resuming {out} from round 4" in capsys.readouterr().out
+    assert f"resuming {out} from round {ckpt}" in capsys.readouterr().out
     rows = _rows(out)
     assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))  # no duplicate, no gap
     ledger = _ledger(out)
     summary = json.load(open(os.path.join(out, "summary.json")))
     # Every execution is in the ledger: the rounds after checkpoint 4 ran twice and are charged twice.
-    assert len(ledger) == released_before + (ROUNDS - 4) == summary["rounds_accounted"] == rows[-1]["rounds_accounted"]
+    assert len(ledger) == released_before + (ROUNDS - ckpt) == summary["rounds_accounted"] == rows[-1]["rounds_accounted"]
     assert rows[-1]["epsilon"] == pytest.approx(_uninterrupted_epsilon(len(ledger)), rel=1e-12)
     assert rows[-1]["epsilon"] > _uninterrupted_epsilon(ROUNDS)  # the ledger is never behind
     # A re-run round draws a fresh cohort: execution k of round r is the sampler's draw (r, k), never
     # the first execution's cohort again.
     sampler = CohortSampler("poisson", 20, 5, sampling_seed=3)
     rerun = [e for e in ledger if e["execution"] == 2]
-    assert sorted(e["round"] for e in rerun) == list(range(5, released_before + 1))
+    assert sorted(e["round"] for e in rerun) == list(range(ckpt + 1, released_before + 1))
     for e in ledger:
         assert e["cohort"] == sampler.cohort(e["round"], e["execution"]).tolist()
     for e in rerun:
         first = next(f for f in ledger if f["round"] == e["round"] and f["execution"] == 1)
         assert e["cohort"] != first["cohort"]
-    assert summary["sampling_seeded"] is True and summary["resumed_from_round"] == 4
+    assert summary["sampling_seeded"] is True and summary["resumed_from_round"] == ckpt
 
 
 def test_resume_with_changed_privacy_flag_is_refused(tmp_path, capsys):
