@@ -40,6 +40,8 @@ class PrivacyMechanism(abc.ABC):
     releases_client_statistics: ClassVar[bool] = True
     # Whether the privacy ledger needs every cohort (participation counts), so records them.
     ledger_needs_cohorts: ClassVar[bool] = False
+    # Whether this mode gives a DP guarantee at all (False: plain FedAvg, epsilon is infinite).
+    provides_dp: ClassVar[bool] = True
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
