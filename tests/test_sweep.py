@@ -20,11 +20,11 @@ from experiments import sweep as sweep_app
 BASE = ExperimentConfig(task=TaskConfig(task="digits", num_clients=20),
                         train=TrainConfig(clients_per_round=5, rounds=2, client_sampling="poisson", seed=3),
                         dp=DPConfig(noise_multiplier=1.0), output_dir="/tmp/sw")
-# A tiny sweep: 2 rounds of 5 of 20 digits clients; 2 modes x noise {0, 1} x 2 seeds = 6 runs (z=0 is the
-# no-DP baseline, shared by both modes).
-TINY = ["--task=digits", "--num_clients=20", "--clients_per_round=5", "--rounds=2",
-        "--eval_every=0", "--checkpoint_every=1", "--model=logistic", "--client_max_examples=20"]
-TINY_GRID = ["--grid=dp_mode=central,local", "--grid=noise_multiplier=0,1", "--seeds=2"]
+# A tiny sweep: 2 rounds of all 10 digits clients (Poisson q = 1: the accountant's cheapest case), 20 examples
+# each, noise {0, 1} x 2 seeds = 4 runs (z=0 is the no-DP baseline).
+TINY = ["--task=digits", "--num_clients=10", "--clients_per_round=10", "--rounds=2", "--eval_every=0",
+        "--checkpoint_every=1", "--model=logistic", "--client_max_examples=20"]
+TINY_GRID = ["--grid=noise_multiplier=0,1", "--seeds=2"]
 
 
 def _main(args: list[str]) -> int:
@@ -169,3 +169,87 @@ def test_plot_runs_sets_aside_runs_of_another_delta_or_relation(tmp_path):
     assert kept == [a, b, e]  # e: no DP, a baseline
     assert [x for x, _ in excluded] == [c, d]
     assert "delta 1e-05, replace_one differs from delta 0.001, replace_one" in excluded[0][1]
+
+
+# --- the driver: a tiny sweep in this process ------------------------------------------------------------------------
+
+def _mtimes(folder) -> dict[str, int]:
+    """mtime of every file in the run folders under `folder` (not the sweep's own files)."""
+    return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+            for d, _, files in os.walk(folder) if d != str(folder) for f in files}
+
+
+def test_sweep_interrupted_resumed_then_skipped(tmp_path, monkeypatch, capfd, own_signals):
+    """Ctrl-C in the 2nd run stops it after its round (exit 130, checkpointed, results of the rest written);
+    the rerun resumes it and trains the others; a third run trains nothing and changes no run folder."""
+    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+
+    out = tmp_path / "sw"
+    args = [*TINY, *TINY_GRID, f"--output_dir={out}"]
+    lines: list[str] = []
+
+    def log(line):  # the user's Ctrl-C, while round 1 of the 2nd run is reported
+        lines.append(line)
+        if line.startswith("round 1/2") and sum(x.startswith("[2/4] ") for x in lines) == 1:
+            # To this (main) thread, which holds it while the round is written: handled as that ends, before
+            # the run asks whether to go on. (os.kill could land in another thread, handled a round later.)
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(sweep_app, "_log", log)
+    assert _main(args) == 130
+    assert "stopped by SIGINT: run dp_mode=none,seed=1: last completed round checkpointed" in capfd.readouterr().err
+    names = sorted(os.listdir(out))
+    assert names == ["dp_mode=none,seed=0", "dp_mode=none,seed=1", "privacy_utility.png", "results.csv", "results.md",
+                     "worker.log"]
+    stopped = json.loads((out / "dp_mode=none,seed=1" / "summary.json").read_text())
+    assert stopped["status"].startswith("stopped") and stopped["rounds"] == 1
+    assert "3 run(s) not finished yet" in (out / "results.md").read_text()  # the stopped one, two not started
+
+    lines.clear()
+    assert _main(args) == 0
+    assert any(x.startswith("already complete: 2 rounds") for x in lines)  # dp_mode=none,seed=0
+    assert any(x.startswith(f"resuming {out / 'dp_mode=none,seed=1'} from round 1") for x in lines)
+    assert lines[-1].startswith("sweep done: 4 runs (3 trained now, 1 already complete)")
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["setting"], r["seeds_finished"]) for r in rows] == [("dp_mode=none", "2"), ("noise_multiplier=1", "2")]
+    for r in rows:
+        assert r["rounds"] == "2" and 0 <= float(r["test_accuracy_mean"]) <= 1 and float(r["test_accuracy_std"]) >= 0
+    assert rows[0]["epsilon"] == "inf" and 0 < float(rows[1]["epsilon"]) < math.inf
+    assert (out / "privacy_utility.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The shared worker holds no executor (no run's values) after the runs.
+    assert not context_stack_impl.context_stack.current.executor_factory._executors
+
+    before = _mtimes(out)
+    assert len(before) > 4 * 5
+    lines.clear()
+    assert _main(args) == 0
+    assert lines[-1].startswith("sweep done: 4 runs (0 trained now, 4 already complete)")
+    assert _mtimes(out) == before
+
+
+def test_bad_grid_exits_2_with_one_line(tmp_path, capsys):
+    for grid, message in (("--grid=noise_multipler=1,2", "unknown flag --noise_multipler"),
+                          ("--grid=noise_multiplier=1,x", "'x' is not a valid --noise_multiplier"),
+                          ("--grid=clip_norm=1,-1", "run clip_norm=-1,seed=0: --clip_norm=-1.0: must be > 0")):
+        assert _main([*TINY, grid, f"--output_dir={tmp_path}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --grid") and message in err and err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_dry_run_lists_runs_and_epsilons_and_trains_nothing(tmp_path, capsys):
+    from dpfl_tff.privacy import accounting
+
+    out = tmp_path / "sw"
+    assert _main([*TINY, "--grid=dp_mode=central,local", *TINY_GRID, f"--output_dir={out}", "--dry_run"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    runs = [x for x in printed if x.startswith("dp_mode=")]
+    assert len(runs) == 6 and all(x.endswith("; new") for x in runs)
+    assert runs[0].startswith("dp_mode=none,seed=0: epsilon inf (no DP) after 2 rounds")
+    central = dataclasses.replace(BASE, task=dataclasses.replace(BASE.task, num_clients=10), train=dataclasses.replace(
+        BASE.train, clients_per_round=10, rounds=2))
+    eps = accounting.make_ledger(central).planned(2)["epsilon"]
+    assert f"dp_mode=central,noise_multiplier=1,seed=1: epsilon {eps:.4g} at delta" in "\n".join(runs)
+    assert "dp_mode=local,noise_multiplier=1,seed=1: epsilon" in "\n".join(runs)
+    assert not out.exists()
