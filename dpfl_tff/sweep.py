@@ -6,7 +6,7 @@ its seed (`dp_mode=central,noise_multiplier=0.5,seed=1`, keys sorted), whose
 folder is `<base.output_dir>/<name>`. Every run's configuration passes the
 same checks as a single run (`plan.check`) before anything is trained.
 
-Rules (documented in README "Sweeps"):
+Rules (documented in docs/outputs-and-resume.md "Sweeps"):
 
 * `--seeds=S` runs the seeds `base.train.seed .. base.train.seed + S - 1`
   (`--seed` seeds the client split, data order and model init; cohorts and DP
@@ -21,9 +21,9 @@ Rules (documented in README "Sweeps"):
   `--target_epsilon`/`--max_epsilon`, and their names leave the privacy keys
   out, so one such run per seed (and other settings) is run, not one per
   noise level.
-* Sweeping `--noise_multiplier` while `--target_epsilon` is set is refused
-  (calibration would ignore the values); `--output_dir`, `--seed` and list
-  flags (`--workers`) cannot be swept.
+* Sweeping `--noise_multiplier` while `--target_epsilon` is set or swept is
+  refused (calibration would ignore the values); `--output_dir`, `--seed` and
+  list flags (`--workers`) cannot be swept.
 
 `run_all` runs the runs in order with `training.run`, which resumes an
 unfinished folder and leaves a finished one as it is, so rerunning a sweep
@@ -178,10 +178,9 @@ def expand(base: C.ExperimentConfig, axes: Sequence[Axis], seeds: int) -> SweepP
                           " list all its values in one --grid=flag=v1,v2")
     if not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"--seeds={seeds}: must be an integer >= 1")
-    if "noise_multiplier" in keys and base.dp.target_epsilon is not None:
-        raise ConfigError(f"--grid=noise_multiplier with --target_epsilon={base.dp.target_epsilon:g}: the noise is "
-                          "calibrated to the target, so the grid's values would be ignored; unset --target_epsilon "
-                          "or sweep --target_epsilon instead")
+    if "noise_multiplier" in keys and (base.dp.target_epsilon is not None or "target_epsilon" in keys):
+        raise ConfigError("--grid=noise_multiplier with --target_epsilon: the noise is calibrated to the target, so "
+                          "the grid's noise values would be ignored; sweep one of the two")
     resolved: dict[str, tuple[tuple[tuple[str, Any], ...], C.ExperimentConfig]] = {}
     combinations: dict[str, int] = {}
     notes: list[str] = []

@@ -41,13 +41,13 @@ from experiments.run_federated import Signals
 
 GRID = flags.DEFINE_multi_string(
     "grid", [],
-    "flag=value1,value2,...: a flag of run_federated and its values; repeat --grid for more flags (every "
-    "combination runs). Values are checked like the flag's own.",
+    "flag=value1,value2,...: a flag of run_federated and the values to sweep, checked like the flag's own "
+    "(e.g. --grid=noise_multiplier=0,0.5,1); every combination of the --grid flags runs",
 )
 SEEDS = flags.DEFINE_integer(
     "seeds", 1, "Runs per setting (>= 1), with --seed, --seed+1, ..., --seed+S-1.",
 )
-GROUPS = (*dpfl_flags.GROUPS, ("Sweep", (GRID, SEEDS)))
+GROUPS = (*dpfl_flags.GROUPS, ("sweep", (GRID, SEEDS)))
 
 
 def _log(line: str) -> None:

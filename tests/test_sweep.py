@@ -105,8 +105,10 @@ def test_combinations_a_run_would_refuse_are_refused_naming_the_run():
     with pytest.raises(ConfigError, match=r"^--grid: run clients_per_round=30,seed=3: --clients_per_round=30: must be"):
         sweep.expand(BASE, [sweep.Axis("clients_per_round", (5, 30))], 1)
     calibrated = ExperimentConfig(task=BASE.task, train=BASE.train, dp=DPConfig(target_epsilon=2.0))
-    with pytest.raises(ConfigError, match="--target_epsilon=2: the noise is calibrated"):
+    with pytest.raises(ConfigError, match="--grid=noise_multiplier with --target_epsilon: the noise is calibrated"):
         sweep.expand(calibrated, [sweep.Axis("noise_multiplier", (1.0, 2.0))], 1)
+    with pytest.raises(ConfigError, match="--grid=noise_multiplier with --target_epsilon"):
+        sweep.expand(BASE, [sweep.Axis("noise_multiplier", (1.0,)), sweep.Axis("target_epsilon", (1.0, 2.0))], 1)
     with pytest.raises(ConfigError, match="a flag is given twice"):
         sweep.expand(BASE, [sweep.Axis("rounds", (1,)), sweep.Axis("rounds", (2,))], 1)
     with pytest.raises(ConfigError, match="--seeds=0"):
