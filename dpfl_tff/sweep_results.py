@@ -37,7 +37,7 @@ FINISHED = ("completed", "stopped_at_budget")
 NOISE_KEYS = ("noise_multiplier", "target_epsilon")
 COLUMNS = ("setting", "dp_mode", "noise_multiplier", "seeds_finished", "seeds", "epsilon", "epsilon_differs",
            "local_epsilon", "delta", "neighboring_relation", "accountant", "test_accuracy_mean",
-           "test_accuracy_std", "rounds", "wall_seconds_mean")
+           "test_accuracy_std", "test_accuracy_n", "rounds", "wall_seconds_mean")
 
 
 def _joined(values: list[Any]) -> Any:
@@ -53,7 +53,7 @@ def _row(setting: str, runs: list[Run], summaries: list[dict[str, Any]], keys: l
     acc = [s["final_test_accuracy"] for s in summaries if s.get("final_test_accuracy") is not None]
     rounds = [s["rounds"] for s in summaries]
     walls = [s["wall_seconds"] for s in summaries if "wall_seconds" in s]
-    row = {
+    return {
         "setting": setting or "(base)",
         **{k: value_text(settings[k]) if k in settings else "" for k in keys},
         "dp_mode": _joined([s["dp_mode"] for s in summaries]),
@@ -72,7 +72,6 @@ def _row(setting: str, runs: list[Run], summaries: list[dict[str, Any]], keys: l
         "rounds": str(min(rounds)) if min(rounds) == max(rounds) else f"{min(rounds)}-{max(rounds)}",
         "wall_seconds_mean": statistics.fmean(walls) if walls else None,
     }
-    return row
 
 
 def rows(sweep: SweepPlan) -> tuple[list[dict[str, Any]], int]:
@@ -141,7 +140,6 @@ def write_tables(sweep: SweepPlan, folder: str) -> tuple[list[dict[str, Any]], i
     """Writes results.csv and results.md into `folder`; returns (rows, unfinished runs)."""
     table, unfinished = rows(sweep)
     columns = ["setting", *sweep.keys, *[c for c in COLUMNS if c != "setting" and c not in sweep.keys]]
-    columns.insert(columns.index("test_accuracy_std") + 1, "test_accuracy_n")
     with open(os.path.join(folder, RESULTS_CSV), "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
