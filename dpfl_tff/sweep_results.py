@@ -183,7 +183,7 @@ def plot(sweep: SweepPlan, table: list[dict[str, Any]], path: str) -> str | None
                 ax.axhline(mean, linestyle="--", color="gray", label=f"{label} (no DP): {mean:.3f}")
                 if s:
                     ax.axhspan(mean - s, mean + s, color="gray", alpha=0.15)
-    if finite and max(finite) / min(finite) > 10:
+    if finite and min(finite) > 0 and max(finite) / min(finite) > 10:
         ax.set_xscale("log")
     ax.set_xlabel("epsilon after the run (largest over seeds)")
     ax.set_ylabel("test accuracy (mean ± std over seeds)")
