@@ -241,3 +241,13 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
     except FileNotFoundError:
         pass
     return out
+
+
+def read_summary(path: str) -> dict[str, Any] | None:
+    """`summary.json` of the experiment folder `path`, or None if absent or unreadable."""
+    try:
+        with open(os.path.join(path, SUMMARY), encoding="utf-8") as f:
+            out = json.load(f)
+        return out if isinstance(out, dict) else None
+    except (OSError, ValueError):
+        return None

@@ -442,16 +442,29 @@ class _RemoteExecutor(remote_executor.RemoteExecutor):
         super().close()
 
 
-def _executor_factory(
-    stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub,
-) -> python_executor_stacks.ResourceManagingExecutorFactory:
+class _ExecutorFactory(python_executor_stacks.ResourceManagingExecutorFactory):
+    """TFF's factory (one executor per cardinalities), which can also close all its executors."""
+
+    def close_all(self) -> None:
+        """Closes every executor: the worker drops all values they hold (computations, states, data).
+
+        The next call creates a new executor. Without this, a worker shared by
+        several runs keeps every finished run's values (about 6 MiB per small
+        run, measured), and grows with each run.
+        """
+        for ex in list(self._executors.values()):
+            ex.close()
+        self._executors.clear()
+
+
+def _executor_factory(stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub) -> _ExecutorFactory:
     def stack_fn(cardinalities):
         cardinalities.setdefault(placements.CLIENTS, 0)
         ex = _RemoteExecutor(stub)
         ex.set_cardinalities(cardinalities)
         return ex
 
-    return python_executor_stacks.ResourceManagingExecutorFactory(stack_fn)
+    return _ExecutorFactory(stack_fn)
 
 
 def _grpc_reason(error: BaseException) -> str:
@@ -749,8 +762,10 @@ def execution_context(
 
     `remote_context(workers, timeout)` if workers are given. Otherwise, inside
     an enclosing `local_context()` (a sweep, a notebook, a test session), that
-    context's worker is used as it is, and `log_path` gets one line naming it;
-    else a new `local_context(log_path)`.
+    context's worker is used, `log_path` gets one line naming it, and on
+    leaving the block the worker's values of the block are cleared (its
+    executors closed: a shared worker does not grow run by run); else a new
+    `local_context(log_path)`.
     """
     if workers:
         return remote_context(list(workers), timeout)
@@ -766,7 +781,15 @@ def _reuse_local(log_path: str | None) -> Iterator[None]:
         with open(log_path, "a", encoding="utf-8") as f:
             f.write(f"dpfl_tff: this run used the TFF worker of an enclosing runtime.local_context() (pid "
                     f"{proc.pid}, {address}); its output goes to {its_log or '/dev/null'}\n")
-    yield
+    try:
+        yield
+    finally:  # the shared worker forgets this run's values: a sweep's worker does not grow run by run
+        factory = getattr(context_stack_impl.context_stack.current, "executor_factory", None)
+        if isinstance(factory, _ExecutorFactory) and proc.poll() is None:
+            try:
+                factory.close_all()
+            except (grpc.RpcError, executors_errors.RetryableError) as e:  # a worker that stopped answering
+                _warn(f"WARNING: could not clear the shared TFF worker's values after the run: {_grpc_reason(e)}")
 
 
 def live_worker_pids() -> list[int]:

@@ -33,7 +33,7 @@ def _say(line: str) -> None:
     os.write(sys.stderr.fileno(), (line + "\n").encode())
 
 
-class _Signals:
+class Signals:
     """SIGTERM/SIGINT stop the run after the current round; a second one cuts that round short.
 
     Either way the last completed round is checkpointed before the driver
@@ -80,7 +80,7 @@ def main(argv: list[str]) -> None:
         except checkpoints.LedgerError as e:
             cli.usage_error(f"cannot resume: {e}")
         return
-    signals = _Signals()
+    signals = Signals()
     signal.signal(signal.SIGTERM, signals)
     signal.signal(signal.SIGINT, signals)
     try:

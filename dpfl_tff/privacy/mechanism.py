@@ -47,6 +47,8 @@ class PrivacyMechanism(abc.ABC):
     ledger_needs_cohorts: ClassVar[bool] = False
     # --client_sampling when the flag is not given (None: the field's default, poisson).
     default_client_sampling: ClassVar[str | None] = None
+    # Whether this mode gives a DP guarantee at all (False: plain FedAvg, epsilon is infinite).
+    provides_dp: ClassVar[bool] = True
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg

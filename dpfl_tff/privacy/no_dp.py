@@ -13,6 +13,7 @@ class NoPrivacy(PrivacyMechanism):
     """The plain mean of the clients' updates (`queries.MeanQuery`)."""
 
     name = "none"
+    provides_dp = False
 
     @classmethod
     def check(cls, cfg: ExperimentConfig) -> None:

@@ -1,0 +1,169 @@
+"""Runs a grid of experiments (flag values x seeds), one run folder each, and tabulates and plots them.
+
+  uv run python -m experiments.sweep --flagfile=configs/quickstart.cfg \
+      --grid=dp_mode=central,local --grid=noise_multiplier=0,0.5,1,2 --seeds=3 --output_dir=runs/sweep
+
+Every combination of the --grid values runs --seeds times (seeds --seed ..
+--seed+S-1) as its own run in <output_dir>/<name>, named from its settings
+(e.g. dp_mode=central,noise_multiplier=0.5,seed=1), one after another in this
+process, sharing one local TFF worker. Flags other than --grid and --seeds are
+the base of every run, as for run_federated. A finished run is skipped, an
+unfinished one resumed, so rerunning the same command continues a sweep.
+noise_multiplier=0 with a DP mode runs as dp_mode=none (the no-DP baseline),
+and dp_mode=none runs once per seed whatever the privacy flags' grid values.
+
+Writes results.csv, results.md (one row per setting: epsilon, delta,
+relation, accountant, test accuracy mean +- sample std over seeds, rounds,
+wall time) and privacy_utility.png to --output_dir, after every run. --dry_run
+lists the runs and their epsilons (accountant only) without training.
+Exit codes: 0 done, 2 bad flags or grid, or a run folder that cannot be used,
+1 a round failed, 128+signal when stopped by one (Ctrl-C stops after the
+current round of the current run; rerun to continue).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import sys
+
+from absl import app, flags, logging
+
+from dpfl_tff import checkpoints, runtime, sweep, sweep_results, training
+from dpfl_tff.config import ConfigError
+from dpfl_tff.tasks import DataFileError
+from experiments import cli
+from experiments import flags as dpfl_flags
+from experiments.run_federated import Signals
+
+GRID = flags.DEFINE_multi_string(
+    "grid", [],
+    "flag=value1,value2,...: a flag of run_federated and the values to sweep, checked like the flag's own "
+    "(e.g. --grid=noise_multiplier=0,0.5,1); every combination of the --grid flags runs",
+)
+SEEDS = flags.DEFINE_integer(
+    "seeds", 1, "Runs per setting (>= 1), with --seed, --seed+1, ..., --seed+S-1.",
+)
+GROUPS = (*dpfl_flags.GROUPS, ("sweep", (GRID, SEEDS)))
+
+
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
+def _axes(specs: list[str]) -> list[sweep.Axis]:
+    """The --grid entries, each value parsed and range-checked as its flag would be."""
+    axes = []
+    for spec in specs:
+        name, raw = sweep.split_spec(spec)
+        sweep.check_key(name, spec)
+        values = []
+        for text in raw:
+            try:
+                values.append(flags.FLAGS[name].parser.parse(text))
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"--grid={spec}: {text!r} is not a valid --{name} ({e})") from e
+        axes.append(sweep.Axis(name, tuple(values)))
+    return axes
+
+
+def _dry_run(plan: sweep.SweepPlan, base) -> None:
+    runs = plan.runs
+    if not base.task.n_is_known:  # a task with its own client split: N is its data's
+        from dpfl_tff.tasks import load_task
+
+        n = load_task(base.task, base.train.seed).num_clients
+        runs = [dataclasses.replace(r, cfg=dataclasses.replace(r.cfg, task=dataclasses.replace(
+            r.cfg.task, num_clients=n, num_clients_known=True))) for r in runs]
+    figures: dict[str, dict] = {}
+    for run in runs:
+        if run.setting not in figures:
+            figures[run.setting] = sweep.planned_epsilon(run.cfg)
+        f = figures[run.setting]
+        if math.isinf(f["epsilon"]):
+            eps = "epsilon inf (no DP)"
+        else:
+            local = f" (local epsilon {f['local_epsilon']:.4g})" if "local_epsilon" in f else ""
+            eps = (f"epsilon {f['epsilon']:.4g}{local} at delta {f['delta']:.3g} "
+                   f"({f['neighboring_relation'].replace('_', '-')}, {f['accountant'].upper()}), "
+                   f"z={f['noise_multiplier']:.4g}")
+        _log(f"{run.name}: {eps} after {run.cfg.train.rounds} rounds; {sweep.folder_status(run.cfg)}")
+    _log(f"dry run: {len(runs)} runs in {base.output_dir}; nothing is trained, no TFF worker is started, "
+         "nothing is written")
+
+
+def _finish(plan: sweep.SweepPlan, folder: str) -> None:
+    """Writes the tables and the plot of what is finished, and prints the table."""
+    table, _ = sweep_results.write_all(plan, folder)
+    if table:
+        with open(os.path.join(folder, sweep_results.RESULTS_MD), encoding="utf-8") as f:
+            _log(f.read().rstrip())
+
+
+def _train(plan: sweep.SweepPlan, base) -> list[str]:
+    """Runs the sweep in one TFF context; exits as run_federated does on a stop or an error."""
+    signals = Signals()
+    signal.signal(signal.SIGTERM, signals)
+    signal.signal(signal.SIGINT, signals)
+    current: list[sweep.Run] = []
+    where = lambda: f"run {current[-1].name}: " if current else ""  # noqa: E731
+    folder = base.output_dir
+    try:
+        os.makedirs(folder, exist_ok=True)
+        # One local worker for every run (a --workers sweep uses the remote workers run by run).
+        context = runtime.execution_context((), os.path.join(folder, "worker.log")) if not base.workers \
+            else contextlib.nullcontext()
+        with context:
+            return sweep.run_all(plan, overwrite=dpfl_flags.OVERWRITE.value, fresh=dpfl_flags.FRESH.value,
+                                 log=_log, stop_requested=signals.stop_requested, before_run=current.append,
+                                 after_run=lambda run, result: sweep_results.write_tables(plan, folder))
+    except training.RunInterrupted as e:
+        _finish(plan, folder)
+        print(f"{e}: {where()}last completed round checkpointed; results of the finished runs written to "
+              f"{folder}; rerun the same command to continue", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    except (ConfigError, DataFileError, FileExistsError, OSError, runtime.WorkersUnreachable) as e:
+        cli.usage_error(f"{where()}{e}")
+    except checkpoints.LedgerError as e:
+        cli.usage_error(f"{where()}cannot resume: {e}. Nothing was changed; restore the ledger, or remove that "
+                        "run's folder")
+    except (training.RoundFailed, runtime.WorkerLost) as e:
+        _finish(plan, folder)
+        print(f"error: {where()}{e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def main(argv: list[str]) -> None:
+    del argv  # cli.parser_for refuses stray arguments
+    try:
+        base = dpfl_flags.experiment_config()
+        plan = sweep.expand(base, _axes(GRID.value), SEEDS.value)
+    except ConfigError as e:
+        cli.usage_error(str(e))
+    if not app.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # TFF logs every model build at INFO
+    for note in plan.notes:
+        _log(f"note: {note}")
+    _log(f"sweep: {len(plan.settings)} settings x {len(plan.seeds)} seeds = {len(plan.runs)} runs in {base.output_dir}")
+    if dpfl_flags.DRY_RUN.value:
+        try:
+            _dry_run(plan, base)
+        except (ConfigError, DataFileError, OSError) as e:
+            cli.usage_error(str(e))
+        return
+    trained = _train(plan, base)
+    _finish(plan, base.output_dir)
+    _log(f"sweep done: {len(plan.runs)} runs ({len(trained)} trained now, {len(plan.runs) - len(trained)} already "
+         f"complete); {sweep_results.RESULTS_MD}, {sweep_results.RESULTS_CSV} and "
+         f"{sweep_results.PRIVACY_UTILITY_PNG} in {base.output_dir}")
+
+
+def run() -> None:
+    cli.run(main, __doc__, GROUPS)
+
+
+if __name__ == "__main__":
+    run()
