@@ -38,8 +38,9 @@ def worker_pids() -> list[int]:
 
 @pytest.fixture(scope="session", autouse=True)
 def tff_context():
-    """One private TFF worker for the whole session: TFF computations and in-process runs
-    (`training.run` reuses an enclosing local context) share it instead of starting their own."""
+    """One private TFF worker for the whole session (per xdist worker: pyproject's `-n 2` runs two):
+    TFF computations and in-process runs (`training.run` reuses an enclosing local context) share it
+    instead of starting their own."""
     from dpfl_tff import runtime
 
     with runtime.local_context():

@@ -40,6 +40,8 @@ _log_cdf = scipy.special.log_ndtr  # log Phi(x), accurate far into both tails
 
 def _log_sf(x: float) -> float:
     return float(_log_cdf(-x))
+
+
 # Epsilons beyond this are reported as inf (the two fits are, for any practical delta, told apart surely).
 MAX_EPSILON = 1e4
 
