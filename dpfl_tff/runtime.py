@@ -51,7 +51,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
-from typing import IO
+from typing import IO, Any
 
 import grpc
 import portpicker
@@ -515,8 +515,18 @@ _INVOKE_ONCE = async_execution_context.AsyncExecutionContext.invoke.__wrapped__
 _EXIT_GRACE_SECONDS = 1.0
 
 
+def _run_coroutine(coroutine) -> Any:
+    """Runs `coroutine` to completion on a new event loop in this (worker) thread."""
+    return asyncio.run(coroutine)
+
+
 class _WorkerContext(async_execution_context.AsyncExecutionContext):
     """Runs calls on one worker; gives up after `retry_seconds` of failures.
+
+    A remote worker's call (`proc` None) runs in a thread of its own, on its
+    own event loop: TFF's RemoteExecutor makes blocking gRPC calls inside its
+    coroutines, so on one event loop the workers of a mergeable call (one
+    subround each) would run one after the other, not at the same time.
 
     For a remote worker (`proc` None) any gRPC failure that is not retryable,
     or retryable ones for `retry_seconds`, raise `WorkerLost`. For our local
@@ -561,6 +571,8 @@ class _WorkerContext(async_execution_context.AsyncExecutionContext):
         wait = 0.1
         while True:
             try:
+                if self._proc is None:
+                    return await asyncio.to_thread(_run_coroutine, _INVOKE_ONCE(self, comp, arg))
                 return await _INVOKE_ONCE(self, comp, arg)
             except (executors_errors.RetryableError, grpc.RpcError) as e:
                 retryable = isinstance(e, executors_errors.RetryableError)
