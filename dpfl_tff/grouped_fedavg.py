@@ -63,8 +63,11 @@ CALLS_PER_WORKER = 2
 class ClientFiles:
     """Each client's arrays as raw bytes in `root`, written on first use.
 
-    `<root>/<id>.x` holds the features (float32, C order), `<root>/<id>.y`
-    the labels (int32); the worker reads them with `tf.io.decode_raw`.
+    `<root>/<id>` holds the features (float32, C order) followed by the labels
+    (int32): one file per client (a file open costs more than its few bytes
+    here); the worker reads it with `tf.io.read_file` and splits it
+    (`client_arrays`). Written in place: the worker reads a file only after
+    `ensure` has returned, and the folder is private to one run.
     """
 
     def __init__(self, data: FederatedData, root: str):
@@ -79,13 +82,19 @@ class ClientFiles:
             if c in self._written:
                 continue
             arrays = self._data.clients[c]
-            for suffix, value, dtype in (("x", arrays.x, np.float32), ("y", arrays.y, np.int32)):
-                path = os.path.join(self.root, f"{c}.{suffix}")
-                tmp = path + ".tmp"
-                with open(tmp, "wb") as f:
-                    f.write(np.ascontiguousarray(value, dtype=dtype).tobytes())
-                os.replace(tmp, path)
+            with open(os.path.join(self.root, str(c)), "wb") as f:
+                f.write(np.ascontiguousarray(arrays.x, dtype=np.float32).tobytes())
+                f.write(np.ascontiguousarray(arrays.y, dtype=np.int32).tobytes())
             self._written.add(c)
+
+
+def client_arrays(raw: tf.Tensor, input_shape: tuple[int, ...]) -> tuple[tf.Tensor, tf.Tensor]:
+    """(x, y) of a `ClientFiles` file's bytes: n examples of prod(input_shape) float32 features, then n int32."""
+    words = tf.io.decode_raw(raw, tf.int32)  # 4-byte words; the features' bits are cast back, never converted
+    per_example = int(np.prod(input_shape)) + 1
+    n_features = tf.size(words) // per_example * (per_example - 1)
+    x = tf.reshape(tf.bitcast(words[:n_features], tf.float32), (-1, *input_shape))
+    return x, words[n_features:]
 
 
 def split_groups(num_clients: int, clients_per_call: int, min_groups: int = 1) -> list[slice]:
@@ -242,9 +251,7 @@ class _GroupTrainer:
         if self.files_root is None:
             return group["x"][i], group["y"][i]
         c = tf.strings.as_string(group["client_ids"][i])
-        x = tf.io.decode_raw(tf.io.read_file(tf.strings.join([self.files_root, "/", c, ".x"])), tf.float32)
-        y = tf.io.decode_raw(tf.io.read_file(tf.strings.join([self.files_root, "/", c, ".y"])), tf.int32)
-        return tf.reshape(x, (-1, *self.input_shape)), y
+        return client_arrays(tf.io.read_file(tf.strings.join([self.files_root, "/", c])), self.input_shape)
 
     def _local_training(self, model, weights, x, y, order, length, stats):
         """Local SGD of one client from the server model; returns (delta, stats updated)."""

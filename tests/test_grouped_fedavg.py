@@ -2,9 +2,11 @@
 
 import dataclasses
 import math
+import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from dpfl_tff import grouped_fedavg, training
 from dpfl_tff.config import DPConfig, ExperimentConfig, TaskConfig, TrainConfig
@@ -158,9 +160,10 @@ def test_make_groups_pads_orders_and_writes_each_client_once(tmp_path):
     (g,) = grouped_fedavg.make_groups(data, [3, 1], orders, [slice(0, 2)], files)
     assert g["client_ids"].tolist() == [3, 1] and g["lengths"].tolist() == [3, 5]
     assert g["orders"].tolist() == [[2, 0, 1, 0, 0], [0, 1, 2, 3, 4]]
-    x = np.fromfile(tmp_path / "3.x", np.float32).reshape(-1, 3)
-    np.testing.assert_array_equal(x, data.clients[3].x)
-    np.testing.assert_array_equal(np.fromfile(tmp_path / "3.y", np.int32), data.clients[3].y)
+    x, y = grouped_fedavg.client_arrays(tf.io.read_file(str(tmp_path / "3")), (3,))
+    np.testing.assert_array_equal(x.numpy(), data.clients[3].x)
+    np.testing.assert_array_equal(y.numpy(), data.clients[3].y)
+    assert sorted(os.listdir(tmp_path)) == ["1", "3"]  # one file per client, only the cohort's
     (shipped,) = grouped_fedavg.make_groups(data, [3, 1], orders, [slice(0, 2)], None)
     assert shipped["x"].shape == (2, 6, 3) and "client_ids" not in shipped
     np.testing.assert_array_equal(shipped["x"][1], data.clients[1].x)
