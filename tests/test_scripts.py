@@ -84,6 +84,7 @@ def test_bench_round_emits_every_field_and_leaves_no_worker():
         assert entry["ratio_seconds_over_smallest_cohort"] == (
             entry["seconds_per_round_process"] / pop["cohorts"]["10"]["seconds_per_round_process"])
         assert entry["seconds_per_round_wall"] > 0 and entry["run_seconds"] > 0 and 0 < entry["epsilon"] < 100
+        assert entry["seconds_per_round_process_all_rounds"] > 0
         assert 0 < entry["mean_clients_per_round"] <= 400
         for who in ("python", "worker"):
             assert 0 < entry[f"{who}_rss_mb_first"] <= entry[f"{who}_rss_mb_max"]
