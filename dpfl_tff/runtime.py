@@ -36,9 +36,9 @@ import atexit
 import collections
 import contextlib
 import ctypes
-import functools
 import errno
 import fcntl
+import functools
 import gc
 import os
 import platform
