@@ -101,3 +101,29 @@ def test_budget_guard_stops_before_the_round_that_would_exceed(tmp_path):
     assert result.records[-1]["epsilon"] <= budget < tracker.epsilon(4)
     assert result.summary["status"] == "stopped_at_budget" and "round 4" in result.summary["stop_reason"]
     assert result.summary["final_test_accuracy"] is not None  # the last allowed round is evaluated
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_evaluator_gives_keras_evaluate_figures(model):
+    """The batched evaluation (no Keras `evaluate` set-up) reports the same loss and accuracy, over 2+ batches."""
+    import tensorflow_federated as tff
+
+    from dpfl_tff.process import Evaluator, keras_model
+    from dpfl_tff.tasks.base import ClientArrays, FederatedData
+
+    shape = (64,) if model == "mlp" else (8, 8, 1)
+    rng = np.random.default_rng(0)
+    n = Evaluator.EVAL_BATCH + 300  # a full batch and a partial one
+    test = ClientArrays(rng.random((n, *shape), dtype=np.float32), rng.integers(0, 10, n).astype(np.int32))
+    data = FederatedData([test], test, shape, 10, "random")
+    cfg = ExperimentConfig(task=TaskConfig(task="synthetic", num_clients=1),
+                           train=TrainConfig(model=model, clients_per_round=1)).validate()
+    weights = tff.learning.models.ModelWeights.from_model(keras_model(cfg, data))
+    ours = Evaluator(cfg, data)(weights)
+    reference = keras_model(cfg, data)
+    weights.assign_weights_to(reference)
+    reference.compile(loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=[tf.keras.metrics.SparseCategoricalAccuracy()])
+    loss, acc = reference.evaluate(test.x, test.y, batch_size=512, verbose=0)
+    assert ours["test_loss"] == pytest.approx(loss, rel=1e-5)
+    assert ours["test_accuracy"] == pytest.approx(acc, abs=1e-6)
