@@ -10,7 +10,6 @@ builder before training.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import warnings
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ import tensorflow as tf
 
 from dpfl_tff.errors import ConfigError
 from dpfl_tff.paper_models import PAPER_MODELS
+from dpfl_tff.user_code import import_function
 
 ModelBuilder = Callable[[Sequence[int], int], tf.keras.Model]
 
@@ -81,21 +81,12 @@ def resolve_builder(name: str) -> ModelBuilder:
                 f"--model={name}: must be one of {', '.join(MODELS)} or package.module:function"
             )
         return MODELS[name]
-    module_name, _, attr = name.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(f"--model={name}: custom models are given as package.module:function")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001  (any import-time failure of user code)
-        raise ConfigError(f"--model={name}: cannot import {module_name} ({type(e).__name__}: {e})") from e
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"--model={name}: {module_name} has no function {attr}")
+    fn = import_function("model", name)
     try:
         inspect.signature(fn).bind((1,), 2)
     except TypeError as e:
         raise ConfigError(
-            f"--model={name}: {attr}{inspect.signature(fn)} must take (input_shape, num_classes)"
+            f"--model={name}: {name.partition(':')[2]}{inspect.signature(fn)} must take (input_shape, num_classes)"
         ) from e
     except ValueError:
         pass  # builtins without a signature: the call below tells

@@ -60,22 +60,27 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-def run_driver(args: list[str]) -> int:
-    """`experiments.run_federated` in this process (no TF import, the session's worker): its exit code.
+def run_app(app, name: str, args: list[str]) -> int:
+    """An absl driver module's `main` in this process (the session's worker): its exit code.
 
     `args` are the flags; the parsed flags are restored afterwards.
     """
     from absl import flags
     from absl.testing import flagsaver
 
-    from experiments import run_federated
-
-    argv = ["run_federated", *args]
+    argv = [name, *args]
     with flagsaver.flagsaver():
         flags.FLAGS.unparse_flags()
         flags.FLAGS(argv)
         try:
-            run_federated.main(argv[:1])
+            app.main(argv[:1])
         except SystemExit as e:
             return int(e.code or 0)
     return 0
+
+
+def run_driver(args: list[str]) -> int:
+    """`experiments.run_federated` in this process (no TF import, the session's worker): its exit code."""
+    from experiments import run_federated
+
+    return run_app(run_federated, "run_federated", args)

@@ -10,12 +10,11 @@ import signal
 import statistics
 
 import pytest
-from absl import flags
-from absl.testing import flagsaver
 
 from dpfl_tff import plots, sweep, sweep_results
 from dpfl_tff.config import ConfigError, DPConfig, ExperimentConfig, TaskConfig, TrainConfig
 from experiments import sweep as sweep_app
+from tests.conftest import run_app
 
 BASE = ExperimentConfig(task=TaskConfig(task="digits", num_clients=20),
                         train=TrainConfig(clients_per_round=5, rounds=2, client_sampling="poisson", seed=3),
@@ -29,15 +28,7 @@ TINY_GRID = ["--grid=noise_multiplier=0,1", "--seeds=2"]
 
 def _main(args: list[str]) -> int:
     """experiments.sweep's main in this process (the session's TFF worker); its exit code."""
-    argv = ["sweep", *args]
-    with flagsaver.flagsaver():
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS(argv)
-        try:
-            sweep_app.main(argv[:1])
-        except SystemExit as e:
-            return int(e.code or 0)
-    return 0
+    return run_app(sweep_app, "sweep", args)
 
 
 @pytest.fixture

@@ -25,7 +25,6 @@ one line naming the function and what is wrong.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 from collections.abc import Callable, Sequence
 
@@ -34,6 +33,7 @@ import numpy as np
 from dpfl_tff.config import TaskConfig
 from dpfl_tff.errors import ConfigError
 from dpfl_tff.tasks.base import ClientArrays, FederatedData
+from dpfl_tff.user_code import import_function, one_line
 
 ARGS = ("data_dir", "num_clients", "seed", "config")
 
@@ -45,14 +45,7 @@ def resolve(name: str) -> Callable[..., FederatedData]:
       ConfigError: the module fails to import, has no such function, or the
         function requires a parameter outside `ARGS`.
     """
-    module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001  (any import-time failure of user code)
-        raise ConfigError(f"--task={name}: cannot import {module_name} ({type(e).__name__}: {_one_line(e)})") from e
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"--task={name}: {module_name} has no function {attr}")
+    fn = import_function("task", name)
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
@@ -61,7 +54,7 @@ def resolve(name: str) -> Callable[..., FederatedData]:
         p.kind is p.POSITIONAL_ONLY or (p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ARGS))]
     if wrong:
         raise ConfigError(
-            f"--task={name}: {attr}{inspect.signature(fn)} must take only keyword arguments among "
+            f"--task={name}: {name.partition(':')[2]}{inspect.signature(fn)} must take only keyword arguments among "
             f"{', '.join(ARGS)}; it requires {', '.join(wrong)}"
         )
     return fn
@@ -84,7 +77,7 @@ def load(cfg: TaskConfig, seed: int) -> FederatedData:
     try:
         data = fn(**_arguments(fn, cfg, seed))
     except Exception as e:  # noqa: BLE001  (whatever the user's code raises becomes one line)
-        raise ConfigError(f"--task={cfg.task}: the function failed ({type(e).__name__}: {_one_line(e)})") from e
+        raise ConfigError(f"--task={cfg.task}: the function failed ({type(e).__name__}: {one_line(e)})") from e
     return validate(cfg.task, data)
 
 
@@ -138,7 +131,3 @@ def _check_arrays(name: str, where: str, c: object, shape: tuple[int, ...], clas
         raise bad(f"{int(np.size(x) - np.isfinite(x).sum())} non-finite feature value(s) (NaN or inf)")
     if y.min() < 0 or y.max() >= classes:
         raise bad(f"labels must be in [0, {classes}) (num_classes={classes}); found min {y.min()}, max {y.max()}")
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300]
