@@ -18,7 +18,8 @@ round for each and their ratios to the reference per model, start-up time (proce
 end of dpfl_tff's first round), peak RSS of this process and of the TFF
 worker, the per-round accounting time, the time of a round with twice the
 clients (a fixed part plus a part linear in the cohort: ratio <= 2) and with no
-client (the fixed cost: state to the worker and back, server step), one
+client (the fixed cost: state to the worker and back, server step), the
+state's round trip alone (an identity computation) and an empty TFF call, one
 `get_model_weights` call, a central evaluation on test sets of the digits' and
 EMNIST's sizes (the cost of `--eval_every`, also as a ratio to a round), with
 --memory_rounds=N the RSS slope over N MLP rounds, and seconds per round of the
@@ -247,6 +248,32 @@ def _time_workers(name: str, data: FederatedData, tmp: str) -> dict:
 
 
 
+def _state_round_trip_seconds(process, state, repeats: int = 10) -> tuple[float, float]:
+    """Median seconds of (the state to the worker and back through an identity computation, an empty TFF call)."""
+    import tensorflow_federated as tff
+
+    state_type = process.next.type_signature.parameter[0]
+
+    @tff.federated_computation(state_type)
+    def identity(s):
+        return tff.federated_map(tff.tensorflow.computation(lambda x: x, state_type.member), s)
+
+    @tff.federated_computation
+    def empty():
+        return tff.federated_value(0, tff.SERVER)
+
+    out = []
+    for call in (lambda: identity(state), empty):
+        call()  # warm-up: compilation
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t)
+        out.append(statistics.median(times))
+    return out[0], out[1]
+
+
 def _evaluation_seconds(cfg: ExperimentConfig, data: FederatedData, weights) -> dict[str, float]:
     """Seconds of one central evaluation (`--eval_every`) on test sets of the digits' and EMNIST's sizes."""
     out = {}
@@ -413,6 +440,7 @@ def main(argv):
                 t = time.perf_counter()
                 weights = process.get_model_weights(state)
                 state_trip = time.perf_counter() - t
+                identity_trip, empty_call = _state_round_trip_seconds(process, state)
                 evaluation = _evaluation_seconds(cfg, data, weights)
             dpfl_s, ref_s = statistics.median(times_dpfl), statistics.median(times_ref)
             tff_s = statistics.median(times_tff)
@@ -429,6 +457,8 @@ def main(argv):
                 "dpfl_tff_seconds_per_round_0_clients": statistics.median(times_0),
                 "ratio_0_clients_over_reference": statistics.median(times_0) / ref_s,
                 "get_model_weights_seconds": state_trip,
+                "state_round_trip_seconds": identity_trip,
+                "empty_tff_call_seconds": empty_call,
                 "evaluation": {**evaluation, **{f"ratio_{k}_over_round": v / dpfl_s for k, v in evaluation.items()}},
             }
             worker_peak = max(worker_peak, _worker_peak_rss_mb())

@@ -48,9 +48,10 @@ def test_bench_round_emits_every_field_and_leaves_no_worker():
                           "dpfl_tff_seconds_per_round_2x_clients", "ratio_2x_clients_over_1x",
                           "tff_fedavg_seconds_per_round", "ratio_tff_fedavg_over_reference",
                           "dpfl_tff_seconds_per_round_0_clients", "ratio_0_clients_over_reference",
-                          "get_model_weights_seconds", "evaluation"}
+                          "get_model_weights_seconds", "state_round_trip_seconds", "empty_tff_call_seconds",
+                          "evaluation"}
         assert r["ratio_0_clients_over_reference"] == r["dpfl_tff_seconds_per_round_0_clients"] / r["reference_seconds_per_round"]
-        assert r["get_model_weights_seconds"] > 0
+        assert r["get_model_weights_seconds"] > 0 and r["state_round_trip_seconds"] > 0 and r["empty_tff_call_seconds"] > 0
         ev = r["evaluation"]
         assert set(ev) == {f"{p}eval_seconds_{n}_examples{q}" for n in (30, 70)
                            for p, q in (("", ""), ("ratio_", "_over_round"))}
