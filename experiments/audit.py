@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
 
 from absl import app, logging
@@ -35,6 +36,7 @@ from dpfl_tff.audit import auditor
 from dpfl_tff.config import ConfigError, ExperimentConfig
 from dpfl_tff.tasks import DataFileError
 from experiments import cli
+from experiments.run_federated import Signals
 from experiments import flags as dpfl_flags
 
 NOISED, NOISE_FREE = "noised", "noise_free"
@@ -97,14 +99,23 @@ def main(argv: list[str]) -> None:
     if not app.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     results = []
+    signals = Signals()  # as run_federated: the first signal stops after the round, checkpointed
+    signal.signal(signal.SIGTERM, signals)
+    signal.signal(signal.SIGINT, signals)
+    current = runs[NOISED]
     try:
         # One local TFF worker for both runs (with --workers, each run connects to them itself).
         with contextlib.nullcontext() if runs[NOISED].workers else runtime.local_context():
             for name, cfg in runs.items():
+                current = cfg
                 print(f"== {name}: {cfg.output_dir}", flush=True)
                 result = training.run(cfg, overwrite=dpfl_flags.OVERWRITE.value, log=lambda s: print(s, flush=True),
-                                      fresh=dpfl_flags.FRESH.value)
+                                      fresh=dpfl_flags.FRESH.value, stop_requested=signals.stop_requested)
                 results.append(report(name, result.summary, cfg.output_dir))
+    except training.RunInterrupted as e:
+        print(f"{e}: last completed round checkpointed, summary written to {current.output_dir}; rerun the same "
+              "command to continue", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
     except (ConfigError, DataFileError, FileExistsError, OSError, runtime.WorkersUnreachable) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
