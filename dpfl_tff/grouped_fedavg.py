@@ -215,20 +215,26 @@ def build_grouped_fed_avg(
 
     agg_init = tff.tensorflow.computation(query.initial_global_state)
     weights_type, agg_state_type = initial_weights.type_signature.result, agg_init.type_signature.result
-    sample_params = tff.tensorflow.computation(query.derive_sample_params, agg_state_type)
+
+    @tff.tensorflow.computation(weights_type, agg_state_type)
+    def client_inputs(weights, agg_state):
+        # Only the query's sample params (e.g. the clip) reach the clients, never its state (e.g. DP-FTRL's noise).
+        return weights, query.derive_sample_params(agg_state)
+
     trainer = _GroupTrainer(query, client_optimizer, batch_size, input_shape, files_root, release_client_statistics,
                             canary_seed, canary_norm)
     groups_type = group_type(input_shape, ship, canary_seed is not None)
 
-    @tff.tensorflow.computation(weights_type, sample_params.type_signature.result, groups_type)
-    def train_group(weights, params, group):
+    @tff.tensorflow.computation(client_inputs.type_signature.result, groups_type)
+    def train_group(inputs, group):
+        weights, params = inputs
         return trainer(model_fn())(weights, params, group)
 
     optimizer_init, server_step = _server_computations(
         query, server_optimizer, weights_type, agg_state_type, train_group.type_signature.result,
         release_client_statistics,
     )
-    return _learning_process(initial_weights, agg_init, sample_params, optimizer_init, train_group, server_step,
+    return _learning_process(initial_weights, agg_init, client_inputs, optimizer_init, train_group, server_step,
                              groups_type)
 
 
@@ -322,16 +328,15 @@ class _GroupTrainer:
 
 def _server_computations(query, server_optimizer, weights_type, agg_state_type, group_result_type, release: bool):
     """(optimizer init, server step): noise and mean by the query, server optimizer and metrics in one call."""
-    sums_type, stats_type = group_result_type
 
     @tff.tensorflow.computation
     def optimizer_init():
         return server_optimizer.initialize(tuple(tf.TensorSpec(t.shape, t.dtype) for t in weights_type.trainable))
 
-    @tff.tensorflow.computation(weights_type, agg_state_type, optimizer_init.type_signature.result, sums_type,
-                                stats_type)
+    @tff.tensorflow.computation(weights_type, agg_state_type, optimizer_init.type_signature.result, group_result_type)
     @tf.function
-    def server_step(weights, agg_state, optimizer_state, sums, stats):
+    def server_step(weights, agg_state, optimizer_state, totals):
+        sums, stats = totals
         update, new_agg_state, _ = query.get_noised_result(sums, agg_state)
         update = tuple(update)
         # As TFF's build_apply_optimizer_finalizer: a non-finite update is not applied.
@@ -361,7 +366,7 @@ def _server_computations(query, server_optimizer, weights_type, agg_state_type, 
     return optimizer_init, server_step
 
 
-def _learning_process(initial_weights, agg_init, sample_params, optimizer_init, train_group, server_step,
+def _learning_process(initial_weights, agg_init, client_inputs, optimizer_init, train_group, server_step,
                       groups_type):
     """The federated computations around the TensorFlow ones: TFF's LearningProcess shape."""
 
@@ -383,15 +388,12 @@ def _learning_process(initial_weights, agg_init, sample_params, optimizer_init, 
 
     @tff.federated_computation(state_type, tff.FederatedType(groups_type, tff.CLIENTS))
     def next_fn(state, groups):
-        weights_at_clients = tff.federated_broadcast(state.global_model_weights)
-        # Only the query's sample params (e.g. the clip) reach the clients, never its state (e.g. DP-FTRL's noise).
-        params_at_clients = tff.federated_broadcast(tff.federated_map(sample_params, state.aggregator))
-        sums, stats = tff.federated_map(train_group, (weights_at_clients, params_at_clients, groups))
+        # One broadcast of (weights, the query's sample params) and one sum of the groups' (sums, statistics):
+        # each federated operation is a round trip inside the worker.
+        inputs = tff.federated_broadcast(tff.federated_map(client_inputs, (state.global_model_weights, state.aggregator)))
+        totals = tff.federated_sum(tff.federated_map(train_group, (inputs, groups)))
         weights, agg_state, optimizer_state, metrics = tff.federated_map(
-            server_step,
-            (state.global_model_weights, state.aggregator, state.finalizer, tff.federated_sum(sums),
-             tff.federated_sum(stats)),
-        )
+            server_step, (state.global_model_weights, state.aggregator, state.finalizer, totals))
         new_state = tff.federated_zip(
             algorithm_state(weights, state.distributor, state.client_work, agg_state, optimizer_state))
         return tff.learning.templates.LearningProcessOutput(new_state, metrics)
