@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import concurrent.futures
 import contextlib
 import ctypes
 import errno
@@ -555,6 +556,14 @@ class _WorkerContext(async_execution_context.AsyncExecutionContext):
         self._retry_seconds = retry_seconds
         self._proc = proc
         self._log_path = log_path
+        # Its own thread (asyncio's default pool has min(32, cores + 4) threads: more workers would queue).
+        self._thread = None if proc is not None else concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"dpfl_tff_worker_{address}")
+
+    def shutdown(self) -> None:
+        """Ends the remote worker's call thread (a sweep opens one remote context per run)."""
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
 
     def _check_alive(self, grace: float) -> None:
         """Raises `LocalWorkerDied` if the local worker exits within `grace` seconds."""
@@ -572,7 +581,8 @@ class _WorkerContext(async_execution_context.AsyncExecutionContext):
         while True:
             try:
                 if self._proc is None:
-                    return await asyncio.to_thread(_run_coroutine, _INVOKE_ONCE(self, comp, arg))
+                    return await asyncio.get_running_loop().run_in_executor(
+                        self._thread, _run_coroutine, _INVOKE_ONCE(self, comp, arg))
                 return await _INVOKE_ONCE(self, comp, arg)
             except (executors_errors.RetryableError, grpc.RpcError) as e:
                 retryable = isinstance(e, executors_errors.RetryableError)
@@ -670,6 +680,8 @@ def remote_context(addresses: list[str], timeout: float = 30.0) -> Iterator[None
         yield
     finally:
         stack.set_default_context(previous)
+        for c in contexts:
+            c.shutdown()
         for s in stubs:
             s._channel.close()  # noqa: SLF001  (the stub owns no close())
 
