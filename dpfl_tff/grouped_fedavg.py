@@ -265,8 +265,8 @@ class _GroupTrainer:
         for v, w in zip(trainable + non_trainable, list(weights.trainable) + list(weights.non_trainable)):
             v.assign(w)  # every client starts from the server model
         opt_state = self.client_optimizer.initialize(tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable))
-        loss_sum, correct, examples, batches = stats["loss_sum"], stats["correct"], stats["examples"], stats["batches"]
-        for start in tf.range(0, length, self.batch_size):
+
+        def batch_step(start, opt_state, loss_sum, correct, examples, batches):
             idx = order[start : start + self.batch_size]
             xb, yb = tf.gather(x, idx), tf.gather(y, idx)
             with tf.GradientTape() as tape:
@@ -275,15 +275,18 @@ class _GroupTrainer:
                 total_loss = batch_loss + tf.add_n([0.0, *model.losses])
             grads = tape.gradient(total_loss, trainable)
             opt_state, new = self.client_optimizer.next(opt_state, tuple(trainable), tuple(grads))
-            for v, n in zip(trainable, new):
-                v.assign(n)
-            b = tf.shape(yb)[0]
-            loss_sum += batch_loss * tf.cast(b, tf.float32)
-            predicted = tf.argmax(logits, axis=-1, output_type=yb.dtype)
-            correct += tf.reduce_sum(tf.cast(tf.equal(predicted, yb), tf.float32))
-            examples += tf.cast(b, tf.int64)
-            batches += 1
-        delta = [w - v for w, v in zip(weights.trainable, trainable)]  # TFF's sign: initial - trained
+            with tf.control_dependencies([v.assign(n) for v, n in zip(trainable, new)]):
+                b = tf.shape(yb)[0]
+                predicted = tf.argmax(logits, axis=-1, output_type=yb.dtype)
+                return (start + self.batch_size, opt_state, loss_sum + batch_loss * tf.cast(b, tf.float32),
+                        correct + tf.reduce_sum(tf.cast(tf.equal(predicted, yb), tf.float32)),
+                        examples + tf.cast(b, tf.int64), batches + 1)
+
+        _, _, loss_sum, correct, examples, batches = tf.while_loop(
+            lambda start, *_: start < length, batch_step,
+            (tf.constant(0), opt_state, stats["loss_sum"], stats["correct"], stats["examples"], stats["batches"]))
+        with tf.control_dependencies([loss_sum]):  # the deltas read the variables after the loop
+            delta = [w - v.read_value() for w, v in zip(weights.trainable, trainable)]  # TFF's sign: initial - trained
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(d)) for d in delta])
         delta = [tf.where(finite, d, tf.zeros_like(d)) for d in delta]
         stats = collections.OrderedDict(
@@ -305,21 +308,29 @@ class _GroupTrainer:
     def __call__(self, model: tf.keras.Model):
         query = self.query
 
-        @tf.function
+        # autograph=False (here and in the server step): the loops are written as tf.while_loop, so tracing
+        # converts no source (autograph's conversion of this and of the library code it calls cost ~1.1 s of
+        # a run's start-up).
+        @tf.function(autograph=False)
         def run(weights, params, group):
             sums = query.initial_sample_state([tf.zeros_like(t) for t in weights.trainable])
             stats = collections.OrderedDict(
                 loss_sum=tf.constant(0.0), correct=tf.constant(0.0), examples=tf.constant(0, tf.int64),
                 batches=tf.constant(0, tf.int64), nonfinite=tf.constant(0, tf.int64),
             )
-            for i in tf.range(tf.shape(group["lengths"])[0]):
+
+            def client_step(i, sums, stats):
                 if self.canary_seed is None:  # Python: no canary branch in the graph
                     delta, stats = self._client_update(model, weights, group, i, stats)
-                elif group["canaries"][i] >= 0:  # a canary: its update, and no statistics
-                    delta = self._canary_update(weights, group["canaries"][i])
-                else:
-                    delta, stats = self._client_update(model, weights, group, i, stats)
-                sums = query.accumulate_preprocessed_record(sums, query.preprocess_record(params, delta))
+                else:  # a canary: its update, and no statistics
+                    delta, stats = tf.cond(
+                        group["canaries"][i] >= 0,
+                        lambda: (self._canary_update(weights, group["canaries"][i]), stats),
+                        lambda: self._client_update(model, weights, group, i, stats))
+                return i + 1, query.accumulate_preprocessed_record(sums, query.preprocess_record(params, delta)), stats
+
+            n = tf.shape(group["lengths"])[0]
+            _, sums, stats = tf.while_loop(lambda i, *_: i < n, client_step, (tf.constant(0), sums, stats))
             # Without release, the records' sum is all that leaves the clients (local DP).
             return sums, (stats if self.release else collections.OrderedDict())
 
@@ -334,16 +345,17 @@ def _server_computations(query, server_optimizer, weights_type, agg_state_type, 
         return server_optimizer.initialize(tuple(tf.TensorSpec(t.shape, t.dtype) for t in weights_type.trainable))
 
     @tff.tensorflow.computation(weights_type, agg_state_type, optimizer_init.type_signature.result, group_result_type)
-    @tf.function
+    @tf.function(autograph=False)
     def server_step(weights, agg_state, optimizer_state, totals):
         sums, stats = totals
         update, new_agg_state, _ = query.get_noised_result(sums, agg_state)
         update = tuple(update)
         # As TFF's build_apply_optimizer_finalizer: a non-finite update is not applied.
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(u)) for u in update])
-        new_optimizer_state, trainable = server_optimizer.next(optimizer_state, tuple(weights.trainable), update)
-        if not finite:
-            new_optimizer_state, trainable = optimizer_state, tuple(weights.trainable)
+        new_optimizer_state, trainable = tf.nest.map_structure(
+            lambda new, old: tf.where(finite, new, old),
+            server_optimizer.next(optimizer_state, tuple(weights.trainable), update),
+            (optimizer_state, tuple(weights.trainable)))
         aggregator = collections.OrderedDict(inner=collections.OrderedDict(
             dp_query_metrics=query.derive_metrics(new_agg_state)))
         train = collections.OrderedDict()
