@@ -61,7 +61,7 @@ from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.core.backends.native import compiler as native_compiler
 from tensorflow_federated.python.core.backends.native import mergeable_comp_compiler
 from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
-from tensorflow_federated.python.core.impl.context_stack import context_stack_impl, runtime_error_context
+from tensorflow_federated.python.core.impl.context_stack import context_base, context_stack_impl, runtime_error_context
 from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
 from tensorflow_federated.python.core.impl.execution_contexts import mergeable_comp_execution_context
 from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context
@@ -84,8 +84,8 @@ GRPC_CHANNEL_OPTIONS = [
 _PR_SET_PDEATHSIG = 1
 WORKER_MALLOC_ARENA_MAX = "2"
 _live_workers: set[subprocess.Popen] = set()
-# (worker, address, log path) of the `local_context()` blocks now open in this process, innermost last.
-_active_local: list[tuple[subprocess.Popen, str, str | None]] = []
+# The workers of the `local_context()` blocks now open in this process, innermost last.
+_active_local: list["_LocalWorker"] = []
 _binders: dict[subprocess.Popen, "_LoopbackBinder | str"] = {}  # workers started with loopback_only
 
 _installed = False
@@ -633,7 +633,7 @@ def check_reachable(addresses: list[str], timeout: float) -> list[remote_executo
     down = [a for a, s in zip(addresses, stubs) if not s.is_ready]
     if down:
         for c in channels:
-            c.close()
+            _close_unready_channel(c)
         raise WorkersUnreachable(
             f"--workers: TFF worker(s) not reachable after {timeout:g} s: {', '.join(down)} "
             "(start one per address with `uv run python -m experiments.run_worker --port=PORT`, or raise "
@@ -690,12 +690,74 @@ def _warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+class _LocalWorker:
+    """Our private local worker: started at once, connected (`connect`) when first needed."""
+
+    def __init__(self, log: IO | None, log_path: str | None, startup_timeout: float, retry_seconds: float,
+                 warn: Callable[[str], None]):
+        self.log, self.log_path, self.warn = log, log_path, warn
+        self.startup_timeout, self.retry_seconds = startup_timeout, retry_seconds
+        self.proc, self.port = start_worker(log=log, loopback_only=True)
+        self.address = f"localhost:{self.port}"
+        self.channel: grpc.Channel | None = None
+        self.context: _SyncWorkerContext | None = None
+
+    def connect(self) -> _SyncWorkerContext:
+        """Waits until the worker answers (restarting it once without the loopback redirection if that failed)."""
+        if self.context is not None:
+            return self.context
+        try:
+            self.address, self.channel, stub = _connect(self.proc, self.port, self.startup_timeout)
+            reason = loopback_status(self.proc)
+        except RuntimeError as e:
+            binder = _binders.get(self.proc)
+            if not isinstance(binder, _LoopbackBinder) or binder.bound:
+                raise
+            # The redirection itself failed (the worker could not bind): once more, as TFF starts it.
+            reason = f"{binder.failure or 'the worker could not bind'}; {e}"
+            stop_worker(self.proc)
+            self.proc, self.port = start_worker(log=self.log)
+            self.address, self.channel, stub = _connect(self.proc, self.port, self.startup_timeout)
+        if reason is not None:
+            line = (
+                f"WARNING: local TFF worker: pid {self.proc.pid}, port {self.port} (listens on all interfaces, "
+                f"unauthenticated: could not restrict it to loopback: {reason}; see docs/several-machines.md "
+                "\"Security\")"
+            )
+            self.warn(line)
+            if self.log is not None:
+                os.write(self.log.fileno(), f"dpfl_tff: {line}\n".encode())
+        self.context = _SyncWorkerContext(
+            _WorkerContext(self.address, stub, self.retry_seconds, proc=self.proc, log_path=self.log_path))
+        return self.context
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        stop_worker(self.proc)
+
+
+class _StartingWorkerContext(context_base.SyncContext):
+    """The context of a `local_context(wait=False)` block: its first call waits for the worker, then runs there."""
+
+    def __init__(self, worker: _LocalWorker):
+        self._worker = worker
+
+    @property
+    def executor_factory(self):
+        return self._worker.connect().executor_factory
+
+    def invoke(self, comp, arg):
+        return self._worker.connect().invoke(comp, arg)
+
+
 @contextlib.contextmanager
 def local_context(
     log_path: str | None = None,
     startup_timeout: float = 60.0,
     retry_seconds: float = 30.0,
     warn: Callable[[str], None] = _warn,
+    wait: bool = True,
 ) -> Iterator[None]:
     """Runs TFF computations on a private local worker for the `with` block.
 
@@ -715,51 +777,31 @@ def local_context(
       startup_timeout: seconds to wait for the worker to answer.
       retry_seconds: how long a call retries a live worker that does not answer.
       warn: receives the line saying the worker listens on all interfaces.
+      wait: wait on entry until the worker answers. False: the block starts
+        while the worker is still starting (about 1 s here), and the first TFF
+        call waits for it (and raises what entering would have raised); a run
+        builds its computations meanwhile.
 
     Yields:
       Nothing; TFF computations invoked inside the block use the worker.
     """
     install()
     log = open(log_path, "ab") if log_path else None  # noqa: SIM115
-    proc = channel = None
+    worker = None
     stack = context_stack_impl.context_stack
     previous = stack.current
     try:
-        proc, port = start_worker(log=log, loopback_only=True)
-        try:
-            address, channel, stub = _connect(proc, port, startup_timeout)
-            reason = loopback_status(proc)
-        except RuntimeError as e:
-            binder = _binders.get(proc)
-            if not isinstance(binder, _LoopbackBinder) or binder.bound:
-                raise
-            # The redirection itself failed (the worker could not bind): once more, as TFF starts it.
-            reason = f"{binder.failure or 'the worker could not bind'}; {e}"
-            stop_worker(proc)
-            proc, port = start_worker(log=log)
-            address, channel, stub = _connect(proc, port, startup_timeout)
-        if reason is not None:
-            line = (
-                f"WARNING: local TFF worker: pid {proc.pid}, port {port} (listens on all interfaces, "
-                f"unauthenticated: could not restrict it to loopback: {reason}; see docs/several-machines.md \"Security\")"
-            )
-            warn(line)
-            if log is not None:
-                os.write(log.fileno(), f"dpfl_tff: {line}\n".encode())
-        stack.set_default_context(
-            _SyncWorkerContext(_WorkerContext(address, stub, retry_seconds, proc=proc, log_path=log_path))
-        )
-        _active_local.append((proc, address, log_path))
+        worker = _LocalWorker(log, log_path, startup_timeout, retry_seconds, warn)
+        stack.set_default_context(worker.connect() if wait else _StartingWorkerContext(worker))
+        _active_local.append(worker)
         try:
             yield
         finally:
             _active_local.pop()
     finally:
         stack.set_default_context(previous)
-        if channel is not None:
-            channel.close()
-        if proc is not None:
-            stop_worker(proc)
+        if worker is not None:
+            worker.close()
         if log is not None:
             log.close()
 
@@ -774,9 +816,24 @@ def _connect(
         stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(channel)
         wait_until_ready(stub, address, timeout, proc)
     except BaseException:
-        channel.close()
+        _close_unready_channel(channel)
         raise
     return address, channel, stub
+
+
+def _close_unready_channel(channel: grpc.Channel) -> None:
+    """Closes a channel that never connected once its connectivity-polling thread has stopped.
+
+    Closed while that thread still tries to connect, the thread dies with "Cannot monitor channel state:
+    Channel closed!" and a traceback on stderr. It stops within ~0.2 s once nothing is subscribed.
+    """
+    state = getattr(channel, "_connectivity_state", None)
+    if state is not None and hasattr(channel, "_unsubscribe_all"):
+        channel._unsubscribe_all()  # noqa: SLF001
+        deadline = time.monotonic() + 1.0
+        while state.polling and time.monotonic() < deadline:
+            time.sleep(0.01)
+    channel.close()
 
 
 def execution_context(
@@ -789,22 +846,25 @@ def execution_context(
     context's worker is used, `log_path` gets one line naming it, and on
     leaving the block the worker's values of the block are cleared (its
     executors closed: a shared worker does not grow run by run); else a new
-    `local_context(log_path)`.
+    `local_context(log_path, wait=False)`: the worker starts while the run
+    builds its computations, and the first call waits for it.
     """
     if workers:
         return remote_context(list(workers), timeout)
     if _active_local:
         return _reuse_local(log_path)
-    return local_context(log_path=log_path)
+    return local_context(log_path=log_path, wait=False)
 
 
 @contextlib.contextmanager
 def _reuse_local(log_path: str | None) -> Iterator[None]:
-    proc, address, its_log = _active_local[-1]
+    worker = _active_local[-1]
+    worker.connect()  # its final pid and address (a restart without the loopback redirection changes them)
+    proc = worker.proc
     if log_path:
         with open(log_path, "a", encoding="utf-8") as f:
             f.write(f"dpfl_tff: this run used the TFF worker of an enclosing runtime.local_context() (pid "
-                    f"{proc.pid}, {address}); its output goes to {its_log or '/dev/null'}\n")
+                    f"{proc.pid}, {worker.address}); its output goes to {worker.log_path or '/dev/null'}\n")
     try:
         yield
     finally:  # the shared worker forgets this run's values: a sweep's worker does not grow run by run

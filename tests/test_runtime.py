@@ -94,3 +94,40 @@ def test_a_computation_is_sent_to_the_worker_once_and_evicted_beyond_the_cache(t
     np.testing.assert_array_equal(comps[0](x), x)  # evicted: sent again, still right
     np.testing.assert_array_equal(comps[-1](x), x + len(comps) - 1)  # kept: not sent
     assert len(sent) == 1
+
+
+def _one():
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    @tff.tensorflow.computation
+    def one():
+        return tf.constant(1)
+
+    return one
+
+
+def test_a_starting_worker_is_waited_for_by_the_first_call_and_stopped_if_never_called():
+    one = _one()
+    others = set(runtime.live_worker_pids())  # e.g. the session's `tff_context`
+    with runtime.local_context(wait=False):
+        (pid,) = set(runtime.live_worker_pids()) - others
+        assert one() == 1  # waits until the worker answers, then runs there
+        assert one() == 1
+    assert pid not in runtime.live_worker_pids()
+    with runtime.local_context(wait=False):  # no call: left without waiting for it
+        (pid,) = set(runtime.live_worker_pids()) - others
+    assert pid not in runtime.live_worker_pids() and not os.path.exists(f"/proc/{pid}")  # stopped and reaped
+
+
+def test_a_worker_that_cannot_start_fails_the_first_call(tmp_path, monkeypatch):
+    fake = tmp_path / "worker_binary"
+    fake.write_text("#!/bin/sh\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(runtime, "WORKER_BINARY", str(fake))
+    one = _one()
+    others = set(runtime.live_worker_pids())
+    with pytest.raises(RuntimeError, match=r"TFF worker at localhost:\d+ exited with code 3 before it was ready"):
+        with runtime.local_context(wait=False):
+            one()
+    assert set(runtime.live_worker_pids()) <= others
