@@ -5,14 +5,19 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from dpfl_tff.outputs import read_metrics, read_summary  # noqa: E402
+from dpfl_tff.outputs import read_metrics, read_summary
 
 RUN_PNG = "run.png"
+
+
+def pyplot():
+    """matplotlib.pyplot with the Agg backend, imported on first use (0.4 s: not at a run's start-up)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _eps(v) -> float:
@@ -24,6 +29,7 @@ def plot_run(output_dir: str, path: str | None = None) -> str:
     rows = read_metrics(output_dir)
     if not rows:
         raise ValueError(f"{output_dir} has no metrics.jsonl rows to plot")
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     evals = [r for r in rows if "test_accuracy" in r]
     ax.plot([r["round"] for r in evals], [r["test_accuracy"] for r in evals], "o-", color="tab:blue")
@@ -80,6 +86,7 @@ def comparable(output_dirs: Sequence[str]) -> tuple[list[str], list[tuple[str, s
 def plot_runs(output_dirs: Sequence[str], path: str) -> str:
     """Accuracy against epsilon for several runs, one line each (runs without DP: a horizontal line at their
     last test accuracy); returns the PNG's path. Give runs of one delta and relation (`comparable`)."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for d in output_dirs:
         evals = [r for r in read_metrics(d) if "test_accuracy" in r]

@@ -157,7 +157,9 @@ def _line_label(run_settings: dict[str, Any]) -> str:
 
 def plot(sweep: SweepPlan, table: list[dict[str, Any]], path: str) -> str | None:
     """privacy_utility.png (see the module docstring); None when no row has a test accuracy."""
-    from dpfl_tff.plots import plt  # matplotlib with the Agg backend
+    from dpfl_tff.plots import pyplot
+
+    plt = pyplot()
 
     settings = {r.setting or "(base)": dict(r.settings) for r in sweep.runs}
     points = [r for r in table if r["test_accuracy_mean"] is not None]

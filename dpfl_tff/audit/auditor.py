@@ -193,10 +193,9 @@ class CanaryAuditor(observers.Observer):
 
 def plot(audit: dict[str, Any], path: str) -> str:
     """audit.png: histograms of inserted vs held-out cosines (final model; all rounds' maxima if computed)."""
-    import matplotlib
+    from dpfl_tff.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if audit.get("final_model") is None:
         raise ValueError(audit.get("all_rounds_note", "no estimate"))
