@@ -15,7 +15,8 @@ whole round in one `tf.function` over in-memory tensors. Rounds of the two are
 interleaved, after one warm-up round each; then TFF's own FedAvg with the same
 aggregator (`fedavg_impl="tff"`) is timed. Prints one JSON object: seconds per
 round for each and their ratios to the reference per model, start-up time (process start to the
-end of dpfl_tff's first round), peak RSS of this process and of the TFF
+end of dpfl_tff's first round, of this script and, first, of the README's main command run for one round
+as a new process), peak RSS of this process and of the TFF
 worker, the per-round accounting time, the time of a round with twice the
 clients (a fixed part plus a part linear in the cohort: ratio <= 2) and with no
 client (the fixed cost: state to the worker and back, server step), the
@@ -46,6 +47,8 @@ import json  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -100,7 +103,12 @@ EVAL_SIZES = flags.DEFINE_list(
     "eval_sizes", ["360", "40832"],
     "Test set sizes (examples) of the evaluation timing: the digits' 20%% split (360) and TFF's EMNIST-62 test "
     "clients (40,832); empty: skip.")
+DRIVER_STARTUP = flags.DEFINE_bool(
+    "driver_startup", True,
+    "Also time the README's main command (configs/quickstart.cfg, --rounds=1) as a new process: seconds from its "
+    "start to its first round's progress line.")
 CLIP, Z, CLIENT_LR = 0.1, 1.0, 0.05
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NAMES = {"cnn": "emnist_cnn_dropout", "mlp": "emnist_2nn"}
 
 
@@ -158,6 +166,25 @@ def _status_mb(pid: int | str, field: str) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def _driver_startup(tmp: str) -> dict:
+    """The quickstart's driver for one round in a new Python process (as `uv run` starts it, without uv's own
+    start): seconds to its first round's line (imports, data, building the process, starting the worker, the
+    round) and to its exit (evaluation, summary, plot, worker stopped)."""
+    cmd = [sys.executable, "-m", "experiments.run_federated", "--flagfile=configs/quickstart.cfg", "--rounds=1",
+           f"--output_dir={os.path.join(tmp, 'driver_startup')}"]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    first = None
+    for line in proc.stdout:
+        if first is None and line.startswith("round 1/"):
+            first = time.perf_counter() - t
+    proc.wait()
+    if proc.returncode != 0 or first is None:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode} (first round seen: {first is not None})")
+    return {"command": "python -m experiments.run_federated --flagfile=configs/quickstart.cfg --rounds=1",
+            "seconds_to_first_round": first, "seconds_to_exit": time.perf_counter() - t}
 
 
 def _worker_peak_rss_mb() -> float:
@@ -391,6 +418,8 @@ def main(argv):
                     "rounds": ROUNDS.value}
     worker_peak = 0.0
     with tempfile.TemporaryDirectory() as tmp, runtime.local_context():
+        if DRIVER_STARTUP.value:  # first, on a quiet machine (this process' worker is idle)
+            report["driver_startup"] = _driver_startup(tmp)
         for key in MODELS.value:
             name = _NAMES[key]
             cfg, cfg_tff = _config(name, m, tmp), _config(name, m, tmp, impl="tff")

@@ -39,6 +39,9 @@ def test_bench_round_emits_every_field_and_leaves_no_worker():
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["clients_per_round"] == 2 and report["examples_per_client"] == 10 and report["rounds"] == 1
     assert report["startup_seconds"] > 0 and report["python_peak_rss_mb"] > 0 and report["worker_peak_rss_mb"] > 0
+    startup = report["driver_startup"]
+    assert startup["command"].endswith("--flagfile=configs/quickstart.cfg --rounds=1")
+    assert 0 < startup["seconds_to_first_round"] < startup["seconds_to_exit"]
     assert "cnn" not in report  # --models=mlp: the CNN takes the same code path, only slower
     for key, model in (("mlp", "emnist_2nn"),):
         r = report[key]
