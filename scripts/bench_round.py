@@ -15,7 +15,7 @@ whole round in one `tf.function` over in-memory tensors. Rounds of the two are
 interleaved, after one warm-up round each; then TFF's own FedAvg with the same
 aggregator (`fedavg_impl="tff"`) is timed. Prints one JSON object: seconds per
 round for each and their ratios to the reference per model, start-up time (process start to the
-end of dpfl_tff's first round, of this script and, first, of the README's main command run for one round
+end of dpfl_tff's first round, of this script and of the README's main command run for one round
 as a new process), peak RSS of this process and of the TFF
 worker, the per-round accounting time, the time of a round with twice the
 clients (a fixed part plus a part linear in the cohort: ratio <= 2) and with no
@@ -418,8 +418,6 @@ def main(argv):
                     "rounds": ROUNDS.value}
     worker_peak = 0.0
     with tempfile.TemporaryDirectory() as tmp, runtime.local_context():
-        if DRIVER_STARTUP.value:  # first, on a quiet machine (this process' worker is idle)
-            report["driver_startup"] = _driver_startup(tmp)
         for key in MODELS.value:
             name = _NAMES[key]
             cfg, cfg_tff = _config(name, m, tmp), _config(name, m, tmp, impl="tff")
@@ -491,6 +489,8 @@ def main(argv):
                 "evaluation": {**evaluation, **{f"ratio_{k}_over_round": v / dpfl_s for k, v in evaluation.items()}},
             }
             worker_peak = max(worker_peak, _worker_peak_rss_mb())
+        if DRIVER_STARTUP.value:  # after startup_seconds; this process' worker idles meanwhile
+            report["driver_startup"] = _driver_startup(tmp)
         if MEMORY_ROUNDS.value > 0:
             report["memory"] = _memory_slope(data, tmp, MEMORY_ROUNDS.value)
         if WORKER_COUNTS.value and MODELS.value:
