@@ -45,6 +45,7 @@ for workers elsewhere).
 from __future__ import annotations
 
 import collections
+import functools
 import os
 from collections.abc import Callable, Sequence
 
@@ -228,7 +229,7 @@ def build_grouped_fed_avg(
     @tff.tensorflow.computation(client_inputs.type_signature.result, groups_type)
     def train_group(inputs, group):
         weights, params = inputs
-        return trainer(model_fn())(weights, params, group)
+        return trainer(_overwritten_model(model_fn))(weights, params, group)
 
     optimizer_init, server_step = _server_computations(
         query, server_optimizer, weights_type, agg_state_type, train_group.type_signature.result,
@@ -236,6 +237,36 @@ def build_grouped_fed_avg(
     )
     return _learning_process(initial_weights, agg_init, client_inputs, optimizer_init, train_group, server_step,
                              groups_type)
+
+
+def _overwritten_model(model_fn: Callable[[], tf.keras.Model]) -> tf.keras.Model:
+    """The model a group call trains: its variables start at zeros instead of their random initial values.
+
+    Every client first assigns the server weights to all of the model's
+    variables (`_GroupTrainer._local_training`), so their initial values are
+    never read; drawing them cost ~2 ms per call of the MLP here (199k
+    uniform draws). If the model creates a variable that is not among its
+    weights (one that would not be overwritten), or one of unknown shape, the
+    model is built again as `model_fn` builds it.
+    """
+    created, zeroed = [], []
+
+    def zeros(next_creator, **kwargs):
+        shape, dtype = kwargs.get("shape"), kwargs.get("dtype")
+        known = shape is not None and tf.TensorShape(shape).is_fully_defined() and dtype is not None
+        if known:
+            kwargs["initial_value"] = functools.partial(tf.zeros, tf.TensorShape(shape), tf.as_dtype(dtype))
+        v = next_creator(**kwargs)
+        created.append(v)
+        zeroed.append(known)
+        return v
+
+    with tf.variable_creator_scope(zeros):
+        model = model_fn()
+    weights = {v.ref() for v in model.trainable_variables + model.non_trainable_variables}
+    if all(zeroed) and {v.ref() for v in created} == weights:
+        return model
+    return model_fn()
 
 
 class _GroupTrainer:

@@ -167,3 +167,33 @@ def test_make_groups_pads_orders_and_writes_each_client_once(tmp_path):
     (shipped,) = grouped_fedavg.make_groups(data, [3, 1], orders, [slice(0, 2)], None)
     assert shipped["x"].shape == (2, 6, 3) and "client_ids" not in shipped
     np.testing.assert_array_equal(shipped["x"][1], data.clients[1].x)
+
+
+def _built(model_fn):
+    """(model, number of model_fn calls, its variables' values) of `_overwritten_model`, in a graph as TFF traces it."""
+    calls = []
+
+    def counted():
+        calls.append(1)
+        return model_fn()
+
+    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+        model = grouped_fedavg._overwritten_model(counted)  # noqa: SLF001
+        sess.run(tf.compat.v1.global_variables_initializer())
+        return model, len(calls), sess.run(model.variables)
+
+
+def test_a_group_calls_model_starts_at_zeros_unless_it_has_variables_a_client_does_not_overwrite():
+    def dense():
+        return tf.keras.Sequential([tf.keras.layers.Dense(4, input_shape=(3,)), tf.keras.layers.Dense(2)])
+
+    _, calls, values = _built(dense)
+    assert calls == 1 and len(values) == 4 and all(not v.any() for v in values)  # zeros, never drawn
+
+    def with_a_stray_variable():
+        tf.Variable(3.0, name="not_a_weight")  # not among the model's weights: a client would not overwrite it
+        return dense()
+
+    _, calls, values = _built(with_a_stray_variable)
+    assert calls == 2  # built again as model_fn builds it: random initial values
+    assert any(v.any() for v in values)
