@@ -1,4 +1,4 @@
-"""Values -> TFF `executor_pb2.Value`, written in place.
+"""Values <-> TFF `executor_pb2.Value`: written in place, read by the known type.
 
 TFF 0.87's `value_serialization.serialize_value` builds every nested struct
 element as a separate message and embeds it by constructor, which costs
@@ -8,6 +8,11 @@ each direction that Python sends. `serialize_into` writes the same message
 the types a learning process exchanges: non-scalar numeric arrays, structs
 and federated values. Anything else (scalars, strings, computations,
 sequences, values that need a conversion) goes through TFF's serializer.
+
+`deserialize` reads a result whose type the caller knows into the same
+values as TFF's `deserialize_value` (tests/test_serialization.py), without
+building a TFF type per nested struct and a tracing span per element (2.8 ms
+-> 0.4 ms for the MLP's 0.8 MB state, per round).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.common_libs import structure
 from tensorflow_federated.python.core.impl.compiler import array
 from tensorflow_federated.python.core.impl.executors import value_serialization
-from tensorflow_federated.python.core.impl.types import type_serialization
+from tensorflow_federated.python.core.impl.types import array_shape, type_serialization
 
 
 def _is_plain_array(value: object, type_spec: tff.TensorType) -> bool:
@@ -57,3 +62,22 @@ def serialize_into(value: object, type_spec: tff.Type, target: executor_pb2.Valu
     else:
         proto, _ = value_serialization.serialize_value(value, type_spec)
         target.CopyFrom(proto)
+
+
+def deserialize(value: executor_pb2.Value, type_spec: tff.Type) -> object:
+    """The value in `value`, of type `type_spec`, as TFF's `deserialize_value(value, type_spec)[0]` returns it."""
+    which = value.WhichOneof("value")
+    if which == "array" and isinstance(type_spec, tff.TensorType):
+        if array_shape.is_shape_scalar(type_spec.shape) or type_spec.dtype.type is np.str_:
+            return array.from_proto(value.array)
+        return array.from_proto_content(value.array)
+    if which == "struct" and isinstance(type_spec, tff.StructType) and len(value.struct.element) == len(type_spec):
+        return structure.Struct([
+            (e.name or None, deserialize(e.value, element_type))
+            for e, element_type in zip(value.struct.element, type_spec)
+        ])
+    if which == "federated" and isinstance(type_spec, tff.FederatedType) and value.federated.value:
+        if type_spec.all_equal:
+            return deserialize(value.federated.value[0], type_spec.member)
+        return [deserialize(v, type_spec.member) for v in value.federated.value]
+    return value_serialization.deserialize_value(value, type_spec)[0]

@@ -65,3 +65,40 @@ def test_wrong_dtype_falls_back_to_tff_error():
     with pytest.raises((TypeError, ValueError)):
         serialization.serialize_into(np.ones(2, np.float64).astype(np.int64), tff.TensorType(np.float32, (2,)),
                                      executor_pb2.Value())
+
+
+def _same_value(a, b):
+    """Equal as values and as Python/NumPy types (Structs compared by names and elements)."""
+    from tensorflow_federated.python.common_libs import structure
+
+    assert type(a) is type(b), (type(a), type(b))
+    if isinstance(a, structure.Struct):
+        assert structure.name_list_with_nones(a) == structure.name_list_with_nones(b)
+        for x, y in zip(structure.iter_elements(a), structure.iter_elements(b)):
+            _same_value(x[1], y[1])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _same_value(x, y)
+    else:
+        assert np.asarray(a).dtype == np.asarray(b).dtype and np.asarray(a).shape == np.asarray(b).shape
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "value,type_spec",
+    [
+        (collections.OrderedDict(weights=[np.arange(6, dtype=np.float32).reshape(3, 2), np.ones(2, np.float32)],
+                                 step=np.int64(4), empty=()), _STATE_TYPE),
+        ([collections.OrderedDict(orders=np.zeros((2, 3), np.int32), lengths=np.array([3, 1], np.int32)),
+          collections.OrderedDict(orders=np.zeros((0, 0), np.int32), lengths=np.zeros(0, np.int32))], _GROUP_TYPE),
+        (np.float32(2.5), tff.TensorType(np.float32)),
+        (np.array([[1, 2]], np.int64), tff.TensorType(np.int64, (None, 2))),
+        (np.array(["a", "bc"], dtype=object), tff.TensorType(np.str_, (2,))),
+        (b"abc", tff.TensorType(np.str_)),
+    ],
+    ids=["state", "groups", "scalar", "unknown-dim", "strings", "string-scalar"],
+)
+def test_deserialize_reads_what_tff_reads(value, type_spec):
+    proto, _ = value_serialization.serialize_value(value, type_spec)
+    _same_value(serialization.deserialize(proto, type_spec), value_serialization.deserialize_value(proto, type_spec)[0])
