@@ -26,7 +26,9 @@ EMNIST's sizes (the cost of `--eval_every`, also as a ratio to a round), with
 --memory_rounds=N the RSS slope over N MLP rounds, and seconds per round of the
 first model over 1 and 2 local worker services (`--workers`' remote context;
 with --pin_workers worker i runs on CPU i only, so 2 workers on 2 cores are
-compared with 1 worker on 1 core, and each worker's CPU seconds show the split).
+compared with 1 worker on 1 core, and each worker's CPU seconds show the split; then plain TensorFlow's
+local SGD of the same model on one core alone and on both cores at once gives the speed-up two cores
+allow that work at best, `core_scaling`).
 
 `--population=N` also runs (last) full runs (`training.run`: sampling, ledger,
 metrics, checkpoints) of a small MLP on a synthetic task of N clients, one per
@@ -103,6 +105,11 @@ EVAL_SIZES = flags.DEFINE_list(
     "eval_sizes", ["360", "40832"],
     "Test set sizes (examples) of the evaluation timing: the digits' 20%% split (360) and TFF's EMNIST-62 test "
     "clients (40,832); empty: skip.")
+CORE_STEPS = flags.DEFINE_integer(
+    "core_scaling_steps", 100,
+    "With --pin_workers and 2 in --worker_counts: SGD steps of the model (batch 20) per timing of plain TensorFlow "
+    "on one core, alone and with a second copy on the other core (what two cores give this workload at best); "
+    "0: skip.")
 DRIVER_STARTUP = flags.DEFINE_bool(
     "driver_startup", True,
     "Also time the README's main command (configs/quickstart.cfg, --rounds=1) as a new process: seconds from its "
@@ -166,6 +173,71 @@ def _status_mb(pid: int | str, field: str) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+_CORE_JOB = """
+import os, sys, time
+os.sched_setaffinity(0, {int(sys.argv[1])})
+import tensorflow as tf
+tf.config.threading.set_intra_op_parallelism_threads(1)
+tf.config.threading.set_inter_op_parallelism_threads(1)
+from dpfl_tff.paper_models import PAPER_MODELS
+model = PAPER_MODELS[sys.argv[2]]((28, 28, 1), 10)
+x, y = tf.random.uniform((20, 28, 28, 1)), tf.zeros((20,), tf.int32)
+loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+@tf.function(autograph=False)  # no source to convert: this runs with python -c
+def steps(n):
+    def step(i):
+        with tf.GradientTape() as tape:
+            batch_loss = loss(y, model(x, training=True))
+        grads = tape.gradient(batch_loss, model.trainable_variables)
+        with tf.control_dependencies([v.assign_sub(0.01 * g) for v, g in zip(model.trainable_variables, grads)]):
+            return i + 1
+    return tf.while_loop(lambda i: i < n, step, [tf.constant(0)])
+
+steps(tf.constant(1))
+print("ready", flush=True)
+for line in sys.stdin:
+    t = time.perf_counter()
+    steps(tf.constant(int(line)))
+    print(time.perf_counter() - t, flush=True)
+"""
+
+
+def _core_scaling(name: str, steps: int, cycles: int = 5) -> dict:
+    """What two cores give plain TensorFlow's local SGD of `name` at best: one process per core (pinned, one
+    TF thread each), timed alone (CPU 0) and both at once, alternately, `cycles` times (medians).
+
+    Two copies on two cores each run slower than one alone where the cores share caches, memory bandwidth or a
+    physical core (a VM's vCPUs), so 2 x alone / together bounds the 2-worker speed-up of the same work.
+    """
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    procs = [subprocess.Popen([sys.executable, "-c", _CORE_JOB, str(cpu), name], cwd=ROOT, env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+             for cpu in (0, 1)]
+    try:
+        for p in procs:
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"core scaling job exited with {p.wait()}")
+
+        def timed(ps):
+            for p in ps:
+                p.stdin.write(f"{steps}\n")
+                p.stdin.flush()
+            return max(float(p.stdout.readline()) for p in ps)
+
+        alone, both = [], []
+        for _ in range(cycles):
+            alone.append(timed(procs[:1]))
+            both.append(timed(procs))
+    finally:
+        for p in procs:
+            p.stdin.close()
+            p.wait()
+    a, b = statistics.median(alone), statistics.median(both)
+    return {"steps": steps, "one_core_alone_seconds": a, "two_cores_together_seconds": b,
+            "speedup_bound_2_cores": 2 * a / b}
 
 
 def _driver_startup(tmp: str) -> dict:
@@ -496,6 +568,10 @@ def main(argv):
         if WORKER_COUNTS.value and MODELS.value:
             wm = WORKER_CLIENTS.value or m
             report["workers"] = _time_workers(_NAMES[MODELS.value[0]], data if wm == m else _data(wm, n), tmp)
+            if PIN_WORKERS.value and "2_workers_seconds_per_round" in report["workers"] and CORE_STEPS.value > 0:
+                w = report["workers"]
+                w["core_scaling"] = _core_scaling(_NAMES[MODELS.value[0]], CORE_STEPS.value)
+                w["ratio_speedup_to_bound"] = w["speedup_2_over_1_workers"] / w["core_scaling"]["speedup_bound_2_cores"]
         if POPULATION.value > 0:
             report["population"] = _population(POPULATION.value, tmp)
             worker_peak = max(worker_peak, _worker_peak_rss_mb())

@@ -30,7 +30,7 @@ def test_bench_round_emits_every_field_and_leaves_no_worker():
     proc = subprocess.run(
         [sys.executable, "scripts/bench_round.py", "--rounds=1", "--clients_per_round=2",
          "--examples_per_client=10", "--models=mlp", "--worker_counts=1,2", "--memory_rounds=6",
-         "--eval_sizes=30,70", "--pin_workers", "--worker_clients=4", "--worker_rounds=2",
+         "--eval_sizes=30,70", "--pin_workers", "--worker_clients=4", "--worker_rounds=2", "--core_scaling_steps=5",
          "--population=400", "--population_cohorts=20,10", "--population_rounds=5", "--population_timing_rounds=3",
          "--population_examples_per_client=3"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
@@ -80,6 +80,10 @@ def test_bench_round_emits_every_field_and_leaves_no_worker():
         assert len(w[f"{n}_workers_worker_cpu_seconds_per_round"]) == n
         assert all(c >= 0 for c in w[f"{n}_workers_worker_cpu_seconds_per_round"])
         assert w[f"{n}_workers_python_cpu_seconds_per_round"] >= 0
+    core = w["core_scaling"]  # plain TF on one core alone vs on both cores at once: the hardware's bound
+    assert core["steps"] == 5 and core["one_core_alone_seconds"] > 0 and core["two_cores_together_seconds"] > 0
+    assert core["speedup_bound_2_cores"] == 2 * core["one_core_alone_seconds"] / core["two_cores_together_seconds"]
+    assert w["ratio_speedup_to_bound"] == w["speedup_2_over_1_workers"] / core["speedup_bound_2_cores"]
     pop = report["population"]  # full runs over a population; tiny here (the README's figures: N = 100,000)
     assert pop["num_clients"] == 400 and pop["examples_per_client"] == 3 and set(pop["cohorts"]) == {"10", "20"}
     assert pop["cohorts"]["10"]["rounds"] == 3 and pop["cohorts"]["20"]["rounds"] == 5  # the largest m: all rounds
