@@ -53,6 +53,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from dpfl_tff import runtime
 from dpfl_tff.audit import canaries
 from dpfl_tff.tasks.base import FederatedData
 
@@ -449,4 +450,5 @@ def _learning_process(initial_weights, agg_init, client_inputs, optimizer_init, 
     def set_model_weights(state, weights):
         return algorithm_state(weights, state.distributor, state.client_work, state.aggregator, state.finalizer)
 
+    runtime.keep_state_in_worker(next_fn)  # on a local worker: the state it returned is not sent back next round
     return tff.learning.templates.LearningProcess(init_fn, next_fn, get_model_weights, set_model_weights)

@@ -55,13 +55,16 @@ from collections.abc import Callable, Collection, Iterator
 from typing import IO, Any
 
 import grpc
+import numpy as np
 import portpicker
 import tensorflow_federated as tff
+import tree
 from tensorflow_federated.proto.v0 import executor_pb2
-from tensorflow_federated.python.common_libs import tracing
+from tensorflow_federated.python.common_libs import structure, tracing
 from tensorflow_federated.python.core.backends.native import compiler as native_compiler
 from tensorflow_federated.python.core.backends.native import mergeable_comp_compiler
 from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
+from tensorflow_federated.python.core.impl.computation import function_utils
 from tensorflow_federated.python.core.impl.context_stack import context_base, context_stack_impl, runtime_error_context
 from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
 from tensorflow_federated.python.core.impl.execution_contexts import mergeable_comp_execution_context
@@ -70,7 +73,7 @@ from tensorflow_federated.python.core.impl.executor_stacks import python_executo
 from tensorflow_federated.python.core.impl.executors import executors_errors
 from tensorflow_federated.python.core.impl.executors import remote_executor
 from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub
-from tensorflow_federated.python.core.impl.types import placements
+from tensorflow_federated.python.core.impl.types import placements, type_conversions
 
 from dpfl_tff import serialization
 
@@ -592,6 +595,7 @@ class _WorkerContext(async_execution_context.AsyncExecutionContext):
             transform_result=tensorflow_computation.transform_result,
         )
         self._compiler_pipeline = _CompileByIdentity(self._compiler_pipeline)
+        self._kept: _KeptState | None = None
         self.address = address
         self._retry_seconds = retry_seconds
         self._proc = proc
@@ -623,6 +627,9 @@ class _WorkerContext(async_execution_context.AsyncExecutionContext):
                 if self._proc is None:
                     return await asyncio.get_running_loop().run_in_executor(
                         self._thread, _run_coroutine, _INVOKE_ONCE(self, comp, arg))
+                if getattr(comp, _KEEPS_STATE, False):
+                    return await self._invoke_keeping_state(comp, arg)
+                self._kept = None  # the next call of the process may run on other values: no reuse across calls
                 return await _INVOKE_ONCE(self, comp, arg)
             except (executors_errors.RetryableError, grpc.RpcError) as e:
                 retryable = isinstance(e, executors_errors.RetryableError)
@@ -637,6 +644,80 @@ class _WorkerContext(async_execution_context.AsyncExecutionContext):
                     raise WorkerLost(self.address, e) from e
                 await asyncio.sleep(wait)
                 wait = min(2 * wait, 2.0)
+
+
+    async def _invoke_keeping_state(self, comp, arg):
+        """TFF's invoke (without its retries) of a `keep_state_in_worker` computation on our local worker.
+
+        The state it returns is also kept in the worker (a selection of the
+        result); if the next call passes that same state object, unchanged
+        (`_KeptState.unchanged`), the kept copy is used instead of sending the
+        state again.
+        """
+        kept, self._kept = self._kept, None
+        elements = structure.to_elements(arg)
+        state = elements[0][1]
+        if self._transform_args is not None:  # as TFF's invoke: a Struct argument is normalized and transformed
+            args, kwargs = function_utils.unpack_args_from_struct(arg)
+            args = self._transform_args(tree.traverse(_struct_to_python, args))
+            kwargs = self._transform_args(tree.traverse(_struct_to_python, kwargs))
+            arg = function_utils.pack_args_into_struct(args, kwargs)
+        result_type = comp.type_signature.result
+        comp = self._compiler_pipeline.compile(comp)
+        cardinalities = self._cardinality_inference_fn(arg, comp.type_signature.parameter)
+        with self._reset_factory_on_error(self._executor_factory, cardinalities) as executor:
+            if kept is not None and kept.executor is executor and kept.unchanged(state):
+                arg = structure.Struct([(elements[0][0], kept.remote), *list(structure.iter_elements(arg))[1:]])
+            arg = await async_execution_context._ingest(executor, arg, comp.type_signature.parameter)  # noqa: SLF001
+            call = await executor.create_call(await executor.create_value(comp, comp.type_signature), arg)
+            remote_state = await executor.create_selection(call, 0)
+            result = type_conversions.type_to_py_container(await call.compute(), result_type)
+            if self._transform_result is not None:
+                result = self._transform_result(result)
+            self._kept = _KeptState(result[0], remote_state, executor)
+            return result
+
+
+def _struct_to_python(obj):
+    return structure.to_odict_or_tuple(obj) if isinstance(obj, structure.Struct) else None
+
+
+_KEEPS_STATE = "_dpfl_tff_keeps_state"
+
+
+def keep_state_in_worker(comp) -> None:
+    """Marks `comp`, a `(state, data) -> (state, ...)` computation such as a LearningProcess's `next`.
+
+    On our local worker (`local_context`), a marked computation's returned
+    state also stays in the worker; a following call of it with that same
+    state object, unchanged, uses the worker's copy instead of sending the
+    state again (0.8 MB for the MLP, ~4 ms per round here). The state is
+    still returned in full: the caller's copy is the state, checkpoints and
+    failures see it as before. Its arrays are made read-only, so that it
+    cannot change in place unnoticed (a changed state, a new one or a leaf
+    replaced, is sent as before). Elsewhere (remote workers) the mark does
+    nothing.
+    """
+    setattr(comp, _KEEPS_STATE, True)
+
+
+class _KeptState:
+    """A state returned by a `keep_state_in_worker` computation and the worker's copy of it."""
+
+    def __init__(self, state, remote, executor):
+        self.state, self.remote, self.executor = state, remote, executor
+        self.leaves = tree.flatten(state)
+        for leaf in self.leaves:
+            if isinstance(leaf, np.ndarray):
+                leaf.flags.writeable = False
+
+    def unchanged(self, state) -> bool:
+        """Whether `state` is the kept object, with the same leaves, none of them made writable again."""
+        if state is not self.state:
+            return False
+        leaves = tree.flatten(state)
+        return len(leaves) == len(self.leaves) and all(
+            a is b and not (isinstance(a, np.ndarray) and a.flags.writeable) for a, b in zip(leaves, self.leaves))
 
 
 class _SyncWorkerContext(sync_execution_context.SyncExecutionContext):

@@ -197,3 +197,47 @@ def test_a_group_calls_model_starts_at_zeros_unless_it_has_variables_a_client_do
     _, calls, values = _built(with_a_stray_variable)
     assert calls == 2  # built again as model_fn builds it: random initial values
     assert any(v.any() for v in values)
+
+
+def test_the_state_a_round_returned_is_not_sent_back_unless_it_changed(tff_context, tmp_path, monkeypatch):
+    import tensorflow_federated as tff
+
+    from dpfl_tff import serialization
+
+    cfg = _cfg(tmp_path, DPConfig(mode="none", noise_multiplier=0.0), server_optimizer="sgd")
+    data = load_task(cfg.task, cfg.train.seed)
+    sent = []
+    serialize_into = serialization.serialize_into
+
+    def counting(value, type_spec, target):
+        if isinstance(type_spec, tff.FederatedType) and hasattr(value, "global_model_weights"):
+            sent.append(value)  # a LearningAlgorithmState sent to the worker (at SERVER)
+        return serialize_into(value, type_spec, target)
+
+    monkeypatch.setattr(serialization, "serialize_into", counting)
+    with training.client_files(cfg, data) as files:
+        process = training.build_learning_process(cfg, data, files)
+        state = training.initial_state(process, cfg, data)
+
+        def step(state, r):
+            return process.next(state, training.round_input(cfg, data, COHORTS[r % 3], r, files)).state
+
+        for r in range(1, 4):
+            state = step(state, r)
+        assert len(sent) == 1  # the initial state; rounds 2 and 3 used the worker's copy
+        kernel = state.global_model_weights.trainable[0]
+        with pytest.raises(ValueError):
+            kernel[0, 0] = 1.0  # read-only: it cannot change in place unnoticed
+        zeroed = state.global_model_weights.trainable.copy()
+        zeroed[0] = np.zeros_like(kernel)
+        changed = state._replace(global_model_weights=state.global_model_weights._replace(trainable=zeroed))
+        expected = process.set_model_weights(state, process.get_model_weights(changed))  # the same values, sent
+        after_change = step(changed, 4)
+        assert len(sent) == 2 and not sent[-1].global_model_weights.trainable[0].any()  # the changed state was sent
+        after_expected = step(expected, 4)
+        for a, b in zip(after_change.global_model_weights.trainable, after_expected.global_model_weights.trainable):
+            np.testing.assert_array_equal(a, b)
+        n = len(sent)
+        state.global_model_weights.trainable[0] = np.full_like(kernel, 2.0)  # a leaf replaced in the same object
+        step(state, 5)
+        assert len(sent) == n + 1 and (sent[-1].global_model_weights.trainable[0] == 2.0).all()  # sent too
