@@ -100,7 +100,9 @@ PIN_WORKERS = flags.DEFINE_bool(
     "Worker timing: pin worker i to CPU i (taskset), so 1 worker on 1 core is compared with 2 workers on 2 cores.")
 WORKER_CLIENTS = flags.DEFINE_integer("worker_clients", 0,
                                       "Worker timing: clients per round (0: --clients_per_round).")
-WORKER_ROUNDS = flags.DEFINE_integer("worker_rounds", 0, "Worker timing: timed rounds (0: --rounds).")
+WORKER_ROUNDS = flags.DEFINE_integer("worker_rounds", 0,
+                                     "Worker timing: timed rounds per turn of each worker count (0: --rounds).")
+WORKER_CYCLES = flags.DEFINE_integer("worker_cycles", 2, "Worker timing: turns of each worker count (>= 1).")
 EVAL_SIZES = flags.DEFINE_list(
     "eval_sizes", ["360", "40832"],
     "Test set sizes (examples) of the evaluation timing: the digits' 20%% split (360) and TFF's EMNIST-62 test "
@@ -308,43 +310,55 @@ def _time_workers(name: str, data: FederatedData, tmp: str) -> dict:
 
     With --pin_workers, worker i runs on CPU i only (set before it starts, as
     `taskset -c i`): 1 worker on 1 core against n workers on n cores, the
-    speed-up a machine per worker would give. Also reports each worker's CPU
-    seconds per round (an even split halves them) and this process' (the
-    split, merge and (de)serialization TFF does in Python).
+    speed-up a machine per worker would give. The worker counts take turns,
+    --worker_cycles times (a warm-up round, then --worker_rounds timed rounds
+    each turn; medians), so that a slower or faster spell of the machine
+    does not fall on one of them. Also reports each worker's CPU seconds per
+    round (an even split halves them) and this process' (the split, merge and
+    (de)serialization TFF does in Python).
     """
     m = len(data.clients)
     pin = PIN_WORKERS.value
-    out: dict = {"model": name, "clients_per_round": m, "pinned_one_core_per_worker": pin}
-    for n in [int(x) for x in WORKER_COUNTS.value]:
-        if pin and n > os.cpu_count():
-            raise app.UsageError(f"--pin_workers: {n} workers need {n} CPUs, this machine has {os.cpu_count()}")
-        procs = [runtime.start_worker(cpus={i} if pin else None) for i in range(n)]
-        try:
-            cfg = _config(name, m, tmp, tuple(f"localhost:{port}" for _, port in procs))
-            with runtime.remote_context(list(cfg.workers), timeout=60):
-                process = training.build_learning_process(cfg, data)
-                state = training.initial_state(process, cfg, data)
-                state = process.next(state, training.round_input(cfg, data, range(m), 0)).state  # warm-up
-                cpu0 = [_cpu_seconds(p.pid) for p, _ in procs] + [_cpu_seconds("self")]
-                times = []
-                for r in range(1, (WORKER_ROUNDS.value or ROUNDS.value) + 1):
-                    t = time.perf_counter()
-                    state = process.next(state, training.round_input(cfg, data, range(m), r)).state
-                    times.append(time.perf_counter() - t)
-                cpu = [(b - a) / len(times) for a, b in
-                       zip(cpu0, [_cpu_seconds(p.pid) for p, _ in procs] + [_cpu_seconds("self")])]
-            out[f"{n}_workers_seconds_per_round"] = statistics.median(times)
-            out[f"{n}_workers_worker_cpu_seconds_per_round"] = cpu[:-1]
-            out[f"{n}_workers_python_cpu_seconds_per_round"] = cpu[-1]
-        finally:
-            for proc, _ in procs:
-                runtime.stop_worker(proc)
+    counts = [int(x) for x in WORKER_COUNTS.value]
+    out: dict = {"model": name, "clients_per_round": m, "pinned_one_core_per_worker": pin,
+                 "cycles": WORKER_CYCLES.value}
+    if pin and max(counts) > os.cpu_count():
+        raise app.UsageError(f"--pin_workers: {max(counts)} workers need {max(counts)} CPUs, "
+                             f"this machine has {os.cpu_count()}")
+    procs = [runtime.start_worker(cpus={i} if pin else None) for i in range(max(counts))]  # n workers: the first n
+    try:
+        cfgs = {n: _config(name, m, tmp, tuple(f"localhost:{port}" for _, port in procs[:n])) for n in counts}
+        process = training.build_learning_process(cfgs[counts[0]], data)
+        times: dict[int, list[float]] = {n: [] for n in counts}
+        cpu: dict[int, list[float]] = {n: [0.0] * (n + 1) for n in counts}
+        state, r = None, 0
+        for _ in range(WORKER_CYCLES.value):
+            for n in counts:
+                cfg = cfgs[n]
+                with runtime.remote_context(list(cfg.workers), timeout=60):
+                    if state is None:
+                        state = training.initial_state(process, cfg, data)
+                    r += 1
+                    state = process.next(state, training.round_input(cfg, data, range(m), r)).state  # warm-up
+                    pids = [p.pid for p, _ in procs[:n]] + ["self"]
+                    cpu0 = [_cpu_seconds(p) for p in pids]
+                    for _ in range(WORKER_ROUNDS.value or ROUNDS.value):
+                        r += 1
+                        t = time.perf_counter()
+                        state = process.next(state, training.round_input(cfg, data, range(m), r)).state
+                        times[n].append(time.perf_counter() - t)
+                    cpu[n] = [c + _cpu_seconds(p) - c0 for c, p, c0 in zip(cpu[n], pids, cpu0)]
+        for n in counts:
+            out[f"{n}_workers_seconds_per_round"] = statistics.median(times[n])
+            out[f"{n}_workers_worker_cpu_seconds_per_round"] = [c / len(times[n]) for c in cpu[n][:-1]]
+            out[f"{n}_workers_python_cpu_seconds_per_round"] = cpu[n][-1] / len(times[n])
+    finally:
+        for proc, _ in procs:
+            runtime.stop_worker(proc)
     if "1_workers_seconds_per_round" in out and "2_workers_seconds_per_round" in out:
         out["ratio_2_over_1_workers"] = out["2_workers_seconds_per_round"] / out["1_workers_seconds_per_round"]
         out["speedup_2_over_1_workers"] = 1 / out["ratio_2_over_1_workers"]
     return out
-
-
 
 
 def _state_round_trip_seconds(process, state, repeats: int = 10) -> tuple[float, float]:

@@ -73,6 +73,7 @@ def test_bench_round_emits_every_field_and_leaves_no_worker():
         assert isinstance(mem[f"{who}_rss_slope_mb_per_100_rounds"], float)
     w = report["workers"]
     assert w["model"] == "emnist_2nn" and w["clients_per_round"] == 4 and w["pinned_one_core_per_worker"] is True
+    assert w["cycles"] == 2  # 1 and 2 workers took turns twice
     assert w["1_workers_seconds_per_round"] > 0 and w["2_workers_seconds_per_round"] > 0
     assert w["ratio_2_over_1_workers"] == w["2_workers_seconds_per_round"] / w["1_workers_seconds_per_round"]
     assert w["speedup_2_over_1_workers"] == 1 / w["ratio_2_over_1_workers"]
