@@ -629,7 +629,6 @@ class _WorkerContext(async_execution_context.AsyncExecutionContext):
                         self._thread, _run_coroutine, _INVOKE_ONCE(self, comp, arg))
                 if getattr(comp, _KEEPS_STATE, False):
                     return await self._invoke_keeping_state(comp, arg)
-                self._kept = None  # the next call of the process may run on other values: no reuse across calls
                 return await _INVOKE_ONCE(self, comp, arg)
             except (executors_errors.RetryableError, grpc.RpcError) as e:
                 retryable = isinstance(e, executors_errors.RetryableError)
@@ -644,7 +643,6 @@ class _WorkerContext(async_execution_context.AsyncExecutionContext):
                     raise WorkerLost(self.address, e) from e
                 await asyncio.sleep(wait)
                 wait = min(2 * wait, 2.0)
-
 
     async def _invoke_keeping_state(self, comp, arg):
         """TFF's invoke (without its retries) of a `keep_state_in_worker` computation on our local worker.
