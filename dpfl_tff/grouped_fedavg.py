@@ -52,6 +52,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
+from tensorflow.python.autograph.core import ag_ctx
 
 from dpfl_tff import runtime
 from dpfl_tff.audit import canaries
@@ -301,7 +302,8 @@ class _GroupTrainer:
         def batch_step(start, opt_state, loss_sum, correct, examples, batches):
             idx = order[start : start + self.batch_size]
             xb, yb = tf.gather(x, idx), tf.gather(y, idx)
-            with tf.GradientTape() as tape:
+            with tf.GradientTape() as tape, ag_ctx.ControlStatusCtx(status=ag_ctx.Status.ENABLED):
+                # Keras converts a subclassed model's `call` (a Python `if` on a tensor) only where autograph is on.
                 logits = model(xb, training=True)
                 batch_loss = self.loss_fn(yb, logits)
                 total_loss = batch_loss + tf.add_n([0.0, *model.losses])

@@ -43,3 +43,24 @@ def ends_in_softmax(input_shape, num_classes):
         tf.keras.layers.Flatten(),
         tf.keras.layers.Dense(num_classes, activation="softmax"),
     ])
+
+
+class _Branching(tf.keras.Model):
+    """A subclassed model whose `call` branches on a tensor with a Python `if` (Keras converts it with autograph)."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.flatten = tf.keras.layers.Flatten()
+        self.dense = tf.keras.layers.Dense(num_classes)
+
+    def call(self, x, training=False):
+        h = self.flatten(x)
+        if tf.reduce_sum(h) < 0:  # needs autograph in a graph: the training loop itself is traced without it
+            h = -h
+        return self.dense(h)
+
+
+def subclassed_with_branch(input_shape, num_classes):
+    model = _Branching(num_classes)
+    model(tf.zeros((1, *input_shape)))  # built by a call (`build` traces `call` without autograph)
+    return model

@@ -242,3 +242,13 @@ def test_the_state_a_round_returned_is_not_sent_back_unless_it_changed(tff_conte
         state.global_model_weights.trainable[0] = np.full_like(kernel, 2.0)  # a leaf replaced in the same object
         step(state, 5)
         assert len(sent) == n + 1 and (sent[-1].global_model_weights.trainable[0] == 2.0).all()  # sent too
+
+
+def test_a_python_if_in_a_subclassed_models_call_still_trains(tff_context, tmp_path):
+    # The training loop is traced without autograph; Keras converts a subclassed model's `call` itself.
+    cfg = _cfg(tmp_path, DPConfig(mode="none", noise_multiplier=0.0), model="tests.custom_models:subclassed_with_branch")
+    data = load_task(cfg.task, cfg.train.seed)
+    before, _ = _train(cfg, data, 0, [])
+    after, metrics = _train(cfg, data, 1, COHORTS[:1])
+    assert int(metrics[0]["client_work"]["train"]["num_examples"]) > 0
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after))
