@@ -320,6 +320,8 @@ def _time_workers(name: str, data: FederatedData, tmp: str) -> dict:
     m = len(data.clients)
     pin = PIN_WORKERS.value
     counts = [int(x) for x in WORKER_COUNTS.value]
+    if WORKER_CYCLES.value < 1:
+        raise app.UsageError(f"--worker_cycles={WORKER_CYCLES.value}: must be >= 1")
     out: dict = {"model": name, "clients_per_round": m, "pinned_one_core_per_worker": pin,
                  "cycles": WORKER_CYCLES.value}
     if pin and max(counts) > os.cpu_count():
