@@ -30,6 +30,11 @@ _GROUP_TYPE = tff.FederatedType(
     tff.CLIENTS,
 )
 
+_STATE = collections.OrderedDict(weights=[np.arange(6, dtype=np.float32).reshape(3, 2), np.ones(2, np.float32)],
+                                 step=np.int64(4), empty=())
+_GROUPS = [collections.OrderedDict(orders=np.zeros((2, 3), np.int32), lengths=np.array([3, 1], np.int32)),
+           collections.OrderedDict(orders=np.zeros((0, 0), np.int32), lengths=np.zeros(0, np.int32))]
+
 
 def _both(value, type_spec):
     theirs, _ = value_serialization.serialize_value(value, type_spec)
@@ -41,10 +46,8 @@ def _both(value, type_spec):
 @pytest.mark.parametrize(
     "value,type_spec",
     [
-        (collections.OrderedDict(weights=[np.arange(6, dtype=np.float32).reshape(3, 2), np.ones(2, np.float32)],
-                                 step=np.int64(4), empty=()), _STATE_TYPE),
-        ([collections.OrderedDict(orders=np.zeros((2, 3), np.int32), lengths=np.array([3, 1], np.int32)),
-          collections.OrderedDict(orders=np.zeros((0, 0), np.int32), lengths=np.zeros(0, np.int32))], _GROUP_TYPE),
+        (_STATE, _STATE_TYPE),
+        (_GROUPS, _GROUP_TYPE),
         (np.float32(2.5), tff.TensorType(np.float32)),  # scalars: TFF's repeated-field encoding
         ([1.0, 2.0], tff.TensorType(np.float32, (2,))),  # a list converted by TFF
         (np.array(["a", "bc"], dtype=object), tff.TensorType(np.str_, (2,))),
@@ -88,10 +91,8 @@ def _same_value(a, b):
 @pytest.mark.parametrize(
     "value,type_spec",
     [
-        (collections.OrderedDict(weights=[np.arange(6, dtype=np.float32).reshape(3, 2), np.ones(2, np.float32)],
-                                 step=np.int64(4), empty=()), _STATE_TYPE),
-        ([collections.OrderedDict(orders=np.zeros((2, 3), np.int32), lengths=np.array([3, 1], np.int32)),
-          collections.OrderedDict(orders=np.zeros((0, 0), np.int32), lengths=np.zeros(0, np.int32))], _GROUP_TYPE),
+        (_STATE, _STATE_TYPE),
+        (_GROUPS, _GROUP_TYPE),
         (np.float32(2.5), tff.TensorType(np.float32)),
         (np.array([[1, 2]], np.int64), tff.TensorType(np.int64, (None, 2))),
         (np.array(["a", "bc"], dtype=object), tff.TensorType(np.str_, (2,))),
