@@ -158,7 +158,9 @@ class SummaryKeeper(Observer):
 
 def summarize(summary: dict[str, Any], record: dict[str, Any]) -> None:
     """Copies a round's figures that summary.json reports into `summary`."""
-    summary.update(rounds=record["round"], epsilon=record["epsilon"], rounds_accounted=record["rounds_accounted"])
+    summary.update(rounds=record["round"], epsilon=record["epsilon"], rounds_accounted=record["rounds_accounted"],
+                   delta=record.get("delta", summary["delta"]),  # a record written before delta_sampler existed
+                   delta_sampler=record.get("delta_sampler", summary.get("delta_sampler")))
     for key in _LEDGER_SUMMARY_FIELDS:
         if key in record:
             summary[key] = record[key]

@@ -35,6 +35,8 @@ def check(cfg: ExperimentConfig) -> ExperimentConfig:
     registry.mechanism_class(cfg).check(cfg)
     if cfg.task.n_is_known:
         accounting.check_accountable(cfg)
+        if cfg.dp.target_epsilon is None:  # a calibrated z is checked once calibrated
+            accounting.check_sampler_delta(cfg)
     return cfg
 
 

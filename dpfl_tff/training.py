@@ -32,7 +32,7 @@ import numpy as np
 from dpfl_tff import observers, outputs, plan, plots, resume, runtime
 from dpfl_tff.audit import auditor as canary_audit
 from dpfl_tff.config import ExperimentConfig
-from dpfl_tff.privacy import coverage
+from dpfl_tff.privacy import coverage, truncation
 from dpfl_tff.privacy.mechanism import PrivacyMechanism
 from dpfl_tff.privacy.registry import mechanism_for
 from dpfl_tff.process import (  # noqa: F401  (the process API, as the README's example uses it)
@@ -310,7 +310,9 @@ class _Loop:
         t_acc = time.time()
         record.update(self.ledger.commit(cohort))
         record["accounting_seconds"] = time.time() - t_acc
-        record.update(delta=cfg.target_delta, accountant=cfg.dp.accountant,
+        # The stated delta: the accountant's plus the samplers' truncation term (`privacy.truncation`).
+        record.update(delta=truncation.stated_delta(cfg.target_delta, record["delta_sampler"]),
+                      accountant=cfg.dp.accountant,
                       neighboring_relation=self.ledger.neighboring_relation, client_sampling=cfg.train.client_sampling)
         self.done, self.cohort = r, None
         self.summary["stop_reason"] = self._over_budget()
@@ -377,6 +379,8 @@ def _initial_summary(cfg: ExperimentConfig, mechanism: PrivacyMechanism, relatio
         "dp_mode": mechanism.name,
         "epsilon": 0.0 if relation else math.inf,
         "delta": cfg.target_delta,
+        "delta_sampler": 0.0,
+        "delta_accountant": cfg.target_delta,
         "accountant": cfg.dp.accountant,
         "neighboring_relation": relation,
         "client_sampling": cfg.train.client_sampling,

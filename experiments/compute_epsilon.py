@@ -28,6 +28,7 @@ from absl import flags
 from dpfl_tff.config import ConfigError
 from dpfl_tff import plan
 from dpfl_tff.privacy import accounting
+from dpfl_tff.privacy.truncation import stated_delta
 from dpfl_tff.privacy.registry import mechanism_for
 from experiments import cli
 from experiments import flags as dpfl_flags
@@ -60,6 +61,8 @@ def compute(cfg, participations: int | None = None) -> dict:
     result.update(mechanism_for(cfg).summary_fields())
     result.update(ledger.planned(cfg.train.rounds, participations))
     ledger.close()
+    # The stated delta: --target_delta (the accountant's) plus the noise sampler's term (privacy.truncation).
+    result.update(delta_accountant=cfg.target_delta, delta=stated_delta(cfg.target_delta, result["delta_sampler"]))
     return result
 
 
@@ -116,7 +119,8 @@ def main(argv: list[str]) -> None:
         if "local_epsilon" in result:
             print(f"local epsilon {result['local_epsilon']:.6g} (what each client has against the server)")
         print(
-            f"epsilon {result['epsilon']:.6g} at delta {result['delta']:.3g} after {result['rounds']} rounds "
+            f"epsilon {result['epsilon']:.6g} at delta {result['delta']:.3g} (--target_delta "
+            f"{result['delta_accountant']:.3g} + the noise sampler's {result['delta_sampler']:.2g}) after {result['rounds']} rounds "
             f"({result['analysis']}; {result['accountant'].upper()})"
         )
     print(_jsonable(result))

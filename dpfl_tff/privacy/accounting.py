@@ -22,6 +22,7 @@ from dp_accounting import mechanism_calibration
 
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.errors import ConfigError
+from dpfl_tff.privacy import truncation
 from dpfl_tff.privacy.events import (
     ADD_OR_REMOVE_ONE,
     PLD_DISCRETIZATION,
@@ -54,6 +55,57 @@ def make_ledger(cfg: ExperimentConfig) -> Ledger:
 def check_accountable(cfg: ExperimentConfig) -> None:
     """Raises ConfigError unless `cfg`'s rounds can be accounted as configured."""
     mechanism_for(cfg).check_accountable()
+
+
+def sampler_delta(cfg: ExperimentConfig, noise_multiplier: float | None = None) -> float:
+    """`delta_sampler` of `cfg`'s planned run (the worst client, all --rounds) at `noise_multiplier` (default cfg's)."""
+    if noise_multiplier is not None:
+        cfg = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, noise_multiplier=float(noise_multiplier)))
+    return truncation.delta_sampler(mechanism_for(cfg).planned_out_of_reach(cfg.train.rounds), cfg.target_delta)
+
+
+def check_sampler_delta(cfg: ExperimentConfig) -> None:
+    """Refuses a run whose samplers' truncation term would exceed 1% of --target_delta (`privacy.truncation`).
+
+    The term grows with the rounds and shrinks fast with the noise multiplier;
+    the message names the smallest noise multiplier that passes. Seeded noise
+    (tests only, no privacy) and zero noise (no guarantee: epsilon is
+    infinite) are not checked.
+
+    Raises:
+      ConfigError: one line naming --noise_multiplier, the term and the smallest z that passes.
+    """
+    mechanism = mechanism_for(cfg)
+    z = cfg.dp.noise_multiplier
+    if not mechanism.provides_dp or z == 0 or mechanism.noise_seeded:
+        return
+    limit = truncation.MAX_FRACTION_OF_DELTA * cfg.target_delta
+    term = sampler_delta(cfg)
+    if term <= limit:
+        return
+
+    def passes(zz: float) -> bool:
+        try:
+            return sampler_delta(cfg, zz) <= limit
+        except ConfigError:  # e.g. an adaptive-clipping split that larger noise makes impossible
+            return False
+
+    lo, hi = z, 2 * z
+    while not passes(hi) and hi < 2**20:
+        lo, hi = hi, 2 * hi
+    smallest = ""
+    if passes(hi):
+        for _ in range(60):  # bisection to a relative 1e-6: `hi` always passes
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if passes(mid) else (mid, hi)
+            if hi - lo <= 1e-6 * hi:
+                break
+        smallest = f"; the smallest noise multiplier that passes is {hi:.6g}"
+    raise ConfigError(
+        f"--noise_multiplier={z:g}: the noise sampler's bound adds delta_sampler={term:.3g} after "
+        f"{cfg.train.rounds} rounds, above 1% of the delta ({cfg.target_delta:.3g}) "
+        f"(docs/privacy.md#floating-point-noise){smallest}"
+    )
 
 
 def calibrate_noise_multiplier(cfg: ExperimentConfig, target_epsilon: float) -> float:
@@ -107,7 +159,9 @@ def with_calibrated_noise(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.dp.target_epsilon is None:  # the mechanisms that cannot be calibrated refuse it (their check)
         return cfg
     z = calibrate_noise_multiplier(cfg, cfg.dp.target_epsilon)
-    return dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, noise_multiplier=z)).validate()
+    out = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, noise_multiplier=z)).validate()
+    check_sampler_delta(out)
+    return out
 
 
 __all__ = [
@@ -121,11 +175,13 @@ __all__ = [
     "RoundPrivacy",
     "calibrate_noise_multiplier",
     "check_accountable",
+    "check_sampler_delta",
     "epsilon_after",
     "make_accountant",
     "make_ledger",
     "round_privacy",
     "rounds_within_budget",
+    "sampler_delta",
     "sampled_gaussian_round",
     "with_calibrated_noise",
 ]

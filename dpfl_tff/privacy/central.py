@@ -13,7 +13,8 @@ from typing import Any
 
 from dpfl_tff.config import DPConfig, ExperimentConfig
 from dpfl_tff.errors import ConfigError
-from dpfl_tff.privacy.events import RoundPrivacy, sampled_gaussian_round
+from dpfl_tff.privacy import truncation
+from dpfl_tff.privacy.events import REPLACE_ONE, RoundPrivacy, sampled_gaussian_round
 from dpfl_tff.privacy.ledgers import CentralLedger
 from dpfl_tff.privacy.mechanism import PrivacyMechanism
 from dpfl_tff.privacy.noise import central_noise
@@ -58,8 +59,28 @@ class CentralGaussian(PrivacyMechanism):
         return sampled_gaussian_round(self.cfg.population, t.clients_per_round, t.client_sampling,
                                       self.noise.effective_noise_multiplier)
 
+    def out_of_reach_per_round(self) -> float:
+        """The samplers' out-of-reach bound of one round (`privacy.truncation`): the value release and,
+        with adaptive clipping, the clipped-count release, each shifted by its sensitivity over its std.
+
+        Sensitivities: C and 1/2 (tensorflow-privacy's clipped-count records are +-1/2) under
+        add-or-remove-one, twice that under replace-one (a fixed cohort).
+        """
+        n = self.noise
+        if n.effective_noise_multiplier == 0:
+            return 0.0  # no noise: epsilon is infinite, no delta is stated
+        factor = 2.0 if self.neighboring_relation == REPLACE_ONE else 1.0
+        term = truncation.gaussian_out_of_reach(factor / n.value_noise_multiplier)
+        if self.cfg.dp.adaptive_clipping:
+            term += truncation.gaussian_out_of_reach(factor * 0.5 / n.clipped_count_stddev)
+        return term
+
+    def planned_out_of_reach(self, rounds: int) -> float:
+        return rounds * self.out_of_reach_per_round()
+
     def ledger(self) -> CentralLedger:
-        return CentralLedger(self.round_privacy(), self.cfg.target_delta, self.cfg.dp.accountant)
+        return CentralLedger(self.round_privacy(), self.cfg.target_delta, self.cfg.dp.accountant,
+                             self.out_of_reach_per_round())
 
     def record_fields(self, aggregator_metrics: dict[str, Any], clip: float | None) -> tuple[dict[str, Any], Any]:
         query_metrics = aggregator_metrics.get("dp_query_metrics", {})
@@ -71,5 +92,5 @@ class CentralGaussian(PrivacyMechanism):
         cfg = self.cfg
         return (
             f"privacy: central DP, {planned['analysis']}; accountant {cfg.dp.accountant.upper()}, "
-            f"{self.delta_text()}; epsilon after {cfg.train.rounds} rounds: {planned['epsilon']:.4g}"
+            f"{self.delta_text(planned)}; epsilon after {cfg.train.rounds} rounds: {planned['epsilon']:.4g}"
         )

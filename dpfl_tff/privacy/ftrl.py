@@ -112,6 +112,9 @@ class TreeAggregationFTRL(PrivacyMechanism):
     def ledger(self) -> TreeLedger:
         return TreeLedger(self.cfg.dp.noise_multiplier, self.cfg.target_delta, self.rounds_per_epoch)
 
+    def planned_out_of_reach(self, rounds: int) -> float:
+        return self.ledger().out_of_reach(rounds)
+
     def planned_event(self, rounds: int) -> tuple[Any, str]:
         return tree_event(self.cfg.dp.noise_multiplier, planned_trees(rounds, self.rounds_per_epoch)), REPLACE_SPECIAL
 
@@ -125,7 +128,7 @@ class TreeAggregationFTRL(PrivacyMechanism):
     def privacy_line(self, planned: dict[str, Any]) -> str:
         cfg = self.cfg
         return (
-            f"privacy: {planned['analysis']}; accountant RDP, {self.delta_text()}; epsilon after "
+            f"privacy: {planned['analysis']}; accountant RDP, {self.delta_text(planned)}; epsilon after "
             f"{cfg.train.rounds} rounds: {planned['epsilon']:.4g} (no amplification by sampling: each client at "
             "most once per epoch, cohorts not protected)"
         )

@@ -16,6 +16,7 @@ import dp_accounting
 
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.errors import ConfigError
+from dpfl_tff.privacy import truncation
 from dpfl_tff.privacy.events import REPLACE_ONE, EpsilonTracker, RoundPrivacy, make_accountant
 
 
@@ -27,9 +28,24 @@ class Ledger:
     """
 
     neighboring_relation: str | None = None
+    delta: float = 0.0  # the accountant's delta (--target_delta); the stated delta adds `delta_sampler`
 
     def __init__(self):
         self.released = 0
+
+    def out_of_reach(self, released: int | None = None, participations: int | None = None) -> float:
+        """The samplers' out-of-reach bound summed over the worst client's releases (`privacy.truncation`).
+
+        Args:
+          released: rounds released (None: so far); participations: the worst
+            client's rounds (None: as the ledger has it, or all of `released`).
+        """
+        del released, participations
+        return 0.0
+
+    def sampler_fields(self, released: int | None = None, participations: int | None = None) -> dict[str, Any]:
+        """`delta_sampler`: the samplers' truncation term, which every stated delta adds to --target_delta."""
+        return {"delta_sampler": truncation.delta_sampler(self.out_of_reach(released, participations), self.delta)}
 
     def begin_round(self, round_num: int) -> dict[str, Any]:
         """Called once before round `round_num` runs (before `preview`); returns fields for its ledger line.
@@ -48,7 +64,7 @@ class Ledger:
         """Records one more released round with `cohort`; returns its metrics fields."""
         del cohort
         self.released += 1
-        return {"epsilon": math.inf, "rounds_accounted": self.released}
+        return {"epsilon": math.inf, "rounds_accounted": self.released, **self.sampler_fields()}
 
     def replay(self, cohort) -> None:
         """Re-records a release from the ledger log (resume); computes no epsilon."""
@@ -61,8 +77,7 @@ class Ledger:
 
     def planned(self, rounds: int, participations: int | None = None) -> dict[str, Any]:
         """Figures of a planned run of `rounds` rounds (no training)."""
-        del rounds, participations
-        return {"epsilon": math.inf}
+        return {"epsilon": math.inf, **self.sampler_fields(rounds, participations)}
 
     def prefetch(self) -> None:
         """Starts computing the epsilon of the next release (PLD: in the background)."""
@@ -72,23 +87,36 @@ class Ledger:
 
 
 class CentralLedger(Ledger):
-    """Central DP: epsilon depends only on the number of released rounds, each `round_privacy`."""
+    """Central DP: epsilon depends only on the number of released rounds, each `round_privacy`.
 
-    def __init__(self, round_privacy: RoundPrivacy, delta: float, accountant: str):
+    `out_of_reach_per_round`: the samplers' out-of-reach bound of one round's
+    releases (`privacy.truncation`; the mechanism computes it from its noise
+    and relation). Any round may hold the worst client, so it counts every round.
+    """
+
+    def __init__(self, round_privacy: RoundPrivacy, delta: float, accountant: str,
+                 out_of_reach_per_round: float = 0.0):
         super().__init__()
         self.round_privacy = round_privacy
         self.neighboring_relation = round_privacy.neighboring_relation
+        self.delta = delta
+        self.out_of_reach_per_round = out_of_reach_per_round
         self.tracker = EpsilonTracker(round_privacy, delta, accountant)
+
+    def out_of_reach(self, released: int | None = None, participations: int | None = None) -> float:
+        return (self.released if released is None else released) * self.out_of_reach_per_round
 
     def preview(self, cohort) -> float:
         return self.tracker.epsilon(self.released + 1)
 
     def commit(self, cohort) -> dict[str, Any]:
         self.released += 1
-        return {"epsilon": self.tracker.epsilon(self.released), "rounds_accounted": self.released}
+        return {"epsilon": self.tracker.epsilon(self.released), "rounds_accounted": self.released,
+                **self.sampler_fields()}
 
     def planned(self, rounds: int, participations: int | None = None) -> dict[str, Any]:
         return {
+            **self.sampler_fields(rounds),
             "epsilon": self.tracker.epsilon(rounds),
             "effective_noise_multiplier": self.round_privacy.noise_multiplier,
             "analysis": self.round_privacy.description,
@@ -136,6 +164,7 @@ class LocalLedger(Ledger):
         else:
             release = dp_accounting.LaplaceDpEvent(z / 2)
             self.pure_epsilon_per_release = 2.0 / z
+        self.out_of_reach_per_release = truncation.local_release_out_of_reach(self.mechanism, z)
         self._release = RoundPrivacy(release, REPLACE_ONE, z, f"local {self.mechanism} release, replace-one")
         acc = make_accountant(dp.accountant, REPLACE_ONE)
         if not acc.supports(release):
@@ -155,6 +184,12 @@ class LocalLedger(Ledger):
             self._sum = EpsilonTracker(summed, self.delta, kind)
         self._participations: collections.Counter = collections.Counter()
         self.max_participations = 0
+
+    def out_of_reach(self, released: int | None = None, participations: int | None = None) -> float:
+        """Every output is post-processing of the worst client's local releases: its participations count."""
+        if participations is None:
+            participations = self.max_participations if released is None else released
+        return participations * self.out_of_reach_per_release
 
     def local_epsilon(self, participations: int) -> float:
         eps = self._local.epsilon(participations)
@@ -194,6 +229,7 @@ class LocalLedger(Ledger):
             "epsilon_analysis": analysis,
             "local_epsilon": self.local_epsilon(participations),
             "max_participations": participations,
+            **self.sampler_fields(rounds, participations),
         }
         if self.mechanism == "laplace":
             fields["local_epsilon_per_release"] = self.pure_epsilon_per_release  # pure, delta 0

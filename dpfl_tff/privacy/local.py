@@ -15,6 +15,7 @@ from typing import Any
 
 from dpfl_tff.config import DPConfig, ExperimentConfig
 from dpfl_tff.errors import ConfigError
+from dpfl_tff.privacy import truncation
 from dpfl_tff.privacy.events import REPLACE_ONE
 from dpfl_tff.privacy.ledgers import LocalLedger
 from dpfl_tff.privacy.mechanism import PrivacyMechanism
@@ -48,6 +49,11 @@ class LocalNoise(PrivacyMechanism):
 
         return queries.LocalNoiseMeanQuery(dp.local_mechanism, dp.clip_norm, dp.noise_multiplier, dp.noise_seed)
 
+    def planned_out_of_reach(self, rounds: int) -> float:
+        """The worst client takes part in every round."""
+        dp = self.cfg.dp
+        return rounds * truncation.local_release_out_of_reach(dp.local_mechanism, dp.noise_multiplier)
+
     def ledger(self) -> LocalLedger:
         return LocalLedger(self.cfg)
 
@@ -66,7 +72,7 @@ class LocalNoise(PrivacyMechanism):
         cfg = self.cfg
         return (
             f"privacy: local DP ({cfg.dp.local_mechanism}) at each client, replace-one; accountant "
-            f"{cfg.dp.accountant.upper()}, {self.delta_text()}; if a client took part in all {cfg.train.rounds} "
+            f"{cfg.dp.accountant.upper()}, {self.delta_text(planned)}; if a client took part in all {cfg.train.rounds} "
             f"rounds: local epsilon {planned['local_epsilon']:.4g}, central view {planned['epsilon']:.4g} "
             f"({planned['epsilon_analysis']})"
         )

@@ -12,7 +12,9 @@ Mechanisms (C = clip norm, z = noise multiplier), per client per round:
   L2, so one release is the Gaussian mechanism with noise multiplier z/2:
   (epsilon, delta)-DP for every delta, computed by the accountant.
 * `laplace`: clip to L1 norm C, add Laplace(0, b = z C) to every coordinate.
-  L1 sensitivity 2C, so one release is pure (2/z)-DP (Dwork et al. 2006).
+  L1 sensitivity 2C, so one release of the ideal Laplace is pure (2/z)-DP
+  (Dwork et al. 2006); the sampler's Laplace is bounded (|L| <= 72.1 b), so
+  what runs is (2/z, delta_sampler)-DP (`privacy.truncation`), not pure.
 """
 
 from __future__ import annotations
@@ -20,29 +22,16 @@ from __future__ import annotations
 import tensorflow as tf
 
 from dpfl_tff.config import LOCAL_MECHANISMS
+from dpfl_tff.privacy import sampler
 
 GAUSSIAN, LAPLACE = LOCAL_MECHANISMS
+assert (GAUSSIAN, LAPLACE) == (sampler.GAUSSIAN, sampler.LAPLACE)
 
 
 def _global_norm(tensors, order: int) -> tf.Tensor:
     if order == 2:
         return tf.linalg.global_norm(tensors)
     return tf.add_n([tf.reduce_sum(tf.abs(t)) for t in tensors])
-
-
-def _draw(kind: str, shape, seed: tf.Tensor | None) -> tf.Tensor:
-    """Standard normal or standard Laplace noise; stateless when `seed` (int64[2]) is given."""
-    if kind == GAUSSIAN:
-        if seed is None:
-            return tf.random.normal(shape)
-        return tf.random.stateless_normal(shape, seed=seed)
-    # Laplace(0, 1) as the difference of two Exp(1) draws; 1 - U lies in (0, 1], so logs are finite.
-    if seed is None:
-        u1, u2 = tf.random.uniform(shape), tf.random.uniform(shape)
-    else:
-        u1 = tf.random.stateless_uniform(shape, seed=seed)
-        u2 = tf.random.stateless_uniform(shape, seed=seed + tf.constant([0, 1], tf.int64))
-    return tf.math.log(1.0 - u2) - tf.math.log(1.0 - u1)
 
 
 def _content_hash(flat) -> tf.Tensor:
@@ -55,8 +44,9 @@ def _content_hash(flat) -> tf.Tensor:
 def clip_and_noise(tensors, mechanism: str, clip: float, noise_multiplier: float, seed: tf.Tensor | None = None):
     """Clips `tensors` jointly (L2 for gaussian, L1 for laplace) to `clip` and adds noise.
 
-    Noise: N(0, (z C)^2) or Laplace(0, z C) per coordinate, from TF's stateful
-    RNG seeded by OS entropy; if `seed` (int64 scalar, tests only) is given, from
+    Noise: N(0, (z C)^2) or Laplace(0, z C) per coordinate, drawn in float64
+    and added in float64 (`sampler.add_noise`: |N| <= 12.0 std, |L| <= 72.1
+    scales), from TF's stateful RNG seeded by OS entropy; if `seed` (int64 scalar, tests only) is given, from
     a stateless RNG keyed by the seed and the update's own values (so clients
     with bit-identical updates then draw identical noise).
 
@@ -72,7 +62,7 @@ def clip_and_noise(tensors, mechanism: str, clip: float, noise_multiplier: float
     noised = []
     for i, t in enumerate(flat):
         op_key = None if key is None else key + tf.constant([0, 2**20], tf.int64) * i
-        noised.append(t * scale + noise_multiplier * clip * _draw(mechanism, tf.shape(t), op_key))
+        noised.append(sampler.add_noise(t * scale, noise_multiplier * clip, mechanism, seed=op_key))
     return tf.nest.pack_sequence_as(tensors, noised)
 
 

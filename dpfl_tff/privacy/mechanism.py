@@ -87,6 +87,15 @@ class PrivacyMechanism(abc.ABC):
             return None
         return dp_accounting.SelfComposedDpEvent(rp.event, rounds), rp.neighboring_relation
 
+    def planned_out_of_reach(self, rounds: int) -> float:
+        """The samplers' out-of-reach bound over the worst client's releases in `rounds` rounds (`privacy.truncation`).
+
+        Pure arithmetic (no accountant); the ledger's `delta_sampler` of the same rounds adds only the
+        normaliser's term. The base mechanism draws no noise.
+        """
+        del rounds
+        return 0.0
+
     def check_accountable(self) -> None:
         """Raises ConfigError unless the accountant can take this mode's events (builds the ledger once)."""
         self.ledger().close()
@@ -126,7 +135,11 @@ class PrivacyMechanism(abc.ABC):
     def privacy_line(self, planned: dict[str, Any]) -> str:
         """The run's one line about its privacy, from the ledger's `planned` figures."""
 
-    def delta_text(self) -> str:
+    def delta_text(self, planned: dict[str, Any] | None = None) -> str:
+        """`delta=...` as a privacy line states it: --target_delta and, from `planned`, the sampler's term."""
         cfg = self.cfg
         default = " (default 1/(num_clients+canary_clients)^1.1)" if cfg.canary_clients else " (default 1/num_clients^1.1)"
-        return f"delta={cfg.target_delta:.3g}{'' if cfg.dp.target_delta else default}"
+        text = f"delta={cfg.target_delta:.3g}{'' if cfg.dp.target_delta else default}"
+        if planned is not None and "delta_sampler" in planned:
+            text += f" + {planned['delta_sampler']:.2g} (noise sampler's bound)"
+        return text

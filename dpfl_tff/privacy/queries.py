@@ -11,15 +11,18 @@ The queries here are sums (their sample states add up, so clients can be
 grouped and partial sums merged on several workers):
 
 * `central_query`: tensorflow-privacy's Gaussian sum (or adaptive-clip) query,
-  clipping in `preprocess_record`, noise N(0, (zC)^2) once on the sum, divided
-  by the *expected* cohort m (`NormalizedQuery`).
+  clipping in `preprocess_record`, noise N(0, (zC)^2) once on the sum (drawn
+  in float64, `Float64GaussianSumQuery`), divided by the *expected* cohort m
+  (`NormalizedQuery`).
 * `LocalNoiseMeanQuery`: clipping *and noise* in `preprocess_record`, that is
   at the client, before its update leaves it; the server divides the sum by
   the number of clients.
 * `MeanQuery`: no clipping, no noise: the plain mean (no DP).
 
-Noise comes from TensorFlow's stateful RNG with OS-entropy seeds unless a
-`noise_seed` is given (tests only: a known seed removes the privacy).
+Noise is drawn in float64 by `privacy.sampler` (bounded at 12.0 std, which
+`privacy.truncation` puts into the stated delta) from TensorFlow's stateful
+RNG with OS-entropy seeds unless a `noise_seed` is given (tests only: a known
+seed removes the privacy).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import tensorflow as tf
 import tensorflow_privacy as tfp
 
 from dpfl_tff.config import DPConfig
+from dpfl_tff.privacy import sampler
 from dpfl_tff.privacy.local_noise import GAUSSIAN, clip_and_noise, zero_nonfinite
 from dpfl_tff.privacy.noise import CentralNoise, central_noise
 
@@ -39,36 +43,38 @@ _VALUE_SEED_OFFSET = 0
 _CLIPPED_COUNT_SEED_OFFSET = 1_000_003
 
 
-class SeededGaussianSumQuery(tfp.GaussianSumQuery):
-    """`GaussianSumQuery` whose noise has fixed TF op seeds (tests only).
+class Float64GaussianSumQuery(tfp.GaussianSumQuery):
+    """`GaussianSumQuery` whose noise is drawn in float64 by `privacy.sampler` (|N| <= 12.0 std).
 
-    Each tensor of the record gets its own op seed (`seed + index`), so
-    tensors of equal shape get independent noise. The stateful RNG kernels
-    continue their streams from round to round in the TFF worker, so rounds get
-    different noise, and a rerun gets the same sequence.
+    tensorflow-privacy's own draws use `tf.random_normal_initializer` (float32,
+    truncated at 5.68 std). Each tensor of the sum gets `sampler.add_noise`
+    with the state's stddev. With `seed` (tests only) the tensors' op seeds
+    are fixed (`seed + 3 i`): the stateful kernels continue their streams from
+    round to round in the TFF worker, so rounds get different noise and a
+    rerun the same sequence; without it they come from OS entropy.
     """
 
-    def __init__(self, l2_norm_clip: float, stddev: float, seed: int):
+    def __init__(self, l2_norm_clip: float, stddev: float, seed: int | None = None):
         super().__init__(l2_norm_clip, stddev)
         self._seed = seed
 
     def get_noised_result(self, sample_state, global_state):
         flat = tf.nest.flatten(sample_state)
         noised = [
-            v
-            + tf.cast(
-                tf.random.normal(tf.shape(v), stddev=global_state.stddev, seed=(self._seed + i) % 2**31),
-                v.dtype,
-            )
+            sampler.add_noise(v, global_state.stddev,
+                              op_seed=None if self._seed is None else self._seed + sampler.TENSOR_SEED_STRIDE * i)
             for i, v in enumerate(flat)
         ]
         event = dp_accounting.GaussianDpEvent(global_state.stddev / global_state.l2_norm_clip)
         return tf.nest.pack_sequence_as(sample_state, noised), global_state, event
 
 
-def _seeded_adaptive_query(
-    dp: DPConfig, noise: CentralNoise, expected_cohort: float
-) -> tfp.QuantileAdaptiveClipSumQuery:
+def _seeded(dp: DPConfig, offset: int) -> int | None:
+    return None if dp.noise_seed is None else dp.noise_seed + offset
+
+
+def _adaptive_query(dp: DPConfig, noise: CentralNoise, expected_cohort: float) -> tfp.QuantileAdaptiveClipSumQuery:
+    """tensorflow-privacy's adaptive-clip query with both releases noised by `Float64GaussianSumQuery`."""
     query = tfp.QuantileAdaptiveClipSumQuery(
         initial_l2_norm_clip=dp.clip_norm,
         noise_multiplier=noise.value_noise_multiplier,
@@ -78,15 +84,14 @@ def _seeded_adaptive_query(
         expected_num_records=expected_cohort,
         geometric_update=True,
     )
-    if dp.noise_seed is not None:
-        # Same structure as tfp builds, with seeded noise in both releases.
-        query._sum_query = SeededGaussianSumQuery(  # noqa: SLF001
-            dp.clip_norm, noise.value_noise_multiplier * dp.clip_norm, dp.noise_seed + _VALUE_SEED_OFFSET
-        )
-        query._quantile_estimator_query._below_estimate_query = tfp.NormalizedQuery(  # noqa: SLF001
-            SeededGaussianSumQuery(0.5, noise.clipped_count_stddev, dp.noise_seed + _CLIPPED_COUNT_SEED_OFFSET),
-            denominator=expected_cohort,
-        )
+    # The same structure as tfp builds (its value sum, and its clipped count of +-1/2 records / m),
+    # with the float64 sampler in both releases.
+    query._sum_query = Float64GaussianSumQuery(  # noqa: SLF001
+        dp.clip_norm, noise.value_noise_multiplier * dp.clip_norm, _seeded(dp, _VALUE_SEED_OFFSET))
+    query._quantile_estimator_query._below_estimate_query = tfp.NormalizedQuery(  # noqa: SLF001
+        Float64GaussianSumQuery(0.5, noise.clipped_count_stddev, _seeded(dp, _CLIPPED_COUNT_SEED_OFFSET)),
+        denominator=expected_cohort,
+    )
     return query
 
 
@@ -98,11 +103,10 @@ def central_query(dp: DPConfig, expected_cohort: float) -> tfp.DPQuery:
     """
     noise = central_noise(dp, expected_cohort)
     if dp.adaptive_clipping:
-        inner = _seeded_adaptive_query(dp, noise, expected_cohort)
-    elif dp.noise_seed is not None:
-        inner = SeededGaussianSumQuery(dp.clip_norm, noise.value_noise_multiplier * dp.clip_norm, dp.noise_seed)
+        inner = _adaptive_query(dp, noise, expected_cohort)
     else:
-        inner = tfp.GaussianSumQuery(dp.clip_norm, noise.value_noise_multiplier * dp.clip_norm)
+        inner = Float64GaussianSumQuery(dp.clip_norm, noise.value_noise_multiplier * dp.clip_norm,
+                                        _seeded(dp, _VALUE_SEED_OFFSET))
     return tfp.NormalizedQuery(inner, denominator=float(expected_cohort))
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import dp_accounting
 
 from dpfl_tff.errors import LedgerError
+from dpfl_tff.privacy import truncation
 from dpfl_tff.privacy.events import REPLACE_SPECIAL
 from dpfl_tff.privacy.ledgers import Ledger
 
@@ -68,6 +69,8 @@ class TreeLedger(Ledger):
     def __init__(self, noise_multiplier: float, delta: float, rounds_per_epoch: int):
         super().__init__()
         self.noise_multiplier, self.delta, self.rounds_per_epoch = noise_multiplier, delta, rounds_per_epoch
+        # A node's sum has L2 sensitivity C under replace-special and noise std zC: shift 1/z per node.
+        self.out_of_reach_per_node = truncation.gaussian_out_of_reach(1 / noise_multiplier) if noise_multiplier else 0.0
         self.trees: list[int] = []  # steps of every tree so far; the last one is the current tree
         self._clients: set[int] = set()  # clients of the current tree
         self._last_round = 0
@@ -89,6 +92,15 @@ class TreeLedger(Ledger):
         if fields["tree_round"] == 1:
             return [*self.trees, 1]
         return [*self.trees[:-1], self.trees[-1] + 1]
+
+    def tree_out_of_reach(self, tree_steps: list[int]) -> float:
+        """The worst client is in one leaf per tree, which enters `truncation.tree_levels(steps)` noised nodes."""
+        return sum(truncation.tree_levels(t) for t in tree_steps) * self.out_of_reach_per_node
+
+    def out_of_reach(self, released: int | None = None, participations: int | None = None) -> float:
+        del participations
+        trees = self.trees if released is None else planned_trees(released, self.rounds_per_epoch)
+        return self.tree_out_of_reach(trees)
 
     def epsilon(self, tree_steps: list[int] | None = None) -> float:
         return trees_epsilon(self.noise_multiplier, self.trees if tree_steps is None else tree_steps, self.delta)
@@ -118,7 +130,8 @@ class TreeLedger(Ledger):
             raise RuntimeError("TreeLedger.commit before begin_round")
         fields, self._pending = self._pending, None
         self._add(self._pending_round, fields, cohort, RuntimeError)
-        return {"epsilon": self.epsilon(), "rounds_accounted": self.released, "trees": len(self.trees)}
+        return {"epsilon": self.epsilon(), "rounds_accounted": self.released, "trees": len(self.trees),
+                **self.sampler_fields()}
 
     def replay(self, cohort) -> None:
         raise LedgerError("a DP-FTRL ledger line must be replayed with its tree (replay_entry)")
@@ -134,6 +147,7 @@ class TreeLedger(Ledger):
         trees = planned_trees(rounds, self.rounds_per_epoch)
         return {
             "epsilon": self.epsilon(trees),
+            **self.sampler_fields(rounds),
             "trees": len(trees),
             "rounds_per_epoch": self.rounds_per_epoch,
             "analysis": (

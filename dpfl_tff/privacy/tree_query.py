@@ -26,8 +26,9 @@
   receives the noised residual mean. With plain SGD on it the model after t
   rounds of a tree is the FTRL iterate of Kairouz et al. 2021.
 
-Noise: `tf.random.stateless_normal` keyed by the tree's seed and a counter
-(tensorflow-privacy's `GaussianNoiseGenerator`). Its own default seed is the
+Noise: `privacy.sampler.normal` (float64, |N| <= 12.0 std), stateless, keyed
+by the tree's seed and a counter as tensorflow-privacy's `GaussianNoiseGenerator`
+keys its `tf.random.stateless_normal` (`Float64GaussianNoiseGenerator`). Its own default seed is the
 clock; here every tree's seed comes from the caller (`privacy.ftrl`: OS
 entropy, or --noise_seed in tests).
 """
@@ -42,6 +43,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_privacy as tfp
 from tensorflow_privacy.privacy.dp_query import tree_aggregation
+
+from dpfl_tff.privacy import sampler
 
 USE_EFFICIENT = True
 
@@ -134,11 +137,42 @@ class RestartableTreeQuery(tfp.SumAggregationDPQuery):
         return self._query.derive_metrics(global_state.tree)
 
 
+class Float64GaussianNoiseGenerator(tree_aggregation.GaussianNoiseGenerator):
+    """tensorflow-privacy's tree-node noise generator, its draws made in float64 by `privacy.sampler`.
+
+    The same state (a counter of seeds and the std) and the same stateless
+    keying as `GaussianNoiseGenerator.next` (tensor i of a node: the seeds + i),
+    but each node's noise is `sampler.normal` (|N| <= 12.0 std) times the std
+    in float64, then cast to the spec's dtype (the tree's buffers are float32).
+    """
+
+    def next(self, state):
+        flat_specs = tf.nest.flatten(self._specs)
+        flat_seeds = [state.seeds + i for i in range(len(flat_specs))]
+        std = tf.cast(state.stddev, tf.float64)
+        noise = [tf.cast(std * sampler.normal(spec.shape, seed=seed), spec.dtype)
+                 for spec, seed in zip(flat_specs, flat_seeds)]
+        return tf.nest.pack_sequence_as(self._specs, noise), self._GlobalState(flat_seeds[-1] + 1, state.stddev)
+
+
+def _l2_clip(record_as_list, clip_norm):
+    clipped, _ = tf.clip_by_global_norm(record_as_list, clip_norm)
+    return clipped
+
+
 def ftrl_query(clip_norm: float, noise_multiplier: float, expected_cohort: float, record_specs: Any,
                rounds_per_tree: int, initial_seed: Sequence[int]) -> tfp.NormalizedQuery:
-    """The DP-FTRL query: clip to `clip_norm`, residual tree noise of std z*C per node, / m."""
-    tree = tfp.TreeResidualSumQuery.build_l2_gaussian_query(
-        clip_norm, noise_multiplier, record_specs, noise_seed=int(initial_seed[0]), use_efficient=USE_EFFICIENT)
+    """The DP-FTRL query: clip to `clip_norm`, residual tree noise of std z*C per node, / m.
+
+    `TreeResidualSumQuery.build_l2_gaussian_query` with its noise generator
+    replaced by `Float64GaussianNoiseGenerator`.
+    """
+    if clip_norm < 0 or noise_multiplier < 0:
+        raise ValueError(f"clip_norm={clip_norm} and noise_multiplier={noise_multiplier} must be >= 0")
+    generator = Float64GaussianNoiseGenerator(
+        noise_std=clip_norm * noise_multiplier, specs=record_specs, seed=int(initial_seed[0]))
+    tree = tfp.TreeResidualSumQuery(clip_fn=_l2_clip, clip_value=clip_norm, record_specs=record_specs,
+                                    noise_generator=generator, use_efficient=USE_EFFICIENT)
     restartable = RestartableTreeQuery(tree, max_levels(rounds_per_tree), initial_seed)
     return tfp.NormalizedQuery(restartable, denominator=float(expected_cohort))
 
