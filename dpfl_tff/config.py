@@ -351,7 +351,7 @@ class DPConfig:
     local_mechanism: str = _field(
         "gaussian", PRIVACY,
         "--dp_mode=local only: gaussian (L2 clip C, noise std z*C per coordinate) | laplace (L1 "
-        "clip C, Laplace scale z*C per coordinate; pure 2/z-DP per release).",
+        "clip C, Laplace scale z*C per coordinate; 2/z-DP per release at the bounded sampler's delta_sampler).",
     )
     noise_multiplier: float = _field(
         1.0, PRIVACY,

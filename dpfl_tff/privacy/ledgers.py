@@ -135,9 +135,10 @@ class LocalLedger(Ledger):
     * `local_epsilon`: what protects a client against the server, who sees
       each local release and who took part (no amplification by sampling).
       One release: Gaussian with noise multiplier z/2 (L2 sensitivity 2C), or
-      Laplace with scale z C on L1 sensitivity 2C, pure epsilon 2/z. Composed
+      Laplace with scale z C on L1 sensitivity 2C, epsilon 2/z (at delta
+      `delta_sampler`: the sampler is bounded, `privacy.truncation`). Composed
       over the worst client's participations so far, at the run's delta; for
-      Laplace the smaller of pure composition (delta 0) and the accountant's.
+      Laplace the smaller of basic composition and the accountant's.
     * `epsilon` (central view, what the model reveals about one client): the
       model is post-processing of all local releases, so `local_epsilon`
       bounds it (analysis `post_processing`). For Gaussian noise with a fixed
@@ -232,7 +233,7 @@ class LocalLedger(Ledger):
             **self.sampler_fields(rounds, participations),
         }
         if self.mechanism == "laplace":
-            fields["local_epsilon_per_release"] = self.pure_epsilon_per_release  # pure, delta 0
+            fields["local_epsilon_per_release"] = self.pure_epsilon_per_release  # at delta delta_sampler
             fields["local_epsilon_pure"] = participations * self.pure_epsilon_per_release
         return fields
 

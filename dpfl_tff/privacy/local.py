@@ -5,7 +5,7 @@ for Laplace) and adds its own noise (std zC, or Laplace scale zC) before it
 leaves the client (`queries.LocalNoiseMeanQuery`); the server averages. Nothing
 else computed from a client's data leaves it: no training metric, no norm, no
 flag. One release is the Gaussian mechanism with multiplier z/2 (replace-one
-sensitivity 2C) or pure (2/z)-DP Laplace; `ledgers.LocalLedger` composes them
+sensitivity 2C) or (2/z)-DP Laplace (at the bounded sampler's delta_sampler); `ledgers.LocalLedger` composes them
 over each client's participations, which is why its ledger records cohorts.
 """
 
