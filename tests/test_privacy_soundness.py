@@ -11,7 +11,7 @@ import pytest
 from dpfl_tff import training
 from dpfl_tff.checkpoints import LedgerError, LedgerLog
 from dpfl_tff.config import SEED_REDACTED, ConfigError, DPConfig, ExperimentConfig, TaskConfig, TrainConfig
-from dpfl_tff.privacy import coverage
+from dpfl_tff.privacy import coverage, truncation
 
 
 def _cfg(out, **kw) -> ExperimentConfig:
@@ -190,7 +190,8 @@ def test_every_released_number_is_classified(tmp_path):
     # a setting of the run.
     strict = _quiet(_cfg(tmp_path / "strict", client_metrics=False, train=dict(rounds=2)))
     assert strict.summary["outputs_not_covered_by_epsilon"] == []
-    allowed = {"round", "clip_norm", "next_clip_norm", "epsilon", "rounds_accounted", "delta", "accountant",
+    allowed = {"round", "clip_norm", "next_clip_norm", "epsilon", "rounds_accounted", "delta", "delta_sampler",
+               "accountant",
                "neighboring_relation", "client_sampling", "test_loss", "test_accuracy"}
     for row in map(json.loads, open(tmp_path / "strict" / "metrics.jsonl")):
         assert set(row) <= allowed, set(row) - allowed
@@ -199,3 +200,16 @@ def test_every_released_number_is_classified(tmp_path):
     # Uniform sampling: the cohort size is always m, so it stays (and is covered).
     uniform = _cfg(tmp_path / "u", client_metrics=False, train=dict(client_sampling="uniform"))
     assert coverage.cohort_size_released(uniform) and coverage.not_covered(uniform) == []
+
+
+def test_every_stated_delta_adds_the_samplers_term(finished_run):
+    # privacy.truncation: the worst client may be in every round (central, Poisson, z=1: shift 1 std per round).
+    cfg = _cfg(finished_run, log_cohorts=True)
+    rows = [json.loads(line) for line in open(finished_run / "metrics.jsonl")]
+    for row in rows:
+        term = truncation.delta_sampler(row["round"] * truncation.gaussian_out_of_reach(1.0), cfg.target_delta)
+        assert row["delta_sampler"] == pytest.approx(term, rel=1e-12) and 0 < term < 1e-14
+        assert row["delta"] == cfg.target_delta + row["delta_sampler"]
+    summary = json.load(open(finished_run / "summary.json"))
+    assert (summary["delta"], summary["delta_sampler"]) == (rows[-1]["delta"], rows[-1]["delta_sampler"])
+    assert summary["delta_accountant"] == cfg.target_delta
