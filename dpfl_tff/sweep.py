@@ -216,7 +216,7 @@ def planned_epsilon(cfg: C.ExperimentConfig) -> dict[str, Any]:
 
     `cfg` must have its N known (tasks with their own client split: after loading them).
     """
-    from dpfl_tff.privacy import accounting
+    from dpfl_tff.privacy import accounting, truncation
 
     cfg = accounting.with_calibrated_noise(cfg)
     ledger = registry.mechanism_for(cfg).ledger()
@@ -224,7 +224,8 @@ def planned_epsilon(cfg: C.ExperimentConfig) -> dict[str, Any]:
         out = dict(ledger.planned(cfg.train.rounds))
     finally:
         ledger.close()
-    out.update(noise_multiplier=cfg.dp.noise_multiplier, delta=cfg.target_delta,
+    out.update(noise_multiplier=cfg.dp.noise_multiplier, delta=truncation.stated_delta(cfg.target_delta,
+                                                                                       out["delta_sampler"]),
                neighboring_relation=ledger.neighboring_relation, accountant=cfg.dp.accountant)
     return out
 
