@@ -2,10 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 
-from dpfl_tff import models
-from dpfl_tff.config import ConfigError
+from dpfl_tff import models, training
+from dpfl_tff.config import ConfigError, DPConfig, ExperimentConfig, TaskConfig, TrainConfig
+from dpfl_tff.tasks import load_task
 from tests.conftest import run_driver
 
 
@@ -53,3 +55,35 @@ def test_driver_trains_a_custom_model_and_rejects_a_wrong_one(tmp_path, capsys):
         "must be (batch, 10) logits for this task"
     )
     assert not (tmp_path / "bad" / "run" / "metrics.jsonl").exists()  # failed before training
+
+
+@pytest.mark.parametrize("impl", ["grouped", "tff"])
+def test_batchnorm_moving_statistics_never_leave_the_clients(tff_context, tmp_path, impl):
+    """Under DP the released model is the noised trainable weights and the *initial* non-trainable ones.
+
+    A client's training step moves BatchNormalization's moving mean and variance (checked first, so that
+    "unchanged" below means "not aggregated"), but neither the grouped process nor TFF's FedAvg sends them
+    to the server: the client update is the trainable weights' delta, and the server step keeps
+    `weights.non_trainable`. This is why epsilon covers such a model (docs/privacy.md, threat model).
+    """
+    cfg = ExperimentConfig(
+        task=TaskConfig(task="digits", num_clients=20),
+        train=TrainConfig(model="tests.custom_models:with_batchnorm", clients_per_round=5, fedavg_impl=impl),
+        dp=DPConfig(mode="central", noise_multiplier=1.0), output_dir=str(tmp_path / "run"),
+    ).validate()
+    data = load_task(cfg.task, cfg.train.seed)
+    local = training.keras_model(cfg, data)
+    before = [v.numpy() for v in local.non_trainable_variables]
+    local(data.clients[0].x[:20], training=True)
+    assert before and all(not np.array_equal(b, v.numpy()) for b, v in zip(before, local.non_trainable_variables))
+
+    with training.client_files(cfg, data) as files:
+        process = training.build_learning_process(cfg, data, files)
+        state = training.initial_state(process, cfg, data)
+        initial = process.get_model_weights(state)
+        for r in (1, 2):
+            state = process.next(state, training.round_input(cfg, data, [0, 3, 5, 7, 9], r, files)).state
+        final = process.get_model_weights(state)
+    assert len(final.non_trainable) == 2  # moving_mean, moving_variance
+    assert all(np.array_equal(a, b) for a, b in zip(initial.non_trainable, final.non_trainable))
+    assert any(not np.array_equal(a, b) for a, b in zip(initial.trainable, final.trainable))
