@@ -36,7 +36,16 @@ def test_bad_custom_models_fail_clearly(name, words):
 def test_batchnorm_warns_loudly():
     with pytest.warns(UserWarning, match="BatchNormalization"):
         notes = models.validate_model("tests.custom_models:with_batchnorm", (8, 8, 1), 10)
-    assert notes and "privacy leak" in notes[0]
+    assert len(notes) == 1
+    assert "training updates bn/moving_mean, bn/moving_variance, which" in notes[0]
+    assert "keeps their initial values" in notes[0] and "GroupNormalization or LayerNormalization" in notes[0]
+
+
+def test_any_state_training_updates_is_named_and_frozen_weights_are_not():
+    with pytest.warns(UserWarning, match="counter/seen"):
+        notes = models.validate_model("tests.custom_models:with_counter", (8, 8, 1), 10)
+    assert len(notes) == 1 and "training updates counter/seen, which" in notes[0]
+    assert models.validate_model("tests.custom_models:with_frozen_layer", (8, 8, 1), 10) == []
 
 
 def _driver(tmp_path, model):
