@@ -10,6 +10,9 @@ from dpfl_tff.config import ConfigError, DPConfig, ExperimentConfig, TaskConfig,
 from dpfl_tff.tasks import load_task
 from tests.conftest import run_driver
 
+BATCHNORM = "tests.custom_models:with_batchnorm"
+BATCHNORM_WARNING = f"WARNING: --model={BATCHNORM}: training updates bn/moving_mean, bn/moving_variance, which"
+
 
 def test_good_custom_model_validates():
     assert models.validate_model("tests.custom_models:tiny_mlp", (8, 8, 1), 10) == []
@@ -35,9 +38,8 @@ def test_bad_custom_models_fail_clearly(name, words):
 
 def test_batchnorm_warns_loudly():
     with pytest.warns(UserWarning, match="BatchNormalization"):
-        notes = models.validate_model("tests.custom_models:with_batchnorm", (8, 8, 1), 10)
-    assert len(notes) == 1
-    assert "training updates bn/moving_mean, bn/moving_variance, which" in notes[0]
+        notes = models.validate_model(BATCHNORM, (8, 8, 1), 10)
+    assert len(notes) == 1 and notes[0].startswith(BATCHNORM_WARNING)
     assert "keeps their initial values" in notes[0] and "GroupNormalization or LayerNormalization" in notes[0]
 
 
@@ -77,7 +79,7 @@ def test_batchnorm_moving_statistics_never_leave_the_clients(tff_context, tmp_pa
     """
     cfg = ExperimentConfig(
         task=TaskConfig(task="digits", num_clients=20),
-        train=TrainConfig(model="tests.custom_models:with_batchnorm", clients_per_round=5, fedavg_impl=impl),
+        train=TrainConfig(model=BATCHNORM, clients_per_round=5, fedavg_impl=impl),
         dp=DPConfig(mode="central", noise_multiplier=1.0), output_dir=str(tmp_path / "run"),
     ).validate()
     data = load_task(cfg.task, cfg.train.seed)
@@ -95,10 +97,6 @@ def test_batchnorm_moving_statistics_never_leave_the_clients(tff_context, tmp_pa
     assert len(final.non_trainable) == 2  # moving_mean, moving_variance
     assert all(np.array_equal(a, b) for a, b in zip(initial.non_trainable, final.non_trainable))
     assert any(not np.array_equal(a, b) for a, b in zip(initial.trainable, final.trainable))
-
-
-BATCHNORM = "tests.custom_models:with_batchnorm"
-BATCHNORM_WARNING = f"WARNING: --model={BATCHNORM}: training updates bn/moving_mean, bn/moving_variance, which"
 
 
 def test_driver_trains_a_batchnorm_model_and_says_its_state_is_not_aggregated(tmp_path, capsys):
