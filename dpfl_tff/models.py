@@ -1,7 +1,9 @@
 """Keras model builders: (input_shape, num_classes) -> uncompiled Keras model.
 
-Models output logits. No BatchNormalization: its batch statistics are not
-clipped or noised by the DP aggregation and would leak client data.
+Models output logits. No BatchNormalization: only trained weights travel from
+the clients (their delta, clipped and noised under DP), so its moving statistics are never
+aggregated and the server model keeps their initial values (`validate_model`
+warns); GroupNormalization and LayerNormalization have no such state.
 
 `--model` is either a registered name (`MODELS`) or `package.module:function`
 naming a custom builder with the same signature; `validate_model` checks a
@@ -100,7 +102,7 @@ def _all_layers(model: tf.keras.layers.Layer):
 
 
 def validate_model(name: str, input_shape: Sequence[int], num_classes: int) -> list[str]:
-    """Builds `name` once and checks it; returns warnings (BatchNormalization layers).
+    """Builds `name` once and checks it; returns warnings (state that training updates but never aggregates).
 
     Raises:
       ConfigError: the builder fails, returns no Keras model, or its output
@@ -122,17 +124,43 @@ def validate_model(name: str, input_shape: Sequence[int], num_classes: int) -> l
             f"--model={name}: output shape is {out}; must be (batch, {num_classes}) logits for this task"
         )
     _refuse_probabilities(name, model, input_shape, num_classes)
-    notes = []
-    bn = [layer.name for layer in _all_layers(model) if isinstance(layer, tf.keras.layers.BatchNormalization)]
-    if bn:
-        msg = (
-            f"WARNING: --model={name} has BatchNormalization layers ({', '.join(bn)}): their batch statistics are "
-            "averaged without clipping or noise (a privacy leak under DP) and break under federated averaging; "
-            "use GroupNormalization or LayerNormalization"
-        )
-        warnings.warn(msg, stacklevel=2)
-        notes.append(msg)
-    return notes
+    state = updated_state(model, input_shape)
+    if not state:
+        return []
+    msg = (
+        f"WARNING: --model={name}: training updates {', '.join(state)}, which are not trained weights: only the "
+        "trainable weights' delta (clipped and noised under DP) leaves a client, so the server model, evaluated "
+        "and released, keeps their initial values all run (BatchNormalization: mean 0, variance 1, not the "
+        "statistics its weights were trained with). No privacy loss (under DP, epsilon covers the model), but a "
+        "model that evaluates with state it never learned: use GroupNormalization or LayerNormalization (as the "
+        "paper models do)"
+    )
+    warnings.warn(msg, stacklevel=2)
+    return [msg]
+
+
+def updated_state(model: tf.keras.Model, input_shape: Sequence[int]) -> list[str]:
+    """Names of `model`'s non-trainable variables that a training-mode call changes, and its BatchNormalization layers'.
+
+    BatchNormalization's moving mean and variance are the usual case. The
+    model is called once, with training=True, on 16 standard-normal inputs if
+    it has non-trainable variables (this changes its state: call it on a model
+    that is thrown away). A
+    BatchNormalization layer is named even when that call fails.
+    """
+    variables = model.non_trainable_variables
+    if not variables:  # e.g. every registered model: no probe call
+        return []
+    before = [v.numpy() for v in variables]
+    probe = np.random.default_rng(0).standard_normal((16, *input_shape)).astype(np.float32)
+    try:
+        model(probe, training=True)
+        changed = [v.name.split(":")[0] for v, b in zip(variables, before) if not np.array_equal(v.numpy(), b)]
+    except Exception:  # noqa: BLE001  (models that cannot take a random probe are checked by training)
+        changed = []
+    bn = [layer.name for layer in _all_layers(model) if isinstance(layer, tf.keras.layers.BatchNormalization)
+          and not any(c.startswith(f"{layer.name}/") for c in changed)]
+    return changed + [f"the BatchNormalization layer {b}" for b in bn]
 
 
 def _refuse_probabilities(name: str, model: tf.keras.Model, input_shape: Sequence[int], num_classes: int) -> None:

@@ -5,10 +5,12 @@ and returns an uncompiled model that outputs logits (no softmax). Use
 `from_logits=True` losses with them.
 
 None of them uses BatchNormalization: its moving statistics are updated from
-each client's raw batches outside the clipped and noised model delta, so they
-leak client data under DP, and averaging them across non-IID clients
-(federated averaging) breaks them. The ResNet uses GroupNormalization, which
-only normalizes within a single example and has no non-trainable state.
+each client's raw batches outside the clipped and noised model delta, so no
+client sends them and the server model keeps their initial values (mean 0,
+variance 1) for evaluation, unlike the batch statistics its weights were
+trained with (`models.validate_model` warns). The ResNet uses
+GroupNormalization, which only normalizes within a single example and has no
+non-trainable state.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from dpfl_tff import observers, outputs, plan, plots, resume, runtime
+from dpfl_tff import models, observers, outputs, plan, plots, resume, runtime
 from dpfl_tff.audit import auditor as canary_audit
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.privacy import coverage, truncation
@@ -140,6 +140,8 @@ def run(
         log(f"already complete: {done['rounds']} rounds, epsilon {eps}; outputs in {cfg.output_dir}")
         return RunResult(done, outputs.read_metrics(cfg.output_dir), already_complete=True)
     loop = _Loop(cfg, data, mechanism, folder, log, stop_requested)
+    # Non-trainable state a training step updates (BatchNormalization's moving statistics): never aggregated.
+    loop.summary["model_state_not_aggregated"] = models.updated_state(model, data.input_shape)
     loop.announce(notes)
     try:
         with runtime.execution_context(cfg.workers, folder.out.file(outputs.WORKER_LOG), cfg.worker_timeout), \

@@ -24,7 +24,7 @@ def with_batchnorm(input_shape, num_classes):
     return tf.keras.Sequential([
         tf.keras.layers.InputLayer(input_shape=tuple(input_shape)),
         tf.keras.layers.Flatten(),
-        tf.keras.layers.BatchNormalization(),
+        tf.keras.layers.BatchNormalization(name="bn"),
         tf.keras.layers.Dense(num_classes),
     ])
 
@@ -64,3 +64,35 @@ def subclassed_with_branch(input_shape, num_classes):
     model = _Branching(num_classes)
     model(tf.zeros((1, *input_shape)))  # built by a call (`build` traces `call` without autograph)
     return model
+
+
+class _Counter(tf.keras.layers.Layer):
+    """Counts the training batches it sees in a non-trainable variable (state that is not a trained weight)."""
+
+    def build(self, input_shape):
+        self.seen = self.add_weight(name="seen", shape=(), initializer="zeros", trainable=False)
+
+    def call(self, x, training=False):
+        if training:
+            self.seen.assign_add(1.0)
+        return x
+
+
+def with_counter(input_shape, num_classes):
+    return tf.keras.Sequential([
+        tf.keras.layers.InputLayer(input_shape=tuple(input_shape)),
+        tf.keras.layers.Flatten(),
+        _Counter(name="counter"),
+        tf.keras.layers.Dense(num_classes),
+    ])
+
+
+def with_frozen_layer(input_shape, num_classes):
+    """A frozen (non-trainable) Dense layer: non-trainable weights that training never changes."""
+    frozen = tf.keras.layers.Dense(8, trainable=False)
+    return tf.keras.Sequential([
+        tf.keras.layers.InputLayer(input_shape=tuple(input_shape)),
+        tf.keras.layers.Flatten(),
+        frozen,
+        tf.keras.layers.Dense(num_classes),
+    ])

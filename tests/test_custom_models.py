@@ -2,11 +2,16 @@
 
 import json
 
+import numpy as np
 import pytest
 
-from dpfl_tff import models
-from dpfl_tff.config import ConfigError
+from dpfl_tff import models, training
+from dpfl_tff.config import ConfigError, DPConfig, ExperimentConfig, TaskConfig, TrainConfig
+from dpfl_tff.tasks import load_task
 from tests.conftest import run_driver
+
+BATCHNORM = "tests.custom_models:with_batchnorm"
+BATCHNORM_WARNING = f"WARNING: --model={BATCHNORM}: training updates bn/moving_mean, bn/moving_variance, which"
 
 
 def test_good_custom_model_validates():
@@ -33,8 +38,16 @@ def test_bad_custom_models_fail_clearly(name, words):
 
 def test_batchnorm_warns_loudly():
     with pytest.warns(UserWarning, match="BatchNormalization"):
-        notes = models.validate_model("tests.custom_models:with_batchnorm", (8, 8, 1), 10)
-    assert notes and "privacy leak" in notes[0]
+        notes = models.validate_model(BATCHNORM, (8, 8, 1), 10)
+    assert len(notes) == 1 and notes[0].startswith(BATCHNORM_WARNING)
+    assert "keeps their initial values" in notes[0] and "GroupNormalization or LayerNormalization" in notes[0]
+
+
+def test_any_state_training_updates_is_named_and_frozen_weights_are_not():
+    with pytest.warns(UserWarning, match="counter/seen"):
+        notes = models.validate_model("tests.custom_models:with_counter", (8, 8, 1), 10)
+    assert len(notes) == 1 and "training updates counter/seen, which" in notes[0]
+    assert models.validate_model("tests.custom_models:with_frozen_layer", (8, 8, 1), 10) == []
 
 
 def _driver(tmp_path, model):
@@ -53,3 +66,58 @@ def test_driver_trains_a_custom_model_and_rejects_a_wrong_one(tmp_path, capsys):
         "must be (batch, 10) logits for this task"
     )
     assert not (tmp_path / "bad" / "run" / "metrics.jsonl").exists()  # failed before training
+
+
+@pytest.mark.parametrize("impl", ["grouped", "tff"])
+def test_batchnorm_moving_statistics_never_leave_the_clients(tff_context, tmp_path, impl):
+    """Under DP the released model is the noised trainable weights and the *initial* non-trainable ones.
+
+    A client's training step moves BatchNormalization's moving mean and variance (checked first, so that
+    "unchanged" below means "not aggregated"), but neither the grouped process nor TFF's FedAvg sends them
+    to the server: the client update is the trainable weights' delta, and the server step keeps
+    `weights.non_trainable`. This is why epsilon covers such a model (docs/privacy.md, threat model).
+    """
+    cfg = ExperimentConfig(
+        task=TaskConfig(task="digits", num_clients=20),
+        train=TrainConfig(model=BATCHNORM, clients_per_round=5, fedavg_impl=impl),
+        dp=DPConfig(mode="central", noise_multiplier=1.0), output_dir=str(tmp_path / "run"),
+    ).validate()
+    data = load_task(cfg.task, cfg.train.seed)
+    local = training.keras_model(cfg, data)
+    before = [v.numpy() for v in local.non_trainable_variables]
+    local(data.clients[0].x[:20], training=True)
+    assert before and all(not np.array_equal(b, v.numpy()) for b, v in zip(before, local.non_trainable_variables))
+
+    with training.client_files(cfg, data) as files:
+        process = training.build_learning_process(cfg, data, files)
+        state = training.initial_state(process, cfg, data)
+        initial = process.get_model_weights(state)
+        state = process.next(state, training.round_input(cfg, data, [0, 3, 5, 7, 9], 1, files)).state
+        final = process.get_model_weights(state)
+    assert len(final.non_trainable) == 2  # moving_mean, moving_variance
+    assert all(np.array_equal(a, b) for a, b in zip(initial.non_trainable, final.non_trainable))
+    assert any(not np.array_equal(a, b) for a, b in zip(initial.trainable, final.trainable))
+
+
+def test_driver_trains_a_batchnorm_model_and_says_its_state_is_not_aggregated(tmp_path, capsys):
+    """Central DP: the warning names the state, summary.json lists it, and the model stays covered by epsilon."""
+    args = ["--task=digits", "--num_clients=20", "--clients_per_round=5", "--rounds=1", "--dp_mode=central",
+            f"--model={BATCHNORM}", f"--output_dir={tmp_path / 'run'}"]
+    assert run_driver(args) == 0
+    assert BATCHNORM_WARNING in capsys.readouterr().out
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert summary["model_state_not_aggregated"] == ["bn/moving_mean", "bn/moving_variance"]
+    # The released model is the noised trainable weights and the initial rest: not listed as uncovered.
+    assert not [f for f in summary["outputs_not_covered_by_epsilon"] if "model" in f]
+    assert summary["status"] == "completed"
+
+
+@pytest.mark.parametrize("mode", ["none", "local", "ftrl"])
+def test_dry_run_of_a_batchnorm_model_warns_in_every_mode(tmp_path, capsys, mode):
+    """The same model runs in every mode (nothing of its state leaves a client in any); the plan says so."""
+    args = ["--task=digits", "--num_clients=20", "--clients_per_round=5", "--rounds=4", f"--dp_mode={mode}",
+            f"--model={BATCHNORM}", f"--output_dir={tmp_path / 'run'}", "--dry_run"]
+    assert run_driver(args) == 0
+    out = capsys.readouterr().out
+    assert BATCHNORM_WARNING in out and "dry run: nothing is trained" in out
+    assert not (tmp_path / "run").exists()
