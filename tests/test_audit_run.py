@@ -150,7 +150,9 @@ def test_auditor_keeps_maxima_across_a_matching_checkpoint_only(tmp_path):
     np.testing.assert_allclose(b.max_cos, a.max_cos)
     c = auditor.CanaryAuditor(k, seed, w0, 1e-3, ckpt, checkpoint_every=2)
     c.resume(1, unflat(w1))  # round 1 was never saved: no all-rounds estimate
-    c.on_round({"round": 2}, _State(unflat(w2)), True, False)
+    c.on_round({"round": 2, "delta": 1.01e-3}, _State(unflat(w2)), True, False)  # the stated delta of the last round
+    assert c.results["delta"] == c.results["final_model"]["delta"] == c.results["final_model"]["lower_bound"][
+        "delta"] == 1.01e-3
     assert c.results["all_rounds"] is None and "resumed from round 1" in c.results["all_rounds_note"]
     assert c.results["final_model"]["epsilon"] > 0 and len(c.results["final_model"]["inserted_cosines"]) == k
     assert c.results["final_model"]["epsilon_lower_bound"] >= 0 and c.summary_fields()[

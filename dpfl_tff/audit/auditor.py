@@ -154,6 +154,9 @@ class CanaryAuditor(observers.Observer):
             saved.update(round=r, max_cosines=None if self.max_cos is None else self.max_cos.tolist())
             _write(self.path, saved)
         if last:
+            # The stated delta of the run (the accountant's plus the noise sampler's term), which the epsilon
+            # bound holds at: the figures are computed at it (a larger delta, a smaller lower bound).
+            self.delta = float(record.get("delta", self.delta))
             self.results = self._finish(self.w0 - w)
 
     def _final_cosines(self, delta_w: np.ndarray) -> np.ndarray:
