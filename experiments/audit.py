@@ -134,6 +134,10 @@ def _num(x) -> str:
     return "n/a" if x is None else f"{float(x):.4g}"
 
 
+def _percent(p: float) -> str:
+    return f"{100 * p:.4g}%"  # 95%, 97.5%, 99.9% (never rounded up to 100%)
+
+
 def _verdict_text(r: dict) -> str:
     lb, v = r["epsilon_lower_bound"], r["verdict"]
     if v == "not computed":
@@ -141,14 +145,14 @@ def _verdict_text(r: dict) -> str:
     parts = r["lower_bound_parts"]
     each = "; ".join(f"{name.replace('_', ' ')} {_num(p['epsilon_lower_bound'])} (at most {_num(p['max_lower_bound'])})"
                      for name, p in parts.items())
-    text = f"epsilon lower bound {_num(lb)} at {r['lower_bound_confidence']:.0%} confidence ({each})"
+    text = f"epsilon lower bound {_num(lb)} at {_percent(r['lower_bound_confidence'])} confidence ({each})"
     if v == "inconclusive":
         return f"{text}: inconclusive (the run cannot tell)"
     if r["noise_multiplier"] == 0:
         return f"{text}: consistent (no noise, and the audit sees the privacy loss)"
     if v == "VIOLATED":
         return (f"{text}: VIOLATED, above the epsilon bound (the noise or the accounting is wrong, or a "
-                f"{1 - r['lower_bound_confidence']:.0%} chance)")
+                f"{_percent(1 - r['lower_bound_confidence'])} chance)")
     return f"{text}: consistent (<= the epsilon bound)"
 
 

@@ -136,7 +136,7 @@ def done_line(s: dict, output_dir: str) -> str:
             lower_all = s.get("empirical_epsilon_lower_bound_all_rounds")
             audit += (f", epsilon lower bound {lower:.3g} (final model"
                       + ("" if lower_all is None else f"; all rounds {lower_all:.3g}")
-                      + f"; at {s['empirical_epsilon_lower_bound_confidence']:.0%} confidence"
+                      + f"; at {100 * s['empirical_epsilon_lower_bound_confidence']:.4g}% confidence"
                       + ("; inconclusive" if max(lower, lower_all or 0) <= 0 else "") + ")")
     return (f"done: {s['rounds']} rounds, test accuracy {acc}, "
             f"epsilon {eps} at delta {s['delta']:.3g}{audit}{wall}; outputs in {output_dir}")

@@ -222,7 +222,7 @@ def plot(audit: dict[str, Any], path: str) -> str:
         ax.hist(part[out], bins=bins, alpha=0.6, label="held out (never inserted)", color="tab:gray")
         ax.hist(part[ins], bins=bins, alpha=0.6, label="inserted canaries", color="tab:red")
         lb = part.get("epsilon_lower_bound")
-        bound = "" if lb is None else f"; lower bound {lb:.3g} ({part['lower_bound_confidence']:.0%})"
+        bound = "" if lb is None else f"; lower bound {lb:.3g} ({100 * part['lower_bound_confidence']:.4g}%)"
         ax.set_title(f"{title}\nestimate eps {part['epsilon']:.3g}{bound} at delta {audit['delta']:.2g}", fontsize=9)
         ax.set_xlabel("cosine")
         ax.legend(fontsize=8)
