@@ -464,7 +464,8 @@ class ExperimentConfig:
         "Empirical privacy audit (>= 0; 0 = off): add this many synthetic canary clients to the population "
         "(N becomes N + K for sampling and accounting) whose update is a fixed secret random direction at the "
         "clip norm; after training, the cosines of the model delta with them against K held-out directions "
-        "give empirical_epsilon (summary.json, audit.json). An estimate under one attack, not a bound. "
+        "give empirical_epsilon (an estimate under one attack, not a bound) and empirical_epsilon_lower_bound (a "
+        "95% lower confidence bound, the figure to compare with epsilon) in summary.json and audit.json. "
         "--fedavg_impl=grouped only.",
     )
     client_metrics: bool = _field(

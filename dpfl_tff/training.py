@@ -400,6 +400,9 @@ def _initial_summary(cfg: ExperimentConfig, mechanism: PrivacyMechanism, relatio
         "empirical_epsilon": None,
         "empirical_epsilon_all_rounds": None,
         "empirical_epsilon_no_signal_level": None,
+        "empirical_epsilon_lower_bound": None,
+        "empirical_epsilon_lower_bound_all_rounds": None,
+        "empirical_epsilon_lower_bound_confidence": None,
         "stop_reason": None,
         "resumed_from_round": None,
     }

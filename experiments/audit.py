@@ -5,19 +5,27 @@
 Trains the configuration twice in one process (one TFF worker), both with
 --canary_clients=K (required, > 0):
 
-  <output_dir>/noised       as configured: empirical epsilon <= the bound is expected
+  <output_dir>/noised       as configured: the audit's lower bound on epsilon
+                            should be <= the theoretical epsilon (it is above it
+                            with probability <= 1 - --confidence in a correct run)
   <output_dir>/noise_free   --noise_multiplier=0: the bound is infinite, and a
-                            large empirical epsilon shows the audit can see the
+                            positive lower bound shows the audit can see the
                             missing noise (a run whose noise was silently not
                             applied would look like this one, not the first)
 
-and prints both empirical epsilons (final model; all rounds) beside the
-theoretical epsilon, as lines and as one JSON line. The empirical epsilon is
-an estimate under one attack (Andrew et al., ICLR 2024), not a bound: it can
-show a bound is loose or noise is missing, never prove privacy. Folders that
-hold these runs are resumed (or left as they are when complete) unless
---overwrite. Exit codes as run_federated: 0 done, 2 bad flags or data, 1 a
-failed round.
+For each run it prints the theoretical epsilon, the audit's lower confidence
+bound on epsilon at --confidence (a threshold test with Clopper-Pearson
+intervals, inserted against held-out canaries: `dpfl_tff.audit.estimate.
+lower_bound`; the larger of the final-model and all-rounds bounds, each at
+1 - (1 - confidence)/2, Bonferroni) and the verdict: "consistent" (lower bound
+<= epsilon), "VIOLATED" (lower bound > epsilon: at that confidence the noise or
+the accounting is wrong) or "inconclusive" (lower bound 0: the run cannot tell).
+Beside it, the point estimates (Andrew et al., ICLR 2024: two fitted
+Gaussians), which are not bounds: they are biased upward at finite K and can
+exceed the theoretical epsilon in a correct run. Lines, then one JSON line.
+Neither figure proves privacy. Folders that hold these runs are resumed (or
+left as they are when complete) unless --overwrite. Exit codes as
+run_federated: 0 done, 2 bad flags or data, 1 a failed round.
 """
 
 from __future__ import annotations
@@ -29,10 +37,10 @@ import os
 import signal
 import sys
 
-from absl import app, logging
+from absl import app, flags, logging
 
 from dpfl_tff import checkpoints, plan, runtime, training
-from dpfl_tff.audit import auditor
+from dpfl_tff.audit import auditor, estimate
 from dpfl_tff.config import ConfigError, ExperimentConfig
 from dpfl_tff.tasks import DataFileError
 from experiments import cli
@@ -40,6 +48,16 @@ from experiments.run_federated import Signals
 from experiments import flags as dpfl_flags
 
 NOISED, NOISE_FREE = "noised", "noise_free"
+
+CONFIDENCE = flags.DEFINE_float(
+    "confidence", estimate.DEFAULT_CONFIDENCE,
+    "Confidence of the audit's lower bound on epsilon, in [0.5, 1): in a run that is (epsilon, delta)-DP the bound "
+    "exceeds epsilon with probability at most 1 - confidence. Higher confidence, lower bound.",
+)
+GROUPS = (*dpfl_flags.GROUPS, ("audit", (CONFIDENCE,)))
+# The parts of audit.json and their (inserted, held-out) statistics.
+_PARTS = {"final_model": ("inserted_cosines", "held_out_cosines"),
+          "all_rounds": ("inserted_max_cosines", "held_out_max_cosines")}
 
 
 def variants(cfg: ExperimentConfig) -> dict[str, ExperimentConfig]:
@@ -56,16 +74,55 @@ def variants(cfg: ExperimentConfig) -> dict[str, ExperimentConfig]:
     }
 
 
-def report(name: str, s: dict, output_dir: str) -> dict:
-    """One run's figures: theoretical and empirical epsilons at the run's delta, and the no-signal levels."""
+def check_confidence(confidence: float) -> None:
+    """Raises ConfigError (one line naming the flag and its range) unless 0.5 <= confidence < 1."""
+    if not 0.5 <= confidence < 1:
+        raise ConfigError(f"--confidence={confidence:g}: must be in [0.5, 1) (e.g. 0.95)")
+
+
+def lower_bounds(audit: dict, confidence: float) -> dict:
+    """The audit's lower bound on epsilon at `confidence`, from audit.json's statistics.
+
+    Each available part (final model; all rounds) gets `estimate.lower_bound`
+    at 1 - (1 - confidence) / parts; the larger holds at `confidence`
+    (Bonferroni over the parts). None without statistics (a lost seed).
+    """
+    parts = {name: audit[name] for name, (ins, _) in _PARTS.items() if (audit.get(name) or {}).get(ins)}
+    if not parts:
+        return {"epsilon_lower_bound": None, "lower_bound_confidence": confidence, "lower_bound_parts": None}
+    each = 1 - (1 - confidence) / len(parts)
+    bounds = {name: estimate.lower_bound(part[_PARTS[name][0]], part[_PARTS[name][1]], audit["delta"], each)
+              for name, part in parts.items()}
+    return {
+        "epsilon_lower_bound": max(b["epsilon_lower_bound"] for b in bounds.values()),
+        "lower_bound_confidence": confidence,
+        "lower_bound_parts": {name: {"epsilon_lower_bound": b["epsilon_lower_bound"], "confidence": each,
+                                     "max_lower_bound": b["max_lower_bound"]} for name, b in bounds.items()},
+    }
+
+
+def verdict(lower: float | None, epsilon: float) -> str:
+    """What the lower bound says about the theoretical epsilon (see the module docstring)."""
+    if lower is None:
+        return "not computed"
+    if lower <= 0:
+        return "inconclusive"
+    return "VIOLATED" if lower > epsilon else "consistent"
+
+
+def report(name: str, s: dict, output_dir: str, confidence: float = estimate.DEFAULT_CONFIDENCE) -> dict:
+    """One run's figures: theoretical epsilon, the audit's lower bound and verdict, the point estimates."""
     try:
         with open(os.path.join(output_dir, auditor.AUDIT_JSON), encoding="utf-8") as f:
             audit = json.load(f)
     except (OSError, ValueError):
         audit = {}
     levels = {part: (audit.get(part) or {}).get("no_signal_level_95") for part in ("final_model", "all_rounds")}
+    bounds = lower_bounds(audit, confidence)
+    epsilon = float(s["epsilon"])
     return {
         "run": name, "noise_multiplier": s["noise_multiplier"], "epsilon": s["epsilon"], "delta": s["delta"],
+        **bounds, "verdict": verdict(bounds["epsilon_lower_bound"], epsilon),
         "empirical_epsilon": s.get("empirical_epsilon"),
         "empirical_epsilon_all_rounds": s.get("empirical_epsilon_all_rounds"),
         "no_signal_level_95": levels["final_model"], "no_signal_level_95_all_rounds": levels["all_rounds"],
@@ -77,11 +134,33 @@ def _num(x) -> str:
     return "n/a" if x is None else f"{float(x):.4g}"
 
 
+def _percent(p: float) -> str:
+    return f"{100 * p:.4g}%"  # 95%, 97.5%, 99.9% (never rounded up to 100%)
+
+
+def _verdict_text(r: dict) -> str:
+    lb, v = r["epsilon_lower_bound"], r["verdict"]
+    if v == "not computed":
+        return "no lower bound (no canary statistics)"
+    parts = r["lower_bound_parts"]
+    each = "; ".join(f"{name.replace('_', ' ')} {_num(p['epsilon_lower_bound'])} (at most {_num(p['max_lower_bound'])})"
+                     for name, p in parts.items())
+    text = f"epsilon lower bound {_num(lb)} at {_percent(r['lower_bound_confidence'])} confidence ({each})"
+    if v == "inconclusive":
+        return f"{text}: inconclusive (the run cannot tell)"
+    if r["noise_multiplier"] == 0:
+        return f"{text}: consistent (no noise, and the audit sees the privacy loss)"
+    if v == "VIOLATED":
+        return (f"{text}: VIOLATED, above the epsilon bound (the noise or the accounting is wrong, or a "
+                f"{_percent(1 - r['lower_bound_confidence'])} chance)")
+    return f"{text}: consistent (<= the epsilon bound)"
+
+
 def human_line(r: dict) -> str:
     bound = "inf (no DP noise)" if r["noise_multiplier"] == 0 else _num(r["epsilon"])
-    return (f"{r['run']}: z={r['noise_multiplier']:g}, epsilon bound {bound}; empirical epsilon "
-            f"{_num(r['empirical_epsilon'])} (final model), {_num(r['empirical_epsilon_all_rounds'])} (all rounds); "
-            f"with no signal 95% of estimates are below {_num(r['no_signal_level_95'])}, "
+    return (f"{r['run']}: z={r['noise_multiplier']:g}, epsilon bound {bound}; {_verdict_text(r)}; point estimates "
+            f"(not bounds) {_num(r['empirical_epsilon'])} (final model), {_num(r['empirical_epsilon_all_rounds'])} "
+            f"(all rounds), with no signal 95% of estimates are below {_num(r['no_signal_level_95'])}, "
             f"{_num(r['no_signal_level_95_all_rounds'])}; delta {r['delta']:.3g}, {r['canary_clients']} canaries")
 
 
@@ -93,6 +172,7 @@ def _jsonable(obj: dict) -> str:
 def main(argv: list[str]) -> None:
     del argv
     try:
+        check_confidence(CONFIDENCE.value)
         runs = variants(plan.check(dpfl_flags.experiment_config()))
     except ConfigError as e:
         cli.usage_error(str(e))
@@ -111,7 +191,7 @@ def main(argv: list[str]) -> None:
                 print(f"== {name}: {cfg.output_dir}", flush=True)
                 result = training.run(cfg, overwrite=dpfl_flags.OVERWRITE.value, log=lambda s: print(s, flush=True),
                                       fresh=dpfl_flags.FRESH.value, stop_requested=signals.stop_requested)
-                results.append(report(name, result.summary, cfg.output_dir))
+                results.append(report(name, result.summary, cfg.output_dir, CONFIDENCE.value))
     except training.RunInterrupted as e:
         print(f"{e}: last completed round checkpointed, summary written to {current.output_dir}; rerun the same "
               "command to continue", file=sys.stderr, flush=True)
@@ -125,14 +205,15 @@ def main(argv: list[str]) -> None:
     except (training.RoundFailed, runtime.WorkerLost) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
-    print("audit (empirical epsilon: an estimate under the canary-cosine attack, not a bound):")
+    print("audit (the lower bound is what may be compared with the epsilon bound; the point estimates are not "
+          "bounds):")
     for r in results:
         print("  " + human_line(r))
     print(json.dumps({"audit": [json.loads(_jsonable(r)) for r in results]}), flush=True)
 
 
 def run() -> None:
-    cli.run(main, __doc__, dpfl_flags.GROUPS)
+    cli.run(main, __doc__, GROUPS)
 
 
 if __name__ == "__main__":

@@ -131,6 +131,13 @@ def done_line(s: dict, output_dir: str) -> str:
                  + ("" if all_rounds is None else f"; all rounds {all_rounds:.4g}")
                  + f"; {s['canary_clients']} canaries, whose fitting noise alone gives up to "
                  f"{s['empirical_epsilon_no_signal_level']:.2g}; an estimate, not a bound)")
+        lower = s.get("empirical_epsilon_lower_bound")
+        if lower is not None:  # the figure that may be compared with the epsilon bound
+            lower_all = s.get("empirical_epsilon_lower_bound_all_rounds")
+            audit += (f", epsilon lower bound {lower:.3g} (final model"
+                      + ("" if lower_all is None else f"; all rounds {lower_all:.3g}")
+                      + f"; at {100 * s['empirical_epsilon_lower_bound_confidence']:.4g}% confidence"
+                      + ("; inconclusive" if max(lower, lower_all or 0) <= 0 else "") + ")")
     return (f"done: {s['rounds']} rounds, test accuracy {acc}, "
             f"epsilon {eps} at delta {s['delta']:.3g}{audit}{wall}; outputs in {output_dir}")
 

@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from dpfl_tff import config as C
 from dpfl_tff import training
@@ -88,6 +89,15 @@ def test_noise_free_audit_outputs_and_resume(tmp_path, monkeypatch):
     assert s["canary_clients"] == 100 and s["delta"] == C.default_delta(150)
     assert s["empirical_epsilon"] == audit["final_model"]["epsilon"] > 20
     assert s["empirical_epsilon_all_rounds"] == audit["all_rounds"]["epsilon"] > 20
+    # No noise: the lower bound is positive (1.65 final model, 1.09 all rounds when measured; at most 2.57 with 50
+    # canaries per half at 95%, and a third of the canaries were never sampled in 8 rounds at q = 2/15). The run
+    # is deterministic, as above.
+    for part in ("final_model", "all_rounds"):
+        lb = audit[part]["lower_bound"]
+        assert lb["max_lower_bound"] >= audit[part]["epsilon_lower_bound"] == lb["epsilon_lower_bound"] > 0.5
+    assert s["empirical_epsilon_lower_bound"] == audit["final_model"]["epsilon_lower_bound"]
+    assert s["empirical_epsilon_lower_bound_all_rounds"] == audit["all_rounds"]["epsilon_lower_bound"]
+    assert s["empirical_epsilon_lower_bound_confidence"] == 0.95
     assert len(audit["final_model"]["inserted_cosines"]) == len(audit["final_model"]["held_out_cosines"]) == 100
     assert len(audit["all_rounds"]["inserted_max_cosines"]) == 100 and audit["delta"] == s["delta"]
     assert os.path.exists(os.path.join(out, auditor.AUDIT_PNG))
@@ -140,9 +150,13 @@ def test_auditor_keeps_maxima_across_a_matching_checkpoint_only(tmp_path):
     np.testing.assert_allclose(b.max_cos, a.max_cos)
     c = auditor.CanaryAuditor(k, seed, w0, 1e-3, ckpt, checkpoint_every=2)
     c.resume(1, unflat(w1))  # round 1 was never saved: no all-rounds estimate
-    c.on_round({"round": 2}, _State(unflat(w2)), True, False)
+    c.on_round({"round": 2, "delta": 1.01e-3}, _State(unflat(w2)), True, False)  # the stated delta of the last round
+    assert c.results["delta"] == c.results["final_model"]["delta"] == c.results["final_model"]["lower_bound"][
+        "delta"] == 1.01e-3
     assert c.results["all_rounds"] is None and "resumed from round 1" in c.results["all_rounds_note"]
     assert c.results["final_model"]["epsilon"] > 0 and len(c.results["final_model"]["inserted_cosines"]) == k
+    assert c.results["final_model"]["epsilon_lower_bound"] >= 0 and c.summary_fields()[
+        "empirical_epsilon_lower_bound_all_rounds"] is None
     lost = auditor.CanaryAuditor(k, seed, w0, 1e-3, ckpt, checkpoint_every=2, lost_seed=True)
     lost.on_round({"round": 3}, _State(unflat(w2)), True, False)
     assert lost.results["final_model"] is None and lost.summary_fields() == {}
@@ -157,9 +171,14 @@ def test_done_line_and_audit_variants():
 
     s = {"rounds": 100, "final_test_accuracy": 0.9, "neighboring_relation": "add_or_remove_one", "noise_multiplier": 0.0,
          "epsilon": float("inf"), "accountant": "rdp", "delta": 5.6e-4, "empirical_epsilon": 19.7,
-         "empirical_epsilon_all_rounds": 206.7, "empirical_epsilon_no_signal_level": 0.98, "canary_clients": 200}
+         "empirical_epsilon_all_rounds": 206.7, "empirical_epsilon_no_signal_level": 0.98, "canary_clients": 200,
+         "empirical_epsilon_lower_bound": 3.3, "empirical_epsilon_lower_bound_all_rounds": 3.3,
+         "empirical_epsilon_lower_bound_confidence": 0.95}
     line = run_federated.done_line(s, "runs/x")
     assert "epsilon inf (no DP noise" in line and "empirical epsilon 19.7 (final model; all rounds 206.7" in line
+    assert "epsilon lower bound 3.3 (final model; all rounds 3.3; at 95% confidence)" in line
+    s.update(empirical_epsilon_lower_bound=0.0, empirical_epsilon_lower_bound_all_rounds=0.0)
+    assert "at 95% confidence; inconclusive)" in run_federated.done_line(s, "runs/x")
     cfg = dataclasses.replace(_cfg(), dp=dataclasses.replace(_cfg().dp, noise_multiplier=1.0), output_dir="runs/a")
     runs = audit.variants(cfg)
     assert runs["noised"].dp.noise_multiplier == 1.0 and runs["noise_free"].dp.noise_multiplier == 0.0
@@ -167,3 +186,57 @@ def test_done_line_and_audit_variants():
     assert runs["noised"].target_delta == runs["noise_free"].target_delta
     with pytest.raises(C.ConfigError, match="--canary_clients=0"):
         audit.variants(dataclasses.replace(cfg, canary_clients=0))
+
+
+def _audit_json(path: str, inserted: np.ndarray, held_out: np.ndarray, all_rounds: bool) -> str:
+    part = {"inserted_cosines": inserted.tolist(), "held_out_cosines": held_out.tolist()}
+    rounds = {"inserted_max_cosines": inserted.tolist(), "held_out_max_cosines": held_out.tolist()}
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, auditor.AUDIT_JSON), "w", encoding="utf-8") as f:
+        json.dump({"delta": 1e-3, "final_model": part, "all_rounds": rounds if all_rounds else None}, f)
+    return path
+
+
+def test_audit_report_compares_the_lower_bound_with_the_epsilon_bound(tmp_path):
+    """The driver's verdict: the lower bound (the larger part's, each part at 1 - alpha/2) against the bound.
+
+    Deterministic statistics: inserted 10 + i, held out -i (i < 100) separate perfectly (bound = its maximum);
+    interleaved ones (inserted i, held out i + 0.5) give no bound at all.
+    """
+    from experiments import audit
+
+    i = np.arange(100.0)
+    strong = _audit_json(str(tmp_path / "strong"), 10 + i, -i, all_rounds=True)
+    s = {"noise_multiplier": 1.0, "epsilon": 0.5, "delta": 1e-3, "canary_clients": 100}
+    r = audit.report("noised", s, strong, confidence=0.9)
+    parts = r["lower_bound_parts"]
+    assert r["lower_bound_confidence"] == 0.9 and parts["final_model"]["confidence"] == pytest.approx(0.95)
+    assert r["epsilon_lower_bound"] == parts["final_model"]["epsilon_lower_bound"] == \
+        parts["final_model"]["max_lower_bound"] > 0.5
+    assert r["verdict"] == "VIOLATED" and "VIOLATED" in audit.human_line(r)
+    assert audit.report("noised", {**s, "epsilon": 50.0}, strong)["verdict"] == "consistent"
+    free = audit.report("noise_free", {**s, "noise_multiplier": 0.0, "epsilon": "inf"}, strong)
+    assert free["verdict"] == "consistent" and "the audit sees the privacy loss" in audit.human_line(free)
+    weak = _audit_json(str(tmp_path / "weak"), i, i + 0.5, all_rounds=False)
+    r = audit.report("noised", s, weak)
+    assert r["epsilon_lower_bound"] == 0.0 and r["verdict"] == "inconclusive"
+    assert list(r["lower_bound_parts"]) == ["final_model"] and r["lower_bound_parts"]["final_model"]["confidence"] == 0.95
+    assert "inconclusive" in audit.human_line(r)
+    missing = audit.report("noised", s, str(tmp_path / "none"))
+    assert missing["verdict"] == "not computed" and "no lower bound" in audit.human_line(missing)
+    json.loads(audit._jsonable(r))
+
+
+def test_audit_confidence_flag_range(tmp_path, capsys):
+    """--confidence outside [0.5, 1) is a one-line usage error naming the flag and its range (exit 2), before
+    anything trains."""
+    from experiments import audit
+
+    from tests.conftest import run_app
+
+    for value in ("1", "0.3"):
+        args = ["--flagfile=configs/quickstart.cfg", "--canary_clients=10", f"--confidence={value}",
+                f"--output_dir={tmp_path}/a"]
+        assert run_app(audit, "audit", args) == 2
+        assert capsys.readouterr().err.strip() == f"error: --confidence={value}: must be in [0.5, 1) (e.g. 0.95)"
+    assert not os.path.exists(tmp_path / "a")

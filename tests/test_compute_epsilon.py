@@ -89,3 +89,43 @@ def test_comma_lists_print_one_json_line_per_combination_then_a_summary():
     assert summary["noise_multiplier"] == [0.8, 1.6] and summary["rounds"] == [10, 40]
     bad = _run("--rounds=10,x")
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --rounds=10,x: give one value or a comma list of ints"
+
+
+@pytest.mark.parametrize("mode,sampling,accountant", [
+    ("central", "uniform", "rdp"), ("central", "poisson", "rdp"), ("central", "poisson", "pld"),
+    ("local", "uniform", "rdp"), ("local", "uniform", "pld"), ("local", "poisson", "rdp"), ("local", "poisson", "pld"),
+])
+def test_zero_noise_is_infinite_epsilon_in_every_sampling_and_accountant(mode, sampling, accountant):
+    """--noise_multiplier=0 (allowed with canaries: the audit's noise-free run) reports epsilon inf cleanly.
+
+    Before: a fixed cohort (uniform) died in dp-accounting's RDP of a sampled-without-replacement Gaussian
+    (ZeroDivisionError), and PLD reported epsilon 0 (the tracker's self-composed PLD dropped the accountant's
+    non-DP flag).
+    """
+    proc = _run("--flagfile=configs/quickstart.cfg", "--noise_multiplier=0", "--canary_clients=10",
+                f"--dp_mode={mode}", f"--client_sampling={sampling}", f"--accountant={accountant}")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["epsilon"] == "inf" and result["noise_multiplier"] == 0.0
+    if mode == "local":
+        assert result["local_epsilon"] == "inf"
+
+
+def test_noise_free_events_and_tracker():
+    """`noise_free` finds a zero-noise release inside sampling and composition, not one that never happens; the
+    tracker gives inf after any round (and 0 after none) without composing."""
+    from dpfl_tff.privacy import events
+
+    g0, g1 = dp_accounting.GaussianDpEvent(0.0), dp_accounting.GaussianDpEvent(1.0)
+    assert events.noise_free(g0) and events.noise_free(dp_accounting.LaplaceDpEvent(0.0))
+    assert events.noise_free(dp_accounting.SampledWithoutReplacementDpEvent(100, 10, g0))
+    assert events.noise_free(dp_accounting.ComposedDpEvent([g1, dp_accounting.SelfComposedDpEvent(g0, 3)]))
+    assert not events.noise_free(g1) and not events.noise_free(dp_accounting.PoissonSampledDpEvent(0.0, g0))
+    assert not events.noise_free(dp_accounting.SelfComposedDpEvent(g0, 0))
+    for kind in ("rdp", "pld"):
+        rp = events.sampled_gaussian_round(700, 70, "poisson", 0.0)
+        tracker = events.EpsilonTracker(rp, 1e-5, kind)
+        assert tracker.epsilon(0) == 0.0 and tracker.epsilon(1) == tracker.epsilon(50) == float("inf")
+        assert events.epsilon_after(rp, 5, 1e-5, kind) == float("inf")
+    rp = events.sampled_gaussian_round(700, 70, "uniform", 0.0)
+    assert events.EpsilonTracker(rp, 1e-5, "rdp").epsilon(3) == float("inf")

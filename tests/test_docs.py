@@ -194,12 +194,12 @@ OTHER_PROGRAMS = {
 
 
 def _driver_flags() -> dict[str, set[str]]:
-    from experiments import compute_epsilon, run_worker, sweep
+    from experiments import audit, compute_epsilon, run_worker, sweep
 
     own = lambda module: {f.name for f in flags.FLAGS.get_key_flags_for_module(module)}  # noqa: E731
     return {
         "run_federated": _our_flags() | ABSL_FLAGS,
-        "audit": _our_flags() | ABSL_FLAGS,
+        "audit": _our_flags() | own(audit) | ABSL_FLAGS,
         "compute_epsilon": _our_flags() | own(compute_epsilon) | ABSL_FLAGS,
         "run_worker": own(run_worker) | ABSL_FLAGS,
         "sweep": _our_flags() | own(sweep) | ABSL_FLAGS,
@@ -279,7 +279,7 @@ def _parse(driver: str, argv: list[str]) -> int:
     from experiments import audit, cli, compute_epsilon, run_federated, run_worker, sweep
 
     doc, groups = {"run_federated": (run_federated.__doc__, dpfl_flags.GROUPS),
-                   "audit": (audit.__doc__, dpfl_flags.GROUPS),
+                   "audit": (audit.__doc__, audit.GROUPS),
                    "compute_epsilon": (compute_epsilon.__doc__, compute_epsilon.GROUPS),
                    "run_worker": (run_worker.__doc__, run_worker.GROUPS),
                    "sweep": (sweep.__doc__, sweep.GROUPS)}[driver]

@@ -1,39 +1,53 @@
-"""Empirical epsilon from two fitted Gaussians: the estimator of Andrew et al. (ICLR 2024), pure NumPy/SciPy.
+"""Empirical epsilon of canary statistics: a point estimate and a lower confidence bound, pure NumPy/SciPy.
 
 An attack statistic (the cosine between a canary's direction and the model
 delta) is observed for canaries that were in the population ("inserted") and
 for canaries that were not (the null: held-out canaries, or the analytic
 distribution of the cosine with a random direction, N(0, 1/d) for d >= 1000).
-Both are fitted with Gaussians, N(mu0, s0^2) (null) and N(mu1, s1^2), and the
-estimate is the epsilon at which the pair of Gaussians is (epsilon, delta)-DP:
-the smallest eps >= 0 with
+Two figures come from them.
+
+**The point estimate** (`estimate`, the estimator of Andrew et al., ICLR 2024,
+arXiv:2302.03098). Both samples are fitted with Gaussians, N(mu0, s0^2) (null)
+and N(mu1, s1^2), and the estimate is the epsilon at which the pair of
+Gaussians is (epsilon, delta)-DP: the smallest eps >= 0 with
 
     max(H_eps(P1 || P0), H_eps(P0 || P1)) <= delta,
     H_eps(P || Q) = integral of max(0, p(x) - e^eps q(x)) dx  (hockey-stick divergence)
 
 computed exactly: the region where p > e^eps q is the set where a quadratic
 in x is positive (one or two intervals), whose masses are normal CDFs.
-
-What it is: the epsilon a test between the two fitted Gaussians would need,
-i.e. the privacy loss that this attack (cosine statistic) exhibits on this
-run. It is an estimate, not a bound: a Gaussian fit to finite samples has
-sampling error and ignores the tails, and a stronger attack could show more.
-It can show that a theoretical bound is loose, or that noise is missing (a
-large estimate on a noise-free run); it cannot prove that a run is private.
-With few canaries the fits' sampling error alone gives a positive estimate
+It is an estimate, not a bound, and it is biased upward at finite K: a
+Gaussian fit to finite samples has sampling error, which the two-Gaussian
+epsilon turns into a positive epsilon even with no signal at all
 (`no_signal_level`: at delta 5.6e-4, 95% of no-signal estimates are below
-about 1.0 with 200 canaries against the analytic null, 2.6 with 50).
+about 1.0 with 200 canaries against the analytic null, 2.6 with 50). So a
+correct run can show a point estimate above its theoretical epsilon.
+
+**The lower bound** (`lower_bound`): a one-sided lower confidence bound on
+epsilon from a threshold test with Clopper-Pearson intervals (Jagielski et al.
+2020, arXiv:2006.07709; Nasr et al. 2021, arXiv:2101.04535). It is this figure
+that is compared with the theoretical epsilon: if the run is (eps, delta)-DP,
+the bound exceeds eps with probability at most 1 - confidence, and with no
+signal it is 0 except with that probability. See `lower_bound` for the test,
+the split of the confidence and the premise it rests on.
+
+Neither shows that a run is private: a stronger attack could show more. A
+bound above the theoretical epsilon shows (at its confidence) that the noise
+or the accounting is wrong; a large one on a noise-free run shows that the
+audit can see missing noise.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
 import numpy as np
 import scipy.optimize
 import scipy.special
+import scipy.stats
 
 _log_cdf = scipy.special.log_ndtr  # log Phi(x), accurate far into both tails
 
@@ -42,6 +56,8 @@ def _log_sf(x: float) -> float:
     return float(_log_cdf(-x))
 
 
+# The confidence of `lower_bound` unless one is given (experiments/audit.py --confidence).
+DEFAULT_CONFIDENCE = 0.95
 # Epsilons beyond this are reported as inf (the two fits are, for any practical delta, told apart surely).
 MAX_EPSILON = 1e4
 
@@ -194,14 +210,157 @@ def no_signal_level(k_inserted: int, k_held_out: int | None, delta: float, quant
     return float(np.quantile(values, quantile))
 
 
-def estimate(inserted: Sequence[float], delta: float, null: Gaussian | None = None,
-             held_out: Sequence[float] | None = None) -> dict:
-    """The empirical epsilon at `delta` of inserted-canary statistics against a null.
+def _check_confidence(confidence: float) -> None:
+    if not 0.5 <= confidence < 1:
+        raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
 
-    The null is `null` (e.g. `cosine_null(d)`) if given, else the Gaussian
-    fitted to `held_out`. Returns {"epsilon", "delta", "inserted": {mean, std},
-    "null": {mean, std}, "null_source", "no_signal_level_95"} (see `no_signal_level`).
+
+@functools.lru_cache(maxsize=64)
+def _clopper_pearson_table(trials: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """(lower, upper): one-sided Clopper-Pearson bounds at level `alpha` for k = 0..trials successes.
+
+    lower[k], the alpha quantile of Beta(k, n - k + 1) (0 for k = 0), and upper[k], the 1 - alpha quantile of
+    Beta(k + 1, n - k) (1 for k = n), satisfy P_p(lower[K] > p) <= alpha and P_p(upper[K] < p) <= alpha for
+    K ~ Binomial(n, p), for every p (Clopper & Pearson 1934).
     """
+    k = np.arange(trials + 1)
+    lower = np.zeros(trials + 1)
+    lower[1:] = scipy.stats.beta.ppf(alpha, k[1:], trials - k[1:] + 1)
+    upper = np.ones(trials + 1)
+    upper[:-1] = scipy.stats.beta.ppf(1 - alpha, k[:-1] + 1, trials - k[:-1])
+    return lower, upper
+
+
+def clopper_pearson_lower(successes: int, trials: int, alpha: float) -> float:
+    """The one-sided lower confidence bound of a binomial rate: below the true rate except with prob <= alpha."""
+    return float(_clopper_pearson_table(trials, alpha)[0][successes])
+
+
+def clopper_pearson_upper(successes: int, trials: int, alpha: float) -> float:
+    """The one-sided upper confidence bound of a binomial rate: above the true rate except with prob <= alpha."""
+    return float(_clopper_pearson_table(trials, alpha)[1][successes])
+
+
+def threshold_epsilon(tpr: np.ndarray | float, fpr: np.ndarray | float, delta: float) -> np.ndarray | float:
+    """The smallest eps >= 0 that an (eps, delta)-DP pair allows for a test with these true/false positive rates.
+
+    A test "stat >= t" of an (eps, delta)-DP mechanism has TPR <= e^eps FPR + delta and, on the complement
+    with the neighbours' roles swapped, 1 - FPR <= e^eps (1 - TPR) + delta (Kairouz et al. 2015,
+    arXiv:1311.0776), so eps >= max(0, ln((TPR - delta) / FPR), ln((1 - FPR - delta) / (1 - TPR))). Both
+    terms grow with TPR and shrink with FPR: a lower bound of TPR and an upper bound of FPR give a lower
+    bound of eps.
+    """
+    tpr, fpr = np.asarray(tpr, np.float64), np.asarray(fpr, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.where((tpr > delta) & (fpr > 0), np.log(tpr - delta) - np.log(fpr), np.where(tpr > delta, np.inf, 0.0))
+        b = np.where((1 - fpr > delta) & (tpr < 1), np.log(1 - fpr - delta) - np.log1p(-tpr),
+                     np.where(1 - fpr > delta, np.inf, 0.0))
+    out = np.maximum(0.0, np.maximum(a, b))
+    return float(out) if out.ndim == 0 else out
+
+
+def _at_or_above(sorted_x: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    return len(sorted_x) - np.searchsorted(sorted_x, thresholds, side="left")
+
+
+def lower_bound(inserted: Sequence[float], held_out: Sequence[float], delta: float,
+                confidence: float = DEFAULT_CONFIDENCE) -> dict:
+    """A one-sided lower confidence bound on epsilon at `delta`: a threshold test with Clopper-Pearson intervals.
+
+    The test guesses "inserted" when the statistic is >= a threshold t; its
+    true positive rate is estimated on the inserted canaries, its false
+    positive rate on the held-out ones, and `threshold_epsilon` turns the
+    Clopper-Pearson lower bound of TPR and upper bound of FPR into a lower
+    bound of epsilon (Jagielski et al. 2020, arXiv:2006.07709; Nasr et al.
+    2021, arXiv:2101.04535).
+
+    How the confidence is split: the threshold is chosen on one half of the
+    canaries (the first half of the inserted and of the held-out statistics:
+    the canaries' directions are exchangeable, so any fixed split is a random
+    one), midway between two consecutive statistics of that half, as the one
+    with the largest bound there, and the bound is evaluated
+    on the other half, which played no part in the choice. So no correction
+    for the choice is needed (no Bonferroni over thresholds); alpha =
+    1 - confidence is split evenly between the two one-sided intervals, TPR
+    (alpha/2) and FPR (alpha/2), and by the union bound both hold with
+    probability >= confidence. Then the bound is <= the epsilon of any
+    (eps, delta) the mechanism satisfies, and with no signal (inserted and
+    held-out statistics alike) it is 0, except with probability
+    <= 1 - confidence.
+
+    The premise: the statistics are independent trials, the held-out ones
+    draws of the statistic of a canary that was not inserted, the inserted
+    ones of a canary that was. For the held-out canaries this is exact (their
+    directions are independent of the training, so given the model their
+    cosines are independent); for the inserted ones it is the one-run premise
+    of Andrew et al. (ICLR 2024): independent random canaries, nearly
+    orthogonal in d >> K dimensions, each a separate trial. Steinke, Nasr and
+    Jagielski (2023, arXiv:2305.08846) bound one run without it (not
+    implemented here).
+
+    With n canaries per half the bound is at most `max_lower_bound` (every
+    inserted canary above every held-out one): about
+    ln(n / ln(2 / (1 - confidence))), 3.3 for K = 200 (n = 100) at 95%; more canaries are needed to show more.
+
+    Returns:
+      {"epsilon_lower_bound", "confidence", "delta", "method", "threshold",
+      "evaluation": {"inserted", "inserted_at_or_above", "held_out",
+      "held_out_at_or_above"}, "tpr_lower", "fpr_upper", "max_lower_bound"}.
+
+    Raises:
+      ValueError: for fewer than 2 statistics on either side, a non-finite
+        statistic, delta outside [0, 1) or confidence outside [0.5, 1).
+    """
+    _check_confidence(confidence)
+    if not 0 <= delta < 1:
+        raise ValueError(f"delta must be in [0, 1), got {delta}")
+    x, y = np.asarray(inserted, np.float64), np.asarray(held_out, np.float64)
+    if x.size < 2 or y.size < 2:
+        raise ValueError(f"the lower bound needs at least 2 inserted and 2 held-out statistics, got {x.size}, {y.size}")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ValueError("the statistics must be finite")
+    half = 1 - confidence
+    alpha = half / 2  # per one-sided interval
+    sel_x, ev_x = np.sort(x[: x.size // 2]), np.sort(x[x.size // 2:])
+    sel_y, ev_y = np.sort(y[: y.size // 2]), np.sort(y[y.size // 2:])
+    pooled = np.union1d(sel_x, sel_y)  # thresholds: midway between consecutive values (one, if all are equal)
+    candidates = (pooled[:-1] + pooled[1:]) / 2 if pooled.size > 1 else pooled
+    tp, fp = _at_or_above(sel_x, candidates), _at_or_above(sel_y, candidates)
+    lo, _ = _clopper_pearson_table(sel_x.size, alpha)
+    _, hi = _clopper_pearson_table(sel_y.size, alpha)
+    score = threshold_epsilon(lo[tp], hi[fp], delta)
+    gap = tp / sel_x.size - fp / sel_y.size  # breaks ties (all scores 0 without signal): the widest separation
+    t = float(candidates[np.lexsort((gap, score))[-1]])
+    k1, k0 = int(_at_or_above(ev_x, np.array([t]))[0]), int(_at_or_above(ev_y, np.array([t]))[0])
+    tpr_lo = clopper_pearson_lower(k1, ev_x.size, alpha)
+    fpr_hi = clopper_pearson_upper(k0, ev_y.size, alpha)
+    best = threshold_epsilon(clopper_pearson_lower(ev_x.size, ev_x.size, alpha),
+                             clopper_pearson_upper(0, ev_y.size, alpha), delta)
+    return {
+        "epsilon_lower_bound": float(threshold_epsilon(tpr_lo, fpr_hi, delta)), "confidence": confidence,
+        "delta": delta, "method": "threshold test, Clopper-Pearson; threshold chosen on one half, bound on the other",
+        "threshold": t,
+        "evaluation": {"inserted": int(ev_x.size), "inserted_at_or_above": k1,
+                       "held_out": int(ev_y.size), "held_out_at_or_above": k0},
+        "tpr_lower": tpr_lo, "fpr_upper": fpr_hi, "max_lower_bound": float(best),
+    }
+
+
+def estimate(inserted: Sequence[float], delta: float, null: Gaussian | None = None,
+             held_out: Sequence[float] | None = None, confidence: float = DEFAULT_CONFIDENCE) -> dict:
+    """The empirical epsilon at `delta` of inserted-canary statistics against a null, and its lower bound.
+
+    The null of the point estimate is `null` (e.g. `cosine_null(d)`) if
+    given, else the Gaussian fitted to `held_out`. The lower bound needs the
+    held-out statistics (`lower_bound`); without them it is None.
+
+    Returns:
+      {"epsilon" (the point estimate), "delta", "inserted": {mean, std},
+      "null": {mean, std}, "null_source", "no_signal_level_95" (see
+      `no_signal_level`), "epsilon_lower_bound", "lower_bound_confidence",
+      "lower_bound" (the details of `lower_bound`)}.
+    """
+    _check_confidence(confidence)
     if null is None:
         if held_out is None:
             raise ValueError("give the null distribution or held-out samples")
@@ -209,8 +368,11 @@ def estimate(inserted: Sequence[float], delta: float, null: Gaussian | None = No
     else:
         source = "analytic"
     alt = fit(inserted)
+    bound = None if held_out is None else lower_bound(inserted, held_out, delta, confidence)
     return {
         "epsilon": epsilon_two_gaussians(null, alt, delta), "delta": delta,
         "inserted": dataclasses.asdict(alt), "null": dataclasses.asdict(null), "null_source": source,
         "no_signal_level_95": no_signal_level(len(inserted), None if source == "analytic" else len(held_out), delta),
+        "epsilon_lower_bound": None if bound is None else bound["epsilon_lower_bound"],
+        "lower_bound_confidence": confidence, "lower_bound": bound,
     }

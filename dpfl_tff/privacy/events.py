@@ -16,12 +16,16 @@ Sampling (client-level DP: neighbours differ in one client's whole data):
 
 Composition is linear in RDP, so the per-round RDP curve is computed once and
 scaled; PLD self-composes the per-round distribution.
+
+A round without noise (z = 0, the audit's noise-free run) has epsilon inf
+(`noise_free`): it is decided here, before any accountant sees the event.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import math
 
 import dp_accounting
 from dp_accounting import pld
@@ -71,6 +75,32 @@ def sampled_gaussian_round(num_clients: int, clients_per_round: int, scheme: str
     )
 
 
+def noise_free(event: dp_accounting.DpEvent) -> bool:
+    """Whether `event` contains a noiseless release (a Gaussian or Laplace event with parameter 0) that happens.
+
+    Such an event has epsilon inf at any delta below the probability that the
+    client's noiseless release happens (the sampling probability q = m/N, or
+    m/N for a fixed cohort of m); inf is an upper bound at every delta, and the
+    default delta 1/N^1.1 is below 1/N <= q. Decided before an accountant sees
+    the event: dp-accounting's RDP of a sampled-without-replacement Gaussian
+    with z = 0 divides by zero, and `EpsilonTracker`'s self-composed PLD would
+    drop the PLD accountant's own "non-DP event" flag (epsilon 0 instead of
+    inf). A release sampled with probability 0, or composed 0 times, does not
+    happen.
+    """
+    if isinstance(event, (dp_accounting.GaussianDpEvent, dp_accounting.LaplaceDpEvent)):
+        return event.noise_multiplier == 0
+    if isinstance(event, dp_accounting.PoissonSampledDpEvent):
+        return event.sampling_probability > 0 and noise_free(event.event)
+    if isinstance(event, dp_accounting.SampledWithoutReplacementDpEvent):
+        return event.sample_size > 0 and noise_free(event.event)
+    if isinstance(event, dp_accounting.SelfComposedDpEvent):
+        return event.count > 0 and noise_free(event.event)
+    if isinstance(event, dp_accounting.ComposedDpEvent):
+        return any(noise_free(e) for e in event.events)
+    return False
+
+
 def make_accountant(kind: str, relation: str) -> dp_accounting.PrivacyAccountant:
     """An empty RDP or PLD accountant for `relation`."""
     rel = _RELATIONS[relation]
@@ -84,7 +114,11 @@ def make_accountant(kind: str, relation: str) -> dp_accounting.PrivacyAccountant
 
 
 def epsilon_after(rp: RoundPrivacy, rounds: int, delta: float, accountant: str) -> float:
-    """Epsilon of `rounds` composed rounds at `delta` (inf if unsupported)."""
+    """Epsilon of `rounds` composed rounds at `delta` (inf without noise, `noise_free`).
+
+    Raises:
+      ConfigError: if the accountant cannot take the round's event.
+    """
     if rounds == 0:
         return 0.0
     acc = make_accountant(accountant, rp.neighboring_relation)
@@ -92,6 +126,8 @@ def epsilon_after(rp: RoundPrivacy, rounds: int, delta: float, accountant: str) 
         raise ConfigError(
             f"--accountant={accountant}: dp-accounting cannot account {rp.description}; use --accountant=rdp"
         )
+    if noise_free(rp.event):
+        return math.inf
     acc.compose(rp.event, rounds)
     return float(acc.get_epsilon(delta))
 
@@ -104,6 +140,8 @@ class EpsilonTracker:
     (microseconds). PLD: the per-round privacy loss distribution is built once
     and self-composed t times (tens of milliseconds); `prefetch(t)` starts that
     in a background thread so that it overlaps with round t's training.
+    A round without noise (`noise_free`) gives inf after any round, with no
+    accountant composition at all.
     """
 
     def __init__(self, rp: RoundPrivacy, delta: float, accountant: str):
@@ -115,12 +153,14 @@ class EpsilonTracker:
             raise ConfigError(
                 f"--accountant={accountant}: dp-accounting cannot account {rp.description}; use --accountant=rdp"
             )
-        acc.compose(rp.event)
-        if accountant == "rdp":
-            self._orders = acc.orders
-            self._rdp_one = acc.rdp
-        else:
-            self._pld_one = acc._pld  # noqa: SLF001  (the accountant exposes no getter)
+        self.noise_free = noise_free(rp.event)
+        if not self.noise_free:
+            acc.compose(rp.event)
+            if accountant == "rdp":
+                self._orders = acc.orders
+                self._rdp_one = acc.rdp
+            else:
+                self._pld_one = acc._pld  # noqa: SLF001  (the accountant exposes no getter)
         self._cache: dict[int, float] = {}
         self._pending: dict[int, concurrent.futures.Future] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -128,6 +168,8 @@ class EpsilonTracker:
     def _compute(self, rounds: int) -> float:
         if rounds <= 0:
             return 0.0
+        if self.noise_free:
+            return math.inf
         if self.accountant == "rdp":
             eps, _ = rdp_lib.compute_epsilon(self._orders, self._rdp_one * rounds, self.delta)
             return float(eps)
@@ -135,7 +177,7 @@ class EpsilonTracker:
 
     def prefetch(self, rounds: int) -> None:
         """Starts computing `epsilon(rounds)` in the background (PLD only; RDP is instant)."""
-        if self.accountant == "rdp" or rounds in self._cache or rounds in self._pending:
+        if self.accountant == "rdp" or self.noise_free or rounds in self._cache or rounds in self._pending:
             return
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="epsilon")
