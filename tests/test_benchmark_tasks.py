@@ -107,13 +107,13 @@ def test_driver_missing_data_is_one_line_and_fast(tmp_path, capsys):
 def test_tutorial_flagfile_with_command_line_overrides(data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     code = run_driver([f"--flagfile={ROOT}/configs/tff_dp_tutorial.cfg", f"--data_dir={data_dir}", "--rounds=2",
-                       "--clients_per_round=2", "--noise_multiplier=0.1", f"--output_dir={out}"])
+                       "--clients_per_round=2", "--noise_multiplier=0.15", f"--output_dir={out}"])
     assert code == 0, capsys.readouterr().err
     hparams = json.load(open(out / "hparams.json"))
     # From the flagfile ...
     assert hparams["train"]["model"] == "emnist_2nn" and hparams["dp"]["adaptive_clipping"] is True
     assert hparams["train"]["client_shuffle_buffer"] == 418 and hparams["dp"]["target_delta"] == 1e-5
     # ... overridden on the command line; N is the data's (4 clients), not the flagfile's 3383.
-    assert hparams["train"]["rounds"] == 2 and hparams["dp"]["noise_multiplier"] == 0.1
+    assert hparams["train"]["rounds"] == 2 and hparams["dp"]["noise_multiplier"] == 0.15
     assert hparams["task"]["num_clients"] == 4
     assert "has its own client split: N = 4 clients" in capsys.readouterr().out
