@@ -284,7 +284,8 @@ def test_frozen_worker_fails_the_round_at_the_stall_limit_naming_it_then_a_rerun
     with frozen, pytest.raises(training.RoundFailed) as e:
         training.run(cfg, log=freeze_after_round_3)
     msg = str(e.value)
-    assert msg.startswith(f"round 4 failed: WorkerStalled: TFF worker at {lone_worker.address} gave no answer for "), msg
+    head = f"round 4 failed: WorkerStalled: TFF worker at {lone_worker.address} gave no answer for "
+    assert msg.startswith(head), msg
     assert "(stall limit 4 s: --stall_seconds); round 3 is checkpointed" in msg, msg
     assert any(s.startswith(f"round 4/6 | no answer for ") for s in logs), logs
     assert checkpoints.CheckpointManager(cfg.output_dir).rounds() == [3]

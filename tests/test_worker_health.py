@@ -87,8 +87,9 @@ def test_frozen_local_worker_ends_the_run_at_the_stall_limit_naming_it_and_a_rer
     assert proc.returncode == 1, stderr[-3000:]
     errors = [s for s in stderr.splitlines() if s.startswith("error:")]
     assert len(errors) == 1, stderr[-3000:]
-    m = re.match(rf"error: round (\d+) failed: WorkerStalled: local TFF worker localhost:\d+ \(pid {worker}\) gave no "
-                 r"answer for (\d+) s \(stall limit 4 s: --stall_seconds\); round (\d+) is checkpointed: rerun", errors[0])
+    m = re.match(rf"error: round (\d+) failed: WorkerStalled: local TFF worker localhost:\d+ \(pid {worker}\) gave "
+                 r"no answer for (\d+) s \(stall limit 4 s: --stall_seconds\); round (\d+) is checkpointed: rerun",
+                 errors[0])
     assert m and int(m.group(2)) >= 4 and int(m.group(3)) == int(m.group(1)) - 1, errors[0]
     done = int(m.group(3))
     assert f"round {done + 1}/{ROUNDS} | no answer for " in stdout  # the stalled round, not a stale ETA
