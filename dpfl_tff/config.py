@@ -453,6 +453,20 @@ class ExperimentConfig:
         "and to keep retrying a worker that stops answering mid-round before the round fails "
         "naming it.",
     )
+    stall_seconds: float | None = _field(
+        None, WORKERS,
+        "A call to a TFF worker (local or --workers) that gives no answer for this many seconds "
+        "(0 < t <= 86400) ends the run with exit 1, naming the worker; the last completed round is "
+        "checkpointed (rerun to resume). Unset: max(60, 20x the median round of this process). The "
+        "first round of a process (tracing, compilation) always gets at least 600 s.",
+    )
+    stop_grace_seconds: float = _field(
+        20.0, WORKERS,
+        "After SIGTERM or SIGINT, seconds (0 < t <= 3600) the round in progress may still take; then "
+        "its worker calls are abandoned and the run exits with the last completed round checkpointed. "
+        "Keep it below the scheduler's own grace before SIGKILL (Slurm KillWait, Kubernetes "
+        "terminationGracePeriodSeconds: 30 s by default).",
+    )
     log_cohorts: bool = _field(
         False, OUTPUTS,
         "Write every round's cohort to ledger.jsonl. Whoever reads the folder then knows who took"
@@ -492,6 +506,11 @@ class ExperimentConfig:
             )
         if not (isinstance(self.worker_timeout, (int, float)) and 0 < self.worker_timeout <= 3600):
             raise ConfigError(f"--worker_timeout={self.worker_timeout}: must be in (0, 3600] seconds")
+        if self.stall_seconds is not None and not (
+                isinstance(self.stall_seconds, (int, float)) and 0 < self.stall_seconds <= 86400):
+            raise ConfigError(f"--stall_seconds={self.stall_seconds}: must be in (0, 86400] seconds, or unset")
+        if not (isinstance(self.stop_grace_seconds, (int, float)) and 0 < self.stop_grace_seconds <= 3600):
+            raise ConfigError(f"--stop_grace_seconds={self.stop_grace_seconds}: must be in (0, 3600] seconds")
         return self
 
     @property

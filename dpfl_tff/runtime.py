@@ -51,6 +51,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Collection, Iterator
 from typing import IO, Any
 
@@ -72,7 +73,7 @@ from tensorflow_federated.python.core.impl.execution_contexts import sync_execut
 from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
 from tensorflow_federated.python.core.impl.executors import executors_errors
 from tensorflow_federated.python.core.impl.executors import remote_executor
-from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub
+from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub, remote_executor_stub
 from tensorflow_federated.python.core.impl.types import placements, type_conversions
 
 from dpfl_tff import serialization
@@ -368,9 +369,11 @@ def loopback_status(proc: subprocess.Popen) -> str | None:
 
 
 def stop_worker(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """Stops a worker (SIGINT, then SIGKILL after `timeout`) and reaps it."""
+    """Stops a worker (SIGINT, then SIGKILL after `timeout`; at once if it is stopped, e.g. by SIGSTOP) and reaps it."""
     if proc.poll() is None:
         try:
+            if _is_stopped(proc.pid):
+                raise subprocess.TimeoutExpired(proc.args, 0)  # SIGINT would wait for a SIGCONT
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -378,6 +381,15 @@ def stop_worker(proc: subprocess.Popen, timeout: float = 10.0) -> None:
             proc.wait()
     _live_workers.discard(proc)
     _binders.pop(proc, None)
+
+
+def _is_stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped (state T: SIGSTOP, or t: a tracer)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
 
 
 @atexit.register
@@ -474,7 +486,7 @@ class _ExecutorFactory(python_executor_stacks.ResourceManagingExecutorFactory):
         self._executors.clear()
 
 
-def _executor_factory(stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub) -> _ExecutorFactory:
+def _executor_factory(stub: remote_executor_stub.RemoteExecutorStub) -> _ExecutorFactory:
     def stack_fn(cardinalities):
         cardinalities.setdefault(placements.CLIENTS, 0)
         ex = _RemoteExecutor(stub)
@@ -523,6 +535,107 @@ class LocalWorkerDied(WorkerLost):
         self.pid = proc.pid
         self.returncode = proc.returncode
         self.log_path = log_path
+
+
+class WorkerStalled(WorkerLost):
+    """A call to a TFF worker was abandoned by `abort_calls` (it gave no answer for too long, or the run stops)."""
+
+
+_calls_lock = threading.Lock()
+_in_flight: dict[int, tuple[str, float]] = {}  # id of a call's token -> (its worker's name, monotonic start)
+_watched: "weakref.WeakSet[_WatchedStub]" = weakref.WeakSet()
+
+
+class _WatchedStub(remote_executor_stub.RemoteExecutorStub):
+    """A worker's stub whose calls in flight are listed (`calls_in_flight`) and can be abandoned (`abort_calls`).
+
+    Costs a dict insertion and removal per gRPC call (a handful per round).
+    """
+
+    def __init__(self, stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub, worker: str,
+                 abandon: Callable[[], None]):
+        self._inner, self.worker, self._abandon = stub, worker, abandon
+        self.aborted: str | None = None  # why, once abandoned: every call raises WorkerStalled from then on
+        _watched.add(self)
+
+    @property
+    def is_ready(self) -> bool:
+        return self._inner.is_ready
+
+    def get_executor(self, request):
+        return self._call("get_executor", request)
+
+    def create_value(self, request):
+        return self._call("create_value", request)
+
+    def create_struct(self, request):
+        return self._call("create_struct", request)
+
+    def create_call(self, request):
+        return self._call("create_call", request)
+
+    def create_selection(self, request):
+        return self._call("create_selection", request)
+
+    def compute(self, request):
+        return self._call("compute", request)
+
+    def dispose(self, request):
+        return self._call("dispose", request)
+
+    def dispose_executor(self, request):
+        return self._call("dispose_executor", request)
+
+    def _call(self, name: str, request):
+        if self.aborted is not None:
+            if name.startswith("dispose"):
+                return None  # clean-up of an abandoned worker's values (closing, collecting): nothing to do
+            raise WorkerStalled(self.worker, message=self.aborted)
+        token = object()
+        with _calls_lock:
+            _in_flight[id(token)] = (self.worker, time.monotonic())
+        try:
+            return getattr(self._inner, name)(request)
+        except Exception as e:
+            if self.aborted is not None:  # the failure abort_calls caused (a closed channel, a killed worker)
+                if name.startswith("dispose"):
+                    return None
+                raise WorkerStalled(self.worker, message=self.aborted) from e
+            raise
+        finally:
+            with _calls_lock:
+                del _in_flight[id(token)]
+
+    def abort(self, message: str) -> None:
+        self.aborted = message
+        self._abandon()
+
+
+def calls_in_flight() -> list[tuple[str, float]]:
+    """(worker, `time.monotonic()` at its start) of every call to a TFF worker now waiting for its answer.
+
+    `worker` names it as errors do: "local TFF worker localhost:PORT (pid N)" or "TFF worker at host:port".
+    """
+    with _calls_lock:
+        return list(_in_flight.values())
+
+
+def abort_calls(message: str) -> list[str]:
+    """Abandons every call to a TFF worker now in flight: each raises `WorkerStalled(message)` in its caller.
+
+    Our local worker is killed (SIGKILL, by pid: it is our child, and it
+    would not be trusted again); the channel to a remote one is closed,
+    which cancels its calls (the remote worker itself is not ours). Every
+    later call to those workers raises the same error at once.
+
+    Returns:
+      The names of the workers whose calls were abandoned.
+    """
+    busy = {w for w, _ in calls_in_flight()}
+    hit = [s for s in list(_watched) if s.worker in busy]
+    for stub in hit:
+        stub.abort(message)
+    return sorted({s.worker for s in hit})
 
 
 # TFF's AsyncExecutionContext.invoke retries a failing worker forever (30 s apart);
@@ -588,8 +701,15 @@ class _WorkerContext(async_execution_context.AsyncExecutionContext):
         proc: subprocess.Popen | None = None,
         log_path: str | None = None,
     ):
+        if proc is not None:
+            name = f"local TFF worker {address} (pid {proc.pid})"
+            abandon = proc.kill  # our child: its socket closes, so the call returns
+        else:
+            name = f"TFF worker at {address}"
+            abandon = stub._channel.close  # noqa: SLF001  (cancels the calls on it)
+        self.watched = _WatchedStub(stub, name, abandon)
         super().__init__(
-            executor_fn=_executor_factory(stub),
+            executor_fn=_executor_factory(self.watched),
             compiler_fn=native_compiler.desugar_and_transform_to_native,
             transform_args=tensorflow_computation.transform_args,
             transform_result=tensorflow_computation.transform_result,
@@ -799,10 +919,10 @@ def remote_context(addresses: list[str], timeout: float = 30.0) -> Iterator[None
         yield
     finally:
         stack.set_default_context(previous)
+        for s in stubs:  # first: a call still waiting on a frozen worker is cancelled, so its thread ends
+            s._channel.close()  # noqa: SLF001  (the stub owns no close())
         for c in contexts:
             c.shutdown()
-        for s in stubs:
-            s._channel.close()  # noqa: SLF001  (the stub owns no close())
 
 
 def _warn(message: str) -> None:

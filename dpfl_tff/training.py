@@ -6,6 +6,7 @@ a new run, a checked resume, or a finished run left as it is), then loops:
   draw the round's cohort (secret, `sampling.CohortSampler`); the ledger begins the round
   budget guard: stop before a round that would exceed --max_epsilon
   process.next(mechanism.prepare_state(state), the cohort's data)   # the mechanism's query inside
+      (a worker call silent for the stall limit, or past a stop's grace, is abandoned: `watchdog`)
   -- from here nothing is cut short (signals wait) --
   ledger.jsonl += the round (write-ahead)
   the record: the mechanism's fields, epsilon from the ledger, test metrics
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from dpfl_tff import models, observers, outputs, plan, plots, resume, runtime
+from dpfl_tff import models, observers, outputs, plan, plots, resume, runtime, watchdog
 from dpfl_tff.audit import auditor as canary_audit
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.privacy import coverage, truncation
@@ -187,6 +188,8 @@ class _Loop:
         self.observers: list[observers.Observer] = []
         self.outbox: observers.Outbox | None = None  # set when training starts
         self.unreleased = _unreleased_fields(cfg)  # per run, not per round
+        # A worker call that gives no answer for the stall limit, or past a stop request's grace, is abandoned.
+        self.watchdog = watchdog.Watchdog(log, t.rounds, cfg.stall_seconds, cfg.stop_grace_seconds, stop_requested)
 
     def announce(self, notes: list[str]) -> None:
         """Opens the folder for writing and prints the run's opening lines."""
@@ -210,6 +213,13 @@ class _Loop:
         return f"{self.mechanism.privacy_line(self.planned)}; {_sampling_text(self.cfg, self.mechanism)}"
 
     def train(self, files) -> None:
+        self.watchdog.start()
+        try:
+            self._train(files)
+        finally:
+            self.watchdog.close()
+
+    def _train(self, files) -> None:
         cfg = self.cfg
         seed, lost_seed = canary_audit.run_seed(cfg, self.folder.ckpts.dir, self.folder.ledger_log.count, self.log)
         self.process = build_learning_process(cfg, self.data, files, canary_seed=seed)
@@ -283,13 +293,17 @@ class _Loop:
         cohort = self._next_cohort()
         client_data = round_input(self.cfg, self.data, cohort, r, files)
         self.ledger.prefetch()  # PLD: overlaps the accountant with the round
+        self.watchdog.round_started(r)
         try:
             result = self.process.next(self.mechanism.prepare_state(self.state, self.round_fields), client_data)
         except RunInterrupted:  # a second stop request cut the round short
             raise
         except Exception as e:
+            if self.watchdog.stop is not None:  # abandoned for a stop request: train() checkpoints round `done`
+                raise self.watchdog.stop from e
             with signals_deferred():
                 raise self._failed(r, e) from e
+        self.watchdog.round_ended(time.time() - t0)
         with signals_deferred():  # the round's bookkeeping and writes are never cut short
             interrupted = self._complete(r, cohort, result, t0)
         # A signal that waited above is handled here; a second one raises RunInterrupted.

@@ -9,7 +9,8 @@ with `python -m experiments.run_worker --port=PORT`.
 Exit codes: 0 done (or already complete), 2 bad flags, missing or bad data
 files, unreachable --workers or a run folder that cannot be resumed (e.g. a
 damaged ledger.jsonl), 1 failure (e.g. a round failed on a lost --workers
-worker or a dead local worker; rerun to resume), 128+signal when stopped by one.
+worker, a dead local worker, or a worker that gave no answer for
+--stall_seconds; rerun to resume), 128+signal when stopped by one.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ class Signals:
     signal twice (the group kill, and uv forwarding it): that loses at most
     the round in progress. The first signal only records itself: raising from
     a signal handler can be swallowed when it lands inside a `__del__` or a
-    library's cleanup code (then the run still stops after the round).
+    library's cleanup code (then the run still stops after the round). A
+    round still waiting on a worker --stop_grace_seconds after it is
+    abandoned (`dpfl_tff.watchdog`): a frozen worker cannot keep the driver.
     """
 
     def __init__(self):

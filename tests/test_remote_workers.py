@@ -3,18 +3,23 @@
 Same model as the in-process run with DP off; central DP noise added once,
 after the merge; unreachable address fails fast; a worker lost mid-run fails
 the round naming it, with the last completed round checkpointed, and a rerun
-resumes; workers stop on SIGTERM and none is left running.
+resumes; a frozen worker (SIGSTOP) fails the round at the stall limit naming it, and
+a single SIGTERM ends a round waiting on it; workers stop on SIGTERM and none is left
+running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import os
 import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -240,3 +245,78 @@ def test_run_worker_bad_port_is_a_one_line_error():
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --port=70000: give the TCP port to listen on, in 1..65535"
+
+
+@pytest.fixture(scope="module")
+def lone_worker():
+    """One worker of its own for the tests that freeze it (SIGSTOP): the shared two are never frozen."""
+    w = Worker()
+    yield w
+    w.stop()
+
+
+@contextlib.contextmanager
+def _frozen(pid: int, guard: float):
+    """SIGSTOP `pid` for the block; SIGCONT on leaving, or after `guard` s (a hang guard: the run then goes on
+    and the test fails instead of hanging)."""
+    os.kill(pid, signal.SIGSTOP)
+    timer = threading.Timer(guard, os.kill, (pid, signal.SIGCONT))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_frozen_worker_fails_the_round_at_the_stall_limit_naming_it_then_a_rerun_resumes(tmp_path, lone_worker):
+    cfg = _cfg(tmp_path, "frozen", [lone_worker.address], mode="central", noise_multiplier=1.0, clip_norm=0.5)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rounds=6, checkpoint_every=0),
+                              stall_seconds=4.0).validate()
+    pid, frozen = lone_worker.binary_pid(), contextlib.ExitStack()
+    logs = []
+
+    def freeze_after_round_3(line: str) -> None:
+        logs.append(line)
+        if line.startswith("round 3/"):
+            frozen.enter_context(_frozen(pid, guard=120))
+
+    with frozen, pytest.raises(training.RoundFailed) as e:
+        training.run(cfg, log=freeze_after_round_3)
+    msg = str(e.value)
+    head = f"round 4 failed: WorkerStalled: TFF worker at {lone_worker.address} gave no answer for "
+    assert msg.startswith(head), msg
+    assert "(stall limit 4 s: --stall_seconds); round 3 is checkpointed" in msg, msg
+    assert any(s.startswith(f"round 4/6 | no answer for ") for s in logs), logs
+    assert checkpoints.CheckpointManager(cfg.output_dir).rounds() == [3]
+    result = training.run(cfg, log=logs.append)  # the worker answers again: the rerun resumes
+    assert result.summary["resumed_from_round"] == 3 and [r["round"] for r in result.records] == list(range(1, 7))
+
+
+def test_one_sigterm_during_a_frozen_workers_round_exits_after_the_grace_with_the_last_round(tmp_path, lone_worker):
+    """Before, "stopping after the current round" never ended: it took SIGKILL."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run_federated", "--task=synthetic", "--num_clients=20",
+         "--clients_per_round=5", "--eval_every=0", "--rounds=1000", "--checkpoint_every=1000",
+         f"--workers={lone_worker.address}", "--stop_grace_seconds=1", f"--output_dir={out}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = ""
+        while not line.startswith("round 3/"):
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, proc.stderr.read()
+        with _frozen(lone_worker.binary_pid(), guard=120):
+            time.sleep(0.5)  # the next round is waiting on the frozen worker
+            proc.send_signal(signal.SIGTERM)
+            stdout, stderr = proc.communicate(timeout=90)  # a hang guard: TimeoutExpired fails the test
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "stopped by SIGTERM, and the round has not ended 1 s later (--stop_grace_seconds): abandoning it" in stdout
+    assert any(s.startswith("stopped by SIGTERM: last completed round checkpointed") for s in stderr.splitlines())
+    rows = [json.loads(s)["round"] for s in open(out / "metrics.jsonl")]
+    assert len(rows) >= 3 and rows == list(range(1, len(rows) + 1))
+    assert os.path.isdir(out / "checkpoints" / f"ckpt_{len(rows):06d}")

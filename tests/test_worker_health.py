@@ -63,6 +63,46 @@ def test_killed_local_worker_fails_the_run_within_seconds_and_a_rerun_resumes(tm
     assert [json.loads(s)["round"] for s in open(out / "metrics.jsonl")] == list(range(1, ROUNDS + 1))
 
 
+def test_frozen_local_worker_ends_the_run_at_the_stall_limit_naming_it_and_a_rerun_resumes(tmp_path):
+    """SIGSTOP the driver's own worker: before, the run waited forever, silently (the last line an ETA)."""
+    from tests.conftest import run_driver
+
+    out = tmp_path / "run"
+    args = [*ARGS, "--stall_seconds=4", f"--output_dir={out}"]
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.run_federated", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        line = ""
+        while not line.startswith("round 3/"):
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, proc.stderr.read()
+        (worker,) = [p for p in _children(proc.pid) if p in worker_pids()]
+        os.kill(worker, signal.SIGSTOP)
+        stdout, stderr = proc.communicate(timeout=60)  # a hang guard: TimeoutExpired fails the test
+    finally:
+        proc.kill()
+        if worker in worker_pids():
+            os.kill(worker, signal.SIGCONT)  # only if the test failed: the driver kills it
+    assert proc.returncode == 1, stderr[-3000:]
+    errors = [s for s in stderr.splitlines() if s.startswith("error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    m = re.match(rf"error: round (\d+) failed: WorkerStalled: local TFF worker localhost:\d+ \(pid {worker}\) gave "
+                 r"no answer for (\d+) s \(stall limit 4 s: --stall_seconds\); round (\d+) is checkpointed: rerun",
+                 errors[0])
+    assert m and int(m.group(2)) >= 4 and int(m.group(3)) == int(m.group(1)) - 1, errors[0]
+    done = int(m.group(3))
+    assert f"round {done + 1}/{ROUNDS} | no answer for " in stdout  # the stalled round, not a stale ETA
+    assert worker not in worker_pids()  # killed by its driver, which stopped
+    assert [json.loads(s)["round"] for s in open(out / "metrics.jsonl")] == list(range(1, done + 1))
+    assert os.path.isdir(out / "checkpoints" / f"ckpt_{done:06d}")
+    assert json.loads((out / "summary.json").read_text())["status"].startswith("stopped: RoundFailed")
+    # The rerun (here in-process, on the session's worker, and 2 rounds on) resumes from that checkpoint.
+    assert run_driver([*args, f"--rounds={done + 2}"]) == 0
+    assert [json.loads(s)["round"] for s in open(out / "metrics.jsonl")] == list(range(1, done + 3))
+    assert json.loads((out / "summary.json").read_text())["resumed_from_round"] == done
+
+
 def _listening(pid: int) -> list[tuple[str, int]]:
     """(address, port) of the TCP sockets process `pid` listens on, from /proc/net/tcp{,6}."""
     inodes = set()
