@@ -54,7 +54,7 @@ def test_main_two_rounds_writes_every_file_and_field(tmp_path, capsys):
         acc = RdpAccountant()
         acc.compose(dp_accounting.PoissonSampledDpEvent(0.25, dp_accounting.GaussianDpEvent(1.1)), r["round"])
         assert r["epsilon"] == pytest.approx(acc.get_epsilon(1e-4), rel=1e-9)
-        # The stated delta: --target_delta plus the noise sampler's term (privacy.truncation; 2^-40 delta here).
+        # The stated delta: --target_delta plus the noise sampler's term (privacy.truncation; 2^-92 delta here).
         assert r["delta"] == pytest.approx(1e-4, rel=1e-11) and r["delta"] == 1e-4 + r["delta_sampler"]
         assert r["clip_norm"] == 0.5
         assert r["neighboring_relation"] == "add_or_remove_one" and r["client_sampling"] == "poisson"

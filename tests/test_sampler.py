@@ -23,17 +23,17 @@ def _ks(x: np.ndarray, cdf) -> float:
 
 
 def test_the_uniform_is_never_zero_and_reaches_the_bound():
-    # The extreme inputs: the largest TF float64 uniforms (1 - 2^-52) give v = 2^-104, R = the stated bound;
+    # The extreme inputs: the largest TF float64 uniforms (1 - 2^-52) give v = 2^-156, R = the stated bound;
     # TensorFlow's own Box-Muller would have stopped at sqrt(-2 ln 1e-7) = 5.678.
-    top = tf.constant([1 - 2**-52, 0.0, 1 - 2**-52], tf.float64)
-    v = sampler._v(top, tf.constant([1 - 2**-52, 0.0, 0.0], tf.float64)).numpy()
-    assert v[0] == 2.0**-104 and v[1] == 1.0 and v[2] == 2.0**-52
-    pair = sampler.gaussian_from_uniforms(top[:1], tf.constant([1 - 2**-52], tf.float64),
-                                          tf.zeros([1], tf.float64)).numpy()
-    assert pair[0] == pytest.approx(math.sqrt(208 * math.log(2)), rel=1e-14) and pair[0] <= truncation.GAUSSIAN_BOUND
+    top, zero = tf.constant([1 - 2**-52], tf.float64), tf.zeros([1], tf.float64)
+    assert sampler._v(top, top, top).numpy()[0] == 2.0**-156
+    assert sampler._v(zero, zero, zero).numpy()[0] == 1.0 and sampler._v(top, zero, zero).numpy()[0] == 2.0**-52
+    assert sampler._v(top, top, zero).numpy()[0] == 2.0**-104
+    pair = sampler.gaussian_from_uniforms(top, top, top, zero).numpy()
+    assert pair[0] == pytest.approx(math.sqrt(312 * math.log(2)), rel=1e-14) and pair[0] <= truncation.GAUSSIAN_BOUND
     assert pair[0] > 2 * 5.678 and abs(pair[1]) < 1e-12
-    lap = sampler.laplace_from_uniforms(top[:1], tf.constant([1 - 2**-52], tf.float64), tf.zeros([1], tf.float64))
-    assert lap.numpy()[0] == pytest.approx(104 * math.log(2), rel=1e-14) and lap.numpy()[0] <= truncation.LAPLACE_BOUND
+    lap = sampler.laplace_from_uniforms(top, top, top, zero).numpy()
+    assert lap[0] == pytest.approx(156 * math.log(2), rel=1e-14) and lap[0] <= truncation.LAPLACE_BOUND
 
 
 def test_normal_draws_are_standard_normal():
@@ -44,7 +44,7 @@ def test_normal_draws_are_standard_normal():
     assert abs(x.mean()) < 6 / math.sqrt(N)
     assert abs(x.var() - 1) < 6 * math.sqrt(2 / N)
     # The two halves of the Box-Muller pairs (cosines, sines) are uncorrelated: |r| < 6 / sqrt(n).
-    pairs = sampler.gaussian_from_uniforms(*[tf.random.uniform([N // 2], dtype=tf.float64) for _ in range(3)]).numpy()
+    pairs = sampler.gaussian_from_uniforms(*[tf.random.uniform([N // 2], dtype=tf.float64) for _ in range(4)]).numpy()
     assert abs(np.corrcoef(pairs[: N // 2], pairs[N // 2:])[0, 1]) < 6 / math.sqrt(N / 2)
 
 

@@ -16,6 +16,7 @@ whole data) are stated in `privacy.events` (sampling), `privacy.central` and
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import dp_accounting
 from dp_accounting import mechanism_calibration
@@ -100,12 +101,21 @@ def check_sampler_delta(cfg: ExperimentConfig) -> None:
             lo, hi = (lo, mid) if passes(mid) else (mid, hi)
             if hi - lo <= 1e-6 * hi:
                 break
-        smallest = f"; the smallest noise multiplier that passes is {hi:.6g}"
+        shown = _rounded_up(hi)
+        while not passes(shown):  # the printed value must pass, not only the bisection's
+            shown = _rounded_up(shown * (1 + 1e-6))
+        smallest = f"; the smallest noise multiplier that passes is {shown:.6g}"
     raise ConfigError(
         f"--noise_multiplier={z:g}: the noise sampler's bound adds delta_sampler={term:.3g} after "
         f"{cfg.train.rounds} rounds, above 1% of the delta ({cfg.target_delta:.3g}) "
         f"(docs/privacy.md#floating-point-noise){smallest}"
     )
+
+
+def _rounded_up(x: float) -> float:
+    """`x` rounded up to 6 significant digits (what `:.6g` then prints exactly)."""
+    unit = 10.0 ** (math.floor(math.log10(x)) - 5)
+    return float(f"{math.ceil(x / unit) * unit:.6g}")
 
 
 def calibrate_noise_multiplier(cfg: ExperimentConfig, target_epsilon: float) -> float:

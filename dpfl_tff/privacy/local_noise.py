@@ -13,7 +13,7 @@ Mechanisms (C = clip norm, z = noise multiplier), per client per round:
   (epsilon, delta)-DP for every delta, computed by the accountant.
 * `laplace`: clip to L1 norm C, add Laplace(0, b = z C) to every coordinate.
   L1 sensitivity 2C, so one release of the ideal Laplace is pure (2/z)-DP
-  (Dwork et al. 2006); the sampler's Laplace is bounded (|L| <= 72.1 b), so
+  (Dwork et al. 2006); the sampler's Laplace is bounded (|L| <= 108.1 b), so
   what runs is (2/z, delta_sampler)-DP (`privacy.truncation`), not pure.
 """
 
@@ -45,7 +45,7 @@ def clip_and_noise(tensors, mechanism: str, clip: float, noise_multiplier: float
     """Clips `tensors` jointly (L2 for gaussian, L1 for laplace) to `clip` and adds noise.
 
     Noise: N(0, (z C)^2) or Laplace(0, z C) per coordinate, drawn in float64
-    and added in float64 (`sampler.add_noise`: |N| <= 12.0 std, |L| <= 72.1
+    and added in float64 (`sampler.add_noise`: |N| <= 14.7 std, |L| <= 108.1
     scales), from TF's stateful RNG seeded by OS entropy; if `seed` (int64 scalar, tests only) is given, from
     a stateless RNG keyed by the seed and the update's own values (so clients
     with bit-identical updates then draw identical noise).

@@ -19,7 +19,7 @@ grouped and partial sums merged on several workers):
   the number of clients.
 * `MeanQuery`: no clipping, no noise: the plain mean (no DP).
 
-Noise is drawn in float64 by `privacy.sampler` (bounded at 12.0 std, which
+Noise is drawn in float64 by `privacy.sampler` (bounded at 14.7 std, which
 `privacy.truncation` puts into the stated delta) from TensorFlow's stateful
 RNG with OS-entropy seeds unless a `noise_seed` is given (tests only: a known
 seed removes the privacy).
@@ -44,7 +44,7 @@ _CLIPPED_COUNT_SEED_OFFSET = 1_000_003
 
 
 class Float64GaussianSumQuery(tfp.GaussianSumQuery):
-    """`GaussianSumQuery` whose noise is drawn in float64 by `privacy.sampler` (|N| <= 12.0 std).
+    """`GaussianSumQuery` whose noise is drawn in float64 by `privacy.sampler` (|N| <= 14.7 std).
 
     tensorflow-privacy's own draws use `tf.random_normal_initializer` (float32,
     truncated at 5.68 std). Each tensor of the sum gets `sampler.add_noise`

@@ -26,7 +26,7 @@
   receives the noised residual mean. With plain SGD on it the model after t
   rounds of a tree is the FTRL iterate of Kairouz et al. 2021.
 
-Noise: `privacy.sampler.normal` (float64, |N| <= 12.0 std), stateless, keyed
+Noise: `privacy.sampler.normal` (float64, |N| <= 14.7 std), stateless, keyed
 by the tree's seed and a counter as tensorflow-privacy's `GaussianNoiseGenerator`
 keys its `tf.random.stateless_normal` (`Float64GaussianNoiseGenerator`). Its own default seed is the
 clock; here every tree's seed comes from the caller (`privacy.ftrl`: OS
@@ -142,7 +142,7 @@ class Float64GaussianNoiseGenerator(tree_aggregation.GaussianNoiseGenerator):
 
     The same state (a counter of seeds and the std) and the same stateless
     keying as `GaussianNoiseGenerator.next` (tensor i of a node: the seeds + i),
-    but each node's noise is `sampler.normal` (|N| <= 12.0 std) times the std
+    but each node's noise is `sampler.normal` (|N| <= 14.7 std) times the std
     in float64, then cast to the spec's dtype (the tree's buffers are float32).
     """
 

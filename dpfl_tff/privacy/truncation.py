@@ -2,8 +2,8 @@
 
 The samplers (`privacy.sampler`) draw noise that is the ideal noise
 conditioned on a bounded set K (Gaussian: every Box-Muller pair of radius
-R <= B_G = `GAUSSIAN_BOUND` = sqrt(208 ln 2) = 12.0068 standard deviations;
-Laplace: every coordinate |L| <= B_L = `LAPLACE_BOUND` = 104 ln 2 = 72.09
+R <= B_G = `GAUSSIAN_BOUND` = sqrt(312 ln 2) = 14.706 standard deviations;
+Laplace: every coordinate |L| <= B_L = `LAPLACE_BOUND` = 156 ln 2 = 108.13
 scales). Conditioning on an event of the noise alone keeps the density ratio
 of two neighbouring outputs where both can occur, so for every set S of
 outputs (P, Q the ideal mechanisms on neighbours, P~, Q~ the sampled ones, Z
@@ -34,10 +34,10 @@ Per release (`gaussian_out_of_reach`, `laplace_out_of_reach`):
   (B - delta_i, B], probability (1/2)(exp(-(B - delta_i)) - exp(-B)); that is
   convex in delta_i, so over sum delta_i <= s it is at most
   (1/2) exp(-B) (exp(s) - 1).
-* The normaliser: Z >= 1 - n 2^-104 for a run that draws n < 2^63 noise
-  coordinates in all, so delta (1/Z - 1) <= delta 2^-40 (`normalizer_term`).
+* The normaliser: Z >= 1 - n 2^-156 for a run that draws n < 2^63 noise
+  coordinates in all, so delta (1/Z - 1) <= delta 2^-92 (`normalizer_term`).
 
-The discretisation of the samplers' inputs (a 104-bit grid for v, 52 bits for
+The discretisation of the samplers' inputs (a 156-bit grid for v, 52 bits for
 the angle) and the rounding inside log, sqrt, sincos and the addition are not
 in this term; docs/privacy.md#floating-point-noise says why the simulation
 accepts them (Mironov 2012).
@@ -48,8 +48,8 @@ from __future__ import annotations
 import math
 
 # The samplers' bounds, with a relative margin of 1e-12 for the rounding of log and sqrt (a few ulps).
-GAUSSIAN_BOUND = math.sqrt(208.0 * math.log(2.0)) * (1 + 1e-12)
-LAPLACE_BOUND = 104.0 * math.log(2.0) * (1 + 1e-12)
+GAUSSIAN_BOUND = math.sqrt(312.0 * math.log(2.0)) * (1 + 1e-12)
+LAPLACE_BOUND = 156.0 * math.log(2.0) * (1 + 1e-12)
 MAX_COORDINATES = 2**41
 _MAX_LEVELS = 64
 # A setting whose delta_sampler exceeds this fraction of --target_delta is refused (`check_sampler_delta`).
@@ -111,8 +111,8 @@ def local_release_out_of_reach(mechanism: str, noise_multiplier: float) -> float
 
 
 def normalizer_term(delta: float) -> float:
-    """delta (1/Z - 1) <= delta 2^-40: the ideal mechanism's delta divided by the samplers' Z (module docstring)."""
-    return float(delta) * 2.0**-40
+    """delta (1/Z - 1) <= delta 2^-92: the ideal mechanism's delta divided by the samplers' Z (module docstring)."""
+    return float(delta) * 2.0**-92
 
 
 def delta_sampler(out_of_reach: float, delta: float) -> float:
