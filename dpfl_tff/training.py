@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from dpfl_tff import observers, outputs, plan, plots, resume, runtime
+from dpfl_tff import folder_lock, observers, outputs, plan, plots, resume, runtime
 from dpfl_tff.audit import auditor as canary_audit
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.privacy import coverage
@@ -127,8 +127,16 @@ def run(
 
     Raises:
       LedgerError: the folder's ledger does not cover its releases.
+      FolderInUse: another process runs in `cfg.output_dir` (nothing there was read or written).
     """
     start = time.time()
+    # One run per folder: locked before anything in it is read or written (see `folder_lock`).
+    with folder_lock.acquire(cfg.output_dir):
+        return _run_locked(cfg, overwrite, log, stop_requested, fresh, start)
+
+
+def _run_locked(cfg: ExperimentConfig, overwrite: bool, log: Callable[[str], None],
+                stop_requested: Callable[[], RunInterrupted | None], fresh: bool, start: float) -> RunResult:
     cfg, data, notes = plan.prepare(cfg, log)
     mechanism = mechanism_for(cfg)
     model = keras_model(cfg, data)
@@ -222,7 +230,8 @@ class _Loop:
                 self.auditor.resume(self.done, self.process.get_model_weights(self.state).trainable)
         self.observers = [
             self.checkpointer, *([self.auditor] if self.auditor else []), observers.MetricsFile(self.folder.out),
-            observers.TensorBoardLog(self.folder.out.file(outputs.TENSORBOARD)),
+            observers.TensorBoardLog(self.folder.out.file(outputs.TENSORBOARD),
+                                     keep_through=self.done if self.folder.out.resuming else None),
             observers.SummaryKeeper(self.summary),
             observers.ProgressLine(self.log, cfg.train.rounds, self.ledger.neighboring_relation),
         ]
@@ -447,7 +456,9 @@ def dry_run(cfg: ExperimentConfig, overwrite: bool = False, fresh: bool = False,
         planned = ledger.planned(cfg.train.rounds)
     finally:
         ledger.close()
-    folder = resume.describe(cfg, mechanism, model.trainable_weights + model.non_trainable_weights, overwrite, fresh)
+    with folder_lock.probe(cfg.output_dir):  # a run writing the folder now would make these reads meaningless
+        folder = resume.describe(cfg, mechanism, model.trainable_weights + model.non_trainable_weights, overwrite,
+                                 fresh)
     for note in notes:
         log(note)
     log("dry run: nothing is trained, no TFF worker is started, nothing is written")

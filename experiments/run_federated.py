@@ -7,8 +7,9 @@ worker.log to --output_dir; prints one progress line per round.
 With --workers=host:port,... the rounds run on TFF worker services started
 with `python -m experiments.run_worker --port=PORT`.
 Exit codes: 0 done (or already complete), 2 bad flags, missing or bad data
-files, unreachable --workers or a run folder that cannot be resumed (e.g. a
-damaged ledger.jsonl), 1 failure (e.g. a round failed on a lost --workers
+files, unreachable --workers, a run folder that cannot be resumed (e.g. a
+damaged ledger.jsonl) or that another run is using (its folder lock), a write
+that failed (disk full, read-only), 1 failure (e.g. a round failed on a lost --workers
 worker or a dead local worker; rerun to resume), 128+signal when stopped by one.
 """
 
