@@ -184,23 +184,35 @@ class ExperimentDir:
     def open(self) -> None:
         """Writes hparams.json and opens metrics.jsonl for appending: the run starts writing."""
         self.write_json(HPARAMS, self._hparams)
-        self._metrics = open(self.file(METRICS), "a", encoding="utf-8")  # noqa: SIM115
+        self._open_metrics()
+
+    def _open_metrics(self) -> None:
+        # Unbuffered: a failed write (disk full) is cut back off at once and leaves no buffer behind to fail
+        # again when the file is closed or collected.
+        try:
+            self._metrics = open(self.file(METRICS), "ab", buffering=0)  # noqa: SIM115
+        except OSError as e:
+            raise write_error(METRICS, self.path, e) from e
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
     def write_json(self, name: str, obj: dict[str, Any]) -> None:
-        """Writes `obj` atomically (temp file + rename)."""
-        tmp = self.file(name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(_jsonable(obj), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, self.file(name))
+        """Writes `obj` atomically (temp file + rename); raises OSError naming the file on failure."""
+        text = json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n"
+        try:
+            with replaced_atomically(self.file(name)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:
+            raise write_error(name, self.path, e) from e
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        self._metrics.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
-        self._metrics.flush()
-        os.fsync(self._metrics.fileno())
+        """Appends and fsyncs one line; a failed write is cut back off the file and raises OSError naming it."""
+        line = (json.dumps(_jsonable(record), sort_keys=True) + "\n").encode()
+        try:
+            append_whole(self._metrics, line)
+        except OSError as e:
+            raise write_error(METRICS, self.path, e) from e
 
     def truncate_metrics(self, last_round: int, last_record: dict[str, Any] | None) -> list[dict[str, Any]]:
         """Keeps one line per round 1..last_round (restoring the checkpoint's own line); returns them."""
@@ -212,12 +224,13 @@ class ExperimentDir:
             by_round[last_round] = _jsonable(last_record)
         kept = [by_round[r] for r in sorted(by_round)]
         self._metrics.close()
-        tmp = self.file(METRICS + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for rec in kept:
-                f.write(json.dumps(rec, sort_keys=True) + "\n")
-        os.replace(tmp, self.file(METRICS))
-        self._metrics = open(self.file(METRICS), "a", encoding="utf-8")  # noqa: SIM115
+        try:
+            with replaced_atomically(self.file(METRICS)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                for rec in kept:
+                    f.write(json.dumps(rec, sort_keys=True) + "\n")
+        except OSError as e:
+            raise write_error(METRICS, self.path, e) from e
+        self._open_metrics()
         return kept
 
     def close(self) -> None:
@@ -321,6 +334,25 @@ def keep_steps_through(logdir: str, last_step: int) -> bool:
     for name in files[1:]:
         os.remove(os.path.join(logdir, name))
     return True
+
+
+def append_whole(f: Any, data: bytes) -> None:
+    """Appends `data` to the unbuffered binary file `f` and fsyncs; on failure cuts it back to its old size.
+
+    So a full disk never leaves a torn line (the truncation itself is best
+    effort: a read-only remount may refuse it too, and a reader skips a torn
+    last line).
+    """
+    size = f.seek(0, os.SEEK_END)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[f.write(view):]
+        os.fsync(f.fileno())
+    except OSError:
+        with contextlib.suppress(OSError):
+            f.truncate(size)
+        raise
 
 
 def write_error(what: str, where: str, error: BaseException) -> OSError:

@@ -149,17 +149,25 @@ def _run_locked(cfg: ExperimentConfig, overwrite: bool, log: Callable[[str], Non
         return RunResult(done, outputs.read_metrics(cfg.output_dir), already_complete=True)
     loop = _Loop(cfg, data, mechanism, folder, log, stop_requested)
     loop.announce(notes)
+    failure: BaseException | None = None
     try:
         with runtime.execution_context(cfg.workers, folder.out.file(outputs.WORKER_LOG), cfg.worker_timeout), \
                 client_files(cfg, data) as files:
             loop.train(files)
         loop.summary["status"] = "completed" if loop.summary["stop_reason"] is None else "stopped_at_budget"
     except BaseException as e:  # record why the run stopped, then re-raise
+        failure = e
         loop.summary["status"] = f"stopped: {type(e).__name__}: {e}".strip().rstrip(":")
         raise
     finally:
         with signals_deferred():
-            loop.close(time.time() - start)
+            try:
+                loop.close(time.time() - start)
+            except OSError:
+                # A write that failed (disk full) while the run was already failing on one: the first is
+                # the error to report. Otherwise (e.g. stopped by a signal, or a failed round) it is news.
+                if not isinstance(failure, OSError):
+                    raise
     if loop.records:
         try:
             plots.plot_run(cfg.output_dir)
@@ -364,16 +372,29 @@ class _Loop:
         return RoundFailed(f"round {r} failed: {type(error).__name__}: {cause}{saved}")
 
     def close(self, wall_seconds: float) -> None:
-        """Closes the accountant and the observers and writes summary.json (also when the run failed)."""
-        if self.outbox is not None:
-            self.outbox.close()
-        self.ledger.close()
-        for observer in self.observers:
-            observer.close()
+        """Closes the accountant and the observers and writes summary.json (also when the run failed).
+
+        Every step is tried even when one fails (e.g. a full disk under TensorBoard's files); the first
+        failure is raised at the end.
+        """
+        steps = [*([self.outbox.close] if self.outbox is not None else []), self.ledger.close,
+                 *(o.close for o in self.observers)]
+        errors = []
+        for step in steps:
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001  (raised below, after the summary is written)
+                errors.append(e)
         if self.cfg.client_metrics:
             self.summary["wall_seconds"] = wall_seconds
-        self.folder.out.write_json(outputs.SUMMARY, self.summary)
-        self.folder.out.close()
+        try:
+            self.folder.out.write_json(outputs.SUMMARY, self.summary)
+        except OSError as e:
+            errors.append(e)
+        finally:
+            self.folder.out.close()
+        if errors:
+            raise errors[0]
 
 
 def _initial_summary(cfg: ExperimentConfig, mechanism: PrivacyMechanism, relation: str | None,
