@@ -108,8 +108,8 @@ def main(argv: list[str]) -> None:
         with contextlib.nullcontext() if runs[NOISED].workers else runtime.local_context():
             for name, cfg in runs.items():
                 current = cfg
-                print(f"== {name}: {cfg.output_dir}", flush=True)
-                result = training.run(cfg, overwrite=dpfl_flags.OVERWRITE.value, log=lambda s: print(s, flush=True),
+                cli.say(f"== {name}: {cfg.output_dir}")
+                result = training.run(cfg, overwrite=dpfl_flags.OVERWRITE.value, log=cli.say,
                                       fresh=dpfl_flags.FRESH.value, stop_requested=signals.stop_requested)
                 results.append(report(name, result.summary, cfg.output_dir))
     except training.RunInterrupted as e:
@@ -125,10 +125,10 @@ def main(argv: list[str]) -> None:
     except (training.RoundFailed, runtime.WorkerLost) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
-    print("audit (empirical epsilon: an estimate under the canary-cosine attack, not a bound):")
+    cli.say("audit (empirical epsilon: an estimate under the canary-cosine attack, not a bound):")
     for r in results:
-        print("  " + human_line(r))
-    print(json.dumps({"audit": [json.loads(_jsonable(r)) for r in results]}), flush=True)
+        cli.say("  " + human_line(r))
+    cli.say(json.dumps({"audit": [json.loads(_jsonable(r)) for r in results]}))
 
 
 def run() -> None:

@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
     if dpfl_flags.DRY_RUN.value:
         try:
             training.dry_run(cfg, overwrite=dpfl_flags.OVERWRITE.value, fresh=dpfl_flags.FRESH.value,
-                             log=lambda s: print(s, flush=True))
+                             log=cli.say)
         except (ConfigError, DataFileError, FileExistsError, OSError) as e:
             cli.usage_error(str(e))
         except checkpoints.LedgerError as e:
@@ -88,7 +88,7 @@ def main(argv: list[str]) -> None:
         result = training.run(
             cfg,
             overwrite=dpfl_flags.OVERWRITE.value,
-            log=lambda s: print(s, flush=True),
+            log=cli.say,
             stop_requested=signals.stop_requested,
             fresh=dpfl_flags.FRESH.value,
         )
@@ -111,7 +111,7 @@ def main(argv: list[str]) -> None:
         sys.exit(1)
     if result.already_complete:
         return
-    print(done_line(result.summary, cfg.output_dir), flush=True)
+    cli.say(done_line(result.summary, cfg.output_dir))
 
 
 def done_line(s: dict, output_dir: str) -> str:

@@ -53,7 +53,7 @@ GROUPS = (*dpfl_flags.GROUPS, ("sweep", (GRID, SEEDS)))
 
 
 def _log(line: str) -> None:
-    print(line, flush=True)
+    cli.say(line)
 
 
 def _axes(specs: list[str]) -> list[sweep.Axis]:

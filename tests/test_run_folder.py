@@ -126,3 +126,24 @@ def test_lock_is_exclusive_named_and_released(tmp_path):
     with folder_lock.probe(str(tmp_path / "absent")):  # never locked: nothing to wait for, nothing created
         pass
     assert not os.path.exists(tmp_path / "absent")
+
+
+def test_a_closed_stdout_never_ends_a_run_it_trains_on_and_logs_to_its_files(tmp_path, monkeypatch, capsys):
+    """`run_federated ... | head -1`: once the reader is gone, every print fails with EPIPE (Python ignores
+    SIGPIPE). The run goes on to the end, checkpointed, and says so once on stderr."""
+    out = str(tmp_path / "run")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `head` has exited
+    closed = open(write_end, "w")  # noqa: SIM115
+    monkeypatch.setattr(sys, "stdout", closed)
+    try:
+        code = run_driver([*ARGS, "--rounds=3", f"--output_dir={out}"])
+    finally:
+        monkeypatch.undo()
+        closed.close()  # to /dev/null by now: closing flushes nothing that could fail
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 0, err
+    assert len(err) == 1 and err[0].startswith("stdout is closed (BrokenPipeError): the run goes on"), err
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["status"] == "completed" and summary["rounds"] == 3
+    assert [r["round"] for r in _rows(out)] == [1, 2, 3] and _checkpoints(out)[-1] == 3
