@@ -260,7 +260,7 @@ class TensorBoard:
             if keep_through is not None:
                 keep_steps_through(path, keep_through)
             self._writer = tf.summary.create_file_writer(path)
-        except tf.errors.OpError as e:
+        except (tf.errors.OpError, OSError) as e:
             raise write_error(f"{TENSORBOARD}/", path, e) from e
 
     def write(self, record: dict[str, Any]) -> None:

@@ -236,13 +236,13 @@ def folder_status(cfg: C.ExperimentConfig) -> str:
 
     The run itself checks the folder (settings, ledger, checkpoint) before it resumes or skips it.
     """
-    if not os.path.isdir(cfg.output_dir) or not set(os.listdir(cfg.output_dir)) - {folder_lock.LOCK_FILE}:
-        return "new"
     try:
         with folder_lock.probe(cfg.output_dir):
             pass
     except folder_lock.FolderInUse as e:
         return str(e).split(": ", 1)[-1]  # "in use by another run (pid ... on host ...); ..."
+    if not os.path.isdir(cfg.output_dir) or not set(os.listdir(cfg.output_dir)) - {folder_lock.LOCK_FILE}:
+        return "new"
     summary = outputs.read_summary(cfg.output_dir) or {}
     rounds = summary.get("rounds", 0)
     if summary.get("status") == "stopped_at_budget" or (

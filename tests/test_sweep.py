@@ -265,3 +265,11 @@ def test_a_run_folder_held_by_another_process_is_skipped_and_reported(tmp_path, 
     assert sorted(os.listdir(held)) == [folder_lock.LOCK_FILE]  # nothing of the held run was written
     assert json.loads((out / "dp_mode=none,seed=1" / "summary.json").read_text())["status"] == "completed"
     assert "1 run(s) not finished yet" in (out / "results.md").read_text()
+
+
+def test_folder_status_names_the_process_holding_a_run_folder(tmp_path):
+    cfg = dataclasses.replace(BASE, output_dir=str(tmp_path / "run"))
+    assert sweep.folder_status(cfg) == "new"
+    with folder_lock.acquire(cfg.output_dir):
+        assert sweep.folder_status(cfg).startswith(f"in use by another run (pid {os.getpid()} on host ")
+    assert sweep.folder_status(cfg) == "new"  # the lock file alone is no run
