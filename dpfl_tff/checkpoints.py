@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -36,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from dpfl_tff.errors import CheckpointMismatch, LedgerError
+from dpfl_tff.outputs import append_whole, write_error
 
 CHECKPOINTS = "checkpoints"
 LEDGER = "ledger.jsonl"
@@ -91,10 +93,15 @@ class CheckpointManager:
             os.makedirs(tmp)
             leaves = [np.asarray(leaf) for leaf in tf.nest.flatten(state)]
             state_path = os.path.join(tmp, "state.npz")
+            # Built in memory, then written: a write that fails inside np.savez would leave its ZipFile to
+            # complain about the closed file when collected ("Exception ignored in ZipFile.__del__").
+            npz = io.BytesIO()
+            np.savez(npz, *leaves)
             with open(state_path, "wb") as f:
-                np.savez(f, *leaves)
+                f.write(npz.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
+            del npz
             meta = {
                 "round": round_num, "num_leaves": len(leaves), "sha256": _sha256(state_path), "record": record,
                 "ledger_entries": ledger.count, "ledger_head": ledger.head,
@@ -108,10 +115,7 @@ class CheckpointManager:
             _fsync_dir(self.dir)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise OSError(
-                f"checkpoint of round {round_num} could not be written to {self.dir} ({e.strerror or e}); "
-                "is the disk full or the folder read-only?"
-            ) from e
+            raise write_error(f"checkpoint of round {round_num}", self.dir, e) from e
         for old in self.rounds()[: -self.keep]:
             shutil.rmtree(os.path.join(self.dir, f"ckpt_{old:06d}"), ignore_errors=True)
 
@@ -269,16 +273,12 @@ class LedgerLog:
         if cohort is not None:
             body["cohort"] = [int(c) for c in cohort]
         entry = {**body, "prev": self.head, "hash": _entry_hash(self.head, body)}
-        line = json.dumps(entry, sort_keys=True) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
-            size = f.tell()
-            try:
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
-            except OSError:
-                f.truncate(size)
-                raise
+        line = (json.dumps(entry, sort_keys=True) + "\n").encode()
+        try:
+            with open(self.path, "ab", buffering=0) as f:  # unbuffered: nothing left to fail on close
+                append_whole(f, line)
+        except OSError as e:
+            raise write_error(LEDGER, os.path.dirname(self.path), e) from e
         self.entries.append(entry)
         self._executions[entry["round"]] += 1
 

@@ -136,8 +136,10 @@ class MetricsFile(Observer):
 
 
 class TensorBoardLog(Observer):
-    def __init__(self, path: str):
-        self.tb = outputs.TensorBoard(path)
+    """tensorboard/ scalars; on a resume from round k (`keep_through`), the points after k are dropped first."""
+
+    def __init__(self, path: str, keep_through: int | None = None):
+        self.tb = outputs.TensorBoard(path, keep_through)
 
     def on_round(self, record, state, last, stopping):
         self.tb.write(record)

@@ -11,17 +11,21 @@ Files (all under `output_dir`):
   run.png        test accuracy and epsilon per round
   audit.json     --canary_clients: the canaries' cosines and the empirical epsilons (audit.png: histograms)
   worker.log     output of the TFF worker process
+  .lock          the run's folder lock (`folder_lock`): pid and host of the run holding it
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 from dpfl_tff.errors import ConfigError
+from dpfl_tff.folder_lock import LOCK_FILE
 
 HPARAMS = "hparams.json"
 METRICS = "metrics.jsonl"
@@ -42,6 +46,24 @@ RESUMABLE_CHANGES = {
     "task.download",
 }
 _FLAG_NAMES = {"dp.mode": "dp_mode", "task.task": "task", "train.model": "model"}
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: str) -> Iterator[str]:
+    """A temporary path beside `path`, unique to this process, renamed onto `path` if the block succeeds.
+
+    Readers (and a second process writing the same file, such as two sweeps'
+    tables) see the old file or the new one, never a mix; on an error the
+    temporary file is removed and `path` is left as it was.
+    """
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _jsonable(value: Any) -> Any:
@@ -127,7 +149,7 @@ class ExperimentDir:
                 elif os.path.exists(p):
                     os.remove(p)
             has_run = False
-        elif fresh and os.path.isdir(path) and os.listdir(path):
+        elif fresh and os.path.isdir(path) and set(os.listdir(path)) - {LOCK_FILE}:
             raise FileExistsError(
                 f"--fresh: --output_dir={path} is not empty; choose another folder or add --overwrite to replace it"
             )
@@ -162,23 +184,35 @@ class ExperimentDir:
     def open(self) -> None:
         """Writes hparams.json and opens metrics.jsonl for appending: the run starts writing."""
         self.write_json(HPARAMS, self._hparams)
-        self._metrics = open(self.file(METRICS), "a", encoding="utf-8")  # noqa: SIM115
+        self._open_metrics()
+
+    def _open_metrics(self) -> None:
+        # Unbuffered: a failed write (disk full) is cut back off at once and leaves no buffer behind to fail
+        # again when the file is closed or collected.
+        try:
+            self._metrics = open(self.file(METRICS), "ab", buffering=0)  # noqa: SIM115
+        except OSError as e:
+            raise write_error(METRICS, self.path, e) from e
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
     def write_json(self, name: str, obj: dict[str, Any]) -> None:
-        """Writes `obj` atomically (temp file + rename)."""
-        tmp = self.file(name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(_jsonable(obj), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, self.file(name))
+        """Writes `obj` atomically (temp file + rename); raises OSError naming the file on failure."""
+        text = json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n"
+        try:
+            with replaced_atomically(self.file(name)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:
+            raise write_error(name, self.path, e) from e
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        self._metrics.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
-        self._metrics.flush()
-        os.fsync(self._metrics.fileno())
+        """Appends and fsyncs one line; a failed write is cut back off the file and raises OSError naming it."""
+        line = (json.dumps(_jsonable(record), sort_keys=True) + "\n").encode()
+        try:
+            append_whole(self._metrics, line)
+        except OSError as e:
+            raise write_error(METRICS, self.path, e) from e
 
     def truncate_metrics(self, last_round: int, last_record: dict[str, Any] | None) -> list[dict[str, Any]]:
         """Keeps one line per round 1..last_round (restoring the checkpoint's own line); returns them."""
@@ -190,12 +224,13 @@ class ExperimentDir:
             by_round[last_round] = _jsonable(last_record)
         kept = [by_round[r] for r in sorted(by_round)]
         self._metrics.close()
-        tmp = self.file(METRICS + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for rec in kept:
-                f.write(json.dumps(rec, sort_keys=True) + "\n")
-        os.replace(tmp, self.file(METRICS))
-        self._metrics = open(self.file(METRICS), "a", encoding="utf-8")  # noqa: SIM115
+        try:
+            with replaced_atomically(self.file(METRICS)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                for rec in kept:
+                    f.write(json.dumps(rec, sort_keys=True) + "\n")
+        except OSError as e:
+            raise write_error(METRICS, self.path, e) from e
+        self._open_metrics()
         return kept
 
     def close(self) -> None:
@@ -204,27 +239,127 @@ class ExperimentDir:
 
 
 class TensorBoard:
-    """Per-round scalars for TensorBoard: losses, accuracies, epsilon, clip, clipped fraction, round time."""
+    """Per-round scalars for TensorBoard: losses, accuracies, epsilon, clip, clipped fraction, round time.
+
+    `keep_through=k` (a resume from the checkpoint of round k) first rewrites
+    the folder's event files without the points of rounds after k, as
+    metrics.jsonl is rewritten: the rounds re-run now are then shown once, with
+    their values of this execution, by TensorBoard and by any other reader of
+    the files (`keep_steps_through`). A failed write raises OSError naming the
+    folder (TensorFlow's own error says why, e.g. no space left on device).
+    """
 
     KEYS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "epsilon", "local_epsilon", "clip_norm",
             "fraction_clipped", "round_seconds", "nonfinite_clients", "clients_this_round")
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, keep_through: int | None = None):
         import tensorflow as tf
 
-        self._tf = tf
-        self._writer = tf.summary.create_file_writer(path)
+        self._tf, self.path = tf, path
+        try:
+            if keep_through is not None:
+                keep_steps_through(path, keep_through)
+            self._writer = tf.summary.create_file_writer(path)
+        except (tf.errors.OpError, OSError) as e:
+            raise write_error(f"{TENSORBOARD}/", path, e) from e
 
     def write(self, record: dict[str, Any]) -> None:
-        with self._writer.as_default(step=record["round"]):
-            for key in self.KEYS:
-                v = record.get(key)
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tf.summary.scalar(key, v)
-        self._writer.flush()
+        try:
+            with self._writer.as_default(step=record["round"]):
+                for key in self.KEYS:
+                    v = record.get(key)
+                    if isinstance(v, (int, float)) and math.isfinite(v):
+                        self._tf.summary.scalar(key, v)
+            self._writer.flush()
+        except self._tf.errors.OpError as e:
+            raise write_error(f"{TENSORBOARD}/", self.path, e) from e
 
     def close(self) -> None:
-        self._writer.close()
+        try:
+            self._writer.close()
+        except self._tf.errors.OpError as e:
+            raise write_error(f"{TENSORBOARD}/", self.path, e) from e
+
+
+def _events(path: str) -> tuple[list[Any], bool]:
+    """The Event protos of one event file, and whether it ended cleanly (False: a torn or damaged record)."""
+    import tensorflow as tf
+
+    events, records = [], iter(tf.data.TFRecordDataset(path))
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            return events, True
+        except tf.errors.OpError:  # a record cut short by a kill, or damaged: the rest is unreadable
+            return events, False
+        events.append(tf.compat.v1.Event.FromString(record.numpy()))
+
+
+def keep_steps_through(logdir: str, last_step: int) -> bool:
+    """Rewrites `logdir`'s event files into one that holds no step after `last_step`; True if it changed them.
+
+    The kept events (every file's, in file-name order: the order TensorBoard
+    reads them) are written under a temporary name, renamed onto the first
+    file, and the other files removed; a crash in between leaves files that
+    the next resume rewrites again. (TensorBoard's own mechanism, a
+    SessionLog START event that purges later steps, is honoured by its
+    loader only, not by other readers of the files.)
+    """
+    import tensorflow as tf
+
+    if not os.path.isdir(logdir):
+        return False
+    files = sorted(n for n in os.listdir(logdir) if "tfevents" in n)
+    kept, changed, version_seen = [], len(files) > 1, False
+    for name in files:
+        events, clean = _events(os.path.join(logdir, name))
+        changed |= not clean
+        for event in events:
+            if event.HasField("file_version"):
+                if version_seen:
+                    continue
+                version_seen = True
+            elif event.step > last_step:
+                changed = True
+                continue
+            kept.append(event)
+    if not changed:
+        return False
+    tmp = os.path.join(logdir, ".rewrite.tmp")  # without "tfevents": TensorBoard does not read it
+    with tf.io.TFRecordWriter(tmp) as writer:
+        for event in kept:
+            writer.write(event.SerializeToString())
+    os.replace(tmp, os.path.join(logdir, files[0]))
+    for name in files[1:]:
+        os.remove(os.path.join(logdir, name))
+    return True
+
+
+def append_whole(f: Any, data: bytes) -> None:
+    """Appends `data` to the unbuffered binary file `f` and fsyncs; on failure cuts it back to its old size.
+
+    So a full disk never leaves a torn line (the truncation itself is best
+    effort: a read-only remount may refuse it too, and a reader skips a torn
+    last line).
+    """
+    size = f.seek(0, os.SEEK_END)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[f.write(view):]
+        os.fsync(f.fileno())
+    except OSError:
+        with contextlib.suppress(OSError):
+            f.truncate(size)
+        raise
+
+
+def write_error(what: str, where: str, error: BaseException) -> OSError:
+    """The one-line error of a write that failed: what, where, why, and the likely cause."""
+    reason = getattr(error, "strerror", None) or getattr(error, "message", None) or str(error)
+    reason = str(reason).strip().splitlines()[0] if str(reason).strip() else type(error).__name__
+    return OSError(f"{what} could not be written to {where} ({reason}); is the disk full or the folder read-only?")
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from dpfl_tff.outputs import read_metrics, read_summary
+from dpfl_tff.outputs import read_metrics, read_summary, replaced_atomically
 
 RUN_PNG = "run.png"
 
@@ -42,8 +42,11 @@ def plot_run(output_dir: str, path: str | None = None) -> str:
     ax.set_title(os.path.basename(os.path.abspath(output_dir)))
     fig.tight_layout()
     path = path or os.path.join(output_dir, RUN_PNG)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with replaced_atomically(path) as tmp:  # a failed write (disk full) leaves the previous plot
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -27,7 +27,9 @@ Rules (documented in docs/outputs-and-resume.md "Sweeps"):
 
 `run_all` runs the runs in order with `training.run`, which resumes an
 unfinished folder and leaves a finished one as it is, so rerunning a sweep
-skips what is done and continues what was interrupted.
+skips what is done and continues what was interrupted. A run folder held by
+another process (`folder_lock`) is skipped and reported: two sweeps started on
+one --output_dir share its runs, one run in each folder at a time.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dpfl_tff import config as C
-from dpfl_tff import outputs, plan
+from dpfl_tff import folder_lock, outputs, plan
 from dpfl_tff.errors import ConfigError
 from dpfl_tff.privacy import registry
 
@@ -231,11 +233,16 @@ def planned_epsilon(cfg: C.ExperimentConfig) -> dict[str, Any]:
 
 
 def folder_status(cfg: C.ExperimentConfig) -> str:
-    """`new`, `finished` or `unfinished (k rounds)`, from the run folder's summary.json (nothing is checked).
+    """`new`, `finished`, `unfinished (k rounds)` (from the run folder's summary.json) or `in use by ...`.
 
     The run itself checks the folder (settings, ledger, checkpoint) before it resumes or skips it.
     """
-    if not os.path.isdir(cfg.output_dir) or not os.listdir(cfg.output_dir):
+    try:
+        with folder_lock.probe(cfg.output_dir):
+            pass
+    except folder_lock.FolderInUse as e:
+        return str(e).split(": ", 1)[-1]  # "in use by another run (pid ... on host ...); ..."
+    if not os.path.isdir(cfg.output_dir) or not set(os.listdir(cfg.output_dir)) - {folder_lock.LOCK_FILE}:
         return "new"
     summary = outputs.read_summary(cfg.output_dir) or {}
     rounds = summary.get("rounds", 0)
@@ -261,11 +268,15 @@ def run_all(sweep: SweepPlan, *, overwrite: bool = False, fresh: bool = False,
             log: Callable[[str], None] = print,
             stop_requested: Callable[[], Any] = lambda: None,
             before_run: Callable[[Run], None] = lambda run: None,
-            after_run: Callable[[Run, Any], None] = lambda run, result: None) -> list[str]:
+            after_run: Callable[[Run, Any], None] = lambda run, result: None,
+            skipped: list[str] | None = None) -> list[str]:
     """Runs every run of `sweep` in order with `training.run`; returns the names of those it trained.
 
     A finished run folder is left as it is, an unfinished one resumed
-    (`training.run`). `stop_requested` is polled after every round and before
+    (`training.run`). A run whose folder another process holds (another sweep
+    on the same --output_dir, or a single run) is skipped with a line saying
+    who holds it, and its name appended to `skipped`: two sweeps on one folder
+    share its runs. `stop_requested` is polled after every round and before
     each run: the exception it returns (`training.RunInterrupted`) stops the
     current run after its round (checkpointed) and is raised here.
     `before_run(run)` and `after_run(run, result)` are called around each run (trained or skipped).
@@ -280,7 +291,13 @@ def run_all(sweep: SweepPlan, *, overwrite: bool = False, fresh: bool = False,
             raise stop
         log(f"[{i}/{len(sweep.runs)}] {run.name}")
         before_run(run)
-        result = training.run(run.cfg, overwrite=overwrite, log=log, stop_requested=stop_requested, fresh=fresh)
+        try:
+            result = training.run(run.cfg, overwrite=overwrite, log=log, stop_requested=stop_requested, fresh=fresh)
+        except folder_lock.FolderInUse as e:
+            log(f"[{i}/{len(sweep.runs)}] {run.name}: skipped, {str(e).split(': ', 1)[-1]}")
+            if skipped is not None:
+                skipped.append(run.name)
+            continue
         if not result.already_complete:
             trained.append(run.name)
             workers = runtime.live_worker_pids()

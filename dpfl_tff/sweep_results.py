@@ -28,7 +28,7 @@ import os
 import statistics
 from typing import Any
 
-from dpfl_tff.outputs import read_summary
+from dpfl_tff.outputs import read_summary, replaced_atomically
 from dpfl_tff.sweep import Run, SweepPlan, value_text
 
 RESULTS_CSV, RESULTS_MD, PRIVACY_UTILITY_PNG = "results.csv", "results.md", "privacy_utility.png"
@@ -140,12 +140,14 @@ def write_tables(sweep: SweepPlan, folder: str) -> tuple[list[dict[str, Any]], i
     """Writes results.csv and results.md into `folder`; returns (rows, unfinished runs)."""
     table, unfinished = rows(sweep)
     columns = ["setting", *sweep.keys, *[c for c in COLUMNS if c != "setting" and c not in sweep.keys]]
-    with open(os.path.join(folder, RESULTS_CSV), "w", newline="", encoding="utf-8") as f:
+    # Atomically: a second sweep on the same folder may write them at the same time.
+    with replaced_atomically(os.path.join(folder, RESULTS_CSV)) as tmp, \
+            open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for r in table:
             writer.writerow({k: _csv_value(r.get(k)) for k in columns})
-    with open(os.path.join(folder, RESULTS_MD), "w", encoding="utf-8") as f:
+    with replaced_atomically(os.path.join(folder, RESULTS_MD)) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(markdown(table, unfinished))
     return table, unfinished
 
@@ -192,8 +194,11 @@ def plot(sweep: SweepPlan, table: list[dict[str, Any]], path: str) -> str | None
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with replaced_atomically(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from dpfl_tff import models, observers, outputs, plan, plots, resume, runtime, watchdog
+from dpfl_tff import folder_lock, models, observers, outputs, plan, plots, resume, runtime, watchdog
 from dpfl_tff.audit import auditor as canary_audit
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.privacy import coverage, truncation
@@ -128,8 +128,16 @@ def run(
 
     Raises:
       LedgerError: the folder's ledger does not cover its releases.
+      FolderInUse: another process runs in `cfg.output_dir` (nothing there was read or written).
     """
     start = time.time()
+    # One run per folder: locked before anything in it is read or written (see `folder_lock`).
+    with folder_lock.acquire(cfg.output_dir):
+        return _run_locked(cfg, overwrite, log, stop_requested, fresh, start)
+
+
+def _run_locked(cfg: ExperimentConfig, overwrite: bool, log: Callable[[str], None],
+                stop_requested: Callable[[], RunInterrupted | None], fresh: bool, start: float) -> RunResult:
     cfg, data, notes = plan.prepare(cfg, log)
     mechanism = mechanism_for(cfg)
     model = keras_model(cfg, data)
@@ -144,17 +152,25 @@ def run(
     # Non-trainable state a training step updates (BatchNormalization's moving statistics): never aggregated.
     loop.summary["model_state_not_aggregated"] = models.updated_state(model, data.input_shape)
     loop.announce(notes)
+    failure: BaseException | None = None
     try:
         with runtime.execution_context(cfg.workers, folder.out.file(outputs.WORKER_LOG), cfg.worker_timeout), \
                 client_files(cfg, data) as files:
             loop.train(files)
         loop.summary["status"] = "completed" if loop.summary["stop_reason"] is None else "stopped_at_budget"
     except BaseException as e:  # record why the run stopped, then re-raise
+        failure = e
         loop.summary["status"] = f"stopped: {type(e).__name__}: {e}".strip().rstrip(":")
         raise
     finally:
         with signals_deferred():
-            loop.close(time.time() - start)
+            try:
+                loop.close(time.time() - start)
+            except OSError:
+                # A write that failed (disk full) while the run was already failing on one: the first is
+                # the error to report. Otherwise (e.g. stopped by a signal, or a failed round) it is news.
+                if not isinstance(failure, OSError):
+                    raise
     if loop.records:
         try:
             plots.plot_run(cfg.output_dir)
@@ -234,7 +250,8 @@ class _Loop:
                 self.auditor.resume(self.done, self.process.get_model_weights(self.state).trainable)
         self.observers = [
             self.checkpointer, *([self.auditor] if self.auditor else []), observers.MetricsFile(self.folder.out),
-            observers.TensorBoardLog(self.folder.out.file(outputs.TENSORBOARD)),
+            observers.TensorBoardLog(self.folder.out.file(outputs.TENSORBOARD),
+                                     keep_through=self.done if self.folder.out.resuming else None),
             observers.SummaryKeeper(self.summary),
             observers.ProgressLine(self.log, cfg.train.rounds, self.ledger.neighboring_relation),
         ]
@@ -373,16 +390,29 @@ class _Loop:
         return RoundFailed(f"round {r} failed: {type(error).__name__}: {cause}{saved}")
 
     def close(self, wall_seconds: float) -> None:
-        """Closes the accountant and the observers and writes summary.json (also when the run failed)."""
-        if self.outbox is not None:
-            self.outbox.close()
-        self.ledger.close()
-        for observer in self.observers:
-            observer.close()
+        """Closes the accountant and the observers and writes summary.json (also when the run failed).
+
+        Every step is tried even when one fails (e.g. a full disk under TensorBoard's files); the first
+        failure is raised at the end.
+        """
+        steps = [*([self.outbox.close] if self.outbox is not None else []), self.ledger.close,
+                 *(o.close for o in self.observers)]
+        errors = []
+        for step in steps:
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001  (raised below, after the summary is written)
+                errors.append(e)
         if self.cfg.client_metrics:
             self.summary["wall_seconds"] = wall_seconds
-        self.folder.out.write_json(outputs.SUMMARY, self.summary)
-        self.folder.out.close()
+        try:
+            self.folder.out.write_json(outputs.SUMMARY, self.summary)
+        except OSError as e:
+            errors.append(e)
+        finally:
+            self.folder.out.close()
+        if errors:
+            raise errors[0]
 
 
 def _initial_summary(cfg: ExperimentConfig, mechanism: PrivacyMechanism, relation: str | None,
@@ -470,7 +500,9 @@ def dry_run(cfg: ExperimentConfig, overwrite: bool = False, fresh: bool = False,
         planned = ledger.planned(cfg.train.rounds)
     finally:
         ledger.close()
-    folder = resume.describe(cfg, mechanism, model.trainable_weights + model.non_trainable_weights, overwrite, fresh)
+    with folder_lock.probe(cfg.output_dir):  # a run writing the folder now would make these reads meaningless
+        folder = resume.describe(cfg, mechanism, model.trainable_weights + model.non_trainable_weights, overwrite,
+                                 fresh)
     for note in notes:
         log(note)
     log("dry run: nothing is trained, no TFF worker is started, nothing is written")

@@ -188,8 +188,8 @@ def main(argv: list[str]) -> None:
         with contextlib.nullcontext() if runs[NOISED].workers else runtime.local_context():
             for name, cfg in runs.items():
                 current = cfg
-                print(f"== {name}: {cfg.output_dir}", flush=True)
-                result = training.run(cfg, overwrite=dpfl_flags.OVERWRITE.value, log=lambda s: print(s, flush=True),
+                cli.say(f"== {name}: {cfg.output_dir}")
+                result = training.run(cfg, overwrite=dpfl_flags.OVERWRITE.value, log=cli.say,
                                       fresh=dpfl_flags.FRESH.value, stop_requested=signals.stop_requested)
                 results.append(report(name, result.summary, cfg.output_dir, CONFIDENCE.value))
     except training.RunInterrupted as e:
@@ -205,11 +205,11 @@ def main(argv: list[str]) -> None:
     except (training.RoundFailed, runtime.WorkerLost) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
-    print("audit (the lower bound is what may be compared with the epsilon bound; the point estimates are not "
-          "bounds):")
+    cli.say("audit (the lower bound is what may be compared with the epsilon bound; the point estimates are not "
+            "bounds):")
     for r in results:
-        print("  " + human_line(r))
-    print(json.dumps({"audit": [json.loads(_jsonable(r)) for r in results]}), flush=True)
+        cli.say("  " + human_line(r))
+    cli.say(json.dumps({"audit": [json.loads(_jsonable(r)) for r in results]}))
 
 
 def run() -> None:

@@ -15,6 +15,7 @@ TensorFlow's in one alphabetical block. `run(main, groups)` replaces that:
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -24,6 +25,27 @@ from absl import app, flags
 FlagGroups = Sequence[tuple[str, Sequence[flags.FlagHolder]]]
 _HELP = ("--help", "-help", "--helpshort", "-helpshort", "-?", "-h")
 _HELPFULL = ("--helpfull", "-helpfull")
+
+
+def say(line: str) -> None:
+    """Prints `line` on stdout, flushed; a closed stdout (its reader gone: `| head`) never ends the run.
+
+    On the first write that fails with BrokenPipeError, stdout is pointed at
+    /dev/null (as Python's documentation advises), so that no later print
+    fails, nor the flush at exit, and one line on stderr says so: the run goes
+    on, its progress in its files only (metrics.jsonl, summary.json).
+    """
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        try:
+            print("stdout is closed (BrokenPipeError): the run goes on, its progress in its files only "
+                  "(metrics.jsonl, summary.json)", file=sys.stderr, flush=True)
+        except OSError:
+            pass
 
 
 def usage_error(message: str) -> None:

@@ -7,9 +7,10 @@ worker.log to --output_dir; prints one progress line per round.
 With --workers=host:port,... the rounds run on TFF worker services started
 with `python -m experiments.run_worker --port=PORT`.
 Exit codes: 0 done (or already complete), 2 bad flags, missing or bad data
-files, unreachable --workers or a run folder that cannot be resumed (e.g. a
-damaged ledger.jsonl), 1 failure (e.g. a round failed on a lost --workers
-worker, a dead local worker, or a worker that gave no answer for
+files, unreachable --workers, a run folder that cannot be resumed (e.g. a
+damaged ledger.jsonl) or that another run is using (its folder lock), a write
+that failed (disk full, read-only), 1 failure (e.g. a round failed on a lost
+--workers worker, a dead local worker, or a worker that gave no answer for
 --stall_seconds; rerun to resume), 128+signal when stopped by one.
 """
 
@@ -77,7 +78,7 @@ def main(argv: list[str]) -> None:
     if dpfl_flags.DRY_RUN.value:
         try:
             training.dry_run(cfg, overwrite=dpfl_flags.OVERWRITE.value, fresh=dpfl_flags.FRESH.value,
-                             log=lambda s: print(s, flush=True))
+                             log=cli.say)
         except (ConfigError, DataFileError, FileExistsError, OSError) as e:
             cli.usage_error(str(e))
         except checkpoints.LedgerError as e:
@@ -90,7 +91,7 @@ def main(argv: list[str]) -> None:
         result = training.run(
             cfg,
             overwrite=dpfl_flags.OVERWRITE.value,
-            log=lambda s: print(s, flush=True),
+            log=cli.say,
             stop_requested=signals.stop_requested,
             fresh=dpfl_flags.FRESH.value,
         )
@@ -113,7 +114,7 @@ def main(argv: list[str]) -> None:
         sys.exit(1)
     if result.already_complete:
         return
-    print(done_line(result.summary, cfg.output_dir), flush=True)
+    cli.say(done_line(result.summary, cfg.output_dir))
 
 
 def done_line(s: dict, output_dir: str) -> str:

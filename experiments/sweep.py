@@ -8,7 +8,9 @@ Every combination of the --grid values runs --seeds times (seeds --seed ..
 (e.g. dp_mode=central,noise_multiplier=0.5,seed=1), one after another in this
 process, sharing one local TFF worker. Flags other than --grid and --seeds are
 the base of every run, as for run_federated. A finished run is skipped, an
-unfinished one resumed, so rerunning the same command continues a sweep.
+unfinished one resumed, so rerunning the same command continues a sweep; a
+run whose folder another process holds (e.g. the same sweep started twice) is
+skipped and reported, so two sweeps on one --output_dir share its runs.
 noise_multiplier=0 with a DP mode runs as dp_mode=none (the no-DP baseline),
 and dp_mode=none runs once per seed whatever the privacy flags' grid values.
 
@@ -51,7 +53,7 @@ GROUPS = (*dpfl_flags.GROUPS, ("sweep", (GRID, SEEDS)))
 
 
 def _log(line: str) -> None:
-    print(line, flush=True)
+    cli.say(line)
 
 
 def _axes(specs: list[str]) -> list[sweep.Axis]:
@@ -103,8 +105,11 @@ def _finish(plan: sweep.SweepPlan, folder: str) -> None:
             _log(f.read().rstrip())
 
 
-def _train(plan: sweep.SweepPlan, base) -> list[str]:
-    """Runs the sweep in one TFF context; exits as run_federated does on a stop or an error."""
+def _train(plan: sweep.SweepPlan, base, skipped: list[str]) -> list[str]:
+    """Runs the sweep in one TFF context; exits as run_federated does on a stop or an error.
+
+    Runs whose folder another process holds are skipped and appended to `skipped`.
+    """
     signals = Signals()
     signal.signal(signal.SIGTERM, signals)
     signal.signal(signal.SIGINT, signals)
@@ -119,7 +124,8 @@ def _train(plan: sweep.SweepPlan, base) -> list[str]:
         with context:
             return sweep.run_all(plan, overwrite=dpfl_flags.OVERWRITE.value, fresh=dpfl_flags.FRESH.value,
                                  log=_log, stop_requested=signals.stop_requested, before_run=current.append,
-                                 after_run=lambda run, result: sweep_results.write_tables(plan, folder))
+                                 after_run=lambda run, result: sweep_results.write_tables(plan, folder),
+                                 skipped=skipped)
     except training.RunInterrupted as e:
         _finish(plan, folder)
         print(f"{e}: {where()}last completed round checkpointed; results of the finished runs written to "
@@ -154,11 +160,14 @@ def main(argv: list[str]) -> None:
         except (ConfigError, DataFileError, OSError) as e:
             cli.usage_error(str(e))
         return
-    trained = _train(plan, base)
+    skipped: list[str] = []
+    trained = _train(plan, base, skipped)
     _finish(plan, base.output_dir)
-    _log(f"sweep done: {len(plan.runs)} runs ({len(trained)} trained now, {len(plan.runs) - len(trained)} already "
-         f"complete); {sweep_results.RESULTS_MD}, {sweep_results.RESULTS_CSV} and "
-         f"{sweep_results.PRIVACY_UTILITY_PNG} in {base.output_dir}")
+    busy = (f", {len(skipped)} skipped: run by another process now (rerun when it ends to tabulate them)"
+            if skipped else "")
+    _log(f"sweep done: {len(plan.runs)} runs ({len(trained)} trained now, "
+         f"{len(plan.runs) - len(trained) - len(skipped)} already complete{busy}); {sweep_results.RESULTS_MD}, "
+         f"{sweep_results.RESULTS_CSV} and {sweep_results.PRIVACY_UTILITY_PNG} in {base.output_dir}")
 
 
 def run() -> None:

@@ -10,7 +10,7 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
-from dpfl_tff import checkpoints, training
+from dpfl_tff import checkpoints, folder_lock, training
 from dpfl_tff.config import DPConfig, ExperimentConfig, TaskConfig, TrainConfig
 from experiments import cli, compute_epsilon, run_federated
 from experiments import flags as dpfl_flags
@@ -118,9 +118,12 @@ def _cfg(out, model="tests.custom_models:tiny_mlp", rounds=2):
 
 
 def _files(folder):
+    """sha256 of every file under `folder` but the folder lock (each run attempt names itself there)."""
     out = {}
     for root, _, names in os.walk(folder):
         for n in names:
+            if n == folder_lock.LOCK_FILE:
+                continue
             with open(os.path.join(root, n), "rb") as f:
                 out[os.path.join(root, n)] = hashlib.sha256(f.read()).hexdigest()
     return out

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from dpfl_tff import training
+from dpfl_tff import folder_lock, training
 from dpfl_tff.checkpoints import LedgerError, LedgerLog
 from dpfl_tff.config import SEED_REDACTED, ConfigError, DPConfig, ExperimentConfig, TaskConfig, TrainConfig
 from dpfl_tff.privacy import coverage, truncation
@@ -35,10 +35,12 @@ def _ledger(out):
 
 
 def _snapshot(folder):
-    """sha256 and mtime of every file under `folder`."""
+    """sha256 and mtime of every file under `folder` but the folder lock (each run attempt names itself there)."""
     out = {}
     for root, _, files in os.walk(folder):
         for name in files:
+            if name == folder_lock.LOCK_FILE:
+                continue
             p = os.path.join(root, name)
             with open(p, "rb") as f:
                 out[os.path.relpath(p, folder)] = (hashlib.sha256(f.read()).hexdigest(), os.stat(p).st_mtime_ns)

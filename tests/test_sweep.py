@@ -11,7 +11,7 @@ import statistics
 
 import pytest
 
-from dpfl_tff import plots, sweep, sweep_results
+from dpfl_tff import folder_lock, plots, sweep, sweep_results
 from dpfl_tff.config import ConfigError, DPConfig, ExperimentConfig, TaskConfig, TrainConfig
 from experiments import sweep as sweep_app
 from tests.conftest import run_app
@@ -167,9 +167,9 @@ def test_plot_runs_sets_aside_runs_of_another_delta_or_relation(tmp_path):
 # --- the driver: a tiny sweep in this process ------------------------------------------------------------------------
 
 def _mtimes(folder) -> dict[str, int]:
-    """mtime of every file in the run folders under `folder` (not the sweep's own files)."""
+    """mtime of every file in the run folders under `folder` (not the sweep's own files, nor the folder locks)."""
     return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
-            for d, _, files in os.walk(folder) if d != str(folder) for f in files}
+            for d, _, files in os.walk(folder) if d != str(folder) for f in files if f != folder_lock.LOCK_FILE}
 
 
 def test_sweep_interrupted_resumed_then_skipped(tmp_path, monkeypatch, capfd, own_signals):
@@ -246,3 +246,30 @@ def test_dry_run_lists_runs_and_epsilons_and_trains_nothing(tmp_path, capsys):
     assert f"dp_mode=central,noise_multiplier=1,seed=1: epsilon {eps:.4g} at delta" in "\n".join(runs)
     assert "dp_mode=local,noise_multiplier=1,seed=1: epsilon" in "\n".join(runs)
     assert not out.exists()
+
+
+def test_a_run_folder_held_by_another_process_is_skipped_and_reported(tmp_path, capsys, own_signals):
+    """Two sweeps on one --output_dir share its runs: a run another process holds (its folder lock) is
+    skipped, named, and left untouched; the others run."""
+    out = tmp_path / "sw"
+    held = out / "dp_mode=none,seed=0"
+    lock = folder_lock.acquire(str(held))  # as the other sweep's process would hold it (a second flock here)
+    try:
+        assert _main([*TINY, "--grid=noise_multiplier=0", "--seeds=2", f"--output_dir={out}"]) == 0
+    finally:
+        lock.release()
+    printed = capsys.readouterr().out.splitlines()
+    assert f"[1/2] dp_mode=none,seed=0: skipped, in use by another run (pid {os.getpid()} on host " in "\n".join(printed)
+    assert printed[-1].startswith("sweep done: 2 runs (1 trained now, 0 already complete, 1 skipped: run by another "
+                                  "process now"), printed[-1]
+    assert sorted(os.listdir(held)) == [folder_lock.LOCK_FILE]  # nothing of the held run was written
+    assert json.loads((out / "dp_mode=none,seed=1" / "summary.json").read_text())["status"] == "completed"
+    assert "1 run(s) not finished yet" in (out / "results.md").read_text()
+
+
+def test_folder_status_names_the_process_holding_a_run_folder(tmp_path):
+    cfg = dataclasses.replace(BASE, output_dir=str(tmp_path / "run"))
+    assert sweep.folder_status(cfg) == "new"
+    with folder_lock.acquire(cfg.output_dir):
+        assert sweep.folder_status(cfg).startswith(f"in use by another run (pid {os.getpid()} on host ")
+    assert sweep.folder_status(cfg) == "new"  # the lock file alone is no run
