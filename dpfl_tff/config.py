@@ -453,6 +453,17 @@ class ExperimentConfig:
         "and to keep retrying a worker that stops answering mid-round before the round fails "
         "naming it.",
     )
+    worker_credentials: str = _field(
+        "", WORKERS,
+        "With --workers: folder of the run's credential (made by `experiments.run_worker --make_credentials=DIR`; "
+        "DIR or DIR/driver: ca.pem, cert.pem, key.pem). The driver presents its certificate to every worker and "
+        "accepts only workers holding the same credential's (mutual TLS).",
+    )
+    insecure_workers: bool = _field(
+        False, WORKERS,
+        "With --workers: talk to workers started with --insecure_workers, unauthenticated and unencrypted "
+        "(anyone who can reach their ports can run code there); prints a warning.",
+    )
     log_cohorts: bool = _field(
         False, OUTPUTS,
         "Write every round's cohort to ledger.jsonl. Whoever reads the folder then knows who took"
@@ -483,6 +494,14 @@ class ExperimentConfig:
             raise ConfigError("--output_dir is empty: give a folder for the experiment's outputs")
         for address in self.workers:
             check_worker_address(address, ",".join(self.workers))
+        if self.workers and self.worker_credentials and self.insecure_workers:
+            raise ConfigError(f"--worker_credentials={self.worker_credentials} with --insecure_workers: give one of them")
+        if self.workers and not self.worker_credentials and not self.insecure_workers:
+            raise ConfigError(
+                f"--workers={','.join(self.workers)}: give --worker_credentials=DIR/driver (the credential the workers "
+                "were started with; make one with `python -m experiments.run_worker --make_credentials=DIR`), or "
+                "--insecure_workers for workers started with --insecure_workers"
+            )
         _int_at_least("canary_clients", self.canary_clients, 0)
         if self.canary_clients and self.train.fedavg_impl != "grouped":
             raise ConfigError(

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from dpfl_tff import observers, outputs, plan, plots, resume, runtime
+from dpfl_tff import observers, outputs, plan, plots, resume, runtime, worker_auth
 from dpfl_tff.audit import auditor as canary_audit
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.privacy import coverage
@@ -130,6 +130,7 @@ def run(
     """
     start = time.time()
     cfg, data, notes = plan.prepare(cfg, log)
+    credential = worker_credential(cfg)
     mechanism = mechanism_for(cfg)
     model = keras_model(cfg, data)
     folder = resume.open_folder(cfg, mechanism, model.trainable_weights + model.non_trainable_weights,
@@ -142,7 +143,8 @@ def run(
     loop = _Loop(cfg, data, mechanism, folder, log, stop_requested)
     loop.announce(notes)
     try:
-        with runtime.execution_context(cfg.workers, folder.out.file(outputs.WORKER_LOG), cfg.worker_timeout), \
+        with runtime.execution_context(
+                cfg.workers, folder.out.file(outputs.WORKER_LOG), cfg.worker_timeout, credential), \
                 client_files(cfg, data) as files:
             loop.train(files)
         loop.summary["status"] = "completed" if loop.summary["stop_reason"] is None else "stopped_at_budget"
@@ -198,7 +200,10 @@ class _Loop:
             self.log(f"WARNING: DP noise is seeded (--noise_seed={self.cfg.dp.noise_seed}): for tests only, it gives "
                      "no privacy")
         if self.cfg.workers:
-            self.log(f"workers: {', '.join(self.cfg.workers)} (clients split over them, merged before the server step)")
+            auth = "unauthenticated: --insecure_workers" if self.cfg.insecure_workers else \
+                f"mutual TLS, credential {self.cfg.worker_credentials}"
+            self.log(f"workers: {', '.join(self.cfg.workers)} (clients split over them, merged before the server "
+                     f"step; {auth})")
         if self.cfg.canary_clients:
             k = self.cfg.canary_clients
             self.log(f"audit: {k} canary clients in the population (N' = {self.data.num_clients} + {k}), {k} held-out "
@@ -425,6 +430,17 @@ def _unreleased_fields(cfg: ExperimentConfig) -> tuple[str, ...]:
     return fields
 
 
+def worker_credential(cfg: ExperimentConfig) -> worker_auth.Credential | None:
+    """The driver's credential for `cfg.workers` (None: no workers, or --insecure_workers).
+
+    Raises:
+      CredentialError: --worker_credentials is missing, incomplete or a worker's.
+    """
+    if not cfg.workers or cfg.insecure_workers:
+        return None
+    return worker_auth.load(cfg.worker_credentials, "driver")
+
+
 def dry_run(cfg: ExperimentConfig, overwrite: bool = False, fresh: bool = False,
             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Checks everything `run` would check, prints the plan, trains nothing and starts no TFF worker.
@@ -440,6 +456,7 @@ def dry_run(cfg: ExperimentConfig, overwrite: bool = False, fresh: bool = False,
       ConfigError, OSError, LedgerError: as `run` would, before training.
     """
     cfg, data, notes = plan.prepare(cfg, log)
+    worker_credential(cfg)
     mechanism = mechanism_for(cfg)
     model = keras_model(cfg, data)
     ledger = mechanism.ledger()
