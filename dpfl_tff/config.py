@@ -455,14 +455,16 @@ class ExperimentConfig:
     )
     worker_credentials: str = _field(
         "", WORKERS,
-        "With --workers: folder of the run's credential (made by `experiments.run_worker --make_credentials=DIR`; "
-        "DIR or DIR/driver: ca.pem, cert.pem, key.pem). The driver presents its certificate to every worker and "
-        "accepts only workers holding the same credential's (mutual TLS).",
+        "Folder of the run's credential, made by `experiments.run_worker --make_credentials=DIR`: DIR, or DIR/driver "
+        "for run_federated and DIR/worker for run_worker (ca.pem, cert.pem, key.pem). With it the driver and its "
+        "--workers authenticate each other by mutual TLS: a worker serves only drivers holding DIR/driver, and a "
+        "driver uses only workers holding DIR/worker.",
     )
     insecure_workers: bool = _field(
         False, WORKERS,
-        "With --workers: talk to workers started with --insecure_workers, unauthenticated and unencrypted "
-        "(anyone who can reach their ports can run code there); prints a warning.",
+        "Driver and --workers without authentication or encryption, instead of --worker_credentials: anyone who "
+        "can reach a worker's port can run code there as its user. Needed on both sides (run_worker and "
+        "run_federated); each prints a warning. Only on a network that only the driver's machines can reach.",
     )
     log_cohorts: bool = _field(
         False, OUTPUTS,

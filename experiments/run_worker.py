@@ -26,19 +26,16 @@ import time
 
 from absl import flags
 
+from dpfl_tff import config
 from experiments import cli
 
 PORT = flags.DEFINE_integer("port", None, "TCP port (1..65535) to listen on, on all interfaces.")
-CREDENTIALS = flags.DEFINE_string(
-    "worker_credentials", None,
-    "Folder of this run's credential made by --make_credentials: DIR or DIR/worker (ca.pem, cert.pem, key.pem). "
-    "The port then accepts only drivers holding DIR/driver (mutual TLS); the TFF worker listens on loopback only.",
-)
-INSECURE = flags.DEFINE_bool(
-    "insecure_workers", False,
-    "Serve without authentication or encryption: anyone who can reach the port can run code as this user. "
-    "Only on a network that only the driver's machines can reach; prints a warning.",
-)
+# Shared with run_federated: one definition, the configuration field's (`dpfl_tff.config`).
+_SHARED = dict(config.flag_fields(config.ExperimentConfig))
+CREDENTIALS = cli.define_once(flags.DEFINE_string, "worker_credentials", _SHARED["worker_credentials"].default,
+                              _SHARED["worker_credentials"].metadata["help"], __name__)
+INSECURE = cli.define_once(flags.DEFINE_bool, "insecure_workers", _SHARED["insecure_workers"].default,
+                           _SHARED["insecure_workers"].metadata["help"], __name__)
 MAKE_CREDENTIALS = flags.DEFINE_string(
     "make_credentials", None,
     "Write a new credential to this folder (new or empty) and exit: DIR/worker for every run_worker, "
