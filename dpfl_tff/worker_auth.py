@@ -28,7 +28,7 @@ which host it is on, so one credential serves every worker host.
 
 from __future__ import annotations
 
-import asyncio
+import select
 import dataclasses
 import datetime
 import os
@@ -309,6 +309,8 @@ def _refusal(error: BaseException) -> str:
     """Why the front refused a connection, in words (the line run_worker prints)."""
     if isinstance(error, ssl.SSLCertVerificationError):
         return f"its certificate is not a driver certificate of this run ({error.verify_message})"
+    if isinstance(error, (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError)):
+        return "it closed the connection during the TLS handshake (it does not trust this worker's certificate?)"
     if isinstance(error, ssl.SSLError):
         reason = _alert(error)
         if "alert" in reason:
@@ -318,9 +320,7 @@ def _refusal(error: BaseException) -> str:
         if "wrong version" in reason or "http" in reason or "unknown protocol" in reason:
             return f"it does not speak TLS ({reason}: a driver with --insecure_workers, or not a driver)"
         return f"TLS handshake failed ({reason})"
-    if isinstance(error, ConnectionResetError):
-        return "it closed the connection during the TLS handshake (it does not trust this worker's certificate?)"
-    if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
+    if isinstance(error, TimeoutError):
         return f"no TLS handshake within {HANDSHAKE_TIMEOUT:g} s"
     return f"{type(error).__name__}: {error}"
 
@@ -351,13 +351,16 @@ def bound_socket(port: int) -> socket.socket:
 
 
 class TlsFront:
-    """Authenticates connections to `port` by mutual TLS and forwards the accepted ones to `127.0.0.1:inner_port`.
+    """Authenticates connections to `sock`'s port by mutual TLS and forwards the accepted ones to `127.0.0.1:inner_port`.
 
-    Runs an asyncio loop in a daemon thread. Every refused connection gives
-    one line through `log` ("refused a connection from HOST:PORT: why"; the
-    same host and reason again within a minute is counted in the next such
-    line instead), and every accepted one a line naming its peer. Bytes are forwarded unchanged
-    both ways; a connection ends when either side closes it.
+    A daemon thread accepts; each connection gets a thread of its own that
+    does the handshake (at most `HANDSHAKE_TIMEOUT` seconds) and then copies
+    bytes, unchanged, both ways until either side closes (one thread per
+    connection, so its TLS object is never used by two threads at once).
+    Every refused connection gives one line through `log` ("refused a
+    connection from HOST:PORT: why"; the same host and reason again within a
+    minute is counted in the next such line instead), and every accepted one
+    a line naming its peer.
     """
 
     def __init__(self, sock: socket.socket, inner_port: int, credential: Credential, log: Callable[[str], None]):
@@ -368,86 +371,98 @@ class TlsFront:
         self.accepted = 0
         self.refused = 0
         self._refusals: dict[tuple[str, str], tuple[float, int]] = {}  # (host, why) -> (last logged, not logged since)
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dpfl_tff_tls_front", daemon=True)
-        self._thread.start()
-        self._ready.wait(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._serve())
-
-    async def _serve(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        self._sock.setblocking(False)
+        self._lock = threading.Lock()
+        self._closed = False
         self._sock.listen(64)
-        accepting = asyncio.ensure_future(self._accept_loop(loop))
-        self._ready.set()
-        await self._stop.wait()
-        accepting.cancel()
-        self._sock.close()
+        self._thread = threading.Thread(target=self._accept_loop, name="dpfl_tff_tls_front", daemon=True)
+        self._thread.start()
 
-    async def _accept_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        while True:
-            conn, peer = await loop.sock_accept(self._sock)
-            asyncio.ensure_future(self._handle(loop, conn, peer))
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, peer = self._sock.accept()
+            except OSError:
+                if self._closed:
+                    return
+                time.sleep(0.05)  # e.g. EMFILE: try again
+                continue
+            threading.Thread(target=self._handle, args=(conn, peer), name="dpfl_tff_tls_conn", daemon=True).start()
 
     def _log_refusal(self, host: str, who: str, why: str) -> None:
         """One line per refusal; the same host refused for the same reason again within a minute is counted."""
-        now = time.monotonic()
-        last, hidden = self._refusals.get((host, why), (-1e9, 0))
-        if now - last < _REPEAT_SECONDS:
-            self._refusals[(host, why)] = (last, hidden + 1)
-            return
+        with self._lock:
+            now = time.monotonic()
+            last, hidden = self._refusals.get((host, why), (-1e9, 0))
+            if now - last < _REPEAT_SECONDS:
+                self._refusals[(host, why)] = (last, hidden + 1)
+                return
+            self._refusals[(host, why)] = (now, 0)
         more = f" ({hidden} more from {host} since, not shown)" if hidden else ""
         self._log(f"refused a connection from {who}: {why}{more}")
-        self._refusals[(host, why)] = (now, 0)
 
     def close(self) -> None:
-        """Stops accepting and ends the loop (open connections are dropped)."""
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(5)
+        """Stops accepting (open connections end with the process)."""
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
 
-    async def _handle(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, peer) -> None:
+    def _handle(self, conn: socket.socket, peer) -> None:
         who = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
-        reader = asyncio.StreamReader(limit=_CHUNK, loop=loop)
-        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        conn.settimeout(HANDSHAKE_TIMEOUT)
         try:  # the handshake: only a certificate of the run's CA for client authentication gets past it
-            transport, _ = await loop.connect_accepted_socket(
-                lambda: protocol, conn, ssl=self._ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
-        except (OSError, asyncio.TimeoutError, ConnectionError) as e:
-            self.refused += 1
+            tls = self._ctx.wrap_socket(conn, server_side=True)
+        except (OSError, TimeoutError) as e:
+            with self._lock:
+                self.refused += 1
             self._log_refusal(peer[0], who, _refusal(e))
             conn.close()
             return
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         try:
-            inner_reader, inner_writer = await asyncio.open_connection("127.0.0.1", self._inner_port, limit=_CHUNK)
+            inner = socket.create_connection(("127.0.0.1", self._inner_port), timeout=10)
         except OSError as e:
             self._log(f"connection from {who}: authenticated, but the TFF worker does not answer ({e})")
-            transport.abort()
+            tls.close()
             return
-        self.accepted += 1
+        with self._lock:
+            self.accepted += 1
         self._log(f"driver connected from {who}")
-        a = asyncio.ensure_future(_pump(reader, inner_writer))
-        b = asyncio.ensure_future(_pump(inner_reader, writer))
-        await asyncio.wait((a, b), return_when=asyncio.FIRST_COMPLETED)
-        for task in (a, b):
-            task.cancel()
-        for w in (inner_writer, writer):
-            w.transport.abort()
+        try:
+            _forward(tls, inner)
+        finally:
+            inner.close()
+            tls.close()
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+def _forward(tls: ssl.SSLSocket, inner: socket.socket) -> None:
+    """Copies bytes both ways between `tls` and `inner` until either closes (in the calling thread)."""
+    for s in (tls, inner):
+        s.settimeout(None)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    poller = select.poll()
+    poller.register(tls, select.POLLIN)
+    poller.register(inner, select.POLLIN)
+    fd_tls = tls.fileno()
     try:
-        while data := await reader.read(_CHUNK):
-            writer.write(data)
-            await writer.drain()
-    except (OSError, ConnectionError, ssl.SSLError):
-        pass
+        while True:
+            ready = [fd for fd, _ in poller.poll()]
+            if fd_tls in ready:
+                while True:  # all the TLS data decrypted so far (a record may hold more than one read)
+                    data = tls.recv(_CHUNK)
+                    if not data:
+                        return
+                    inner.sendall(data)
+                    if not tls.pending():
+                        break
+            if len(ready) > 1 or fd_tls not in ready:
+                data = inner.recv(_CHUNK)
+                if not data:
+                    return
+                tls.sendall(data)
+    except (OSError, ssl.SSLError):
+        return
 
 
 def wait_for_front(address: str, credential: Credential, timeout: float) -> None:
