@@ -467,6 +467,19 @@ class ExperimentConfig:
         "Keep it below the scheduler's own grace before SIGKILL (Slurm KillWait, Kubernetes "
         "terminationGracePeriodSeconds: 30 s by default).",
     )
+    worker_credentials: str = _field(
+        "", WORKERS,
+        "Folder of the run's credential, made by `experiments.run_worker --make_credentials=DIR`: DIR, or DIR/driver "
+        "for run_federated and DIR/worker for run_worker (ca.pem, cert.pem, key.pem). With it the driver and its "
+        "--workers authenticate each other by mutual TLS: a worker serves only drivers holding DIR/driver, and a "
+        "driver uses only workers holding DIR/worker.",
+    )
+    insecure_workers: bool = _field(
+        False, WORKERS,
+        "Driver and --workers without authentication or encryption, instead of --worker_credentials: anyone who "
+        "can reach a worker's port can run code there as its user. Needed on both sides (run_worker and "
+        "run_federated); each prints a warning. Only on a network that only the driver's machines can reach.",
+    )
     log_cohorts: bool = _field(
         False, OUTPUTS,
         "Write every round's cohort to ledger.jsonl. Whoever reads the folder then knows who took"
@@ -498,6 +511,14 @@ class ExperimentConfig:
             raise ConfigError("--output_dir is empty: give a folder for the experiment's outputs")
         for address in self.workers:
             check_worker_address(address, ",".join(self.workers))
+        if self.workers and self.worker_credentials and self.insecure_workers:
+            raise ConfigError(f"--worker_credentials={self.worker_credentials} with --insecure_workers: give one of them")
+        if self.workers and not self.worker_credentials and not self.insecure_workers:
+            raise ConfigError(
+                f"--workers={','.join(self.workers)}: give --worker_credentials=DIR/driver (the credential the workers "
+                "were started with; make one with `python -m experiments.run_worker --make_credentials=DIR`), or "
+                "--insecure_workers for workers started with --insecure_workers"
+            )
         _int_at_least("canary_clients", self.canary_clients, 0)
         if self.canary_clients and self.train.fedavg_impl != "grouped":
             raise ConfigError(

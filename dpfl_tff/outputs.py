@@ -39,7 +39,8 @@ _RUN_FILES = (HPARAMS, METRICS, SUMMARY, "ledger.jsonl", "checkpoints", TENSORBO
 # the model trained so far nor its privacy accounting.
 RESUMABLE_CHANGES = {
     "train.rounds", "train.eval_every", "train.checkpoint_every", "dp.max_epsilon", "dp.accountant", "output_dir",
-    "workers", "worker_timeout", "stall_seconds", "stop_grace_seconds", "train.clients_per_call",
+    "workers", "worker_timeout", "stall_seconds", "stop_grace_seconds", "worker_credentials", "insecure_workers",
+    "train.clients_per_call",
     # Cohorts are fresh draws in every execution, seeded or not; logging them more or less is the user's call.
     "train.sampling_seed", "log_cohorts",
     # Whether missing data files may be fetched: the files a run reads are the same (checksum-pinned).

@@ -19,9 +19,11 @@ pipe, then leaves an orphan worker that keeps the pipe open.
   `SystemExit` by the driver) it is terminated and reaped, and an `atexit`
   hook does the same for anything left.
 
-`remote_context(addresses)` runs the block on worker services that someone
-else started (`experiments.run_worker`), splitting each call's clients over
-them with TFF's mergeable-computation context.
+`remote_context(addresses, credential=...)` runs the block on worker services
+that someone else started (`experiments.run_worker`), splitting each call's
+clients over them with TFF's mergeable-computation context; its channels are
+mutual TLS with the run's credential (`dpfl_tff.worker_auth`), or plain for
+workers started with `--insecure_workers`.
 
 `install()` (called on entering either block) replaces TFF's lazily-starting
 default context with one that raises: a TFF computation invoked outside these
@@ -76,7 +78,7 @@ from tensorflow_federated.python.core.impl.executors import remote_executor
 from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub, remote_executor_stub
 from tensorflow_federated.python.core.impl.types import placements, type_conversions
 
-from dpfl_tff import serialization
+from dpfl_tff import serialization, worker_auth
 
 WORKER_BINARY = os.path.join(os.path.dirname(tff.__file__), "data", "worker_binary")
 
@@ -855,21 +857,55 @@ class WorkersUnreachable(RuntimeError):
     """Some `--workers` addresses did not answer before training."""
 
 
-def check_reachable(addresses: list[str], timeout: float) -> list[remote_executor_grpc_stub.RemoteExecutorGrpcStub]:
+class WorkersRefused(WorkersUnreachable):
+    """A `--workers` address answered, but the TLS handshake failed: the two sides hold different credentials."""
+
+
+def check_reachable(
+    addresses: list[str], timeout: float, credential: worker_auth.Credential | None = None
+) -> list[remote_executor_grpc_stub.RemoteExecutorGrpcStub]:
     """Connects to every address; raises naming all that do not answer within `timeout` seconds.
+
+    Each address is first probed by one connection of our own
+    (`worker_auth.probe` with `credential`, else `worker_auth.probe_insecure`),
+    so that a worker holding another credential, or none, is named with the
+    reason at once instead of gRPC's retrying it silently until the timeout.
+
+    Args:
+      addresses: `host:port` of each worker.
+      timeout: seconds to wait for all of them.
+      credential: the driver's credential (mutual TLS), or None for workers
+        started with `--insecure_workers`.
 
     Returns:
       One stub per address, in order.
 
     Raises:
+      WorkersRefused: a worker and this driver do not hold the same credential.
       WorkersUnreachable: some addresses did not answer.
     """
-    channels = [grpc.insecure_channel(a, GRPC_CHANNEL_OPTIONS) for a in addresses]
-    stubs = [remote_executor_grpc_stub.RemoteExecutorGrpcStub(c) for c in channels]
     deadline = time.monotonic() + timeout
-    while not all(s.is_ready for s in stubs) and time.monotonic() < deadline:
+    pending = list(addresses)
+    while pending:
+        for a in list(pending):
+            wait = max(0.2, min(2.0, deadline - time.monotonic()))
+            try:
+                up = worker_auth.probe(a, credential, wait) if credential else worker_auth.probe_insecure(a, wait)
+            except worker_auth.Refused as e:
+                raise WorkersRefused(f"--workers: {e}") from None
+            if up:
+                pending.remove(a)
+        if not pending or time.monotonic() >= deadline:
+            break
         time.sleep(0.05)
-    down = [a for a, s in zip(addresses, stubs) if not s.is_ready]
+    if credential is None:
+        channels = [grpc.insecure_channel(a, GRPC_CHANNEL_OPTIONS) for a in addresses]
+    else:
+        channels = [worker_auth.secure_channel(a, credential, GRPC_CHANNEL_OPTIONS) for a in addresses]
+    stubs = [remote_executor_grpc_stub.RemoteExecutorGrpcStub(c) for c in channels]
+    while not pending and not all(s.is_ready for s in stubs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    down = pending or [a for a, s in zip(addresses, stubs) if not s.is_ready]
     if down:
         for c in channels:
             _close_unready_channel(c)
@@ -882,7 +918,9 @@ def check_reachable(addresses: list[str], timeout: float) -> list[remote_executo
 
 
 @contextlib.contextmanager
-def remote_context(addresses: list[str], timeout: float = 30.0) -> Iterator[None]:
+def remote_context(
+    addresses: list[str], timeout: float = 30.0, credential: worker_auth.Credential | None = None
+) -> Iterator[None]:
     """Runs TFF computations on remote worker services for the `with` block.
 
     Every computation is compiled to TFF's mergeable form
@@ -900,12 +938,21 @@ def remote_context(addresses: list[str], timeout: float = 30.0) -> Iterator[None
       timeout: seconds to wait for every worker before starting, and how long
         a subround keeps retrying a worker that stopped answering before the
         call fails with `WorkerLost` naming it.
+      credential: the driver's credential (`worker_auth.load(dir, "driver")`):
+        every channel is mutual TLS with workers started with the same
+        credential. None: workers started with `--insecure_workers`
+        (unauthenticated, unencrypted); one warning line on stderr says so.
 
     Raises:
+      WorkersRefused: a worker holds another credential, or none.
       WorkersUnreachable: a worker is not reachable within `timeout`.
     """
     install()
-    stubs = check_reachable(list(addresses), timeout)
+    if credential is None:
+        _warn(f"WARNING: --insecure_workers: {', '.join(addresses)}: unauthenticated and unencrypted; anyone who "
+              "can reach these ports can run code there and read the data sent (docs/several-machines.md "
+              "\"Security\")")
+    stubs = check_reachable(list(addresses), timeout, credential)
     contexts = [_WorkerContext(a, s, timeout) for a, s in zip(addresses, stubs)]
     stack = context_stack_impl.context_stack
     previous = stack.current
@@ -1076,11 +1123,12 @@ def _close_unready_channel(channel: grpc.Channel) -> None:
 
 
 def execution_context(
-    workers: tuple[str, ...] | list[str], log_path: str | None = None, timeout: float = 30.0
+    workers: tuple[str, ...] | list[str], log_path: str | None = None, timeout: float = 30.0,
+    credential: worker_auth.Credential | None = None,
 ) -> contextlib.AbstractContextManager[None]:
     """The context a run executes in.
 
-    `remote_context(workers, timeout)` if workers are given. Otherwise, inside
+    `remote_context(workers, timeout, credential)` if workers are given. Otherwise, inside
     an enclosing `local_context()` (a sweep, a notebook, a test session), that
     context's worker is used, `log_path` gets one line naming it, and on
     leaving the block the worker's values of the block are cleared (its
@@ -1089,7 +1137,7 @@ def execution_context(
     builds its computations, and the first call waits for it.
     """
     if workers:
-        return remote_context(list(workers), timeout)
+        return remote_context(list(workers), timeout, credential)
     if _active_local:
         return _reuse_local(log_path)
     return local_context(log_path=log_path, wait=False)

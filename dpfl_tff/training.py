@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from dpfl_tff import folder_lock, models, observers, outputs, plan, plots, resume, runtime, watchdog
+from dpfl_tff import folder_lock, models, observers, outputs, plan, plots, resume, runtime, watchdog, worker_auth
 from dpfl_tff.audit import auditor as canary_audit
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.privacy import coverage, truncation
@@ -139,6 +139,7 @@ def run(
 def _run_locked(cfg: ExperimentConfig, overwrite: bool, log: Callable[[str], None],
                 stop_requested: Callable[[], RunInterrupted | None], fresh: bool, start: float) -> RunResult:
     cfg, data, notes = plan.prepare(cfg, log)
+    credential = worker_credential(cfg)
     mechanism = mechanism_for(cfg)
     model = keras_model(cfg, data)
     folder = resume.open_folder(cfg, mechanism, model.trainable_weights + model.non_trainable_weights,
@@ -154,7 +155,8 @@ def _run_locked(cfg: ExperimentConfig, overwrite: bool, log: Callable[[str], Non
     loop.announce(notes)
     failure: BaseException | None = None
     try:
-        with runtime.execution_context(cfg.workers, folder.out.file(outputs.WORKER_LOG), cfg.worker_timeout), \
+        with runtime.execution_context(
+                cfg.workers, folder.out.file(outputs.WORKER_LOG), cfg.worker_timeout, credential), \
                 client_files(cfg, data) as files:
             loop.train(files)
         loop.summary["status"] = "completed" if loop.summary["stop_reason"] is None else "stopped_at_budget"
@@ -219,7 +221,10 @@ class _Loop:
             self.log(f"WARNING: DP noise is seeded (--noise_seed={self.cfg.dp.noise_seed}): for tests only, it gives "
                      "no privacy")
         if self.cfg.workers:
-            self.log(f"workers: {', '.join(self.cfg.workers)} (clients split over them, merged before the server step)")
+            auth = "unauthenticated: --insecure_workers" if self.cfg.insecure_workers else \
+                f"mutual TLS, credential {self.cfg.worker_credentials}"
+            self.log(f"workers: {', '.join(self.cfg.workers)} (clients split over them, merged before the server "
+                     f"step; {auth})")
         if self.cfg.canary_clients:
             k = self.cfg.canary_clients
             self.log(f"audit: {k} canary clients in the population (N' = {self.data.num_clients} + {k}), {k} held-out "
@@ -478,6 +483,17 @@ def _unreleased_fields(cfg: ExperimentConfig) -> tuple[str, ...]:
     return fields
 
 
+def worker_credential(cfg: ExperimentConfig) -> worker_auth.Credential | None:
+    """The driver's credential for `cfg.workers` (None: no workers, or --insecure_workers).
+
+    Raises:
+      CredentialError: --worker_credentials is missing, incomplete or a worker's.
+    """
+    if not cfg.workers or cfg.insecure_workers:
+        return None
+    return worker_auth.load(cfg.worker_credentials, "driver")
+
+
 def dry_run(cfg: ExperimentConfig, overwrite: bool = False, fresh: bool = False,
             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Checks everything `run` would check, prints the plan, trains nothing and starts no TFF worker.
@@ -493,6 +509,7 @@ def dry_run(cfg: ExperimentConfig, overwrite: bool = False, fresh: bool = False,
       ConfigError, OSError, LedgerError: as `run` would, before training.
     """
     cfg, data, notes = plan.prepare(cfg, log)
+    worker_credential(cfg)
     mechanism = mechanism_for(cfg)
     model = keras_model(cfg, data)
     ledger = mechanism.ledger()

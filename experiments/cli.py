@@ -48,6 +48,18 @@ def say(line: str) -> None:
             pass
 
 
+def define_once(define: Callable[..., flags.FlagHolder], name: str, default, help_text: str,
+                module_name: str) -> flags.FlagHolder:
+    """A flag several drivers share (e.g. --insecure_workers): defined by the first to import, shared after.
+
+    Either way it is a key flag of `module_name` (the caller's `__name__`).
+    """
+    if name in flags.FLAGS:
+        flags.FLAGS.register_key_flag_for_module(module_name, flags.FLAGS[name])
+        return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
+    return define(name, default, help_text, module_name=module_name)
+
+
 def usage_error(message: str) -> None:
     """Prints `error: message` (one line) on stderr and exits 2."""
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)

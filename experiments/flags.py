@@ -16,6 +16,7 @@ import dataclasses
 from absl import flags
 
 from dpfl_tff import config as C
+from experiments import cli
 
 _DEFINE = {
     "str": flags.DEFINE_string,
@@ -31,7 +32,7 @@ _SECTIONS = ((C.TaskConfig, "task"), (C.TrainConfig, "train"), (C.DPConfig, "dp"
 
 def _define(name: str, field: dataclasses.Field) -> flags.FlagHolder:
     default = list(field.default) if isinstance(field.default, tuple) else field.default
-    return _DEFINE[str(field.type)](name, default, field.metadata["help"])
+    return cli.define_once(_DEFINE[str(field.type)], name, default, field.metadata["help"], __name__)
 
 
 # name -> holder, for every configuration field with a flag, in the fields' order.

@@ -26,7 +26,8 @@ EMNIST's sizes (the cost of `--eval_every`, also as a ratio to a round), with
 --memory_rounds=N the RSS slope over N MLP rounds, and seconds per round of the
 first model over 1 and 2 local worker services (`--workers`' remote context;
 with --pin_workers worker i runs on CPU i only, so 2 workers on 2 cores are
-compared with 1 worker on 1 core, and each worker's CPU seconds show the split; then plain TensorFlow's
+compared with 1 worker on 1 core, and each worker's CPU seconds show the split; --worker_tls: the 2 workers
+also through mutual TLS, `ratio_2_tls_over_2_workers`; then plain TensorFlow's
 local SGD of the same model on one core alone and on both cores at once gives the speed-up two cores
 allow that work at best, `core_scaling`).
 
@@ -103,6 +104,11 @@ WORKER_CLIENTS = flags.DEFINE_integer("worker_clients", 0,
 WORKER_ROUNDS = flags.DEFINE_integer("worker_rounds", 0,
                                      "Worker timing: timed rounds per turn of each worker count (0: --rounds).")
 WORKER_CYCLES = flags.DEFINE_integer("worker_cycles", 2, "Worker timing: turns of each worker count (>= 1).")
+WORKER_TLS = flags.DEFINE_bool(
+    "worker_tls", True,
+    "Worker timing, with 2 in --worker_counts: also a turn of the same 2 workers through mutual TLS "
+    "(--worker_credentials: one TLS front process per worker, as run_worker runs it, pinned with its worker), "
+    "as 2_tls_workers_*, and its ratio to the plain 2 workers.")
 EVAL_SIZES = flags.DEFINE_list(
     "eval_sizes", ["360", "40832"],
     "Test set sizes (examples) of the evaluation timing: the digits' 20%% split (360) and TFF's EMNIST-62 test "
@@ -272,6 +278,7 @@ def _config(name: str, m: int, tmp: str, workers: tuple[str, ...] = (), impl: st
                           client_batch_size=BATCH.value, client_learning_rate=CLIENT_LR,
                           server_optimizer="sgd", server_learning_rate=1.0, fedavg_impl=impl),
         dp=DPConfig(noise_multiplier=Z, clip_norm=CLIP), output_dir=tmp, workers=workers,
+        insecure_workers=bool(workers),  # the plain turns; the TLS turn passes its credential to remote_context
     ).validate()
 
 
@@ -305,6 +312,30 @@ def _cpu_seconds(pid: int | str) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# One TLS front (dpfl_tff.worker_auth.TlsFront, what run_worker --worker_credentials runs) in a process of its
+# own, in front of an existing worker: argv credential folder, front port, worker port.
+_FRONT = ("import sys, time\nfrom dpfl_tff import worker_auth as a\n"
+          "front = a.TlsFront(a.bound_socket(int(sys.argv[2])), int(sys.argv[3]), a.load(sys.argv[1], 'worker'),"
+          " lambda line: None)\nprint('up', flush=True)\nsys.stdin.read()\nfront.close()\n")
+
+
+def _start_fronts(credentials: str, worker_ports: list[int], pin: bool) -> list[tuple[subprocess.Popen, int]]:
+    """A TLS front process for each worker port (on CPU i with worker i when pinned); (process, front port)."""
+    import portpicker
+
+    fronts = []
+    for i, worker_port in enumerate(worker_ports):
+        port = portpicker.pick_unused_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _FRONT, credentials, str(port), str(worker_port)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, preexec_fn=(lambda i=i: os.sched_setaffinity(0, {i})) if pin else None)
+        fronts.append((proc, port))
+    for proc, _ in fronts:
+        if proc.stdout.readline().strip() != "up":
+            raise RuntimeError(f"TLS front pid {proc.pid} did not start")
+    return fronts
+
+
 def _time_workers(name: str, data: FederatedData, tmp: str) -> dict:
     """Seconds per round of `name` over n local worker services (remote context), for each n.
 
@@ -316,6 +347,11 @@ def _time_workers(name: str, data: FederatedData, tmp: str) -> dict:
     does not fall on one of them. Also reports each worker's CPU seconds per
     round (an even split halves them) and this process' (the split, merge and
     (de)serialization TFF does in Python).
+
+    With --worker_tls, a turn "2_tls" runs the same two workers through
+    mutual TLS: a TLS front process per worker (pinned with it), the driver
+    on gRPC TLS channels with the run's credential; its fronts' CPU seconds per
+    round are reported too.
     """
     m = len(data.clients)
     pin = PIN_WORKERS.value
@@ -328,38 +364,62 @@ def _time_workers(name: str, data: FederatedData, tmp: str) -> dict:
         raise app.UsageError(f"--pin_workers: {max(counts)} workers need {max(counts)} CPUs, "
                              f"this machine has {os.cpu_count()}")
     procs = [runtime.start_worker(cpus={i} if pin else None) for i in range(max(counts))]  # n workers: the first n
+    fronts: list[tuple[subprocess.Popen, int]] = []
     try:
-        cfgs = {n: _config(name, m, tmp, tuple(f"localhost:{port}" for _, port in procs[:n])) for n in counts}
-        process = training.build_learning_process(cfgs[counts[0]], data)
-        times: dict[int, list[float]] = {n: [] for n in counts}
-        cpu: dict[int, list[float]] = {n: [0.0] * (n + 1) for n in counts}
+        # turn label -> (workers used, addresses, credential)
+        turns = {str(n): (n, tuple(f"localhost:{port}" for _, port in procs[:n]), None) for n in counts}
+        if WORKER_TLS.value and 2 in counts:
+            from dpfl_tff import worker_auth
+
+            folder = os.path.join(tmp, "credentials")
+            worker_auth.make_credentials(folder)
+            fronts = _start_fronts(os.path.join(folder, "worker"), [port for _, port in procs[:2]], pin)
+            turns["2_tls"] = (2, tuple(f"localhost:{port}" for _, port in fronts),
+                              worker_auth.load(folder, "driver"))
+        cfgs = {label: _config(name, m, tmp, addresses) for label, (_, addresses, _) in turns.items()}
+        process = training.build_learning_process(cfgs[str(counts[0])], data)
+        times: dict[str, list[float]] = {label: [] for label in turns}
+        cpu: dict[str, list[float]] = {label: [0.0] * (n + 1 + (n if credential else 0))
+                                       for label, (n, _, credential) in turns.items()}
         state, r = None, 0
         for _ in range(WORKER_CYCLES.value):
-            for n in counts:
-                cfg = cfgs[n]
-                with runtime.remote_context(list(cfg.workers), timeout=60):
+            for label, (n, addresses, credential) in turns.items():
+                cfg = cfgs[label]
+                with runtime.remote_context(list(addresses), timeout=60, credential=credential):
                     if state is None:
                         state = training.initial_state(process, cfg, data)
                     r += 1
                     state = process.next(state, training.round_input(cfg, data, range(m), r)).state  # warm-up
-                    pids = [p.pid for p, _ in procs[:n]] + ["self"]
+                    pids = [p.pid for p, _ in procs[:n]] + ["self"] + ([p.pid for p, _ in fronts] if credential else [])
                     cpu0 = [_cpu_seconds(p) for p in pids]
                     for _ in range(WORKER_ROUNDS.value or ROUNDS.value):
                         r += 1
                         t = time.perf_counter()
                         state = process.next(state, training.round_input(cfg, data, range(m), r)).state
-                        times[n].append(time.perf_counter() - t)
-                    cpu[n] = [c + _cpu_seconds(p) - c0 for c, p, c0 in zip(cpu[n], pids, cpu0)]
-        for n in counts:
-            out[f"{n}_workers_seconds_per_round"] = statistics.median(times[n])
-            out[f"{n}_workers_worker_cpu_seconds_per_round"] = [c / len(times[n]) for c in cpu[n][:-1]]
-            out[f"{n}_workers_python_cpu_seconds_per_round"] = cpu[n][-1] / len(times[n])
+                        times[label].append(time.perf_counter() - t)
+                    cpu[label] = [c + _cpu_seconds(p) - c0 for c, p, c0 in zip(cpu[label], pids, cpu0)]
+        for label, (n, _, credential) in turns.items():
+            k = len(times[label])
+            out[f"{label}_workers_seconds_per_round"] = statistics.median(times[label])
+            out[f"{label}_workers_worker_cpu_seconds_per_round"] = [c / k for c in cpu[label][:n]]
+            out[f"{label}_workers_python_cpu_seconds_per_round"] = cpu[label][n] / k
+            if credential:
+                out[f"{label}_workers_front_cpu_seconds_per_round"] = [c / k for c in cpu[label][n + 1:]]
     finally:
+        for proc, _ in fronts:
+            proc.stdin.close()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         for proc, _ in procs:
             runtime.stop_worker(proc)
     if "1_workers_seconds_per_round" in out and "2_workers_seconds_per_round" in out:
         out["ratio_2_over_1_workers"] = out["2_workers_seconds_per_round"] / out["1_workers_seconds_per_round"]
         out["speedup_2_over_1_workers"] = 1 / out["ratio_2_over_1_workers"]
+    if "2_tls_workers_seconds_per_round" in out:
+        out["ratio_2_tls_over_2_workers"] = out["2_tls_workers_seconds_per_round"] / out["2_workers_seconds_per_round"]
     return out
 
 

@@ -184,6 +184,7 @@ ABSL_FLAGS = {"help", "helpfull", "helpshort", "flagfile", "verbosity"}
 OTHER_PROGRAMS = {
     "uv": {"version", "frozen", "compile-bytecode"},
     "tensorboard": {"logdir"},
+    "kubectl": {"from-file"},  # docs/several-machines.md: the credential as Kubernetes secrets
     # docs/comparison.md
     "google-research/federated differential_privacy/run_federated.py": {
         "clip", "noise_multiplier", "adaptive_clip_learning_rate", "target_unclipped_quantile", "uniform_weighting",

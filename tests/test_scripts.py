@@ -77,10 +77,14 @@ def test_bench_round_emits_every_field_and_leaves_no_worker():
     assert w["1_workers_seconds_per_round"] > 0 and w["2_workers_seconds_per_round"] > 0
     assert w["ratio_2_over_1_workers"] == w["2_workers_seconds_per_round"] / w["1_workers_seconds_per_round"]
     assert w["speedup_2_over_1_workers"] == 1 / w["ratio_2_over_1_workers"]
-    for n in (1, 2):  # CPU seconds of each pinned worker and of this process, per round
-        assert len(w[f"{n}_workers_worker_cpu_seconds_per_round"]) == n
+    for n in (1, 2, "2_tls"):  # CPU seconds of each pinned worker and of this process, per round
+        assert len(w[f"{n}_workers_worker_cpu_seconds_per_round"]) == (2 if n == "2_tls" else n)
         assert all(c >= 0 for c in w[f"{n}_workers_worker_cpu_seconds_per_round"])
         assert w[f"{n}_workers_python_cpu_seconds_per_round"] >= 0
+    # the same 2 workers through mutual TLS (--worker_tls, on by default), with its 2 front processes
+    assert w["ratio_2_tls_over_2_workers"] == w["2_tls_workers_seconds_per_round"] / w["2_workers_seconds_per_round"]
+    fronts = w["2_tls_workers_front_cpu_seconds_per_round"]
+    assert len(fronts) == 2 and all(c >= 0 for c in fronts), fronts
     core = w["core_scaling"]  # plain TF on one core alone vs on both cores at once: the hardware's bound
     assert core["steps"] == 5 and core["one_core_alone_seconds"] > 0 and core["two_cores_together_seconds"] > 0
     assert core["speedup_bound_2_cores"] == 2 * core["one_core_alone_seconds"] / core["two_cores_together_seconds"]
