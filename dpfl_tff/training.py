@@ -4,7 +4,7 @@
 a new run, a checked resume, or a finished run left as it is), then loops:
 
   draw the round's cohort (secret, `sampling.CohortSampler`); the ledger begins the round
-  budget guard: stop before a round that would exceed --max_epsilon
+  budget guard: stop before a round that would exceed --max_epsilon or --target_epsilon
   process.next(mechanism.prepare_state(state), the cohort's data)   # the mechanism's query inside
   -- from here nothing is cut short (signals wait) --
   ledger.jsonl += the round (write-ahead)
@@ -140,7 +140,7 @@ def run(
         log(f"already complete: {done['rounds']} rounds, epsilon {eps}; outputs in {cfg.output_dir}")
         return RunResult(done, outputs.read_metrics(cfg.output_dir), already_complete=True)
     loop = _Loop(cfg, data, mechanism, folder, log, stop_requested)
-    loop.announce(notes)
+    loop.announce(notes + _calibration_history_notes(cfg, loop.planned, loop.history))
     try:
         with runtime.execution_context(cfg.workers, folder.out.file(outputs.WORKER_LOG), cfg.worker_timeout), \
                 client_files(cfg, data) as files:
@@ -171,7 +171,9 @@ class _Loop:
         self.cfg, self.data, self.mechanism, self.folder = cfg, data, mechanism, folder
         self.log, self.stop_requested = log, stop_requested
         self.ledger = mechanism.ledger()
-        self.planned = self.ledger.planned(cfg.train.rounds)
+        # Every prediction composes the folder's history (its verified ledger) first.
+        self.history = resume.history_of(folder)
+        self.planned = mechanism.projected(list(self.history.entries), self.history.resume_round, cfg.train.rounds)
         t = cfg.train
         # Canary clients (--canary_clients) are ids N..N+K-1 of the population the cohorts are drawn from.
         self.sampler = sampler_for(t.client_sampling, data.num_clients + cfg.canary_clients, t.clients_per_round,
@@ -205,7 +207,7 @@ class _Loop:
                      "directions; empirical epsilon after the last round")
 
     def _privacy_line(self) -> str:
-        return f"{self.mechanism.privacy_line(self.planned)}; {_sampling_text(self.cfg, self.mechanism)}"
+        return _privacy_line(self.cfg, self.mechanism, self.planned, self.history)
 
     def train(self, files) -> None:
         cfg = self.cfg
@@ -253,8 +255,15 @@ class _Loop:
         if self.done:
             self.log(f"resuming {self.cfg.output_dir} from round {self.done} (checkpoint); "
                      f"ledger: {self.ledger.released} released round(s) so far")
+        if self.done != self.history.resume_round:  # the newest checkpoint was unreadable: more rounds re-run
+            self.history = dataclasses.replace(self.history, resume_round=self.done)
+            self.planned = self.mechanism.projected(list(self.history.entries), self.done, self.cfg.train.rounds)
+            self.log(f"{self._privacy_line()} (restored from round {self.done}, not the newest checkpoint)")
         if self.records:
             observers.summarize(self.summary, self.records[-1])
+        if self.ledger.released:  # the checkpoint's record may predate releases the ledger holds: count them all
+            spent = self.ledger.projected(self.done, self.done)
+            self.summary.update({k: v for k, v in spent.items() if k in _SPENT_FIELDS})
 
     def _next_cohort(self) -> np.ndarray:
         """The cohort of round done + 1, drawn once (also when the budget guard previews it).
@@ -267,14 +276,27 @@ class _Loop:
             self.cohort = self.sampler.cohort(r, self.folder.ledger_log.executions(r) + 1)
         return self.cohort
 
+    def _guards(self) -> list[tuple[str, float, str]]:
+        """(flag, budget, view) of each budget guard: --max_epsilon, and --target_epsilon (never end above it)."""
+        dp = self.cfg.dp
+        guards = []
+        if dp.max_epsilon is not None:
+            guards.append(("max_epsilon", dp.max_epsilon, dp.max_epsilon_view))
+        if dp.target_epsilon is not None:  # calibrated on `epsilon` (central and ftrl)
+            guards.append(("target_epsilon", dp.target_epsilon, "central"))
+        return guards
+
     def _over_budget(self) -> str | None:
-        r, budget = self.done + 1, self.cfg.dp.max_epsilon
-        if budget is None or r > self.cfg.train.rounds:
+        """Why round done + 1 must not run (a budget guard), or None; records the guard in the summary."""
+        r, guards = self.done + 1, self._guards()
+        if not guards or r > self.cfg.train.rounds:
             return None
-        eps = self.ledger.preview(self._next_cohort())
-        if eps <= budget:
-            return None
-        return f"privacy budget: round {r} would bring epsilon to {eps:.4g} > --max_epsilon={budget:g}"
+        for flag, budget, view in guards:
+            eps, name = self.ledger.preview_of(self._next_cohort(), view)
+            if eps > budget:
+                self.summary["stop_guard"] = flag
+                return f"privacy budget: round {r} would bring {name} to {eps:.4g} > --{flag}={budget:g}"
+        return None
 
     def _round(self, files) -> None:
         r, t0 = self.done + 1, time.time()
@@ -367,6 +389,11 @@ class _Loop:
         self.folder.out.close()
 
 
+# The summary's figures of what the ledger has spent so far (also before a resumed run's first round).
+_SPENT_FIELDS = ("epsilon", "rounds_accounted", "local_epsilon", "epsilon_analysis", "max_participations",
+                 "local_epsilon_pure", "trees")
+
+
 def _initial_summary(cfg: ExperimentConfig, mechanism: PrivacyMechanism, relation: str | None,
                      sampling_seeded: bool) -> dict[str, Any]:
     return {
@@ -395,8 +422,42 @@ def _initial_summary(cfg: ExperimentConfig, mechanism: PrivacyMechanism, relatio
         "empirical_epsilon_all_rounds": None,
         "empirical_epsilon_no_signal_level": None,
         "stop_reason": None,
+        "stop_guard": None,  # the flag whose budget stopped the run (max_epsilon or target_epsilon)
+        "guarded_epsilon": _guarded_field(cfg, mechanism),
         "resumed_from_round": None,
     }
+
+
+def _guarded_field(cfg: ExperimentConfig, mechanism: PrivacyMechanism) -> str | None:
+    """The field --max_epsilon caps (None without the flag): `local_epsilon` under local DP unless the central view."""
+    if cfg.dp.max_epsilon is None:
+        return None
+    ledger = mechanism.ledger()
+    try:
+        return ledger.guarded_field(cfg.dp.max_epsilon_view)
+    finally:
+        ledger.close()
+
+
+def _privacy_line(cfg: ExperimentConfig, mechanism: PrivacyMechanism, planned: dict[str, Any],
+                  history: resume.History) -> str:
+    """The run's privacy line: the mechanism's, how it composes the folder's history, the cohorts' secrecy."""
+    composed = f"; {history.text()}" if history.entries else ""
+    return f"{mechanism.privacy_line(planned)}{composed}; {_sampling_text(cfg, mechanism)}"
+
+
+def _calibration_history_notes(cfg: ExperimentConfig, planned: dict[str, Any], history: resume.History) -> list[str]:
+    """On a resume of a calibrated run: its epsilon at the end, with the history, against --target_epsilon."""
+    target = cfg.dp.target_epsilon
+    if target is None or not history.entries:
+        return []
+    eps = planned["epsilon"]
+    where = (f"with the ledger's {history.releases} release(s) and rounds {history.resume_round + 1}.."
+             f"{cfg.train.rounds} re-run from the checkpoint, epsilon would end at {eps:.4g}")
+    if eps <= target:
+        return [f"calibration: {where} <= --target_epsilon={target:g}"]
+    return [f"calibration: {where} > --target_epsilon={target:g} (the noise cannot change within a run): the "
+            "--target_epsilon guard stops the run before the round that would go above it"]
 
 
 def _sampling_text(cfg: ExperimentConfig, mechanism: PrivacyMechanism) -> str:
@@ -442,20 +503,17 @@ def dry_run(cfg: ExperimentConfig, overwrite: bool = False, fresh: bool = False,
     cfg, data, notes = plan.prepare(cfg, log)
     mechanism = mechanism_for(cfg)
     model = keras_model(cfg, data)
-    ledger = mechanism.ledger()
-    try:
-        planned = ledger.planned(cfg.train.rounds)
-    finally:
-        ledger.close()
-    folder = resume.describe(cfg, mechanism, model.trainable_weights + model.non_trainable_weights, overwrite, fresh)
-    for note in notes:
+    folder, history = resume.describe(cfg, mechanism, model.trainable_weights + model.non_trainable_weights,
+                                      overwrite, fresh)
+    planned = mechanism.projected(list(history.entries), history.resume_round, cfg.train.rounds)
+    for note in [*notes, *_calibration_history_notes(cfg, planned, history)]:
         log(note)
     log("dry run: nothing is trained, no TFF worker is started, nothing is written")
     log(f"task: {data.description}")
     canary = f" + {cfg.canary_clients} canary clients" if cfg.canary_clients else ""
     log(f"clients: N = {data.num_clients}{canary}, {cfg.train.clients_per_round} per round ({cfg.train.client_sampling})")
     log(f"model: {cfg.train.model}, {model.count_params():,} parameters")
-    log(f"{mechanism.privacy_line(planned)}; {_sampling_text(cfg, mechanism)}")
+    log(_privacy_line(cfg, mechanism, planned, history))
     not_covered = coverage.not_covered(cfg)
     if not_covered:
         log(f"released but not covered by epsilon: {', '.join(not_covered)} (--client_metrics=false leaves them out)")

@@ -44,6 +44,20 @@ class Ledger:
         del cohort
         return math.inf
 
+    def preview_of(self, cohort, view: str) -> tuple[float, str]:
+        """(epsilon, its field name) that `--max_epsilon` caps if one more round runs with `cohort`.
+
+        `view` (`--max_epsilon_view`): "guarantee", the epsilon the mode promises, or "central", the
+        central view (`epsilon`). They are the same but under local DP (`LocalLedger`).
+        """
+        del view
+        return self.preview(cohort), "epsilon"
+
+    def guarded_field(self, view: str) -> str:
+        """The metrics field `preview_of(cohort, view)` previews."""
+        del view
+        return "epsilon"
+
     def commit(self, cohort) -> dict[str, Any]:
         """Records one more released round with `cohort`; returns its metrics fields."""
         del cohort
@@ -62,6 +76,17 @@ class Ledger:
     def planned(self, rounds: int, participations: int | None = None) -> dict[str, Any]:
         """Figures of a planned run of `rounds` rounds (no training)."""
         del rounds, participations
+        return {"epsilon": math.inf}
+
+    def projected(self, resume_round: int, rounds: int) -> dict[str, Any]:
+        """Figures at the end of a run that composes what this ledger holds, then runs rounds resume_round+1..rounds.
+
+        The ledger holds the run's history (its verified ledger.jsonl, replayed; empty for a new run); the
+        rounds left are run from the checkpoint of `resume_round` without a further resume, each counted
+        as a new release (`planned` is the case of an empty history and `resume_round` 0). The ledger
+        itself is not changed.
+        """
+        del resume_round, rounds
         return {"epsilon": math.inf}
 
     def prefetch(self) -> None:
@@ -93,6 +118,10 @@ class CentralLedger(Ledger):
             "effective_noise_multiplier": self.round_privacy.noise_multiplier,
             "analysis": self.round_privacy.description,
         }
+
+    def projected(self, resume_round: int, rounds: int) -> dict[str, Any]:
+        total = self.released + max(rounds - resume_round, 0)
+        return {**self.planned(total), "rounds_accounted": total}
 
     def prefetch(self) -> None:
         self.tracker.prefetch(self.released + 1)
@@ -176,6 +205,15 @@ class LocalLedger(Ledger):
     def preview(self, cohort) -> float:
         return self._central(self.released + 1, self._max_after(cohort))[0]
 
+    def preview_of(self, cohort, view: str) -> tuple[float, str]:
+        """Local DP promises `local_epsilon` (against the server); "central" guards the central view instead."""
+        if view == "central":
+            return self.preview(cohort), "epsilon"
+        return self.local_epsilon(self._max_after(cohort)), "local_epsilon"
+
+    def guarded_field(self, view: str) -> str:
+        return "epsilon" if view == "central" else "local_epsilon"
+
     def replay(self, cohort) -> None:
         self.max_participations = self._max_after(cohort)
         self._participations.update(int(c) for c in cohort)
@@ -207,6 +245,12 @@ class LocalLedger(Ledger):
             f"local {self.mechanism}, z={self.cfg.dp.noise_multiplier:g}, replace-one, "
             f"{p} participations of the worst client; central view: {fields['epsilon_analysis']}"
         )
+        return fields
+
+    def projected(self, resume_round: int, rounds: int) -> dict[str, Any]:
+        left = max(rounds - resume_round, 0)  # the worst client may take part in every round left
+        fields = self.planned(self.released + left, self.max_participations + left)
+        fields["rounds_accounted"] = self.released + left
         return fields
 
     def close(self) -> None:
