@@ -181,6 +181,7 @@ class _Loop:
         self.auditor: canary_audit.CanaryAuditor | None = None
         self.records: list[dict[str, Any]] = []
         self.summary = _initial_summary(cfg, mechanism, self.ledger.neighboring_relation, self.sampler.seeded)
+        self.summary.update(_amplification_fields(self.ledger, mechanism, self.history))
         self.checkpointer = observers.Checkpointer(folder.ckpts, folder.ledger_log, t.checkpoint_every)
         self.done, self.state, self.clip, self.cohort = 0, None, mechanism.initial_clip(), None
         self.round_fields: dict[str, Any] = {}  # the ledger's fields of the next round (begin_round)
@@ -264,6 +265,7 @@ class _Loop:
         if self.ledger.released:  # the checkpoint's record may predate releases the ledger holds: count them all
             spent = self.ledger.projected(self.done, self.done)
             self.summary.update({k: v for k, v in spent.items() if k in _SPENT_FIELDS})
+        self.summary.update(_amplification_fields(self.ledger, self.mechanism, self.history))
 
     def _next_cohort(self) -> np.ndarray:
         """The cohort of round done + 1, drawn once (also when the budget guard previews it).
@@ -391,7 +393,7 @@ class _Loop:
 
 # The summary's figures of what the ledger has spent so far (also before a resumed run's first round).
 _SPENT_FIELDS = ("epsilon", "rounds_accounted", "local_epsilon", "epsilon_analysis", "max_participations",
-                 "local_epsilon_pure", "trees")
+                 "local_epsilon_pure", "trees", "epsilon_if_cohorts_secret")
 
 
 def _initial_summary(cfg: ExperimentConfig, mechanism: PrivacyMechanism, relation: str | None,
@@ -425,6 +427,15 @@ def _initial_summary(cfg: ExperimentConfig, mechanism: PrivacyMechanism, relatio
         "stop_guard": None,  # the flag whose budget stopped the run (max_epsilon or target_epsilon)
         "guarded_epsilon": _guarded_field(cfg, mechanism),
         "resumed_from_round": None,
+    }
+
+
+def _amplification_fields(ledger, mechanism: PrivacyMechanism, history: resume.History) -> dict[str, Any]:
+    """Whether the cohorts are in the folder and whether `epsilon` rests on their secrecy, and why not."""
+    return {
+        "cohorts_in_folder": mechanism.records_cohorts or any("cohort" in e for e in history.entries),
+        "epsilon_amplified_by_sampling": ledger.amplified_by_sampling,
+        "epsilon_not_amplified_because": ledger.unamplified_reason,
     }
 
 
