@@ -86,6 +86,15 @@ def test_resumed_ftrl_start_line_dry_run_and_end_compose_the_ledger(tmp_path, ca
     dry = capsys.readouterr().out
     assert _start_epsilon(dry) == pytest.approx(truth, rel=1e-3)
     assert "composed after the ledger's 8 release(s), resuming from round 5" in dry
+    # The sweep's plan of that folder reads the same verified ledger.
+    from dpfl_tff import sweep
+
+    plan_cfg = ExperimentConfig(
+        task=TaskConfig(task="synthetic", num_clients=N, num_clients_known=True),
+        train=TrainConfig(rounds=15, clients_per_round=M, client_sampling="shuffle", server_optimizer="sgd"),
+        dp=DPConfig(mode="ftrl", noise_multiplier=Z, target_delta=DELTA), output_dir=str(out)).validate()
+    planned = sweep.planned_epsilon(plan_cfg)
+    assert planned["epsilon"] == pytest.approx(truth, rel=1e-12) and planned["releases_so_far"] == 8
     assert run_driver([*FTRL, "--rounds=15", "--checkpoint_every=5", f"--output_dir={out}"]) == 0
     printed = capsys.readouterr().out
     assert _start_epsilon(printed) == pytest.approx(truth, rel=1e-3)

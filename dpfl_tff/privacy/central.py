@@ -67,7 +67,7 @@ class CentralGaussian(PrivacyMechanism):
                              unamplified=unamplified, cohorts_listed=self.records_cohorts)
 
     def planned_event(self, rounds: int) -> tuple[Any, str] | None:
-        """The amplified event of `rounds` rounds, or, with the cohorts in the folder, the unamplified one over them all."""
+        """The amplified event of `rounds` rounds; with the cohorts in the folder, the unamplified one (every round)."""
         if not self.records_cohorts:
             return super().planned_event(rounds)
         rp = unsampled_gaussian_round(self.cfg.train.client_sampling, self.noise.effective_noise_multiplier)
