@@ -468,7 +468,8 @@ class ExperimentConfig:
     log_cohorts: bool = _field(
         False, OUTPUTS,
         "Write every round's cohort to ledger.jsonl. Whoever reads the folder then knows who took"
-        " part, which voids amplification by sampling against them. (--dp_mode=local always "
+        " part, which voids amplification by sampling against them: epsilon is then reported "
+        "without it (the amplified one as epsilon_if_cohorts_secret). (--dp_mode=local always "
         "records cohorts there.)",
     )
     canary_clients: int = _field(
