@@ -104,11 +104,14 @@ def test_resumed_ftrl_start_line_dry_run_and_end_compose_the_ledger(tmp_path, ca
     assert [e["tree"] for e in ledger] == [1] * 8 + [2] * 5 + [3] * 5
 
 
-def test_resumed_calibrated_run_never_ends_above_its_target(tmp_path, capsys):
-    """A calibrated DP-FTRL run resumed from an older checkpoint: the note says so and the target guard stops it."""
+@pytest.mark.parametrize("mode", ["ftrl", "central"])
+def test_resumed_calibrated_run_never_ends_above_its_target(tmp_path, capsys, mode):
+    """A calibrated run resumed from an older checkpoint: the note says so and the target guard stops it."""
     out, target = tmp_path / "cal", 1.0
     args = [*[a for a in FTRL if not a.startswith("--noise_multiplier")], f"--target_epsilon={target}",
             "--rounds=8", "--checkpoint_every=5", f"--output_dir={out}"]
+    if mode == "central":  # Poisson sampling: the re-run rounds are 3 more sampled releases
+        args = [*[a for a in args if not a.startswith("--dp_mode")], "--dp_mode=central", "--client_sampling=poisson"]
     assert run_driver(args) == 0
     first = json.load(open(out / "summary.json"))
     assert first["status"] == "completed" and first["epsilon"] <= target

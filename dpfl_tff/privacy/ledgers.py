@@ -161,8 +161,8 @@ class CentralLedger(Ledger):
         self.round_privacy = round_privacy
         self.neighboring_relation = round_privacy.neighboring_relation
         self.tracker = EpsilonTracker(round_privacy, delta, accountant)
-        self.unamplified = unamplified
-        self._unamplified = None if unamplified is None else EpsilonTracker(unamplified, delta, accountant)
+        self.unamplified, self._delta, self._accountant = unamplified, delta, accountant
+        self._unamplified: EpsilonTracker | None = None  # built when first needed (cohorts listed)
         self.cohorts_listed = cohorts_listed and unamplified is not None
         self.participations = Participations()
 
@@ -178,6 +178,8 @@ class CentralLedger(Ledger):
         amplified = self.tracker.epsilon(released)
         if not self.cohorts_listed:
             return {"epsilon": amplified}
+        if self._unamplified is None:
+            self._unamplified = EpsilonTracker(self.unamplified, self._delta, self._accountant)
         return {"epsilon": self._unamplified.epsilon(participations), "epsilon_if_cohorts_secret": amplified,
                 "epsilon_analysis": "gaussian_cohorts_known", "max_participations": participations}
 
@@ -190,7 +192,7 @@ class CentralLedger(Ledger):
         return {**self._fields(self.released, self.participations.worst), "rounds_accounted": self.released}
 
     def replay(self, cohort) -> None:
-        if cohort is not None and self._unamplified is not None:
+        if cohort is not None and self.unamplified is not None:
             self.cohorts_listed = True  # listed once, known for good
         self.participations.add(cohort)
         self.released += 1
