@@ -24,6 +24,9 @@ ACCOUNTANTS = ("rdp", "pld")
 OPTIMIZERS = ("sgd", "sgdm", "adam")
 FEDAVG_IMPLS = ("grouped", "tff")
 PARTITIONS = ("iid", "dirichlet")
+# Which epsilon --max_epsilon caps: the guarantee the privacy mode promises (local DP: local_epsilon, against
+# the server; the other modes: epsilon), or the central view (`epsilon`, what the model reveals).
+MAX_EPSILON_VIEWS = ("guarantee", "central")
 # Registered tasks and models (dpfl_tff.tasks.TASKS, dpfl_tff.models.MODELS; a test keeps them equal).
 TASK_NAMES = ("digits", "synthetic", "emnist", "cifar10", "cifar100")
 MODEL_NAMES = ("mlp", "cnn", "logistic", "emnist_cnn_dropout", "emnist_2nn", "resnet18_gn", "cifar_cnn")
@@ -397,12 +400,20 @@ class DPConfig:
     target_epsilon: float | None = _field(
         None, PRIVACY,
         "If set (> 0): ignore --noise_multiplier and calibrate the smallest z whose epsilon after"
-        " --rounds is <= this (dp-accounting calibration, never above the target).",
+        " --rounds is <= this (dp-accounting calibration). Also a budget guard: a run (a resumed one"
+        " too, whose re-run rounds count again) stops before any round that would end above it;"
+        " exit 0.",
     )
     max_epsilon: float | None = _field(
         None, PRIVACY,
-        "Budget guard (> 0): stop before any round whose completion would push epsilon above "
-        "this; exit 0.",
+        "Budget guard (> 0): stop before any round whose completion would push the guarded epsilon "
+        "(--max_epsilon_view) above this; exit 0.",
+    )
+    max_epsilon_view: str = _field(
+        "guarantee", PRIVACY,
+        "Which epsilon --max_epsilon caps: guarantee | central. guarantee: the one the mode promises "
+        "(--dp_mode=local: local_epsilon, against the server; central, ftrl: epsilon). central: "
+        "epsilon, the central view (differs only under --dp_mode=local).",
     )
 
     def validate(self) -> None:
@@ -423,6 +434,7 @@ class DPConfig:
             _positive("target_epsilon", self.target_epsilon)
         if self.max_epsilon is not None:
             _positive("max_epsilon", self.max_epsilon)
+        _choice("max_epsilon_view", self.max_epsilon_view, MAX_EPSILON_VIEWS)
         # Settings a mode refuses (e.g. zero noise with a DP mode) are its mechanism's check (plan.check).
 
 
@@ -483,7 +495,8 @@ class ExperimentConfig:
     log_cohorts: bool = _field(
         False, OUTPUTS,
         "Write every round's cohort to ledger.jsonl. Whoever reads the folder then knows who took"
-        " part, which voids amplification by sampling against them. (--dp_mode=local always "
+        " part, which voids amplification by sampling against them: epsilon is then reported "
+        "without it (the amplified one as epsilon_if_cohorts_secret). (--dp_mode=local always "
         "records cohorts there.)",
     )
     canary_clients: int = _field(

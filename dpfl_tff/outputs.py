@@ -38,7 +38,8 @@ _RUN_FILES = (HPARAMS, METRICS, SUMMARY, "ledger.jsonl", "checkpoints", TENSORBO
 # Settings that may change between a run and its resumption: they change neither
 # the model trained so far nor its privacy accounting.
 RESUMABLE_CHANGES = {
-    "train.rounds", "train.eval_every", "train.checkpoint_every", "dp.max_epsilon", "dp.accountant", "output_dir",
+    "train.rounds", "train.eval_every", "train.checkpoint_every", "dp.max_epsilon", "dp.max_epsilon_view",
+    "dp.accountant", "output_dir",
     "workers", "worker_timeout", "stall_seconds", "stop_grace_seconds", "worker_credentials", "insecure_workers",
     "train.clients_per_call",
     # Cohorts are fresh draws in every execution, seeded or not; logging them more or less is the user's call.

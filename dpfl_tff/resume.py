@@ -53,39 +53,97 @@ def open_folder(cfg: ExperimentConfig, mechanism: PrivacyMechanism, model_weight
 
 
 def describe(cfg: ExperimentConfig, mechanism: PrivacyMechanism, model_weights: list, overwrite: bool,
-             fresh: bool) -> str:
-    """What a run would do with its folder (for --dry_run), checked as `open_folder` does, writing nothing."""
+             fresh: bool) -> tuple[str, History]:
+    """What a run would do with its folder (for --dry_run), checked as `open_folder` does, writing nothing.
+
+    Returns:
+      (the sentence to print, the folder's history: what the prediction composes first).
+    """
     path = cfg.output_dir
     if not os.path.exists(path):
-        return f"new run in {path}"
+        return f"new run in {path}", History()
     if not os.path.isdir(path):
         raise OSError(f"--output_dir={path}: is a file, not a folder; give a folder path")
     if overwrite:
-        return f"{path}: an earlier run there would be deleted (--overwrite), then a new run"
+        return f"{path}: an earlier run there would be deleted (--overwrite), then a new run", History()
     folder = open_folder(cfg, mechanism, model_weights, overwrite=False, fresh=fresh, create=False)
     if not folder.out.resuming:
-        return f"new run in {path}"
-    if folder.finished is not None:
-        return f"{path} holds this run, already complete ({folder.finished['rounds']} rounds): nothing would be done"
-    done = max(folder.ckpts.rounds(), default=0)
-    return (f"resumes {path} from its newest checkpoint (round {done}); its ledger holds "
-            f"{folder.ledger_log.count} release(s)")
+        return f"new run in {path}", History()
+    history = history_of(folder)
+    if folder.finished is not None:  # nothing left to run: the prediction is the ledger's own figure
+        history = dataclasses.replace(history, resume_round=max(history.resume_round, cfg.train.rounds))
+        return (f"{path} holds this run, already complete ({folder.finished['rounds']} rounds): nothing would be "
+                "done", history)
+    return (f"resumes {path} from its newest checkpoint (round {history.resume_round}); its ledger holds "
+            f"{folder.ledger_log.count} release(s)", history)
+
+
+@dataclasses.dataclass(frozen=True)
+class History:
+    """What a run folder has already released: the verified ledger's entries and the round a resume starts from.
+
+    `resume_round` is the newest checkpoint's round (0: none); should that checkpoint prove unreadable,
+    the run says so and reprints its privacy line from the round it did restore (`training`).
+    """
+
+    entries: tuple[dict[str, Any], ...] = ()
+    resume_round: int = 0
+
+    @property
+    def releases(self) -> int:
+        return len(self.entries)
+
+    def text(self) -> str:
+        """'' for a new run, else how the prediction composes the history (for the privacy line)."""
+        if not self.entries:
+            return ""
+        return (f"composed after the ledger's {self.releases} release(s), resuming from round "
+                f"{self.resume_round}")
+
+
+def history_of(folder: RunFolder) -> History:
+    """The history of an opened (checked) folder; empty unless it is resumed."""
+    if not folder.out.resuming:
+        return History()
+    return History(tuple(folder.ledger_log.entries), max(folder.ckpts.rounds(), default=0))
+
+
+def read_history(cfg: ExperimentConfig, mechanism: PrivacyMechanism) -> History:
+    """The history of `cfg.output_dir` read without writing (sweep plans): verified as a resume checks the ledger.
+
+    Raises:
+      LedgerError: the ledger is damaged or does not cover what the folder says was released.
+    """
+    root = cfg.output_dir
+    if not os.path.isdir(root):
+        return History()
+    ledger_log = checkpoints.LedgerLog(root)
+    ledger_log.load(needs_cohorts=mechanism.ledger_needs_cohorts)
+    ckpts = checkpoints.CheckpointManager(root)
+    checkpoints.check_ledger_covers(ledger_log, root, ckpts.dir)
+    return History(tuple(ledger_log.entries), max(ckpts.rounds(), default=0))
 
 
 def finished_summary(out: outputs.ExperimentDir, cfg: ExperimentConfig) -> dict[str, Any] | None:
     """The folder's summary if its run has nothing left to do under `cfg`, else None.
 
     Finished: completed with at least `cfg.train.rounds` rounds, or stopped at
-    the budget guard with a `--max_epsilon` that is not larger now.
+    the budget guard: by `--target_epsilon`, or by a `--max_epsilon` that is not
+    larger now (and caps the same `--max_epsilon_view`).
     """
     summary = out.read_summary()
     if summary is None or not isinstance(summary.get("rounds"), int):
         return None
     if summary.get("status") == "completed" and summary["rounds"] >= cfg.train.rounds:
         return summary
-    old = (out.previous_hparams or {}).get("dp", {}).get("max_epsilon")
-    new = cfg.dp.max_epsilon
-    if summary.get("status") == "stopped_at_budget" and new is not None and old is not None and new <= old:
+    if summary.get("status") != "stopped_at_budget":
+        return None
+    if summary.get("stop_guard") == "target_epsilon":  # the target cannot change within a run
+        return summary
+    old_dp = (out.previous_hparams or {}).get("dp", {})
+    old, new = old_dp.get("max_epsilon"), cfg.dp.max_epsilon
+    same_view = old_dp.get("max_epsilon_view", "guarantee") == cfg.dp.max_epsilon_view
+    if new is not None and old is not None and new <= old and same_view:
         return summary
     return None
 

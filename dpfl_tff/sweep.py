@@ -216,19 +216,27 @@ def expand(base: C.ExperimentConfig, axes: Sequence[Axis], seeds: int) -> SweepP
 def planned_epsilon(cfg: C.ExperimentConfig) -> dict[str, Any]:
     """The accountant's figures after `cfg.train.rounds` rounds (calibrating first), without training.
 
-    `cfg` must have its N known (tasks with their own client split: after loading them).
+    A run folder that already holds releases is accounted as its resume would be: its verified ledger
+    first (`resume.read_history`), then the rounds after its newest checkpoint. `cfg` must have its N
+    known (tasks with their own client split: after loading them).
+
+    Raises:
+      LedgerError: the run folder's ledger is damaged or does not cover its releases (its run would refuse
+        to resume).
     """
+    from dpfl_tff import resume
     from dpfl_tff.privacy import accounting, truncation
 
     cfg = accounting.with_calibrated_noise(cfg)
-    ledger = registry.mechanism_for(cfg).ledger()
-    try:
-        out = dict(ledger.planned(cfg.train.rounds))
-    finally:
-        ledger.close()
-    out.update(noise_multiplier=cfg.dp.noise_multiplier, delta=truncation.stated_delta(cfg.target_delta,
-                                                                                       out["delta_sampler"]),
-               neighboring_relation=ledger.neighboring_relation, accountant=cfg.dp.accountant)
+    mechanism = registry.mechanism_for(cfg)
+    history = resume.read_history(cfg, mechanism)
+    if history.entries and folder_status(cfg) == "finished":  # nothing left to run: the ledger's own figure
+        history = dataclasses.replace(history, resume_round=max(history.resume_round, cfg.train.rounds))
+    out = dict(mechanism.projected(list(history.entries), history.resume_round, cfg.train.rounds))
+    out.update(noise_multiplier=cfg.dp.noise_multiplier,
+               delta=truncation.stated_delta(cfg.target_delta, out["delta_sampler"]),
+               neighboring_relation=mechanism.neighboring_relation, accountant=cfg.dp.accountant,
+               releases_so_far=history.releases)
     return out
 
 

@@ -123,6 +123,9 @@ def main(argv: list[str]) -> None:
             f"{result['delta_accountant']:.3g} + the noise sampler's {result['delta_sampler']:.2g}) after {result['rounds']} rounds "
             f"({result['analysis']}; {result['accountant'].upper()})"
         )
+        if "epsilon_if_cohorts_secret" in result:
+            print(f"epsilon {result['epsilon_if_cohorts_secret']:.6g} only for a reader who never sees the cohorts "
+                  "(ledger.jsonl lists them: not the guarantee)")
     print(_jsonable(result))
 
 

@@ -89,7 +89,8 @@ def _dry_run(plan: sweep.SweepPlan, base) -> None:
             eps = "epsilon inf (no DP)"
         else:
             local = f" (local epsilon {f['local_epsilon']:.4g})" if "local_epsilon" in f else ""
-            eps = (f"epsilon {f['epsilon']:.4g}{local} at delta {f['delta']:.3g} "
+            history = f" (with the {f['releases_so_far']} release(s) in its ledger)" if f["releases_so_far"] else ""
+            eps = (f"epsilon {f['epsilon']:.4g}{local}{history} at delta {f['delta']:.3g} "
                    f"({f['neighboring_relation'].replace('_', '-')}, {f['accountant'].upper()}), "
                    f"z={f['noise_multiplier']:.4g}")
         _log(f"{run.name}: {eps} after {run.cfg.train.rounds} rounds; {sweep.folder_status(run.cfg)}")
@@ -159,6 +160,8 @@ def main(argv: list[str]) -> None:
             _dry_run(plan, base)
         except (ConfigError, DataFileError, OSError) as e:
             cli.usage_error(str(e))
+        except checkpoints.LedgerError as e:
+            cli.usage_error(f"cannot plan a resume: {e}")
         return
     skipped: list[str] = []
     trained = _train(plan, base, skipped)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import dp_accounting
 import pytest
 
 from dpfl_tff.config import DPConfig, ExperimentConfig, TaskConfig, TrainConfig
@@ -87,8 +88,21 @@ def test_sigkill_between_checkpoints_then_resume_charges_every_execution_with_fr
     summary = json.load(open(os.path.join(out, "summary.json")))
     # Every execution is in the ledger: the rounds after checkpoint 4 ran twice and are charged twice.
     assert len(ledger) == released_before + (ROUNDS - ckpt) == summary["rounds_accounted"] == rows[-1]["rounds_accounted"]
-    assert rows[-1]["epsilon"] == pytest.approx(_uninterrupted_epsilon(len(ledger)), rel=1e-12)
-    assert rows[-1]["epsilon"] > _uninterrupted_epsilon(ROUNDS)  # the ledger is never behind
+    # --log_cohorts: the amplified figure (every execution an independently sampled round) is labelled
+    # epsilon_if_cohorts_secret; epsilon, for a reader of the folder, composes the unamplified Gaussian over
+    # the worst client's executions, which that reader counts from ledger.jsonl.
+    secret = rows[-1]["epsilon_if_cohorts_secret"]
+    assert secret == pytest.approx(_uninterrupted_epsilon(len(ledger)), rel=1e-12)
+    assert secret > _uninterrupted_epsilon(ROUNDS)  # the ledger is never behind
+    counts = {}
+    for e in ledger:
+        for c in e["cohort"]:
+            counts[c] = counts.get(c, 0) + 1
+    known = accounting.epsilon_after(accounting.RoundPrivacy(
+        dp_accounting.GaussianDpEvent(1.1), accounting.ADD_OR_REMOVE_ONE, 1.1, "Poisson, cohorts known"),
+        max(counts.values()), 1e-4, "rdp")
+    assert rows[-1]["epsilon"] == pytest.approx(known, rel=1e-12) == summary["epsilon"]
+    assert summary["epsilon_amplified_by_sampling"] is False and summary["cohorts_in_folder"] is True
     # A re-run round draws a fresh cohort: execution k of round r is the sampler's draw (r, k), never
     # the first execution's cohort again.
     sampler = CohortSampler("poisson", 20, 5, sampling_seed=3)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import dp_accounting
+
 from dpfl_tff.config import DPConfig, ExperimentConfig
 from dpfl_tff.errors import ConfigError
 from dpfl_tff.privacy import truncation
-from dpfl_tff.privacy.events import REPLACE_ONE, RoundPrivacy, sampled_gaussian_round
+from dpfl_tff.privacy.events import REPLACE_ONE, RoundPrivacy, sampled_gaussian_round, unsampled_gaussian_round
 from dpfl_tff.privacy.ledgers import CentralLedger
 from dpfl_tff.privacy.mechanism import PrivacyMechanism
 from dpfl_tff.privacy.noise import central_noise
@@ -79,8 +81,18 @@ class CentralGaussian(PrivacyMechanism):
         return rounds * self.out_of_reach_per_round()
 
     def ledger(self) -> CentralLedger:
+        """The ledger; with the cohorts in the folder (--log_cohorts) its epsilon is not amplified by sampling."""
+        unamplified = unsampled_gaussian_round(self.cfg.train.client_sampling, self.noise.effective_noise_multiplier)
         return CentralLedger(self.round_privacy(), self.cfg.target_delta, self.cfg.dp.accountant,
-                             self.out_of_reach_per_round())
+                             unamplified=unamplified, cohorts_listed=self.records_cohorts,
+                             out_of_reach_per_round=self.out_of_reach_per_round())
+
+    def planned_event(self, rounds: int) -> tuple[Any, str] | None:
+        """The amplified event of `rounds` rounds; with the cohorts in the folder, the unamplified one (every round)."""
+        if not self.records_cohorts:
+            return super().planned_event(rounds)
+        rp = unsampled_gaussian_round(self.cfg.train.client_sampling, self.noise.effective_noise_multiplier)
+        return dp_accounting.SelfComposedDpEvent(rp.event, rounds), rp.neighboring_relation
 
     def record_fields(self, aggregator_metrics: dict[str, Any], clip: float | None) -> tuple[dict[str, Any], Any]:
         query_metrics = aggregator_metrics.get("dp_query_metrics", {})

@@ -101,6 +101,21 @@ def noise_free(event: dp_accounting.DpEvent) -> bool:
     return False
 
 
+def unsampled_gaussian_round(scheme: str, z: float) -> RoundPrivacy:
+    """One round's Gaussian release when its cohort is known to the reader: no amplification by sampling.
+
+    Only the rounds a client takes part in depend on its data, so this event is
+    composed over the worst client's participations. Poisson sampling: the
+    cohort is public, the client's update (sensitivity C) is what is protected,
+    Gaussian z. A fixed cohort under replace-one: sensitivity 2C, Gaussian z / 2.
+    """
+    if scheme == "poisson":
+        return RoundPrivacy(dp_accounting.GaussianDpEvent(z), ADD_OR_REMOVE_ONE, z,
+                            f"Gaussian z={z:.6g}, cohorts known (no sampling), sensitivity C")
+    return RoundPrivacy(dp_accounting.GaussianDpEvent(z / 2), REPLACE_ONE, z,
+                        f"Gaussian z/2={z / 2:.6g}, cohorts known (no sampling), replace-one sensitivity 2C")
+
+
 def make_accountant(kind: str, relation: str) -> dp_accounting.PrivacyAccountant:
     """An empty RDP or PLD accountant for `relation`."""
     rel = _RELATIONS[relation]

@@ -6,7 +6,9 @@ leaves the client (`queries.LocalNoiseMeanQuery`); the server averages. Nothing
 else computed from a client's data leaves it: no training metric, no norm, no
 flag. One release is the Gaussian mechanism with multiplier z/2 (replace-one
 sensitivity 2C) or (2/z)-DP Laplace (at the bounded sampler's delta_sampler); `ledgers.LocalLedger` composes them
-over each client's participations, which is why its ledger records cohorts.
+over each client's participations, which is why its ledger records cohorts; with
+the cohorts in the folder, the central view is reported without amplification by
+sampling (`ledgers.LocalLedger`).
 """
 
 from __future__ import annotations
@@ -74,5 +76,7 @@ class LocalNoise(PrivacyMechanism):
             f"privacy: local DP ({cfg.dp.local_mechanism}) at each client, replace-one; accountant "
             f"{cfg.dp.accountant.upper()}, {self.delta_text(planned)}; if a client took part in all {cfg.train.rounds} "
             f"rounds: local epsilon {planned['local_epsilon']:.4g}, central view {planned['epsilon']:.4g} "
-            f"({planned['epsilon_analysis']})"
+            f"({planned['epsilon_analysis']}; ledger.jsonl lists the cohorts, so not amplified by sampling"
+            + (f"; {planned['epsilon_if_cohorts_secret']:.4g} only if they were secret"
+               if "epsilon_if_cohorts_secret" in planned else "") + ")"
         )

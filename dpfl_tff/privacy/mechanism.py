@@ -96,6 +96,20 @@ class PrivacyMechanism(abc.ABC):
         del rounds
         return 0.0
 
+    def projected(self, history: list[dict[str, Any]], resume_round: int, rounds: int) -> dict[str, Any]:
+        """The ledger's figures at the end of the run: `history` first, then rounds resume_round+1..rounds.
+
+        `history`: the run folder's verified ledger.jsonl entries (empty for a new run), replayed into a
+        fresh ledger; every predicted epsilon (start-up line, dry run, calibration note, sweep) comes from here.
+        """
+        ledger = self.ledger()
+        try:
+            for entry in history:
+                ledger.replay_entry(entry)
+            return ledger.projected(resume_round, rounds)
+        finally:
+            ledger.close()
+
     def check_accountable(self) -> None:
         """Raises ConfigError unless the accountant can take this mode's events (builds the ledger once)."""
         self.ledger().close()

@@ -143,15 +143,33 @@ class TreeLedger(Ledger):
             raise LedgerError(f"ledger release {entry.get('release')}: no tree fields, which DP-FTRL needs") from e
         self._add(int(entry["round"]), fields, entry.get("cohort"), LedgerError)
 
+    def projected_trees(self, resume_round: int, rounds: int) -> list[int]:
+        """The trees after the ledger's own and rounds resume_round+1..rounds run as `begin_round` would start them."""
+        trees, last = list(self.trees), self._last_round
+        for r in range(resume_round + 1, rounds + 1):
+            if not trees or (r - 1) % self.rounds_per_epoch == 0 or last != r - 1:
+                trees.append(1)
+            else:
+                trees[-1] += 1
+            last = r
+        return trees
+
+    def projected(self, resume_round: int, rounds: int) -> dict[str, Any]:
+        trees = self.projected_trees(resume_round, rounds)
+        return {**self._planned_fields(trees), "rounds_accounted": self.released + max(rounds - resume_round, 0)}
+
     def planned(self, rounds: int, participations: int | None = None) -> dict[str, Any]:
-        trees = planned_trees(rounds, self.rounds_per_epoch)
+        return self._planned_fields(planned_trees(rounds, self.rounds_per_epoch))
+
+    def _planned_fields(self, trees: list[int]) -> dict[str, Any]:
         return {
             "epsilon": self.epsilon(trees),
-            **self.sampler_fields(rounds),
+            "delta_sampler": truncation.delta_sampler(self.tree_out_of_reach(trees), self.delta),
             "trees": len(trees),
             "rounds_per_epoch": self.rounds_per_epoch,
             "analysis": (
                 f"tree aggregation (DP-FTRL), noise z={self.noise_multiplier:.6g} per tree node, "
-                f"{len(trees)} tree(s) of <= {self.rounds_per_epoch} rounds (one per epoch), replace-special"
+                f"{len(trees)} tree(s) of <= {self.rounds_per_epoch} rounds (one per epoch"
+                + (f", steps {trees} after the run's ledger" if self.released else "") + "), replace-special"
             ),
         }
