@@ -24,9 +24,14 @@ sampled round for the accountant.
 
 from __future__ import annotations
 
+import abc
+from typing import ClassVar
+
 import numpy as np
 
-SCHEMES = ("poisson", "uniform", "shuffle")
+from dpfl_tff.config import CLIENT_SAMPLING, ExperimentConfig
+from dpfl_tff.privacy import events
+from dpfl_tff.privacy.events import ADD_OR_REMOVE_ONE, REPLACE_ONE, RoundPrivacy
 
 
 def _subset(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
@@ -37,7 +42,7 @@ def _subset(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
 
 
 def draw_cohort(scheme: str, num_clients: int, clients_per_round: int, rng: np.random.Generator) -> np.ndarray:
-    """Sorted client ids of one round drawn with `rng`.
+    """Sorted client ids of one round of the scheme named `scheme` (`poisson` or `uniform`) drawn with `rng`.
 
     Args:
       scheme: `poisson` or `uniform`.
@@ -45,14 +50,7 @@ def draw_cohort(scheme: str, num_clients: int, clients_per_round: int, rng: np.r
       clients_per_round: m, the expected (poisson) or exact (uniform) size.
       rng: the randomness; it must be secret for amplification by sampling.
     """
-    if scheme == "poisson":
-        k = int(rng.binomial(num_clients, clients_per_round / num_clients))
-        return _subset(rng, num_clients, k)
-    if scheme == "uniform":
-        return _subset(rng, num_clients, clients_per_round)
-    if scheme == "shuffle":
-        raise ValueError("--client_sampling=shuffle draws epochs, not rounds: use EpochShuffler")
-    raise ValueError(f"--client_sampling={scheme}: must be one of {', '.join(SCHEMES)}")
+    return scheme_named(scheme).draw(num_clients, clients_per_round, rng)
 
 
 class CohortSampler:
@@ -69,8 +67,7 @@ class CohortSampler:
     """
 
     def __init__(self, scheme: str, num_clients: int, clients_per_round: int, sampling_seed: int | None = None):
-        if scheme not in SCHEMES:
-            raise ValueError(f"--client_sampling={scheme}: must be one of {', '.join(SCHEMES)}")
+        scheme_named(scheme)  # raises for an unknown name
         self.scheme = scheme
         self.num_clients = num_clients
         self.clients_per_round = clients_per_round
@@ -154,8 +151,116 @@ class EpochShuffler(CohortSampler):
         return np.sort(self.permutation(self.epoch_of(round_num))[k * m:(k + 1) * m])
 
 
+class SamplingScheme(abc.ABC):
+    """How a round's cohort is drawn (`--client_sampling`), and what that does to a round's DP event.
+
+    The one place that knows a scheme: it draws cohorts (`sampler`, secret
+    unless seeded) and turns a round's Gaussian sum into the accounted DpEvent
+    and neighbouring relation (amplified by the sampling, or with the cohort
+    known to the reader); the events themselves are built in `privacy.events`.
+    Mechanisms ask a scheme's properties, never its name.
+    """
+
+    name: ClassVar[str]
+    # Whether secret random cohorts amplify a round's privacy (DP-FedAvg's analysis rests on it).
+    amplifies: ClassVar[bool] = True
+    # Whether every cohort has the same public size m (then the realised size reveals nothing).
+    fixed_size: ClassVar[bool] = True
+    # Whether every client takes part at most once per epoch of floor(N / m) rounds (DP-FTRL's assumption).
+    once_per_epoch: ClassVar[bool] = False
+    # Whether a resumed run needs the ledger's cohorts to draw the same epochs (so the ledger records them).
+    resume_needs_cohorts: ClassVar[bool] = False
+    # The relation a round's epsilon holds under with this scheme.
+    relation: ClassVar[str] = REPLACE_ONE
+
+    def sampler(self, num_clients: int, clients_per_round: int, sampling_seed: int | None = None) -> CohortSampler:
+        """The sampler that draws every executed round's cohort (secret unless `sampling_seed`)."""
+        return CohortSampler(self.name, num_clients, clients_per_round, sampling_seed)
+
+    def draw(self, num_clients: int, clients_per_round: int, rng: np.random.Generator) -> np.ndarray:
+        """One round's sorted cohort drawn with `rng` (schemes whose rounds are drawn independently)."""
+        raise ValueError(f"--client_sampling={self.name} draws epochs, not rounds: use {type(self).__name__}.sampler")
+
+    @abc.abstractmethod
+    def gaussian_round(self, num_clients: int, clients_per_round: int, z: float) -> RoundPrivacy:
+        """One round of a Gaussian sum (noise std z C) amplified by this scheme's secret sampling."""
+
+    def known_cohort_round(self, z: float) -> RoundPrivacy:
+        """The same round, its cohort known to the reader: no amplification, at this scheme's relation."""
+        return events.known_cohort_gaussian_round(z, self.relation)
+
+    def summed_local_round(self, num_clients: int, clients_per_round: int, z: float,
+                           cohort_known: bool) -> RoundPrivacy | None:
+        """The server's sum of m local Gaussian noises as one amplified release, if this scheme gives it one."""
+        del num_clients, clients_per_round, z, cohort_known
+        return None
+
+
+class PoissonSampling(SamplingScheme):
+    """`poisson`: every client joins independently with probability q = m / N (add-or-remove-one)."""
+
+    name = "poisson"
+    fixed_size = False
+    relation = ADD_OR_REMOVE_ONE
+
+    def draw(self, num_clients: int, clients_per_round: int, rng: np.random.Generator) -> np.ndarray:
+        k = int(rng.binomial(num_clients, clients_per_round / num_clients))
+        return _subset(rng, num_clients, k)
+
+    def gaussian_round(self, num_clients: int, clients_per_round: int, z: float) -> RoundPrivacy:
+        return events.poisson_gaussian_round(num_clients, clients_per_round, z)
+
+
+class FixedSizeSampling(SamplingScheme):
+    """`uniform`: exactly m clients, uniformly without replacement (replace-one)."""
+
+    name = "uniform"
+
+    def draw(self, num_clients: int, clients_per_round: int, rng: np.random.Generator) -> np.ndarray:
+        return _subset(rng, num_clients, clients_per_round)
+
+    def gaussian_round(self, num_clients: int, clients_per_round: int, z: float) -> RoundPrivacy:
+        return events.fixed_cohort_gaussian_round(num_clients, clients_per_round, z)
+
+    def summed_local_round(self, num_clients: int, clients_per_round: int, z: float,
+                           cohort_known: bool) -> RoundPrivacy | None:
+        return events.summed_local_gaussian_round(num_clients, clients_per_round, z, cohort_known)
+
+
+class EpochShuffle(SamplingScheme):
+    """`shuffle`: epochs of a fresh permutation cut into rounds of m (`EpochShuffler`); no amplification."""
+
+    name = "shuffle"
+    amplifies = False
+    once_per_epoch = True
+    resume_needs_cohorts = True
+
+    def sampler(self, num_clients: int, clients_per_round: int, sampling_seed: int | None = None) -> CohortSampler:
+        return EpochShuffler(self.name, num_clients, clients_per_round, sampling_seed)
+
+    def gaussian_round(self, num_clients: int, clients_per_round: int, z: float) -> RoundPrivacy:
+        raise ValueError("--client_sampling=shuffle: a shuffle's order is not secret random sampling, it amplifies "
+                         "nothing (DP-FTRL's tree accounts it)")
+
+
+SCHEMES: dict[str, SamplingScheme] = {s.name: s for s in (PoissonSampling(), FixedSizeSampling(), EpochShuffle())}
+assert tuple(SCHEMES) == CLIENT_SAMPLING, "config.CLIENT_SAMPLING must list the registered sampling schemes"
+
+
+def scheme_named(name: str) -> SamplingScheme:
+    """The scheme of `--client_sampling=name`."""
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise ValueError(f"--client_sampling={name}: must be one of {', '.join(SCHEMES)}") from None
+
+
+def scheme_of(cfg: ExperimentConfig) -> SamplingScheme:
+    """The scheme `cfg` samples its cohorts with."""
+    return scheme_named(cfg.train.client_sampling)
+
+
 def sampler_for(scheme: str, num_clients: int, clients_per_round: int,
                 sampling_seed: int | None = None) -> CohortSampler:
     """The sampler of `--client_sampling=scheme` (`EpochShuffler` for shuffle)."""
-    cls = EpochShuffler if scheme == "shuffle" else CohortSampler
-    return cls(scheme, num_clients, clients_per_round, sampling_seed)
+    return scheme_named(scheme).sampler(num_clients, clients_per_round, sampling_seed)

@@ -4,22 +4,22 @@ The server clips every client's update to L2 norm C (or an adaptive clip,
 Andrew et al. 2021), sums, adds N(0, (zC)^2) once and divides by the expected
 cohort m (`queries.central_query`). One round is a Gaussian mechanism with
 noise multiplier z (the effective z of both releases with adaptive
-clipping), amplified by the round's sampling (`events.sampled_gaussian_round`).
+clipping), amplified by the round's sampling (`sampling.SamplingScheme.gaussian_round`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import dp_accounting
-
 from dpfl_tff.config import DPConfig, ExperimentConfig
 from dpfl_tff.errors import ConfigError
 from dpfl_tff.privacy import truncation
-from dpfl_tff.privacy.events import REPLACE_ONE, RoundPrivacy, sampled_gaussian_round, unsampled_gaussian_round
+from dpfl_tff.privacy import events
+from dpfl_tff.privacy.events import REPLACE_ONE, RoundPrivacy
 from dpfl_tff.privacy.ledgers import CentralLedger
 from dpfl_tff.privacy.mechanism import PrivacyMechanism
 from dpfl_tff.privacy.noise import central_noise
+from dpfl_tff.sampling import scheme_of
 
 
 class CentralGaussian(PrivacyMechanism):
@@ -35,11 +35,11 @@ class CentralGaussian(PrivacyMechanism):
 
     @classmethod
     def check(cls, cfg: ExperimentConfig) -> None:
-        if cfg.train.client_sampling == "shuffle":
+        if not scheme_of(cfg).amplifies:
             raise ConfigError(
-                "--client_sampling=shuffle with --dp_mode=central: DP-FedAvg's epsilon rests on amplification by "
-                "random sampling, which a shuffle does not give; use --client_sampling=poisson or uniform, or "
-                "--dp_mode=ftrl"
+                f"--client_sampling={cfg.train.client_sampling} with --dp_mode=central: DP-FedAvg's epsilon rests on "
+                "amplification by random sampling, which this scheme does not give; use --client_sampling=poisson "
+                "or uniform, or --dp_mode=ftrl"
             )
         if cfg.dp.noise_multiplier == 0 and cfg.dp.target_epsilon is None and not cfg.canary_clients:
             raise ConfigError(
@@ -58,8 +58,8 @@ class CentralGaussian(PrivacyMechanism):
         t = self.cfg.train
         if not self.cfg.task.n_is_known:
             return None
-        return sampled_gaussian_round(self.cfg.population, t.clients_per_round, t.client_sampling,
-                                      self.noise.effective_noise_multiplier)
+        return self.scheme.gaussian_round(self.cfg.population, t.clients_per_round,
+                                          self.noise.effective_noise_multiplier)
 
     def out_of_reach_per_round(self) -> float:
         """The samplers' out-of-reach bound of one round (`privacy.truncation`): the value release and,
@@ -82,7 +82,7 @@ class CentralGaussian(PrivacyMechanism):
 
     def ledger(self) -> CentralLedger:
         """The ledger; with the cohorts in the folder (--log_cohorts) its epsilon is not amplified by sampling."""
-        unamplified = unsampled_gaussian_round(self.cfg.train.client_sampling, self.noise.effective_noise_multiplier)
+        unamplified = self.scheme.known_cohort_round(self.noise.effective_noise_multiplier)
         return CentralLedger(self.round_privacy(), self.cfg.target_delta, self.cfg.dp.accountant,
                              unamplified=unamplified, cohorts_listed=self.records_cohorts,
                              out_of_reach_per_round=self.out_of_reach_per_round())
@@ -91,8 +91,7 @@ class CentralGaussian(PrivacyMechanism):
         """The amplified event of `rounds` rounds; with the cohorts in the folder, the unamplified one (every round)."""
         if not self.records_cohorts:
             return super().planned_event(rounds)
-        rp = unsampled_gaussian_round(self.cfg.train.client_sampling, self.noise.effective_noise_multiplier)
-        return dp_accounting.SelfComposedDpEvent(rp.event, rounds), rp.neighboring_relation
+        return events.self_composed(self.scheme.known_cohort_round(self.noise.effective_noise_multiplier), rounds)
 
     def record_fields(self, aggregator_metrics: dict[str, Any], clip: float | None) -> tuple[dict[str, Any], Any]:
         query_metrics = aggregator_metrics.get("dp_query_metrics", {})

@@ -55,17 +55,20 @@ class RoundPrivacy:
     description: str
 
 
-def sampled_gaussian_round(num_clients: int, clients_per_round: int, scheme: str, z: float) -> RoundPrivacy:
-    """One round of a Gaussian sum with noise multiplier `z`, amplified by the round's sampling `scheme`."""
+def poisson_gaussian_round(num_clients: int, clients_per_round: int, z: float) -> RoundPrivacy:
+    """One round of a Gaussian sum (multiplier `z`) over a Poisson-sampled cohort, q = m / N, add-or-remove-one."""
+    q = clients_per_round / num_clients
+    return RoundPrivacy(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)),
+        ADD_OR_REMOVE_ONE,
+        z,
+        f"Poisson sampling q={q:.6g}, Gaussian z={z:.6g}, add-or-remove-one",
+    )
+
+
+def fixed_cohort_gaussian_round(num_clients: int, clients_per_round: int, z: float) -> RoundPrivacy:
+    """One round of a Gaussian sum over a fixed cohort of m of N drawn without replacement, replace-one (z / 2)."""
     n, m = num_clients, clients_per_round
-    if scheme == "poisson":
-        q = m / n
-        return RoundPrivacy(
-            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)),
-            ADD_OR_REMOVE_ONE,
-            z,
-            f"Poisson sampling q={q:.6g}, Gaussian z={z:.6g}, add-or-remove-one",
-        )
     return RoundPrivacy(
         dp_accounting.SampledWithoutReplacementDpEvent(n, m, dp_accounting.GaussianDpEvent(z / 2)),
         REPLACE_ONE,
@@ -73,6 +76,84 @@ def sampled_gaussian_round(num_clients: int, clients_per_round: int, scheme: str
         f"fixed cohort {m} of {n} without replacement, Gaussian z/2={z / 2:.6g} "
         "(replace-one sensitivity 2C), replace-one",
     )
+
+
+def known_cohort_gaussian_round(z: float, relation: str) -> RoundPrivacy:
+    """One round's Gaussian release when its cohort is known to the reader: no amplification by sampling.
+
+    Only the rounds a client takes part in depend on its data, so this event is
+    composed over the worst client's participations. Add-or-remove-one (a
+    Poisson cohort made public): the client's update (sensitivity C) is what is
+    protected, Gaussian z. Replace-one (a fixed cohort): sensitivity 2C,
+    Gaussian z / 2.
+    """
+    if relation == ADD_OR_REMOVE_ONE:
+        return RoundPrivacy(dp_accounting.GaussianDpEvent(z), ADD_OR_REMOVE_ONE, z,
+                            f"Gaussian z={z:.6g}, cohorts known (no sampling), sensitivity C")
+    return RoundPrivacy(dp_accounting.GaussianDpEvent(z / 2), REPLACE_ONE, z,
+                        f"Gaussian z/2={z / 2:.6g}, cohorts known (no sampling), replace-one sensitivity 2C")
+
+
+def sampled_gaussian_round(num_clients: int, clients_per_round: int, scheme: str, z: float) -> RoundPrivacy:
+    """One round of a Gaussian sum with noise multiplier `z`, amplified by the sampling scheme named `scheme`."""
+    from dpfl_tff.sampling import scheme_named
+
+    return scheme_named(scheme).gaussian_round(num_clients, clients_per_round, z)
+
+
+def unsampled_gaussian_round(scheme: str, z: float) -> RoundPrivacy:
+    """One round's Gaussian release, its cohort known (`known_cohort_gaussian_round` at the scheme's relation)."""
+    from dpfl_tff.sampling import scheme_named
+
+    return scheme_named(scheme).known_cohort_round(z)
+
+
+def local_release(mechanism: str, z: float) -> RoundPrivacy:
+    """One client's local release: Gaussian with multiplier z / 2, or Laplace of parameter z / 2 (replace-one, 2C)."""
+    if mechanism == "gaussian":
+        event = dp_accounting.GaussianDpEvent(z / 2)
+    else:
+        event = dp_accounting.LaplaceDpEvent(z / 2)
+    return RoundPrivacy(event, REPLACE_ONE, z, f"local {mechanism} release, replace-one")
+
+
+def summed_local_gaussian_round(num_clients: int, clients_per_round: int, z: float,
+                                cohort_known: bool) -> RoundPrivacy:
+    """The server's sum of m local Gaussian noises (std sqrt(m) z C, replace-one sensitivity 2C), fixed cohort."""
+    n, m = num_clients, clients_per_round
+    gaussian = dp_accounting.GaussianDpEvent(math.sqrt(m) * z / 2)
+    if cohort_known:
+        return RoundPrivacy(gaussian, REPLACE_ONE, math.sqrt(m) * z,
+                            "sum of m local Gaussian noises, cohorts known, replace-one")
+    return RoundPrivacy(dp_accounting.SampledWithoutReplacementDpEvent(n, m, gaussian), REPLACE_ONE,
+                        math.sqrt(m) * z, "sum of m local Gaussian noises, fixed cohort, replace-one")
+
+
+def tree_event(noise_multiplier: float, tree_steps: list[int]) -> dp_accounting.DpEvent:
+    """DP-FTRL: one `SingleEpochTreeAggregationDpEvent` per tree, composed (trees of 0 steps left out)."""
+    return dp_accounting.ComposedDpEvent([
+        dp_accounting.SingleEpochTreeAggregationDpEvent(noise_multiplier, int(steps))
+        for steps in tree_steps if steps > 0
+    ])
+
+
+def self_composed(rp: RoundPrivacy, rounds: int) -> tuple[dp_accounting.DpEvent, str]:
+    """(`rounds` compositions of one round's event, its neighbouring relation): a planned run's event."""
+    return dp_accounting.SelfComposedDpEvent(rp.event, rounds), rp.neighboring_relation
+
+
+def check_supported(accountant: str, rp: RoundPrivacy) -> dp_accounting.PrivacyAccountant:
+    """An empty accountant of kind `accountant` for `rp`'s relation, after checking it can take `rp`'s event.
+
+    Raises:
+      ConfigError: one line naming --accountant and what it cannot account.
+    """
+    acc = make_accountant(accountant, rp.neighboring_relation)
+    if not acc.supports(rp.event):
+        raise ConfigError(
+            f"--accountant={accountant}: dp-accounting cannot account {rp.description}; use --accountant=rdp"
+        )
+    return acc
 
 
 def noise_free(event: dp_accounting.DpEvent) -> bool:
@@ -101,21 +182,6 @@ def noise_free(event: dp_accounting.DpEvent) -> bool:
     return False
 
 
-def unsampled_gaussian_round(scheme: str, z: float) -> RoundPrivacy:
-    """One round's Gaussian release when its cohort is known to the reader: no amplification by sampling.
-
-    Only the rounds a client takes part in depend on its data, so this event is
-    composed over the worst client's participations. Poisson sampling: the
-    cohort is public, the client's update (sensitivity C) is what is protected,
-    Gaussian z. A fixed cohort under replace-one: sensitivity 2C, Gaussian z / 2.
-    """
-    if scheme == "poisson":
-        return RoundPrivacy(dp_accounting.GaussianDpEvent(z), ADD_OR_REMOVE_ONE, z,
-                            f"Gaussian z={z:.6g}, cohorts known (no sampling), sensitivity C")
-    return RoundPrivacy(dp_accounting.GaussianDpEvent(z / 2), REPLACE_ONE, z,
-                        f"Gaussian z/2={z / 2:.6g}, cohorts known (no sampling), replace-one sensitivity 2C")
-
-
 def make_accountant(kind: str, relation: str) -> dp_accounting.PrivacyAccountant:
     """An empty RDP or PLD accountant for `relation`."""
     rel = _RELATIONS[relation]
@@ -136,11 +202,7 @@ def epsilon_after(rp: RoundPrivacy, rounds: int, delta: float, accountant: str) 
     """
     if rounds == 0:
         return 0.0
-    acc = make_accountant(accountant, rp.neighboring_relation)
-    if not acc.supports(rp.event):
-        raise ConfigError(
-            f"--accountant={accountant}: dp-accounting cannot account {rp.description}; use --accountant=rdp"
-        )
+    acc = check_supported(accountant, rp)
     if noise_free(rp.event):
         return math.inf
     acc.compose(rp.event, rounds)
@@ -163,11 +225,7 @@ class EpsilonTracker:
         self.round_privacy = rp
         self.delta = delta
         self.accountant = accountant
-        acc = make_accountant(accountant, rp.neighboring_relation)
-        if not acc.supports(rp.event):
-            raise ConfigError(
-                f"--accountant={accountant}: dp-accounting cannot account {rp.description}; use --accountant=rdp"
-            )
+        acc = check_supported(accountant, rp)
         self.noise_free = noise_free(rp.event)
         if not self.noise_free:
             acc.compose(rp.event)

@@ -37,7 +37,9 @@ from dpfl_tff.config import DPConfig, ExperimentConfig
 from dpfl_tff.errors import ConfigError
 from dpfl_tff.privacy.events import REPLACE_SPECIAL
 from dpfl_tff.privacy.mechanism import PrivacyMechanism
-from dpfl_tff.privacy.tree_ledger import TreeLedger, planned_trees, tree_event
+from dpfl_tff.privacy.events import tree_event
+from dpfl_tff.privacy.tree_ledger import TreeLedger, planned_trees
+from dpfl_tff.sampling import EpochShuffle, scheme_of
 
 SERVER_OPTIMIZERS = ("sgd", "sgdm")
 
@@ -48,13 +50,13 @@ class TreeAggregationFTRL(PrivacyMechanism):
     name = "ftrl"
     neighboring_relation = REPLACE_SPECIAL
     ledger_needs_cohorts = True  # the shuffle's epochs are rebuilt from them on a resume; each tree is checked
-    default_client_sampling = "shuffle"
+    default_client_sampling = EpochShuffle.name
 
     @classmethod
     def check(cls, cfg: ExperimentConfig) -> None:
         t, dp = cfg.train, cfg.dp
         refusals = [
-            (t.client_sampling != "shuffle",
+            (not scheme_of(cfg).once_per_epoch,
              f"--client_sampling={t.client_sampling} with --dp_mode=ftrl: DP-FTRL needs each client at most once "
              "per epoch; use --client_sampling=shuffle (the default with ftrl)"),
             (dp.accountant != "rdp",

@@ -12,12 +12,11 @@ import collections
 import math
 from typing import Any
 
-import dp_accounting
 
 from dpfl_tff.config import ExperimentConfig
-from dpfl_tff.errors import ConfigError
 from dpfl_tff.privacy import truncation
-from dpfl_tff.privacy.events import REPLACE_ONE, EpsilonTracker, RoundPrivacy, make_accountant
+from dpfl_tff.privacy.events import REPLACE_ONE, EpsilonTracker, RoundPrivacy, local_release, make_accountant
+from dpfl_tff.sampling import scheme_of
 
 
 class Ledger:
@@ -285,33 +284,21 @@ class LocalLedger(Ledger):
         dp = cfg.dp
         z = dp.noise_multiplier
         self.mechanism = dp.local_mechanism
-        if self.mechanism == "gaussian":
-            release = dp_accounting.GaussianDpEvent(z / 2)
-        else:
-            release = dp_accounting.LaplaceDpEvent(z / 2)
+        self._release = local_release(self.mechanism, z)
+        if self.mechanism != "gaussian":
             self.pure_epsilon_per_release = 2.0 / z
         self.out_of_reach_per_release = truncation.local_release_out_of_reach(self.mechanism, z)
-        self._release = RoundPrivacy(release, REPLACE_ONE, z, f"local {self.mechanism} release, replace-one")
-        acc = make_accountant(dp.accountant, REPLACE_ONE)
-        if not acc.supports(release):
-            raise ConfigError(
-                f"--accountant={dp.accountant}: dp-accounting cannot account a local {self.mechanism} release; "
-                "use --accountant=rdp"
-            )
-        self._local = EpsilonTracker(self._release, self.delta, dp.accountant)
+        self._local = EpsilonTracker(self._release, self.delta, dp.accountant)  # checks the accountant takes it
         self._sum: EpsilonTracker | None = None  # amplified by sampling: needs the cohorts secret
         self._sum_known: EpsilonTracker | None = None  # the same sum, the cohorts known
-        if self.mechanism == "gaussian" and cfg.train.client_sampling == "uniform":
-            n, m = cfg.population, cfg.train.clients_per_round
-            summed = RoundPrivacy(
-                dp_accounting.SampledWithoutReplacementDpEvent(n, m, dp_accounting.GaussianDpEvent(math.sqrt(m) * z / 2)),
-                REPLACE_ONE, math.sqrt(m) * z, "sum of m local Gaussian noises, fixed cohort, replace-one",
-            )
+        scheme = scheme_of(cfg)
+        n, m = cfg.population, cfg.train.clients_per_round
+        summed = scheme.summed_local_round(n, m, z, cohort_known=False) if self.mechanism == "gaussian" else None
+        if summed is not None:
             kind = dp.accountant if make_accountant(dp.accountant, REPLACE_ONE).supports(summed.event) else "rdp"
             self._sum = EpsilonTracker(summed, self.delta, kind)
-            known = RoundPrivacy(dp_accounting.GaussianDpEvent(math.sqrt(m) * z / 2), REPLACE_ONE, math.sqrt(m) * z,
-                                 "sum of m local Gaussian noises, cohorts known, replace-one")
-            self._sum_known = EpsilonTracker(known, self.delta, dp.accountant)
+            self._sum_known = EpsilonTracker(scheme.summed_local_round(n, m, z, cohort_known=True), self.delta,
+                                             dp.accountant)
         self._participations: collections.Counter = collections.Counter()
         self.max_participations = 0
 

@@ -27,11 +27,11 @@ from __future__ import annotations
 import abc
 from typing import Any, ClassVar
 
-import dp_accounting
-
 from dpfl_tff.config import DPConfig, ExperimentConfig
+from dpfl_tff.privacy import events
 from dpfl_tff.privacy.events import REPLACE_ONE, RoundPrivacy
 from dpfl_tff.privacy.ledgers import Ledger
+from dpfl_tff.sampling import scheme_of
 
 
 class PrivacyMechanism(abc.ABC):
@@ -52,6 +52,7 @@ class PrivacyMechanism(abc.ABC):
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
+        self.scheme = scheme_of(cfg)  # how the cohorts are drawn, and what that does to a round's event
 
     @classmethod
     def check(cls, cfg: ExperimentConfig) -> None:
@@ -85,7 +86,7 @@ class PrivacyMechanism(abc.ABC):
         rp = self.round_privacy()
         if rp is None:
             return None
-        return dp_accounting.SelfComposedDpEvent(rp.event, rounds), rp.neighboring_relation
+        return events.self_composed(rp, rounds)
 
     def planned_out_of_reach(self, rounds: int) -> float:
         """The samplers' out-of-reach bound over the worst client's releases in `rounds` rounds (`privacy.truncation`).
@@ -121,7 +122,7 @@ class PrivacyMechanism(abc.ABC):
         With --log_cohorts; when this mode's ledger needs them; and with --client_sampling=shuffle, whose
         epochs a resumed run rebuilds from them (`sampling.EpochShuffler.restore`).
         """
-        return self.cfg.log_cohorts or self.ledger_needs_cohorts or self.cfg.train.client_sampling == "shuffle"
+        return self.cfg.log_cohorts or self.ledger_needs_cohorts or self.scheme.resume_needs_cohorts
 
     @property
     def noise_seeded(self) -> bool:
@@ -130,7 +131,7 @@ class PrivacyMechanism(abc.ABC):
 
     def cohort_size_covered(self) -> bool:
         """The realised cohort size reveals nothing under replace-one or a fixed cohort size."""
-        return self.neighboring_relation == REPLACE_ONE or self.cfg.train.client_sampling != "poisson"
+        return self.neighboring_relation == REPLACE_ONE or self.scheme.fixed_size
 
     def initial_clip(self) -> float | None:
         """The clip of round 1 as the metrics report it (None: nothing is clipped)."""

@@ -24,16 +24,8 @@ import dp_accounting
 
 from dpfl_tff.errors import LedgerError
 from dpfl_tff.privacy import truncation
-from dpfl_tff.privacy.events import REPLACE_SPECIAL
+from dpfl_tff.privacy.events import REPLACE_SPECIAL, tree_event
 from dpfl_tff.privacy.ledgers import Ledger
-
-
-def tree_event(noise_multiplier: float, tree_steps: list[int]) -> dp_accounting.DpEvent:
-    """The composition of one `SingleEpochTreeAggregationDpEvent` per tree (trees of 0 steps left out)."""
-    return dp_accounting.ComposedDpEvent([
-        dp_accounting.SingleEpochTreeAggregationDpEvent(noise_multiplier, int(steps))
-        for steps in tree_steps if steps > 0
-    ])
 
 
 def trees_epsilon(noise_multiplier: float, tree_steps: list[int], delta: float) -> float:
