@@ -42,6 +42,7 @@ from absl import app, flags, logging
 from dpfl_tff import checkpoints, plan, runtime, training
 from dpfl_tff.audit import auditor, estimate
 from dpfl_tff.config import ConfigError, ExperimentConfig
+from dpfl_tff.privacy import registry
 from dpfl_tff.tasks import DataFileError
 from experiments import cli
 from experiments.run_federated import Signals
@@ -64,8 +65,8 @@ def variants(cfg: ExperimentConfig) -> dict[str, ExperimentConfig]:
     """The two checked configurations: as given, and with zero noise (no calibration), in subfolders."""
     if not cfg.canary_clients:
         raise ConfigError("--canary_clients=0: the audit needs canary clients; give K > 0 (e.g. 200)")
-    if cfg.dp.mode == "none":
-        raise ConfigError("--dp_mode=none: there is no noise to audit; use --dp_mode=central or local")
+    if not registry.mechanism_class(cfg).provides_dp:
+        raise ConfigError(f"--dp_mode={cfg.dp.mode}: there is no noise to audit; use --dp_mode=central or local")
     noise_free = dataclasses.replace(cfg.dp, noise_multiplier=0.0, target_epsilon=None)
     return {
         NOISED: plan.check(dataclasses.replace(cfg, output_dir=os.path.join(cfg.output_dir, NOISED))),

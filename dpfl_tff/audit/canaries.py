@@ -36,7 +36,9 @@ def update_norm(cfg: ExperimentConfig) -> float:
 
     Without DP (--dp_mode=none) nothing clips: the canary has norm --clip_norm.
     """
-    if cfg.dp.adaptive_clipping and cfg.dp.mode != "none":
+    from dpfl_tff.privacy import registry
+
+    if cfg.dp.adaptive_clipping and registry.mechanism_class(cfg).provides_dp:
         return cfg.dp.clip_norm * _ADAPTIVE_OVERSCALE
     return cfg.dp.clip_norm
 
