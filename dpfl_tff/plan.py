@@ -8,8 +8,12 @@ split possible): pure Python and dp-accounting, no TensorFlow, so that
 task's data (after fetching its files if `--download`; fixing N for tasks
 with their own client split, custom tasks included), imports and
 builds the model once to check it, and calibrates the noise multiplier to
-`--target_epsilon`: the configuration it returns is the one the run, its
-accounting and its hparams.json use.
+`--target_epsilon`: it returns one frozen `RunPlan`, built once, that `run`,
+`dry_run`, the sweep and the audit read (the resolved configuration its
+accounting and hparams.json use, the data, the one mechanism, the model's
+size and initial weights, the fields epsilon does not cover, the predicted
+epsilon of a run folder's history). Nothing downstream rebuilds a mechanism
+or re-derives these from the configuration.
 """
 
 from __future__ import annotations
@@ -18,11 +22,40 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from typing import Any
+
 from dpfl_tff.config import ExperimentConfig
-from dpfl_tff.privacy import accounting, registry
+from dpfl_tff.privacy import accounting, coverage, registry
+from dpfl_tff.privacy.mechanism import PrivacyMechanism
+from dpfl_tff.sampling import SamplingScheme
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from dpfl_tff.resume import History
     from dpfl_tff.tasks import FederatedData
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What a run is, resolved once by `prepare` (see the module docstring)."""
+
+    cfg: ExperimentConfig  # validated, N fixed, the noise calibrated
+    data: FederatedData
+    mechanism: PrivacyMechanism  # the one mechanism of the run, built from `cfg`
+    notes: tuple[str, ...]  # lines to print before the run starts (model checks, calibration)
+    model_parameters: int
+    initial_weights: tuple[np.ndarray, ...]  # the model's weights as built (trainable, then non-trainable)
+    state_not_aggregated: tuple[str, ...]  # non-trainable state a training step updates (`models.updated_state`)
+    not_covered: tuple[str, ...]  # released fields the epsilon does not cover (`privacy.coverage`)
+
+    @property
+    def scheme(self) -> SamplingScheme:
+        return self.mechanism.scheme
+
+    def projected(self, history: History) -> dict[str, Any]:
+        """The ledger's figures at the end of the run, composing the folder's `history` first (empty: a new run)."""
+        return self.mechanism.projected(list(history.entries), history.resume_round, self.cfg.train.rounds)
 
 
 def check(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -31,13 +64,20 @@ def check(cfg: ExperimentConfig) -> ExperimentConfig:
     Raises:
       ConfigError: one line naming the flag, the value and the allowed range.
     """
+    _checked_mechanism(cfg)
+    return cfg
+
+
+def _checked_mechanism(cfg: ExperimentConfig) -> PrivacyMechanism:
+    """`check(cfg)`, returning the mechanism it built (N known: its accounting checked too)."""
     cfg.validate()
     registry.mechanism_class(cfg).check(cfg)
+    mechanism = registry.mechanism_for(cfg)
     if cfg.task.n_is_known:
-        accounting.check_accountable(cfg)
+        mechanism.check_accountable()
         if cfg.dp.target_epsilon is None:  # a calibrated z is checked once calibrated
-            accounting.check_sampler_delta(cfg)
-    return cfg
+            accounting.check_sampler_delta(cfg, mechanism)
+    return mechanism
 
 
 def calibrated(cfg: ExperimentConfig) -> tuple[ExperimentConfig, list[str]]:
@@ -51,16 +91,17 @@ def calibrated(cfg: ExperimentConfig) -> tuple[ExperimentConfig, list[str]]:
     ]
 
 
-def prepare(cfg: ExperimentConfig, log: Callable[[str], None]) -> tuple[ExperimentConfig, FederatedData, list[str]]:
+def prepare(cfg: ExperimentConfig, log: Callable[[str], None]) -> RunPlan:
     """Checks `cfg`, loads its data, checks its model and calibrates its noise (see the module docstring).
 
     Returns:
-      (the resolved configuration, the task's data, notes to print before the run starts).
+      The run's plan (its `notes`: lines to print before the run starts).
 
     Raises:
       ConfigError, DataMissingError, DataFileError: before anything is trained or written.
     """
     from dpfl_tff import models  # TensorFlow: imported only when a run is prepared
+    from dpfl_tff.process import keras_model
     from dpfl_tff.tasks import load_task
 
     check(cfg)
@@ -77,4 +118,12 @@ def prepare(cfg: ExperimentConfig, log: Callable[[str], None]) -> tuple[Experime
             cfg, task=dataclasses.replace(cfg.task, num_clients=data.num_clients, num_clients_known=True)))
     notes = models.validate_model(cfg.train.model, data.input_shape, data.num_classes)
     cfg, calibration = calibrated(cfg)
-    return cfg, data, notes + calibration
+    mechanism = registry.mechanism_for(cfg)  # the run's one mechanism (`cfg` is checked, calibrated)
+    model = keras_model(cfg, data)
+    return RunPlan(
+        cfg=cfg, data=data, mechanism=mechanism, notes=tuple(notes + calibration),
+        model_parameters=int(model.count_params()),
+        initial_weights=tuple(w.numpy() for w in model.trainable_weights + model.non_trainable_weights),
+        state_not_aggregated=tuple(models.updated_state(model, data.input_shape)),
+        not_covered=tuple(coverage.not_covered(cfg, mechanism)),
+    )

@@ -23,6 +23,7 @@ from dpfl_tff import grouped_fedavg, models
 from dpfl_tff.audit import canaries
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.privacy.nonfinite import ZeroNonFiniteFactory
+from dpfl_tff.privacy.mechanism import PrivacyMechanism
 from dpfl_tff.privacy.registry import mechanism_for
 from dpfl_tff.tasks import FederatedData
 
@@ -59,6 +60,7 @@ def model_fn_for(cfg: ExperimentConfig, data: FederatedData) -> Callable[[], tff
 def build_learning_process(
     cfg: ExperimentConfig, data: FederatedData, files: grouped_fedavg.ClientFiles | None = None,
     canary_seed: int | None = None,
+    mechanism: PrivacyMechanism | None = None,
 ) -> tff.learning.templates.LearningProcess:
     """Unweighted DP-FedAvg with the DP aggregation of `cfg`.
 
@@ -69,10 +71,11 @@ def build_learning_process(
     the round's request carries it) or TFF's `build_unweighted_fed_avg` with
     our aggregator. Feed `next` with `round_input`. With `cfg.canary_clients`,
     `canary_seed` is the run's secret canary seed (`audit.auditor`; grouped only).
+    `mechanism`: the run plan's mechanism (default: built from `cfg`).
     """
     client_opt = build_optimizer(cfg.train.client_optimizer, cfg.train.client_learning_rate)
     server_opt = build_optimizer(cfg.train.server_optimizer, cfg.train.server_learning_rate)
-    mechanism = mechanism_for(cfg)
+    mechanism = mechanism or mechanism_for(cfg)
     release = mechanism.releases_client_statistics
     if cfg.train.fedavg_impl == "grouped":
         return grouped_fedavg.build_grouped_fed_avg(

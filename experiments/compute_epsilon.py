@@ -45,7 +45,8 @@ def compute(cfg, participations: int | None = None) -> dict:
     if participations is not None and not 1 <= participations <= cfg.train.rounds:
         raise ConfigError(f"--participations={participations}: must be in [1, --rounds={cfg.train.rounds}]")
     cfg = accounting.with_calibrated_noise(cfg)
-    ledger = mechanism_for(cfg).ledger()
+    mechanism = mechanism_for(cfg)  # built once: its ledger and its summary fields
+    ledger = mechanism.ledger()
     result = {
         "dp_mode": cfg.dp.mode,  # the flag's value, as given
         "num_clients": cfg.task.num_clients,
@@ -58,7 +59,7 @@ def compute(cfg, participations: int | None = None) -> dict:
         "neighboring_relation": ledger.neighboring_relation,
         "target_epsilon": cfg.dp.target_epsilon,
     }
-    result.update(mechanism_for(cfg).summary_fields())
+    result.update(mechanism.summary_fields())
     result.update(ledger.planned(cfg.train.rounds, participations))
     ledger.close()
     # The stated delta: --target_delta (the accountant's) plus the noise sampler's term (privacy.truncation).

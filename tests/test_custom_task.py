@@ -52,7 +52,8 @@ def test_plan_uses_the_custom_tasks_n_for_the_epsilon():
 
     custom = cfg("tests.custom_tasks:seven_clients", 100)
     assert not custom.task.n_is_known  # unknown until the function has run
-    resolved, data, _ = plan.prepare(custom, log=lambda s: None)
+    run_plan = plan.prepare(custom, log=lambda s: None)
+    resolved, data = run_plan.cfg, run_plan.data
     assert data.num_clients == 7 and resolved.task.n_is_known and resolved.task.num_clients == 7
     eps = lambda c: accounting.make_ledger(c).planned(5)["epsilon"]  # noqa: E731
     assert eps(resolved) == pytest.approx(eps(cfg("synthetic", 7)), rel=1e-12)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import dp_accounting
 from dp_accounting import mechanism_calibration
@@ -38,6 +39,9 @@ from dpfl_tff.privacy.events import (
 from dpfl_tff.privacy.ledgers import CentralLedger, Ledger, LocalLedger
 from dpfl_tff.privacy.registry import mechanism_for
 
+if TYPE_CHECKING:
+    from dpfl_tff.privacy.mechanism import PrivacyMechanism
+
 
 def round_privacy(cfg: ExperimentConfig) -> RoundPrivacy | None:
     """The DP event of one round of `cfg`, if its epsilon depends only on the number of rounds (central DP).
@@ -58,14 +62,20 @@ def check_accountable(cfg: ExperimentConfig) -> None:
     mechanism_for(cfg).check_accountable()
 
 
-def sampler_delta(cfg: ExperimentConfig, noise_multiplier: float | None = None) -> float:
-    """`delta_sampler` of `cfg`'s planned run (the worst client, all --rounds) at `noise_multiplier` (default cfg's)."""
+def sampler_delta(cfg: ExperimentConfig, noise_multiplier: float | None = None,
+                  mechanism: PrivacyMechanism | None = None) -> float:
+    """`delta_sampler` of `cfg`'s planned run (the worst client, all --rounds) at `noise_multiplier` (default cfg's).
+
+    `mechanism`: `cfg`'s, if already built (used only at cfg's own noise multiplier).
+    """
     if noise_multiplier is not None:
         cfg = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, noise_multiplier=float(noise_multiplier)))
-    return truncation.delta_sampler(mechanism_for(cfg).planned_out_of_reach(cfg.train.rounds), cfg.target_delta)
+        mechanism = None
+    mechanism = mechanism or mechanism_for(cfg)
+    return truncation.delta_sampler(mechanism.planned_out_of_reach(cfg.train.rounds), cfg.target_delta)
 
 
-def check_sampler_delta(cfg: ExperimentConfig) -> None:
+def check_sampler_delta(cfg: ExperimentConfig, mechanism: PrivacyMechanism | None = None) -> None:
     """Refuses a run whose samplers' truncation term would exceed 1% of --target_delta (`privacy.truncation`).
 
     The term grows with the rounds and shrinks fast with the noise multiplier;
@@ -76,12 +86,12 @@ def check_sampler_delta(cfg: ExperimentConfig) -> None:
     Raises:
       ConfigError: one line naming --noise_multiplier, the term and the smallest z that passes.
     """
-    mechanism = mechanism_for(cfg)
+    mechanism = mechanism or mechanism_for(cfg)
     z = cfg.dp.noise_multiplier
     if not mechanism.provides_dp or z == 0 or mechanism.noise_seeded:
         return
     limit = truncation.MAX_FRACTION_OF_DELTA * cfg.target_delta
-    term = sampler_delta(cfg)
+    term = sampler_delta(cfg, mechanism=mechanism)
     if term <= limit:
         return
 

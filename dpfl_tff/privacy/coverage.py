@@ -28,41 +28,50 @@ list; the threat model in docs/privacy.md says what they reveal about the cohort
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.privacy.registry import mechanism_for
+
+if TYPE_CHECKING:
+    from dpfl_tff.privacy.mechanism import PrivacyMechanism
 
 CLIENT_TRAINING_FIELDS = ("train_loss", "train_accuracy", "nonfinite_clients")
 COHORT_SIZE_FIELD = "clients_this_round"
 TIMING_FIELDS = ("round_seconds", "accounting_seconds", "wall_seconds")
 
 
-def client_statistics_released(cfg: ExperimentConfig) -> bool:
+def client_statistics_released(cfg: ExperimentConfig, mechanism: PrivacyMechanism | None = None) -> bool:
     """Whether the clients' unnoised training metrics leave the clients and are written.
 
     Never under local DP: nothing computed from a client's data but its
     noised update leaves the client computation.
     """
-    return cfg.client_metrics and mechanism_for(cfg).releases_client_statistics
+    return cfg.client_metrics and (mechanism or mechanism_for(cfg)).releases_client_statistics
 
 
-def cohort_size_covered(cfg: ExperimentConfig) -> bool:
-    """The realised cohort size is covered unless Poisson sampling meets add-or-remove-one."""
-    return mechanism_for(cfg).cohort_size_covered()
+def cohort_size_covered(cfg: ExperimentConfig, mechanism: PrivacyMechanism | None = None) -> bool:
+    """The realised cohort size is covered unless a random cohort size meets add-or-remove-one."""
+    return (mechanism or mechanism_for(cfg)).cohort_size_covered()
 
 
-def not_covered(cfg: ExperimentConfig) -> list[str]:
-    """Names of the released fields that the epsilon of `cfg` does not cover (see the module docstring)."""
+def not_covered(cfg: ExperimentConfig, mechanism: PrivacyMechanism | None = None) -> list[str]:
+    """Names of the released fields that the epsilon of `cfg` does not cover (see the module docstring).
+
+    `mechanism`: `cfg`'s, if already built (the run plan's).
+    """
     if not cfg.client_metrics:
         return []
+    mechanism = mechanism or mechanism_for(cfg)
     fields: list[str] = []
-    if client_statistics_released(cfg):
+    if client_statistics_released(cfg, mechanism):
         fields += CLIENT_TRAINING_FIELDS
-    if not cohort_size_covered(cfg):
+    if not cohort_size_covered(cfg, mechanism):
         fields.append(COHORT_SIZE_FIELD)
     fields += TIMING_FIELDS
     return fields
 
 
-def cohort_size_released(cfg: ExperimentConfig) -> bool:
+def cohort_size_released(cfg: ExperimentConfig, mechanism: PrivacyMechanism | None = None) -> bool:
     """Whether `clients_this_round` is written."""
-    return cfg.client_metrics or cohort_size_covered(cfg)
+    return cfg.client_metrics or cohort_size_covered(cfg, mechanism)
