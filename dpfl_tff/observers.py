@@ -26,14 +26,13 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from dpfl_tff import checkpoints, outputs
+from dpfl_tff import checkpoints, outputs, round_record
 from dpfl_tff.privacy.events import ADD_OR_REMOVE_ONE, REPLACE_ONE, REPLACE_SPECIAL
 
 _RELATION_TEXT = {ADD_OR_REMOVE_ONE: "add-or-remove-one", REPLACE_ONE: "replace-one",
                   REPLACE_SPECIAL: "replace-special"}
 # Ledger fields a summary copies from the last record when present (local DP's, Laplace's, DP-FTRL's).
-_LEDGER_SUMMARY_FIELDS = ("local_epsilon", "epsilon_analysis", "max_participations", "local_epsilon_pure", "trees",
-                          "epsilon_if_cohorts_secret")
+_LEDGER_SUMMARY_FIELDS = round_record.SUMMARY_COPIES
 
 
 class Observer:

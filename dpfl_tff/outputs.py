@@ -24,6 +24,7 @@ import shutil
 from collections.abc import Iterator
 from typing import Any
 
+from dpfl_tff import round_record
 from dpfl_tff.errors import ConfigError
 from dpfl_tff.folder_lock import LOCK_FILE
 
@@ -251,8 +252,7 @@ class TensorBoard:
     folder (TensorFlow's own error says why, e.g. no space left on device).
     """
 
-    KEYS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "epsilon", "local_epsilon", "clip_norm",
-            "fraction_clipped", "round_seconds", "nonfinite_clients", "clients_this_round")
+    KEYS = round_record.TENSORBOARD  # the declared fields marked for TensorBoard
 
     def __init__(self, path: str, keep_through: int | None = None):
         import tensorflow as tf

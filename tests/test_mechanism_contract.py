@@ -10,7 +10,8 @@ check it without being told about it:
 * the budget guard's preview of a round is never below what committing that
   round then reports (for both views `--max_epsilon_view` offers);
 * the plan's prediction for a new run is never below what the run spends;
-* the fields the summary lists as not covered by epsilon are the ones the
+* every field a metrics line holds is declared in `round_record`, and the
+  fields the summary lists as not covered by epsilon are the ones the
   metrics hold (and none of them with --client_metrics=false).
 """
 
@@ -21,7 +22,7 @@ import os
 
 import pytest
 
-from dpfl_tff import plan, training
+from dpfl_tff import plan, round_record, training
 from dpfl_tff.config import DPConfig, ExperimentConfig, TaskConfig, TrainConfig
 from dpfl_tff.privacy import coverage, registry
 
@@ -106,6 +107,7 @@ def test_the_fields_not_covered_are_the_ones_the_metrics_hold(mode, tmp_path):
         listed = set(summary["outputs_not_covered_by_epsilon"])
         assert listed == set(coverage.not_covered(cfg)) == set(result.summary["outputs_not_covered_by_epsilon"])
         in_metrics = set().union(*(line.keys() for line in lines))
+        assert in_metrics <= set(round_record.names()), in_metrics - set(round_record.names())  # all declared
         # Every listed field but the run's wall time (a summary field) is in every metrics line ...
         for line in lines:
             assert listed - {"wall_seconds"} <= line.keys(), (client_metrics, listed - line.keys())

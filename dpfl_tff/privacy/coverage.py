@@ -30,15 +30,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from dpfl_tff import round_record
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.privacy.registry import mechanism_for
 
 if TYPE_CHECKING:
     from dpfl_tff.privacy.mechanism import PrivacyMechanism
 
-CLIENT_TRAINING_FIELDS = ("train_loss", "train_accuracy", "nonfinite_clients")
-COHORT_SIZE_FIELD = "clients_this_round"
-TIMING_FIELDS = ("round_seconds", "accounting_seconds", "wall_seconds")
+# Derived from the record's declaration (`round_record`), where each field says what epsilon covers of it.
+CLIENT_TRAINING_FIELDS = round_record.names(round_record.CLIENT_STATISTICS)
+(COHORT_SIZE_FIELD,) = round_record.names(round_record.COHORT_SIZE)
+TIMING_FIELDS = round_record.timing_fields()
 
 
 def client_statistics_released(cfg: ExperimentConfig, mechanism: PrivacyMechanism | None = None) -> bool:
