@@ -223,3 +223,15 @@ class Evaluator:
 
 def _shuffle_seed(seed: int, round_num: int, client_id: int) -> int:
     return int(np.random.default_rng([seed, 11, round_num, int(client_id)]).integers(2**31 - 1))
+
+
+def query_state(aggregator_state: Any) -> Any:
+    """The DP query's state inside the process' aggregator state (TFF's FedAvg wraps it in `DPAggregatorState`)."""
+    return getattr(aggregator_state, "query_state", aggregator_state)
+
+
+def query_metrics(aggregator_metrics: dict[str, Any]) -> dict[str, Any]:
+    """The DP query's metrics inside the process' aggregator metrics (the non-finite wrapper's `inner`, then
+    TFF's `dp_query_metrics` where its DP factory reports them)."""
+    inner = aggregator_metrics.get("inner", aggregator_metrics)
+    return inner.get("dp_query_metrics", inner)

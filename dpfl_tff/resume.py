@@ -148,9 +148,11 @@ def finished_summary(out: outputs.ExperimentDir, cfg: ExperimentConfig) -> dict[
     return None
 
 
-def restore(folder: RunFolder, ledger: Ledger, state: Any, clip: float | None,
-            log: Callable[[str], None]) -> tuple[int, Any, float | None, list[dict[str, Any]]]:
-    """Restores state, accountant and metrics of an interrupted run: (round, state, clip, records).
+def restore(folder: RunFolder, ledger: Ledger, state: Any,
+            log: Callable[[str], None]) -> tuple[int, Any, list[dict[str, Any]]]:
+    """Restores state, accountant and metrics of an interrupted run: (round, state, records).
+
+    Round state a mechanism keeps (an adaptive clip, a tree's position) is in the restored process state.
 
     Every release in the (verified) ledger is replayed into the accountant,
     also those after the checkpoint, which are about to be re-run.
@@ -160,8 +162,6 @@ def restore(folder: RunFolder, ledger: Ledger, state: Any, clip: float | None,
     loaded = ckpts.load_latest(state)
     if loaded is not None:
         done, state, record = loaded
-        if record.get("next_clip_norm") is not None:
-            clip = record["next_clip_norm"]
     elif ckpts.rounds():
         log(f"WARNING: no checkpoint in {ckpts.dir} is readable: the run restarts from round 1 "
             f"(the ledger keeps its {ledger_log.count} release(s): epsilon counts them)")
@@ -170,4 +170,4 @@ def restore(folder: RunFolder, ledger: Ledger, state: Any, clip: float | None,
             f"(the ledger keeps its {ledger_log.count} release(s): epsilon counts them)")
     for entry in ledger_log.entries:
         ledger.replay_entry(entry)
-    return done, state, clip, folder.out.truncate_metrics(done, record)
+    return done, state, folder.out.truncate_metrics(done, record)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from dpfl_tff.config import DPConfig, ExperimentConfig
 from dpfl_tff.errors import ConfigError
 from dpfl_tff.privacy import truncation
@@ -93,11 +95,18 @@ class CentralGaussian(PrivacyMechanism):
             return super().planned_event(rounds)
         return events.self_composed(self.scheme.known_cohort_round(self.noise.effective_noise_multiplier), rounds)
 
-    def record_fields(self, aggregator_metrics: dict[str, Any], clip: float | None) -> tuple[dict[str, Any], Any]:
-        query_metrics = aggregator_metrics.get("dp_query_metrics", {})
-        if "clip" in query_metrics:  # adaptive clipping: the clip of the next round
-            clip = float(query_metrics["clip"])
-        return {"next_clip_norm": clip}, clip
+    def clip_in(self, query_state: Any) -> float | None:
+        """Adaptive clipping: the clip in the query's state (float32), as --clip_norm while it is that value."""
+        if not self.cfg.dp.adaptive_clipping:
+            return self.cfg.dp.clip_norm
+        # NormalizedQuery(QuantileAdaptiveClipSumQuery): the sum's clip (`queries.central_query`).
+        clip = np.float32(query_state.numerator_state.sum_state.l2_norm_clip)
+        return self.cfg.dp.clip_norm if clip == np.float32(self.cfg.dp.clip_norm) else float(clip)
+
+    def record_fields(self, query_metrics: dict[str, Any], query_state: Any) -> dict[str, Any]:
+        if "clip" in query_metrics:  # adaptive clipping: the clip of the next round, as the query reports it
+            return {"next_clip_norm": float(query_metrics["clip"])}
+        return super().record_fields(query_metrics, query_state)
 
     def privacy_line(self, planned: dict[str, Any]) -> str:
         cfg = self.cfg

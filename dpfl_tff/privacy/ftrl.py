@@ -120,9 +120,6 @@ class TreeAggregationFTRL(PrivacyMechanism):
     def planned_event(self, rounds: int) -> tuple[Any, str]:
         return tree_event(self.cfg.dp.noise_multiplier, planned_trees(rounds, self.rounds_per_epoch)), REPLACE_SPECIAL
 
-    def record_fields(self, aggregator_metrics: dict[str, Any], clip: float | None) -> tuple[dict[str, Any], Any]:
-        return {"next_clip_norm": clip}, clip
-
     def summary_fields(self) -> dict[str, Any]:
         return {"rounds_per_epoch": self.rounds_per_epoch,
                 "clients_left_out_per_epoch": self.cfg.population % self.cfg.train.clients_per_round}

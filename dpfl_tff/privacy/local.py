@@ -63,9 +63,9 @@ class LocalNoise(PrivacyMechanism):
     def noise_key(self) -> str:
         return "noise_std" if self.cfg.dp.local_mechanism == "gaussian" else "laplace_scale"
 
-    def record_fields(self, aggregator_metrics: dict[str, Any], clip: float | None) -> tuple[dict[str, Any], Any]:
-        query_metrics = aggregator_metrics.get("dp_query_metrics", aggregator_metrics)
-        return {"next_clip_norm": clip, self.noise_key: float(query_metrics[self.noise_key])}, clip
+    def record_fields(self, query_metrics: dict[str, Any], query_state: Any) -> dict[str, Any]:
+        return {**super().record_fields(query_metrics, query_state),
+                self.noise_key: float(query_metrics[self.noise_key])}
 
     def summary_fields(self) -> dict[str, Any]:
         return {"local_mechanism": self.cfg.dp.local_mechanism}

@@ -14,8 +14,9 @@ mechanisms), a mechanism is the one place that knows what its mode does:
   (DP-FTRL: start a new noise tree);
 * `releases_client_statistics`, `cohort_size_covered()`: what leaves the
   clients and what the epsilon covers (`privacy.coverage`);
-* `record_fields()`, `privacy_line()`, `summary_fields()`: what the run
-  writes about the mechanism.
+* `clip_in()`, `record_fields()`, `privacy_line()`, `summary_fields()`: what
+  the run writes about the mechanism (round state such as an adaptive clip
+  is read from the query state, where it lives; the loop carries none).
 
 The round loop, the process and the outputs ask the mechanism and never
 switch on the mode's name; a new mechanism is a new subclass registered in
@@ -133,14 +134,23 @@ class PrivacyMechanism(abc.ABC):
         """The realised cohort size reveals nothing under replace-one or a fixed cohort size."""
         return self.neighboring_relation == REPLACE_ONE or self.scheme.fixed_size
 
-    def initial_clip(self) -> float | None:
-        """The clip of round 1 as the metrics report it (None: nothing is clipped)."""
+    def clip_in(self, query_state: Any) -> float | None:
+        """The clip a round run from `query_state` (the DP query's state, `process.query_state`) uses.
+
+        None: nothing is clipped. A fixed clip is --clip_norm; a mechanism whose
+        clip moves (adaptive clipping) reads it from the state, where it lives.
+        """
+        del query_state
         return self.cfg.dp.clip_norm
 
-    def record_fields(self, aggregator_metrics: dict[str, Any], clip: float | None) -> tuple[dict[str, Any], Any]:
-        """Fields of a round's metrics line from the process' aggregator metrics, and the next round's clip."""
-        del aggregator_metrics
-        return {}, clip
+    def record_fields(self, query_metrics: dict[str, Any], query_state: Any) -> dict[str, Any]:
+        """Fields of a round's metrics line from its DP query's metrics and the query state after it.
+
+        `query_metrics`, `query_state`: `process.query_metrics` and `process.query_state` of the round's
+        result (TFF's nesting already taken off). The base: the clip of the next round.
+        """
+        del query_metrics
+        return {"next_clip_norm": self.clip_in(query_state)}
 
     def summary_fields(self) -> dict[str, Any]:
         """Fields this mode adds to summary.json (beyond the epsilon fields the ledger gives)."""

@@ -30,8 +30,11 @@ class NoPrivacy(PrivacyMechanism):
     def noise_seeded(self) -> bool:
         return False  # there is no noise to seed
 
-    def initial_clip(self) -> float | None:
-        return None
+    def clip_in(self, query_state: Any) -> float | None:
+        return None  # nothing is clipped
+
+    def record_fields(self, query_metrics: dict[str, Any], query_state: Any) -> dict[str, Any]:
+        return {}
 
     def privacy_line(self, planned: dict[str, Any]) -> str:
         del planned
