@@ -120,3 +120,23 @@ def test_the_fields_not_covered_are_the_ones_the_metrics_hold(mode, tmp_path):
         assert (in_metrics | set(summary)) & possibly <= listed, (client_metrics, (in_metrics & possibly) - listed)
         if not client_metrics:
             assert listed == set()
+
+
+@pytest.mark.parametrize("fedavg_impl", ["grouped", "tff"])
+def test_an_adaptive_clip_lives_in_the_query_state_across_rounds_and_a_resume(fedavg_impl, tmp_path):
+    # The loop carries no clip: each round's clip is read from the state it runs from (mechanism.clip_in).
+    out = str(tmp_path / "adaptive")
+
+    def cfg(rounds):
+        base = _cfg("central", "uniform", "gaussian", rounds=rounds, fedavg_impl=fedavg_impl, checkpoint_every=1)
+        return dataclasses.replace(base, output_dir=out, dp=dataclasses.replace(
+            base.dp, adaptive_clipping=True, noise_multiplier=0.3, clip_norm=0.05))
+
+    training.run(cfg(3), log=lambda s: None)
+    training.run(cfg(5), log=lambda s: None)  # resumes from the checkpoint of round 3
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[0]["clip_norm"] == 0.05  # the configured clip, as given
+    for prev, row in zip(rows, rows[1:]):
+        assert row["clip_norm"] == prev["next_clip_norm"], (row["round"], row["clip_norm"], prev["next_clip_norm"])
+    assert len({r["next_clip_norm"] for r in rows}) > 1  # the clip moved: the check above is not of a constant
