@@ -36,13 +36,30 @@ _LEDGER_SUMMARY_FIELDS = round_record.SUMMARY_COPIES
 
 
 class Observer:
-    """Receives each completed round's record and, at the end, the summary."""
+    """Receives each completed round's record and, at the end, the summary.
+
+    The loop calls, in this order: `on_resume` (a resumed run, once its state
+    is restored), `on_round` for every completed round, `on_end` when the
+    rounds are over (completed, or stopped at a budget), `close` always (also
+    on a failure), and `write_plots` after a run that completed rounds.
+    """
+
+    def on_resume(self, done: int, trainable: Any) -> None:
+        """A resumed run restored round `done`; `trainable`: the model's trainable weights then."""
 
     def on_round(self, record: dict[str, Any], state: Any, last: bool, stopping: bool) -> None:
         """`state` is the process state after the round; `last`: the final round; `stopping`: a stop request."""
 
+    def on_end(self, summary: dict[str, Any], out: outputs.ExperimentDir) -> None:
+        """The rounds are over: fields for `summary`, files for the run folder `out`."""
+
     def close(self) -> None:
         pass
+
+    def write_plots(self, out: outputs.ExperimentDir) -> list[str]:
+        """Writes this observer's plots into `out` (after the run); returns their file names."""
+        del out
+        return []
 
 
 class Outbox:

@@ -146,10 +146,10 @@ def test_auditor_keeps_maxima_across_a_matching_checkpoint_only(tmp_path):
     expected = dirs @ (-step) / np.linalg.norm(step)
     np.testing.assert_allclose(a.max_cos, expected, atol=1e-6)
     b = auditor.CanaryAuditor(k, seed, w0, 1e-3, ckpt, checkpoint_every=2)
-    b.resume(2, unflat(w2))
+    b.on_resume(2, unflat(w2))
     np.testing.assert_allclose(b.max_cos, a.max_cos)
     c = auditor.CanaryAuditor(k, seed, w0, 1e-3, ckpt, checkpoint_every=2)
-    c.resume(1, unflat(w1))  # round 1 was never saved: no all-rounds estimate
+    c.on_resume(1, unflat(w1))  # round 1 was never saved: no all-rounds estimate
     c.on_round({"round": 2, "delta": 1.01e-3}, _State(unflat(w2)), True, False)  # the stated delta of the last round
     assert c.results["delta"] == c.results["final_model"]["delta"] == c.results["final_model"]["lower_bound"][
         "delta"] == 1.01e-3

@@ -131,7 +131,7 @@ class CanaryAuditor(observers.Observer):
         return cls(cfg.canary_clients, seed, initial_trainable, cfg.target_delta, ckpt_dir,
                    cfg.train.checkpoint_every, lost_seed)
 
-    def resume(self, done: int, trainable) -> None:
+    def on_resume(self, done: int, trainable) -> None:
         """After `training` restored round `done`: the running maxima if saved with that round, else none."""
         self.prev = _flat(trainable)
         if done == 0 or self.max_cos is None:
@@ -190,6 +190,18 @@ class CanaryAuditor(observers.Observer):
                 "inserted_max_cosines": self.max_cos[:k].tolist(), "held_out_max_cosines": self.max_cos[k:].tolist(),
             }
         return out
+
+    def on_end(self, summary: dict[str, Any], out) -> None:
+        """The estimates into the summary, the samples into audit.json (nothing if the last round did not run)."""
+        if self.results is not None:
+            summary.update(self.summary_fields())
+            out.write_json(AUDIT_JSON, self.results)
+
+    def write_plots(self, out) -> list[str]:
+        if (self.results or {}).get("final_model") is None:
+            return []
+        plot(self.results, out.file(AUDIT_PNG))
+        return [AUDIT_PNG]
 
     def summary_fields(self) -> dict[str, Any]:
         r = self.results
