@@ -96,3 +96,13 @@ def with_frozen_layer(input_shape, num_classes):
         frozen,
         tf.keras.layers.Dense(num_classes),
     ])
+
+
+def tiny_lstm(input_shape, num_classes):
+    """A text-task model small enough for tests: the paper models' shape (embedding, LSTM, logits per position)."""
+    return tf.keras.Sequential([
+        tf.keras.layers.InputLayer(input_shape=tuple(input_shape)),
+        tf.keras.layers.Embedding(num_classes, 4, mask_zero=True),
+        tf.keras.layers.LSTM(8, return_sequences=True),
+        tf.keras.layers.Dense(num_classes),
+    ])
