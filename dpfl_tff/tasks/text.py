@@ -33,6 +33,7 @@ TFF's baselines: Shakespeare's `accuracy` masks pad; Stack Overflow's
 from __future__ import annotations
 
 import collections
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -69,7 +70,7 @@ def _parse(blobs: list[bytes], feature: str, where: str, expected: str) -> tf.Te
         return tf.io.parse_example(tf.constant(blobs, tf.string),
                                    {feature: tf.io.FixedLenFeature(shape=(), dtype=tf.string)})[feature]
     except (tf.errors.OpError, ValueError) as e:
-        cause = " ".join(str(getattr(e, "message", e)).split())[:200]
+        cause = re.sub(r"^\{\{[^}]*\}\}\s*", "", " ".join(str(getattr(e, "message", e)).split()))[:200]
         raise DataFileError(f"{where}: examples cannot be read ({cause}) ({expected})") from e
 
 
