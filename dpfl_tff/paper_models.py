@@ -232,10 +232,10 @@ def stackoverflow_lstm(input_shape: Sequence[int], num_classes: int) -> tf.keras
 
 
 PAPER_MODELS: dict[str, ModelBuilder] = {
-    "shakespeare_lstm": shakespeare_lstm,
-    "stackoverflow_lstm": stackoverflow_lstm,
     "emnist_cnn_dropout": emnist_cnn_dropout,
     "emnist_2nn": emnist_2nn,
     "resnet18_gn": resnet18_groupnorm,
     "cifar_cnn": cifar_cnn,
+    "shakespeare_lstm": shakespeare_lstm,
+    "stackoverflow_lstm": stackoverflow_lstm,
 }
