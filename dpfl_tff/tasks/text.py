@@ -106,18 +106,23 @@ class StackOverflowReader:
     """Sentences -> 21-token sequences, with TFF's `build_to_ids_fn`."""
 
     def __init__(self, vocab: list[str]):
-        self._to_ids = so_pp.build_to_ids_fn(vocab, STACKOVERFLOW_SEQUENCE_LENGTH, num_out_of_vocab_buckets=1)
+        to_ids = so_pp.build_to_ids_fn(vocab, STACKOVERFLOW_SEQUENCE_LENGTH, num_out_of_vocab_buckets=1)
+
+        # TFF's per-sentence `to_ids` mapped over a client's sentences in one function traced once (a tf.data
+        # pipeline per client would trace a new function for every client read: slow, and memory that grows).
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def ids(sentences):
+            ragged = tf.map_fn(lambda s: to_ids(collections.OrderedDict(tokens=s)), sentences,
+                               fn_output_signature=tf.RaggedTensorSpec(shape=[None], dtype=tf.int64))
+            return ragged.to_tensor(0, shape=[None, STACKOVERFLOW_SEQUENCE_LENGTH + 1])  # padded_batch's pad
+
+        self._ids = ids
 
     def __call__(self, blobs: list[bytes], where: str) -> ClientArrays:
         if not blobs:
             raise DataFileError(f"{where}: no examples ({STACKOVERFLOW_EXPECTED})")
         tokens = _parse(blobs, "tokens", where, STACKOVERFLOW_EXPECTED)
-        ds = tf.data.Dataset.from_tensor_slices(collections.OrderedDict(tokens=tokens)).map(self._to_ids)
-        (seqs,) = list(ds.padded_batch(len(blobs), padded_shapes=[STACKOVERFLOW_SEQUENCE_LENGTH + 1]))
-        seqs = seqs.numpy()
-        if seqs.shape[1] < STACKOVERFLOW_SEQUENCE_LENGTH + 1:  # padded_batch pads to the longest only if shorter
-            seqs = np.pad(seqs, ((0, 0), (0, STACKOVERFLOW_SEQUENCE_LENGTH + 1 - seqs.shape[1])))
-        return _windows_to_arrays(seqs)
+        return _windows_to_arrays(self._ids(tokens).numpy())
 
 
 def load_vocab(data_dir: str, vocab_size: int) -> list[str]:
