@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -165,9 +166,29 @@ def client_files(cfg: ExperimentConfig, data: FederatedData) -> Iterator[grouped
         return
     root = tempfile.mkdtemp(prefix="dpfl_tff_clients_")
     try:
-        yield grouped_fedavg.ClientFiles(data, root)
+        streamed = getattr(data.clients, "sizes", None) is not None
+        yield (StreamedClientFiles if streamed else grouped_fedavg.ClientFiles)(data, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+class StreamedClientFiles(grouped_fedavg.ClientFiles):
+    """`ClientFiles` for a task streamed from disk: only the current round's clients have a file.
+
+    A round's files are written before the round and read by the worker during it; the next round's
+    `ensure` deletes the files of the clients it does not take again, so the folder holds one cohort
+    (a Stack Overflow run would otherwise keep a file for every client ever sampled: ~40 KB each).
+    """
+
+    def ensure(self, client_ids: Sequence[int]) -> None:
+        keep = {int(c) for c in client_ids}
+        for c in self._written - keep:
+            try:
+                os.remove(os.path.join(self.root, str(c)))
+            except FileNotFoundError:
+                pass
+        self._written &= keep
+        super().ensure(client_ids)
 
 
 def initial_state(process, cfg: ExperimentConfig, data: FederatedData) -> Any:

@@ -121,6 +121,15 @@ def test_clients_are_streamed_from_an_index(data_dir, tmp_path, monkeypatch):
     data = load_task(TaskConfig(task="stackoverflow", data_dir=str(tmp_path)), seed=0)
     assert isinstance(data.clients, sqlite_stream.StreamedClients) and list(data.clients.sizes) == [4] * 5
     assert len(resumed.rows("train", data.clients.client_id(3))) == 4
+    # The local worker's client files hold one cohort at a time (not every client ever sampled).
+    from dpfl_tff import process
+    from dpfl_tff.config import ExperimentConfig
+
+    cfg = ExperimentConfig(task=TaskConfig(task="stackoverflow", data_dir=str(tmp_path)))
+    with process.client_files(cfg, data) as files:
+        process.round_input(cfg, data, [0, 2], 1, files)
+        process.round_input(cfg, data, [2, 4], 2, files)
+        assert sorted(os.listdir(files.root)) == ["2", "4"]
 
 
 def _copy(data_dir, tmp_path, name):
