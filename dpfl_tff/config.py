@@ -28,12 +28,17 @@ PARTITIONS = ("iid", "dirichlet")
 # the server; the other modes: epsilon), or the central view (`epsilon`, what the model reveals).
 MAX_EPSILON_VIEWS = ("guarantee", "central")
 # Registered tasks and models (dpfl_tff.tasks.TASKS, dpfl_tff.models.MODELS; a test keeps them equal).
-TASK_NAMES = ("digits", "synthetic", "emnist", "cifar10", "cifar100")
-MODEL_NAMES = ("mlp", "cnn", "logistic", "emnist_cnn_dropout", "emnist_2nn", "resnet18_gn", "cifar_cnn")
+TASK_NAMES = ("digits", "synthetic", "emnist", "cifar10", "cifar100", "shakespeare", "stackoverflow")
+MODEL_NAMES = ("mlp", "cnn", "logistic", "emnist_cnn_dropout", "emnist_2nn", "resnet18_gn", "cifar_cnn",
+               "shakespeare_lstm", "stackoverflow_lstm")
+# The text tasks (next-token prediction, clients streamed from disk) and the paper model each trains
+# without --model; the image models cannot take their token sequences.
+TEXT_TASK_MODELS = {"shakespeare": "shakespeare_lstm", "stackoverflow": "stackoverflow_lstm"}
+NON_TEXT_MODELS = ("mlp", "cnn", "logistic", "emnist_cnn_dropout", "emnist_2nn", "resnet18_gn", "cifar_cnn")
 # hparams.json holds this instead of a --sampling_seed: knowing it would reveal every cohort.
 SEED_REDACTED = "set (not recorded)"
 # Tasks whose data comes split into clients: N is the data's, not --num_clients.
-NATURAL_SPLIT_TASKS = ("emnist", "cifar100")
+NATURAL_SPLIT_TASKS = ("emnist", "cifar100", "shakespeare", "stackoverflow")
 # Below this numpy 1.25's Dirichlet sampler slows to a halt (numpy/numpy#24203).
 MIN_DIRICHLET_ALPHA = 1e-6
 
@@ -127,14 +132,16 @@ class TaskConfig:
 
     task: str = _field(
         "digits", TASK,
-        "Task: digits (offline default, sklearn digits) | synthetic | emnist | cifar10 | cifar100"
-        " (the last three read files from --data_dir), or package.module:function returning a"
-        " dpfl_tff.tasks.FederatedData (its own clients; see docs/tasks-and-models.md).",
+        "Task: digits (offline default, sklearn digits) | synthetic | emnist | cifar10 | cifar100 |"
+        " shakespeare (715 clients, next character) | stackoverflow (342,477 clients, next word) (the last"
+        " five read files from --data_dir; the two text tasks stream their clients from disk), or"
+        " package.module:function returning a dpfl_tff.tasks.FederatedData (its own clients; see"
+        " docs/tasks-and-models.md).",
     )
     num_clients: int = _field(
         100, TASK,
-        "Number of clients N the training data is split into (>= 1). emnist, cifar100 and custom "
-        "tasks come split into clients: there N is the data's (a custom task function is passed "
+        "Number of clients N the training data is split into (>= 1). emnist, cifar100, shakespeare, "
+        "stackoverflow and custom tasks come split into clients: there N is the data's (a custom task function is passed "
         "this value and may use it).",
     )
     partition: str = _field(
@@ -165,18 +172,31 @@ class TaskConfig:
     )
     data_dir: str = _field(
         "data", TASK,
-        "Folder with the data files of emnist, cifar10 and cifar100 (nothing is downloaded "
-        "unless --download).",
+        "Folder with the data files of emnist, cifar10, cifar100, shakespeare and stackoverflow (nothing"
+        " is downloaded unless --download; the text tasks write a per-client index of their SQLite file"
+        " here once, <file>.index.sqlite).",
     )
     download: bool = _field(
         False, TASK,
-        "Download a missing data file of emnist, cifar100 or cifar10 into --data_dir from its public"
+        "Download a missing data file of emnist, cifar100, cifar10, shakespeare or stackoverflow into --data_dir from its public"
         " source, verified against a pinned SHA-256 (a mismatch is refused); resumes a partial "
         "download. Without it nothing is ever downloaded.",
     )
     emnist_only_digits: bool = _field(
         True, TASK,
         "emnist: 10 digit classes, 3,383 clients (true) or 62 classes, 3,400 clients.",
+    )
+    eval_examples: int = _field(
+        10000, TASK,
+        "shakespeare, stackoverflow: central evaluation on this many examples (snippets, sentences; >= 0) of "
+        "the test split, a fixed sample (TFF's create_tf_dataset_from_all_clients(seed=0): test clients in a "
+        "seeded order, the first this many examples); 0 = the whole split. 10,000 is the DP-FTRL paper's "
+        "Stack Overflow validation size; Shakespeare's test split has 2,356.",
+    )
+    stackoverflow_vocab_size: int = _field(
+        10000, TASK,
+        "stackoverflow: vocabulary = this many most frequent words of stackoverflow.word_count (>= 1; TFF's "
+        "and the papers' 10,000); the model predicts them plus pad, oov, bos, eos.",
     )
     num_clients_known: bool = _field(False, None)
 
@@ -211,6 +231,8 @@ class TaskConfig:
         _int_at_least("synthetic_examples_per_client", self.synthetic_examples_per_client, 1)
         _int_at_least("synthetic_input_dim", self.synthetic_input_dim, 1)
         _int_at_least("synthetic_num_classes", self.synthetic_num_classes, 2)
+        _int_at_least("eval_examples", self.eval_examples, 0)
+        _int_at_least("stackoverflow_vocab_size", self.stackoverflow_vocab_size, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,8 +246,9 @@ class TrainConfig:
     model: str = _field(
         "mlp", MODEL,
         "Model: mlp (one hidden layer of 64) | cnn | logistic | emnist_cnn_dropout | emnist_2nn |"
-        " resnet18_gn | cifar_cnn, or package.module:function returning an uncompiled Keras model"
-        " for (input_shape, num_classes).",
+        " resnet18_gn | cifar_cnn | shakespeare_lstm | stackoverflow_lstm, or package.module:function returning"
+        " an uncompiled Keras model for (input_shape, num_classes). Unset with --task=shakespeare or"
+        " stackoverflow: that task's paper model (shakespeare_lstm, stackoverflow_lstm).",
     )
     rounds: int = _field(
         50, TRAINING,
@@ -518,6 +541,12 @@ class ExperimentConfig:
 
     def validate(self) -> ExperimentConfig:
         self.task.validate()
+        if self.task.task in TEXT_TASK_MODELS and self.train.model in NON_TEXT_MODELS:
+            raise ConfigError(
+                f"--model={self.train.model}: an image/feature model cannot take --task={self.task.task}'s token "
+                f"sequences; leave --model unset for the paper model ({TEXT_TASK_MODELS[self.task.task]}) or give "
+                "package.module:function"
+            )
         self.train.validate(self.task.num_clients if self.task.n_is_known else None)
         self.dp.validate()
         if not self.output_dir:

@@ -91,13 +91,16 @@ class ClientFiles:
             self._written.add(c)
 
 
-def client_arrays(raw: tf.Tensor, input_shape: tuple[int, ...]) -> tuple[tf.Tensor, tf.Tensor]:
-    """(x, y) of a `ClientFiles` file's bytes: n examples of prod(input_shape) float32 features, then n int32."""
+def client_arrays(raw: tf.Tensor, input_shape: tuple[int, ...],
+                  label_shape: tuple[int, ...] = ()) -> tuple[tf.Tensor, tf.Tensor]:
+    """(x, y) of a `ClientFiles` file's bytes: n examples of prod(input_shape) float32 features, then n labels
+    of prod(label_shape) int32."""
     words = tf.io.decode_raw(raw, tf.int32)  # 4-byte words; the features' bits are cast back, never converted
-    per_example = int(np.prod(input_shape)) + 1
-    n_features = tf.size(words) // per_example * (per_example - 1)
+    n_labels = int(np.prod(label_shape))
+    per_example = int(np.prod(input_shape)) + n_labels
+    n_features = tf.size(words) // per_example * (per_example - n_labels)
     x = tf.reshape(tf.bitcast(words[:n_features], tf.float32), (-1, *input_shape))
-    return x, words[n_features:]
+    return x, tf.reshape(words[n_features:], (-1, *label_shape))
 
 
 def split_groups(num_clients: int, clients_per_call: int, min_groups: int = 1) -> list[slice]:
@@ -148,7 +151,7 @@ def make_groups(
             real_ids = [c for c in ids if num_real is None or c < num_real]
             n_max = max((len(data.clients[c]) for c in real_ids), default=0)
             x = np.zeros((len(ids), n_max, *data.input_shape), np.float32)
-            y = np.zeros((len(ids), n_max), np.int32)
+            y = np.zeros((len(ids), n_max, *data.label_shape), np.int32)
             for k, c in enumerate(ids):
                 if num_real is not None and c >= num_real:
                     continue  # a canary: no data
@@ -159,7 +162,8 @@ def make_groups(
     return out
 
 
-def group_type(input_shape: Sequence[int], ship: bool, canaries: bool = False) -> tff.StructWithPythonType:
+def group_type(input_shape: Sequence[int], ship: bool, canaries: bool = False,
+               label_shape: Sequence[int] = ()) -> tff.StructWithPythonType:
     fields = [
         ("orders", tff.TensorType(np.int32, (None, None))),
         ("lengths", tff.TensorType(np.int32, (None,))),
@@ -169,7 +173,7 @@ def group_type(input_shape: Sequence[int], ship: bool, canaries: bool = False) -
     if ship:
         fields += [
             ("x", tff.TensorType(np.float32, (None, None, *input_shape))),
-            ("y", tff.TensorType(np.int32, (None, None))),
+            ("y", tff.TensorType(np.int32, (None, None, *label_shape))),
         ]
     else:
         fields.append(("client_ids", tff.TensorType(np.int32, (None,))))
@@ -188,6 +192,7 @@ def build_grouped_fed_avg(
     files_root: str | None = None,
     canary_seed: int | None = None,
     canary_norm: float = 1.0,
+    label_shape: Sequence[int] = (),
 ) -> tff.learning.templates.LearningProcess:
     """The DP-FedAvg `LearningProcess` over client groups (see the module docstring).
 
@@ -206,6 +211,7 @@ def build_grouped_fed_avg(
       canary_seed: the run's secret canary seed (`audit.canaries`), or None
         (no canaries). With it, the groups list `canaries` (`make_groups(num_real=N)`)
         and a canary's update is its direction times `canary_norm`.
+      label_shape: shape of one example's labels (() class labels; (L,) a token sequence).
 
     `next(state, groups)` takes `make_groups`' list (one entry per group).
     """
@@ -225,8 +231,8 @@ def build_grouped_fed_avg(
         return weights, query.derive_sample_params(agg_state)
 
     trainer = _GroupTrainer(query, client_optimizer, batch_size, input_shape, files_root, release_client_statistics,
-                            canary_seed, canary_norm)
-    groups_type = group_type(input_shape, ship, canary_seed is not None)
+                            canary_seed, canary_norm, tuple(int(d) for d in label_shape))
+    groups_type = group_type(input_shape, ship, canary_seed is not None, label_shape)
 
     @tff.tensorflow.computation(client_inputs.type_signature.result, groups_type)
     def train_group(inputs, group):
@@ -276,8 +282,8 @@ class _GroupTrainer:
 
     def __init__(self, query, client_optimizer, batch_size: int, input_shape: tuple[int, ...],
                  files_root: str | None, release_client_statistics: bool, canary_seed: int | None = None,
-                 canary_norm: float = 1.0):
-        self.query = query
+                 canary_norm: float = 1.0, label_shape: tuple[int, ...] = ()):
+        self.query, self.label_shape = query, label_shape
         self.canary_seed, self.canary_norm = canary_seed, canary_norm
         self.client_optimizer = client_optimizer
         self.batch_size = batch_size
@@ -290,7 +296,8 @@ class _GroupTrainer:
         if self.files_root is None:
             return group["x"][i], group["y"][i]
         c = tf.strings.as_string(group["client_ids"][i])
-        return client_arrays(tf.io.read_file(tf.strings.join([self.files_root, "/", c])), self.input_shape)
+        return client_arrays(tf.io.read_file(tf.strings.join([self.files_root, "/", c])), self.input_shape,
+                             self.label_shape)
 
     def _local_training(self, model, weights, x, y, order, length, stats):
         """Local SGD of one client from the server model; returns (delta, stats updated)."""
@@ -313,7 +320,9 @@ class _GroupTrainer:
                 b = tf.shape(yb)[0]
                 predicted = tf.argmax(logits, axis=-1, output_type=yb.dtype)
                 return (start + self.batch_size, opt_state, loss_sum + batch_loss * tf.cast(b, tf.float32),
-                        correct + tf.reduce_sum(tf.cast(tf.equal(predicted, yb), tf.float32)),
+                        # per example: the share of its label positions predicted (one position: 0 or 1)
+                        correct + tf.reduce_sum(tf.reduce_mean(
+                            tf.reshape(tf.cast(tf.equal(predicted, yb), tf.float32), [b, -1]), axis=1)),
                         examples + tf.cast(b, tf.int64), batches + 1)
 
         _, _, loss_sum, correct, examples, batches = tf.while_loop(

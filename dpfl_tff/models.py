@@ -101,12 +101,13 @@ def _all_layers(model: tf.keras.layers.Layer):
         yield from _all_layers(layer)
 
 
-def validate_model(name: str, input_shape: Sequence[int], num_classes: int) -> list[str]:
+def validate_model(name: str, input_shape: Sequence[int], num_classes: int,
+                   label_shape: Sequence[int] = ()) -> list[str]:
     """Builds `name` once and checks it; returns warnings (state that training updates but never aggregates).
 
     Raises:
       ConfigError: the builder fails, returns no Keras model, or its output
-        shape is not (batch, num_classes).
+        shape is not (batch, *label_shape, num_classes) (text tasks: logits per position).
     """
     builder = resolve_builder(name)
     try:
@@ -119,9 +120,11 @@ def validate_model(name: str, input_shape: Sequence[int], num_classes: int) -> l
     if not isinstance(model, tf.keras.Model):
         raise ConfigError(f"--model={name}: returned {type(model).__name__}, not a tf.keras.Model")
     out = tuple(model.output_shape) if hasattr(model, "output_shape") else None
-    if out is None or len(out) != 2 or out[-1] != num_classes:
+    want = (*tuple(label_shape), num_classes)
+    if out is None or len(out) != len(want) + 1 or any(o not in (w, None) for o, w in zip(out[1:-1], want[:-1])) \
+            or out[-1] != num_classes:
         raise ConfigError(
-            f"--model={name}: output shape is {out}; must be (batch, {num_classes}) logits for this task"
+            f"--model={name}: output shape is {out}; must be {('batch', *want)} logits for this task".replace("'", "")
         )
     _refuse_probabilities(name, model, input_shape, num_classes)
     state = updated_state(model, input_shape)

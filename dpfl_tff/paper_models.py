@@ -15,6 +15,7 @@ non-trainable state.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import tensorflow as tf
@@ -189,9 +190,52 @@ def cifar_cnn(input_shape: Sequence[int], num_classes: int) -> tf.keras.Model:
     )
 
 
+def shakespeare_lstm(input_shape: Sequence[int], num_classes: int) -> tf.keras.Model:
+    """Character LSTM of McMahan et al. 2017 (arXiv:1602.05629) for Shakespeare next-character prediction.
+
+    TFF 0.87's `simulation/baselines/shakespeare/char_prediction_models.py`
+    `create_recurrent_model(vocab_size, sequence_length)`: Embedding(vocab, 8,
+    mask_zero=True) -> LSTM(256, he_normal, return_sequences) -> LSTM(256, ...)
+    -> Dense(vocab) logits at every position. Inputs are token ids (as float32,
+    cast by the embedding) of shape (sequence_length,); 90 tokens for TFF's
+    vocabulary: 820,522 parameters.
+    """
+    (length,) = tuple(input_shape)
+    lstm = functools.partial(tf.keras.layers.LSTM, units=256, kernel_initializer="he_normal",
+                             return_sequences=True, stateful=False)
+    return tf.keras.Sequential([
+        tf.keras.layers.InputLayer(input_shape=(length,)),
+        tf.keras.layers.Embedding(input_dim=num_classes, output_dim=8, input_length=length, mask_zero=True),
+        lstm(),
+        lstm(),
+        tf.keras.layers.Dense(num_classes),
+    ], name="shakespeare_lstm")
+
+
+def stackoverflow_lstm(input_shape: Sequence[int], num_classes: int) -> tf.keras.Model:
+    """Word LSTM of Reddi et al. 2020 (arXiv:2003.00295) for Stack Overflow next-word prediction.
+
+    TFF 0.87's `simulation/baselines/stackoverflow/word_prediction_models.py`
+    `create_recurrent_model(vocab_size)` with its defaults (embedding 96, one
+    LSTM of 670, no shared embedding): Embedding(vocab, 96, mask_zero=True) ->
+    LSTM(670, return_sequences) -> Dense(96) -> Dense(vocab) logits at every
+    position; the model of the DP-FTRL paper (Kairouz et al. 2021,
+    arXiv:2103.00039). 10,004 tokens (10,000 words + pad, oov, bos, eos):
+    4,050,748 parameters.
+    """
+    inputs = tf.keras.layers.Input(shape=tuple(input_shape))
+    embedded = tf.keras.layers.Embedding(input_dim=num_classes, output_dim=96, mask_zero=True)(inputs)
+    processed = tf.keras.layers.LSTM(670, return_sequences=True)(embedded)
+    projected = tf.keras.layers.Dense(96)(processed)
+    logits = tf.keras.layers.Dense(num_classes, activation=None)(projected)
+    return tf.keras.Model(inputs=inputs, outputs=logits, name="stackoverflow_lstm")
+
+
 PAPER_MODELS: dict[str, ModelBuilder] = {
     "emnist_cnn_dropout": emnist_cnn_dropout,
     "emnist_2nn": emnist_2nn,
     "resnet18_gn": resnet18_groupnorm,
     "cifar_cnn": cifar_cnn,
+    "shakespeare_lstm": shakespeare_lstm,
+    "stackoverflow_lstm": stackoverflow_lstm,
 }

@@ -116,7 +116,7 @@ def prepare(cfg: ExperimentConfig, log: Callable[[str], None]) -> RunPlan:
             log(f"--task={cfg.task.task} has its own client split: N = {data.num_clients} clients (not --num_clients)")
         cfg = check(dataclasses.replace(
             cfg, task=dataclasses.replace(cfg.task, num_clients=data.num_clients, num_clients_known=True)))
-    notes = models.validate_model(cfg.train.model, data.input_shape, data.num_classes)
+    notes = models.validate_model(cfg.train.model, data.input_shape, data.num_classes, data.label_shape)
     cfg, calibration = calibrated(cfg)
     mechanism = registry.mechanism_for(cfg)  # the run's one mechanism (`cfg` is checked, calibrated)
     model = keras_model(cfg, data)

@@ -72,13 +72,16 @@ def _section(cls: type) -> dict:
 
 
 def _train_section() -> dict:
-    """The training fields; --client_sampling, when not given, is the privacy mode's default if it has one."""
+    """The training fields; --client_sampling, when not given, is the privacy mode's default if it has one;
+    --model, when not given, a text task's paper model."""
     from dpfl_tff.privacy.registry import MECHANISMS
 
     train = _section(C.TrainConfig)
     mechanism = MECHANISMS.get(HOLDERS["dp_mode"].value)
     if not CLIENT_SAMPLING.present and mechanism is not None and mechanism.default_client_sampling:
         train["client_sampling"] = mechanism.default_client_sampling
+    if not HOLDERS["model"].present and HOLDERS["task"].value in C.TEXT_TASK_MODELS:  # the text task's paper model
+        train["model"] = C.TEXT_TASK_MODELS[HOLDERS["task"].value]
     return train
 
 

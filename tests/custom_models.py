@@ -96,3 +96,13 @@ def with_frozen_layer(input_shape, num_classes):
         frozen,
         tf.keras.layers.Dense(num_classes),
     ])
+
+
+def tiny_text(input_shape, num_classes):
+    """A text-task model cheap enough for tests: the paper models' input and output (token ids in, logits per
+    position out) without their LSTMs (whose graphs take seconds to trace)."""
+    return tf.keras.Sequential([
+        tf.keras.layers.InputLayer(input_shape=tuple(input_shape)),
+        tf.keras.layers.Embedding(num_classes, 4),
+        tf.keras.layers.Dense(num_classes),
+    ])

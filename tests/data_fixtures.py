@@ -65,6 +65,21 @@ Split names:
     Loaded element: ``OrderedDict(coarse_label=int64 [], image=uint8
     [32, 32, 3], label=int64 [])``.
 
+TFF 0.87 text datasets (Shakespeare, Stack Overflow)
+===================================================
+Source: ``tensorflow_federated/python/simulation/datasets/{shakespeare,
+stackoverflow}.py``.  Same schema as above; split names ``'train'`` /
+``'test'`` (Stack Overflow also ``'heldout'``).
+
+  * Shakespeare: ``snippets`` BytesList of 1 value (a speaking role's lines),
+    parsed as ``FixedLenFeature((), tf.string)``.
+  * Stack Overflow: ``creation_date``, ``tags``, ``title``, ``tokens``,
+    ``type`` BytesList and ``score`` Int64List, one value each (all six parsed
+    as ``FixedLenFeature((), ...)``); ``tokens`` is the sentence, words
+    separated by spaces.  ``stackoverflow.word_count`` (from
+    ``stackoverflow.word_count.tar.bz2``): one ``word count`` line per word, most
+    frequent first.
+
 Keras CIFAR-10 python batches
 =============================
 Source: ``keras/src/datasets/cifar.py`` (``load_batch``) and
@@ -135,7 +150,9 @@ def _example(features: dict) -> bytes:
     feature = {}
     for name, (kind, values) in features.items():
         values = np.asarray(values).reshape(-1).tolist()
-        if kind == "int":
+        if kind == "bytes":
+            feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=list(values)))
+        elif kind == "int":
             feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=values))
         else:
             feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=values))
@@ -285,3 +302,60 @@ def write_cifar10_batches(data_dir: str, examples_per_batch: int = 10, seed: int
     with open(os.path.join(folder, "batches.meta"), "wb") as f:
         pickle.dump(meta, f, protocol=2)
     return folder
+
+
+SHAKESPEARE_FILENAME = "shakespeare.sqlite"
+STACKOVERFLOW_FILENAME = "stackoverflow.sqlite"
+STACKOVERFLOW_WORD_COUNT = "stackoverflow.word_count"
+_WORDS = ["the", "a", "to", "is", "i", "you", "it", "of", "in", "and", "for", "this", "that", "with", "on",
+          "be", "if", "not", "can", "use"]
+
+
+def shakespeare_snippet(rng: np.random.Generator, length: int) -> bytes:
+    """A snippet of Shakespeare-like characters (a few outside TFF's vocabulary, as in the real file)."""
+    chars = list("abcdefghijklmnopqrstuvwxyz ABCDEFG,.;:!?'\n") + ["~"]
+    return "".join(rng.choice(chars, size=length)).encode()
+
+
+def write_shakespeare_sqlite(cache_dir: str, num_clients: int = 4, snippets_per_client: int = 3,
+                             test_snippets_per_client: int = 1, seed: int = 0) -> str:
+    """Writes ``<cache_dir>/shakespeare.sqlite`` for TFF's ``shakespeare.load_data``: clients
+    ``PLAY_ROLE_<i>`` with snippets of 5-200 characters in ``train`` and ``test``."""
+    rng = np.random.default_rng(seed)
+    ids = [f"THE_PLAY_{i:02d}_ROLE" for i in range(num_clients)]
+    rows = {split: {c: [_example({"snippets": ("bytes", [shakespeare_snippet(rng, int(rng.integers(5, 200)))])})
+                        for _ in range(k)] for c in ids}
+            for split, k in (("train", snippets_per_client), ("test", test_snippets_per_client))}
+    return _write_sqlite(os.path.join(cache_dir, SHAKESPEARE_FILENAME), rows)
+
+
+def stackoverflow_example(tokens: str, score: int = 1) -> bytes:
+    return _example({"creation_date": ("bytes", [b"2010-01-08 09:34:05 UTC"]), "score": ("int", [score]),
+                     "tags": ("bytes", [b"python|sqlite"]), "title": ("bytes", [b"a title"]),
+                     "tokens": ("bytes", [tokens.encode()]), "type": ("bytes", [b"answer"])})
+
+
+def write_stackoverflow_sqlite(cache_dir: str, num_clients: int = 4, sentences_per_client: int = 3,
+                               test_clients: int = 3, seed: int = 0, heldout: bool = True) -> str:
+    """Writes ``<cache_dir>/stackoverflow.sqlite`` (splits train, heldout, test) and
+    ``<cache_dir>/stackoverflow.word_count`` (the first 15 of ``_WORDS``: the rest are out of vocabulary).
+
+    Sentences have 1-30 words (so some are cut at 20), a few words unknown to the vocabulary."""
+    rng = np.random.default_rng(seed)
+    words = _WORDS + ["zyzzyva", "qwerty"]
+
+    def sentence() -> str:
+        return " ".join(rng.choice(words, size=int(rng.integers(1, 31))))
+
+    rows: dict[str, dict[str, list[bytes]]] = {
+        "train": {f"{100 + i}": [stackoverflow_example(sentence()) for _ in range(sentences_per_client)]
+                  for i in range(num_clients)},
+        "test": {f"{500 + i}": [stackoverflow_example(sentence()) for _ in range(sentences_per_client)]
+                 for i in range(test_clients)},
+    }
+    if heldout:
+        rows["heldout"] = {"990": [stackoverflow_example(sentence())]}
+    with open(os.path.join(cache_dir, STACKOVERFLOW_WORD_COUNT), "w") as f:
+        for k, w in enumerate(_WORDS[:15]):
+            f.write(f"{w} {1000 - k}\n")
+    return _write_sqlite(os.path.join(cache_dir, STACKOVERFLOW_FILENAME), rows)

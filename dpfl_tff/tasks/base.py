@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -16,7 +16,7 @@ class ClientArrays:
     """One client's examples, in memory."""
 
     x: np.ndarray  # float32, shape (n, *input_shape)
-    y: np.ndarray  # int32, shape (n,)
+    y: np.ndarray  # int32, shape (n,), or (n, *label_shape) for sequence labels (text tasks)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -32,6 +32,12 @@ class FederatedData:
       input_shape: shape of one example's features.
       num_classes: labels are integers in [0, num_classes).
       description: one line for logs and summaries (custom tasks: generated when empty).
+      label_shape: shape of one example's labels: () for a class label, (L,) for a
+        sequence of L next tokens (the text tasks: logits of shape (L, num_classes)).
+      test_accuracies: extra test metrics, `test_<name>` = accuracy over the label
+        positions whose true token is not in the tuple (the text tasks' masked
+        accuracies, TFF baselines' `MaskedCategoricalAccuracy`); `""` names
+        `test_accuracy` itself. Empty: plain accuracy.
     """
 
     clients: Sequence[ClientArrays]
@@ -39,17 +45,24 @@ class FederatedData:
     input_shape: tuple[int, ...]
     num_classes: int
     description: str = ""
+    label_shape: tuple[int, ...] = ()
+    test_accuracies: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def num_clients(self) -> int:
         return len(self.clients)
+
+    def client_size(self, client_id: int) -> int:
+        """Examples of client `client_id`; a streamed task (`clients.sizes`) answers without reading the client."""
+        sizes = getattr(self.clients, "sizes", None)
+        return int(sizes[client_id]) if sizes is not None else len(self.clients[client_id])
 
     @property
     def element_spec(self) -> tuple[tf.TensorSpec, tf.TensorSpec]:
         """Spec of one batch: (features, labels)."""
         return (
             tf.TensorSpec([None, *self.input_shape], tf.float32),
-            tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([None, *self.label_shape], tf.int32),
         )
 
     def client_order(
@@ -61,7 +74,7 @@ class FederatedData:
         `shuffle_buffer` (0: the whole client), reshuffled for each of the
         `epochs` passes; deterministic in `shuffle_seed`.
         """
-        n = len(self.clients[client_id])
+        n = self.client_size(client_id)
         n = n if max_examples <= 0 else min(n, max_examples)
         return shuffle_order(n, epochs, shuffle_seed, shuffle_buffer)
 

@@ -1,4 +1,4 @@
-"""`--download`: fetch the data files of emnist, cifar100 and cifar10 into --data_dir, verified.
+"""`--download`: fetch the data files of emnist, cifar100, cifar10, shakespeare and stackoverflow, verified.
 
 Only called when `--download` is given (`plan.prepare`); without it nothing
 is ever fetched (the loaders stop with `DataMissingError` instead).
@@ -9,6 +9,15 @@ Keras' own loaders use) and lands in the layout the loaders read:
   emnist    emnist_all.sqlite.lzma  -> LZMA-decompressed to --data_dir/emnist_all.sqlite
   cifar100  cifar100.sqlite.lzma    -> LZMA-decompressed to --data_dir/cifar100.sqlite
   cifar10   cifar-10-python.tar.gz  -> unpacked to --data_dir/cifar-10-batches-py/
+  shakespeare  shakespeare.sqlite.lzma -> LZMA-decompressed to --data_dir/shakespeare.sqlite
+  stackoverflow  stackoverflow.word_count.tar.bz2 -> its stackoverflow.word_count to --data_dir/, and
+                 stackoverflow.sqlite.lzma -> LZMA-decompressed to --data_dir/stackoverflow.sqlite
+
+stackoverflow.sqlite.lzma has no public size or hash pin: its content is
+verified instead (`verify_stackoverflow`: TFF's schema, and the clients and
+examples per split of `client_metadata` equal TFF's documented counts; the
+rows themselves are checked against `client_metadata` when the task first
+indexes the file); the download says so, and a file that fails is deleted.
 
 Guarantees:
   * The download goes to `<name>.part` in --data_dir. A `.part` left by an
@@ -71,11 +80,12 @@ class RemoteFile:
 
     url: str
     archive: str
-    size: int
-    sha256: str
+    size: int | None  # None: no public pin (then `verify` checks the content)
+    sha256: str | None
     pin_source: str
     target: str
     unpack: str
+    verify: str = ""  # name of a content check of the unpacked target (`CONTENT_CHECKS`)
 
 
 REMOTE_FILES: dict[str, RemoteFile] = {
@@ -106,7 +116,40 @@ REMOTE_FILES: dict[str, RemoteFile] = {
         target="cifar-10-batches-py",
         unpack="tar.gz",
     ),
+    "shakespeare": RemoteFile(
+        url="https://storage.googleapis.com/tff-datasets-public/shakespeare.sqlite.lzma",
+        archive="shakespeare.sqlite.lzma",
+        size=1_329_828,
+        sha256="d3d11fceb9e105439ac6f4d52af6efafed5a2a1e1eb24c5bd2dd54ced242f5c4",
+        pin_source="FedJAX's download test of this TFF file (TFF pins none)",
+        target="shakespeare.sqlite",
+        unpack="lzma",
+    ),
+    "stackoverflow_word_count": RemoteFile(
+        url="https://storage.googleapis.com/tff-datasets-public/stackoverflow.word_count.tar.bz2",
+        archive="stackoverflow.word_count.tar.bz2",
+        size=None,
+        sha256="1dc00256d6e527c54b9756d968118378ae14e6692c0b3b6cad470cdd3f0c519c",
+        pin_source="TFF 0.87's simulation/datasets/stackoverflow.py load_word_counts (file_hash)",
+        target="stackoverflow.word_count",
+        unpack="tar.bz2",
+    ),
+    "stackoverflow": RemoteFile(
+        url="https://storage.googleapis.com/tff-datasets-public/stackoverflow.sqlite.lzma",
+        archive="stackoverflow.sqlite.lzma",
+        size=None,
+        sha256=None,
+        pin_source="no public pin: content verified against TFF's documented counts",
+        target="stackoverflow.sqlite",
+        unpack="lzma",
+        verify="stackoverflow",
+    ),
 }
+# The files of a task, fetched in this order (default: the file named like the task).
+TASK_FILES = {"stackoverflow": ("stackoverflow_word_count", "stackoverflow")}
+# TFF 0.87's stackoverflow.load_data docstring: (clients, examples) per split of stackoverflow.sqlite.
+STACKOVERFLOW_COUNTS = {"train": (342_477, 135_818_730), "heldout": (38_758, 16_491_230),
+                        "test": (204_088, 16_586_035)}
 
 
 def url_of(remote: RemoteFile) -> str:
@@ -121,10 +164,17 @@ def ensure_task_files(task: str, data_dir: str, log: Callable[[str], None]) -> N
         kept for resuming), or a size/checksum mismatch (the file is refused).
       OSError: --data_dir cannot be created or written, e.g. a full disk.
     """
-    remote = REMOTE_FILES.get(task)
-    if remote is None:
-        log(f"--download: only {', '.join(REMOTE_FILES)} have files to download; nothing fetched for --task={task}")
+    names = TASK_FILES.get(task, (task,))
+    if not all(n in REMOTE_FILES for n in names):
+        parts = {n for names_ in TASK_FILES.values() for n in names_ if n not in TASK_FILES}
+        have = ", ".join(n for n in REMOTE_FILES if n not in parts)
+        log(f"--download: only {have} have files to download; nothing fetched for --task={task}")
         return
+    for name in names:
+        _ensure_file(REMOTE_FILES[name], data_dir, log)
+
+
+def _ensure_file(remote: RemoteFile, data_dir: str, log: Callable[[str], None]) -> None:
     target = os.path.join(data_dir, remote.target)
     if _target_complete(remote, target):
         log(f"--download: {target} is already there; not downloading")
@@ -137,7 +187,9 @@ def ensure_task_files(task: str, data_dir: str, log: Callable[[str], None]) -> N
     fetch_verified(remote, archive, log)
     log(f"--download: unpacking {remote.archive} to {target}")
     if remote.unpack == "lzma":
-        _decompress_lzma(archive, target)
+        _decompress_lzma(archive, target, remote.verify, log)
+    elif remote.unpack == "tar.bz2":
+        _unpack_file_from_tar(archive, data_dir, remote.target)
     else:
         _unpack_tar(archive, data_dir, remote.target)
     os.remove(archive)
@@ -145,7 +197,7 @@ def ensure_task_files(task: str, data_dir: str, log: Callable[[str], None]) -> N
 
 
 def _target_complete(remote: RemoteFile, target: str) -> bool:
-    if remote.unpack == "lzma":
+    if remote.unpack in ("lzma", "tar.bz2"):
         return os.path.isfile(target)
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     return all(os.path.isfile(os.path.join(target, n)) for n in names)
@@ -163,8 +215,8 @@ def fetch_verified(remote: RemoteFile, path: str, log: Callable[[str], None]) ->
     part = path + ".part"
     if os.path.isfile(path) and not os.path.exists(part):
         os.replace(path, part)  # an archive kept from before: verify it like a finished download
-    if not os.path.exists(part) or os.path.getsize(part) != remote.size:
-        _fetch_to_part(remote, part, log)
+    if not os.path.exists(part) or remote.size is None or os.path.getsize(part) != remote.size:
+        _fetch_to_part(remote, part, log)  # no size pin: resumed (a complete part gets HTTP 416)
     _verify(remote, part)
     os.replace(part, path)
 
@@ -190,7 +242,7 @@ def _fetch_to_part(remote: RemoteFile, part: str, log: Callable[[str], None]) ->
     url = url_of(remote)
     data_dir = os.path.dirname(part) or "."
     offset = os.path.getsize(part) if os.path.exists(part) else 0
-    if offset > remote.size:
+    if remote.size is not None and offset > remote.size:
         os.remove(part)  # longer than the pinned file: cannot be a prefix of it
         offset = 0
     try:
@@ -211,14 +263,16 @@ def _fetch_to_part(remote: RemoteFile, part: str, log: Callable[[str], None]) ->
             log(f"--download: the server ignored the resume request; fetching {remote.archive} from the start")
             offset = 0
         total = _announced_total(response, offset)
-        if total is not None and total != remote.size:
+        if total is not None and remote.size is not None and total != remote.size:
             raise DownloadError(
                 f"--download: {url} is {total} bytes, not the pinned {remote.size}: refused (the file changed "
                 f"upstream or this is not it); {_by_hand(remote, data_dir)}"
             )
         log(f"--download: {'resuming' if resumed else 'fetching'} {url} "
-            f"({_mib(remote.size)}{f', from {_mib(offset)}' if resumed else ''})")
-        _copy_with_progress(response, part, offset, remote, url, log)
+            f"({_mib(remote.size or total)}{f', from {_mib(offset)}' if resumed else ''})"
+            + ("" if remote.size else f"; no public size or hash pin for {remote.archive}: "
+               + ("its content is verified after unpacking" if remote.verify else "its SHA-256 is checked")))
+        _copy_with_progress(response, part, offset, remote, url, log, remote.size or total)
 
 
 def _announced_total(response, offset: int) -> int | None:
@@ -233,7 +287,8 @@ def _announced_total(response, offset: int) -> int | None:
 
 
 def _copy_with_progress(
-    response, part: str, offset: int, remote: RemoteFile, url: str, log: Callable[[str], None]
+    response, part: str, offset: int, remote: RemoteFile, url: str, log: Callable[[str], None],
+    expected: int | None = None,
 ) -> None:
     """Appends the response body to `part`, a progress line every 5 s; an interrupted transfer keeps `part`."""
     done, last_logged = offset, time.monotonic()
@@ -252,10 +307,10 @@ def _copy_with_progress(
                 raise OSError(f"--download: cannot write {part} ({e.strerror or e})") from e
             done += len(chunk)
             if time.monotonic() - last_logged >= 5:
-                log(f"--download: {remote.archive} {_mib(done)} of {_mib(remote.size)} "
-                    f"({100 * done / remote.size:.0f}%)")
+                log(f"--download: {remote.archive} {_mib(done)}"
+                    + (f" of {_mib(expected)} ({100 * done / expected:.0f}%)" if expected else ""))
                 last_logged = time.monotonic()
-    if done < remote.size:
+    if expected is not None and done < expected:
         _interrupted(remote, url, part, None)
     log(f"--download: {remote.archive} {_mib(done)} received")
 
@@ -264,7 +319,8 @@ def _interrupted(remote: RemoteFile, url: str, part: str, cause: BaseException |
     got = os.path.getsize(part) if os.path.exists(part) else 0
     why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
     raise DownloadError(
-        f"--download: the transfer of {url} stopped at {got} of {remote.size} bytes{why}; {part} is kept: "
+        f"--download: the transfer of {url} stopped at {got} of {remote.size or 'the announced'} bytes{why}; "
+        f"{part} is kept: "
         "rerun with --download to resume it"
     ) from cause
 
@@ -272,26 +328,32 @@ def _interrupted(remote: RemoteFile, url: str, part: str, cause: BaseException |
 def _verify(remote: RemoteFile, part: str) -> None:
     """Raises DownloadError (and deletes `part`) unless its size and SHA-256 are the pinned ones."""
     size = os.path.getsize(part)
+    if remote.sha256 is None:
+        return  # no pin: the content is verified after unpacking (`remote.verify`)
     digest = hashlib.sha256()
     with open(part, "rb") as f:
         while block := f.read(CHUNK):
             digest.update(block)
-    if size == remote.size and digest.hexdigest() == remote.sha256:
+    if remote.size in (None, size) and digest.hexdigest() == remote.sha256:
         return
     os.remove(part)
     raise DownloadError(
         f"--download: {remote.archive} refused: {size} bytes with sha256 {digest.hexdigest()}, expected "
-        f"{remote.size} bytes with sha256 {remote.sha256} (pinned from {remote.pin_source}); the partial file "
+        f"{remote.size or 'any number of'} bytes with sha256 {remote.sha256} (pinned from {remote.pin_source}); the partial file "
         f"was deleted, nothing was unpacked"
     )
 
 
-def _decompress_lzma(archive: str, target: str) -> None:
+def _decompress_lzma(archive: str, target: str, verify: str = "", log: Callable[[str], None] = print) -> None:
     tmp = target + ".tmp"
     try:
         with lzma.open(archive, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, CHUNK)
+        if verify:
+            CONTENT_CHECKS[verify](tmp, log)
     except BaseException as e:
+        if isinstance(e, DownloadError) and os.path.exists(archive):
+            os.remove(archive)  # refused content: fetched again from scratch next time
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, lzma.LZMAError):
@@ -325,5 +387,54 @@ def _unpack_tar(archive: str, data_dir: str, folder: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+def _unpack_file_from_tar(archive: str, data_dir: str, name: str) -> None:
+    """Extracts the regular file `name` (at the top or anywhere in the tar.bz2) to `data_dir/name`."""
+    tmp = os.path.join(data_dir, f".{name}.unpacking")
+    try:
+        with tarfile.open(archive, "r:bz2") as tar:
+            member = next((m for m in tar.getmembers() if m.isfile() and os.path.basename(m.name) == name), None)
+            if member is None:
+                raise DownloadError(f"--download: {archive} holds no {name}: refused")
+            with tar.extractfile(member) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, CHUNK)
+        os.replace(tmp, os.path.join(data_dir, name))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def verify_stackoverflow(path: str, log: Callable[[str], None]) -> None:
+    """Raises DownloadError unless `path` has TFF's schema and `STACKOVERFLOW_COUNTS` clients and examples per split.
+
+    There is no public size or hash pin of stackoverflow.sqlite.lzma; the
+    per-client rows are checked against `client_metadata` when the task indexes the file.
+    """
+    import sqlite3
+
+    from dpfl_tff.tasks import sqlite_stream
+
+    name = os.path.basename(path).removesuffix(".tmp")
+    try:
+        sqlite_stream.check_file(path, "expected TFF's Stack Overflow file")
+        con = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True)
+        try:
+            found = {s: (int(c), int(n or 0)) for s, c, n in con.execute(
+                "SELECT split_name, count(DISTINCT client_id), sum(num_examples) FROM client_metadata GROUP BY split_name")}
+        finally:
+            con.close()
+    except Exception as e:  # noqa: BLE001  (any unreadable content is a refusal)
+        raise DownloadError(f"--download: {name} refused: {e}; the file was deleted") from e
+    if found != STACKOVERFLOW_COUNTS:
+        raise DownloadError(
+            f"--download: {name} refused: (clients, examples) per split {found}, TFF documents "
+            f"{STACKOVERFLOW_COUNTS} (no public hash pins this file, so its content is checked); the file was deleted")
+    log(f"--download: {name} has no public size or hash pin; its content was verified instead: TFF's schema and "
+        + ", ".join(f"{s} {c:,} clients / {n:,} examples" for s, (c, n) in STACKOVERFLOW_COUNTS.items())
+        + " as TFF documents (each client's rows are checked when the task first indexes the file)")
+
+
+CONTENT_CHECKS: dict[str, Callable[[str, Callable[[str], None]], None]] = {"stackoverflow": verify_stackoverflow}
+
+
+def _mib(n: int | None) -> str:
+    return "size unknown" if n is None else f"{n / 2**20:.1f} MiB"
