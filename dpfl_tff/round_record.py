@@ -68,7 +68,9 @@ FIELDS: tuple[Field, ...] = (
     Field("neighboring_relation", COVERED, "what one round's epsilon holds under"),
     Field("client_sampling", COVERED, "the sampling scheme"),
     Field("test_loss", COVERED, "central test loss (held-out data)", tensorboard=True),
-    Field("test_accuracy", COVERED, "central test accuracy (held-out data)", tensorboard=True),
+    Field("test_accuracy", COVERED, "central test accuracy (held-out data; text tasks: pad, oov and eos excluded "
+          "as the papers report it)", tensorboard=True),
+    Field("test_accuracy_with_oov_eos", COVERED, "text tasks: test accuracy with only pad excluded"),
 )
 BY_NAME = {f.name: f for f in FIELDS}
 assert len(BY_NAME) == len(FIELDS), "a field is declared twice"
