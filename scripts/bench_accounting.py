@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from dpfl_tff import training  # noqa: E402
 from dpfl_tff.config import DPConfig, ExperimentConfig, TaskConfig, TrainConfig  # noqa: E402
-from dpfl_tff.privacy import accounting  # noqa: E402
+from dpfl_tff.privacy import accounting, events  # noqa: E402
 
 ROUNDS = flags.DEFINE_integer("rounds", 30, "Rounds per accountant.")
 COHORT = flags.DEFINE_integer("clients_per_round", 70, "Expected clients per round.")
@@ -41,7 +41,7 @@ def main(argv):
                 output_dir=tmp,
             ).validate()
             records = training.run(cfg, log=lambda s: None).records[1:]  # round 1 includes tracing
-        tracker = accounting.EpsilonTracker(accounting.round_privacy(cfg), cfg.target_delta, kind)
+        tracker = events.EpsilonTracker(accounting.round_privacy(cfg), cfg.target_delta, kind)
         t0 = time.perf_counter()
         for r in range(1, ROUNDS.value + 1):
             tracker.epsilon(r)

@@ -7,7 +7,7 @@ from dp_accounting.rdp import RdpAccountant
 
 from dpfl_tff.config import ConfigError, DPConfig, ExperimentConfig, TaskConfig, TrainConfig
 from dpfl_tff import plan
-from dpfl_tff.privacy import accounting
+from dpfl_tff.privacy import accounting, events
 from dpfl_tff.privacy.noise import central_noise
 
 
@@ -23,7 +23,7 @@ def test_tff_tutorial_golden_epsilon():
     # TFF tutorial "Differential Privacy in TFF": N=3383, 120 clients/round, z=1.2,
     # 100 rounds, delta=1e-5, Poisson, RDP -> epsilon about 1.986.
     cfg = _cfg(3383, 120, 1.2)
-    tracker = accounting.EpsilonTracker(accounting.round_privacy(cfg), 1e-5, "rdp")
+    tracker = events.EpsilonTracker(accounting.round_privacy(cfg), 1e-5, "rdp")
     direct = RdpAccountant()
     direct.compose(dp_accounting.PoissonSampledDpEvent(120 / 3383, dp_accounting.GaussianDpEvent(1.2)), 100)
     assert tracker.epsilon(100) == pytest.approx(direct.get_epsilon(1e-5), rel=1e-9)
@@ -34,12 +34,12 @@ def test_abadi_golden_epsilon():
     # Abadi et al. 2016 (arXiv:1607.00133), Sec. 3.1: q=0.01, sigma=4, 10,000 steps, delta=1e-5;
     # their moments accountant reports epsilon 1.26. RDP with dp-accounting's default orders is
     # tighter: 1.0355 (dp-accounting 0.4.3, computed directly below as the cross-check).
-    rp = accounting.RoundPrivacy(
+    rp = events.RoundPrivacy(
         dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(4.0)),
-        accounting.ADD_OR_REMOVE_ONE, 4.0, "abadi")
+        events.ADD_OR_REMOVE_ONE, 4.0, "abadi")
     direct = RdpAccountant()
     direct.compose(rp.event, 10_000)
-    eps = accounting.EpsilonTracker(rp, 1e-5, "rdp").epsilon(10_000)
+    eps = events.EpsilonTracker(rp, 1e-5, "rdp").epsilon(10_000)
     assert eps == pytest.approx(direct.get_epsilon(1e-5), rel=1e-9)
     assert eps == pytest.approx(1.0355, abs=1e-3) and eps <= 1.26
 
@@ -49,14 +49,14 @@ def test_incremental_tracker_equals_fresh_composition(rounds):
     cfg = _cfg(1000, 50, 0.9, delta=1e-4)
     rp = accounting.round_privacy(cfg)
     for kind in ("rdp", "pld"):
-        tracker = accounting.EpsilonTracker(rp, 1e-4, kind)
-        assert tracker.epsilon(rounds) == pytest.approx(accounting.epsilon_after(rp, rounds, 1e-4, kind), rel=1e-6)
+        tracker = events.EpsilonTracker(rp, 1e-4, kind)
+        assert tracker.epsilon(rounds) == pytest.approx(events.epsilon_after(rp, rounds, 1e-4, kind), rel=1e-6)
 
 
 def test_pld_is_not_looser_than_rdp_on_poisson():
     rp = accounting.round_privacy(_cfg(3383, 120, 1.2))
-    eps_rdp = accounting.EpsilonTracker(rp, 1e-5, "rdp").epsilon(100)
-    eps_pld = accounting.EpsilonTracker(rp, 1e-5, "pld").epsilon(100)
+    eps_rdp = events.EpsilonTracker(rp, 1e-5, "rdp").epsilon(100)
+    eps_pld = events.EpsilonTracker(rp, 1e-5, "pld").epsilon(100)
     assert eps_pld <= eps_rdp
     direct = pld.PLDAccountant()  # dp-accounting's finer default discretisation (1e-4)
     direct.compose(rp.event, 100)
@@ -67,7 +67,7 @@ def test_pld_is_not_looser_than_rdp_on_poisson():
 def test_uniform_sampling_uses_replace_one_and_half_the_noise_multiplier():
     cfg = _cfg(3383, 120, 1.2, sampling="uniform")
     rp = accounting.round_privacy(cfg)
-    assert rp.neighboring_relation == accounting.REPLACE_ONE
+    assert rp.neighboring_relation == events.REPLACE_ONE
     assert rp.event == dp_accounting.SampledWithoutReplacementDpEvent(3383, 120, dp_accounting.GaussianDpEvent(0.6))
 
     def direct(z):
@@ -75,7 +75,7 @@ def test_uniform_sampling_uses_replace_one_and_half_the_noise_multiplier():
         acc.compose(dp_accounting.SampledWithoutReplacementDpEvent(3383, 120, dp_accounting.GaussianDpEvent(z)), 100)
         return acc.get_epsilon(1e-5)
 
-    eps = accounting.EpsilonTracker(rp, 1e-5, "rdp").epsilon(100)
+    eps = events.EpsilonTracker(rp, 1e-5, "rdp").epsilon(100)
     assert eps == pytest.approx(direct(0.6), rel=1e-9)
     assert eps > 1.5 * direct(1.2)  # passing z instead of z/2 would under-report
 
@@ -83,7 +83,7 @@ def test_uniform_sampling_uses_replace_one_and_half_the_noise_multiplier():
 def test_pld_refuses_uniform_sampling_with_clear_error():
     rp = accounting.round_privacy(_cfg(3383, 120, 1.2, sampling="uniform"))
     with pytest.raises(ConfigError, match="--accountant=pld"):
-        accounting.EpsilonTracker(rp, 1e-5, "pld")
+        events.EpsilonTracker(rp, 1e-5, "pld")
 
 
 def test_adaptive_clipping_accounts_both_releases():
@@ -104,15 +104,15 @@ def test_adaptive_clipping_accounts_both_releases():
         ),
         100,
     )
-    eps = accounting.EpsilonTracker(accounting.round_privacy(cfg), 1e-5, "rdp").epsilon(100)
+    eps = events.EpsilonTracker(accounting.round_privacy(cfg), 1e-5, "rdp").epsilon(100)
     assert eps == pytest.approx(composed.get_epsilon(1e-5), rel=1e-9)
 
 
 def test_epsilon_grows_with_rounds_and_budget_search():
-    tracker = accounting.EpsilonTracker(accounting.round_privacy(_cfg(3383, 120, 1.2)), 1e-5, "rdp")
+    tracker = events.EpsilonTracker(accounting.round_privacy(_cfg(3383, 120, 1.2)), 1e-5, "rdp")
     eps = [tracker.epsilon(t) for t in range(0, 101, 10)]
     assert eps[0] == 0 and all(a < b for a, b in zip(eps, eps[1:]))
-    t = accounting.rounds_within_budget(tracker, 1.5, 1000)
+    t = events.rounds_within_budget(tracker, 1.5, 1000)
     assert tracker.epsilon(t) <= 1.5 < tracker.epsilon(t + 1)
 
 

@@ -6,7 +6,7 @@ import tensorflow_federated as tff
 
 from dpfl_tff import runtime
 from dpfl_tff.config import DPConfig
-from dpfl_tff.privacy.aggregators import build_aggregator
+from tests.aggregation import build_aggregator
 
 DIM = 20_000
 

@@ -40,8 +40,15 @@ def test_bad_values_name_flag_value_and_range(cfg, flag, words):
     assert "\n" not in msg
 
 
-def test_zero_noise_is_fine_without_dp():
-    _cfg(dp=DPConfig(mode="none", noise_multiplier=0.0)).validate()
+@pytest.mark.parametrize("mode", ["central", "local", "ftrl"])
+def test_zero_noise_is_refused_by_every_dp_mode_and_fine_without_dp(mode):
+    """Every check a run makes before training (`plan.check`): zero noise is refused with a line naming
+    the flag under each DP mode, and passes without DP (where it is the only setting that makes sense)."""
+    sampling = "shuffle" if mode == "ftrl" else "poisson"
+    with pytest.raises(ConfigError, match=r"--noise_multiplier=0.*(no privacy|infinite)"):
+        plan.check(_cfg(dp=DPConfig(mode=mode, noise_multiplier=0.0),
+                        train=TrainConfig(client_sampling=sampling)))
+    assert plan.check(_cfg(dp=DPConfig(mode="none", noise_multiplier=0.0))).dp.noise_multiplier == 0.0
 
 
 def test_default_delta_is_one_over_n_to_the_1_1():

@@ -15,7 +15,7 @@ import dp_accounting
 import pytest
 
 from dpfl_tff.config import DPConfig, ExperimentConfig, TaskConfig, TrainConfig
-from dpfl_tff.privacy import accounting
+from dpfl_tff.privacy import accounting, events
 from dpfl_tff.privacy.registry import mechanism_for
 from dpfl_tff.privacy.tree_ledger import TreeLedger
 from tests.conftest import run_driver
@@ -65,7 +65,7 @@ def test_projected_central_and_local_count_every_release_and_every_round_left():
     central = mechanism_for(cfg)
     history = [{"round": r, "release": r} for r in range(1, 9)]
     got = central.projected(history, 5, 12)  # 8 released, 7 left: 15 releases
-    assert got["epsilon"] == pytest.approx(accounting.epsilon_after(central.round_privacy(), 15, 1e-4, "rdp"))
+    assert got["epsilon"] == pytest.approx(events.epsilon_after(central.round_privacy(), 15, 1e-4, "rdp"))
     local = mechanism_for(ExperimentConfig(task=cfg.task, train=cfg.train,
                                            dp=DPConfig(mode="local", noise_multiplier=1.0, target_delta=1e-4)))
     history = [{"round": r, "release": r, "cohort": list(range(10))} for r in range(1, 4)]  # client 0: 3 times

@@ -12,7 +12,7 @@ from dp_accounting.rdp import RdpAccountant
 from dpfl_tff import training
 from dpfl_tff.config import DPConfig, ExperimentConfig, TaskConfig, TrainConfig
 from dpfl_tff.privacy import accounting
-from dpfl_tff.privacy.aggregators import build_aggregator
+from tests.aggregation import build_aggregator
 
 DIM = 20_000
 REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE

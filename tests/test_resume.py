@@ -10,7 +10,7 @@ import dp_accounting
 import pytest
 
 from dpfl_tff.config import DPConfig, ExperimentConfig, TaskConfig, TrainConfig
-from dpfl_tff.privacy import accounting
+from dpfl_tff.privacy import accounting, events
 from dpfl_tff.sampling import CohortSampler
 from tests.conftest import run_driver, worker_pids
 
@@ -37,7 +37,7 @@ def _uninterrupted_epsilon(rounds):
         train=TrainConfig(clients_per_round=5, rounds=rounds),
         dp=DPConfig(noise_multiplier=1.1, target_delta=1e-4),
     ).validate()
-    return accounting.EpsilonTracker(accounting.round_privacy(cfg), 1e-4, "rdp").epsilon(rounds)
+    return events.EpsilonTracker(accounting.round_privacy(cfg), 1e-4, "rdp").epsilon(rounds)
 
 
 def _kill_after_round(out, k, *extra):
@@ -98,8 +98,8 @@ def test_sigkill_between_checkpoints_then_resume_charges_every_execution_with_fr
     for e in ledger:
         for c in e["cohort"]:
             counts[c] = counts.get(c, 0) + 1
-    known = accounting.epsilon_after(accounting.RoundPrivacy(
-        dp_accounting.GaussianDpEvent(1.1), accounting.ADD_OR_REMOVE_ONE, 1.1, "Poisson, cohorts known"),
+    known = events.epsilon_after(events.RoundPrivacy(
+        dp_accounting.GaussianDpEvent(1.1), events.ADD_OR_REMOVE_ONE, 1.1, "Poisson, cohorts known"),
         max(counts.values()), 1e-4, "rdp")
     assert rows[-1]["epsilon"] == pytest.approx(known, rel=1e-12) == summary["epsilon"]
     assert summary["epsilon_amplified_by_sampling"] is False and summary["cohorts_in_folder"] is True

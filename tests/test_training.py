@@ -89,11 +89,11 @@ def test_same_seed_gets_different_noise_unless_noise_seed_given(tmp_path):
 
 
 def test_budget_guard_stops_before_the_round_that_would_exceed(tmp_path):
-    from dpfl_tff.privacy import accounting
+    from dpfl_tff.privacy import accounting, events
 
     cfg = _cfg(tmp_path, noise_multiplier=1.0)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rounds=50))
-    tracker = accounting.EpsilonTracker(accounting.round_privacy(cfg), cfg.target_delta, "rdp")
+    tracker = events.EpsilonTracker(accounting.round_privacy(cfg), cfg.target_delta, "rdp")
     budget = (tracker.epsilon(3) + tracker.epsilon(4)) / 2  # allows exactly 3 rounds
     guarded = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, max_epsilon=budget))
     result = training.run(guarded, log=lambda s: None)

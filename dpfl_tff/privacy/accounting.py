@@ -25,18 +25,8 @@ from dp_accounting import mechanism_calibration
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.errors import ConfigError
 from dpfl_tff.privacy import truncation
-from dpfl_tff.privacy.events import (
-    ADD_OR_REMOVE_ONE,
-    PLD_DISCRETIZATION,
-    REPLACE_ONE,
-    EpsilonTracker,
-    RoundPrivacy,
-    epsilon_after,
-    make_accountant,
-    rounds_within_budget,
-    sampled_gaussian_round,
-)
-from dpfl_tff.privacy.ledgers import CentralLedger, Ledger, LocalLedger
+from dpfl_tff.privacy.events import RoundPrivacy, epsilon_after, make_accountant
+from dpfl_tff.privacy.ledgers import Ledger
 from dpfl_tff.privacy.registry import mechanism_for
 
 if TYPE_CHECKING:
@@ -183,25 +173,3 @@ def with_calibrated_noise(cfg: ExperimentConfig) -> ExperimentConfig:
     check_sampler_delta(out)
     return out
 
-
-__all__ = [
-    "ADD_OR_REMOVE_ONE",
-    "PLD_DISCRETIZATION",
-    "REPLACE_ONE",
-    "CentralLedger",
-    "EpsilonTracker",
-    "Ledger",
-    "LocalLedger",
-    "RoundPrivacy",
-    "calibrate_noise_multiplier",
-    "check_accountable",
-    "check_sampler_delta",
-    "epsilon_after",
-    "make_accountant",
-    "make_ledger",
-    "round_privacy",
-    "rounds_within_budget",
-    "sampler_delta",
-    "sampled_gaussian_round",
-    "with_calibrated_noise",
-]

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from dpfl_tff.config import DPConfig, ExperimentConfig
+from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.errors import ConfigError
 from dpfl_tff.privacy import truncation
 from dpfl_tff.privacy import events
@@ -50,11 +50,11 @@ class CentralGaussian(PrivacyMechanism):
                 "or set --noise_multiplier > 0"
             )
 
-    @staticmethod
-    def query_of(dp: DPConfig, expected_cohort: float):
+    def query(self, record_specs: Any = None):
+        del record_specs
         from dpfl_tff.privacy import queries
 
-        return queries.central_query(dp, expected_cohort)
+        return queries.central_query(self.cfg.dp, self.cfg.train.clients_per_round)
 
     def round_privacy(self) -> RoundPrivacy | None:
         t = self.cfg.train

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from dpfl_tff.config import DPConfig, ExperimentConfig
+from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.errors import ConfigError
 from dpfl_tff.privacy.events import REPLACE_SPECIAL
 from dpfl_tff.privacy.mechanism import PrivacyMechanism
@@ -82,10 +82,6 @@ class TreeAggregationFTRL(PrivacyMechanism):
     def rounds_per_epoch(self) -> int:
         """floor(N / m): the rounds of one epoch, and the most steps of one tree."""
         return self.cfg.population // self.cfg.train.clients_per_round
-
-    @staticmethod
-    def query_of(dp: DPConfig, expected_cohort: float):
-        raise ConfigError("--dp_mode=ftrl: its query needs the model's update shapes; use mechanism.query(specs)")
 
     def query(self, record_specs: Any = None):
         from dpfl_tff.privacy import tree_query

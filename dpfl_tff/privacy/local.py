@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpfl_tff.config import DPConfig, ExperimentConfig
+from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.errors import ConfigError
 from dpfl_tff.privacy import truncation
 from dpfl_tff.privacy.events import REPLACE_ONE
@@ -45,10 +45,11 @@ class LocalNoise(PrivacyMechanism):
         if dp.target_epsilon is not None:
             raise ConfigError(f"--target_epsilon={dp.target_epsilon}: calibration supports --dp_mode=central only")
 
-    @staticmethod
-    def query_of(dp: DPConfig, expected_cohort: float):
+    def query(self, record_specs: Any = None):
+        del record_specs
         from dpfl_tff.privacy import queries
 
+        dp = self.cfg.dp
         return queries.LocalNoiseMeanQuery(dp.local_mechanism, dp.clip_norm, dp.noise_multiplier, dp.noise_seed)
 
     def planned_out_of_reach(self, rounds: int) -> float:

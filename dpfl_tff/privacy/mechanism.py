@@ -28,7 +28,7 @@ from __future__ import annotations
 import abc
 from typing import Any, ClassVar
 
-from dpfl_tff.config import DPConfig, ExperimentConfig
+from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.privacy import events
 from dpfl_tff.privacy.events import REPLACE_ONE, RoundPrivacy
 from dpfl_tff.privacy.ledgers import Ledger
@@ -59,15 +59,13 @@ class PrivacyMechanism(abc.ABC):
     def check(cls, cfg: ExperimentConfig) -> None:
         """Raises ConfigError (one line naming the flag) for settings this mode refuses."""
 
-    @staticmethod
     @abc.abstractmethod
-    def query_of(dp: DPConfig, expected_cohort: float) -> Any:
-        """The tensorflow-privacy `DPQuery` of this mode for `dp` and cohort m (imports TensorFlow)."""
-
     def query(self, record_specs: Any = None) -> Any:
-        """The tensorflow-privacy `DPQuery` the run's process runs (`record_specs`: the model update's TensorSpecs)."""
-        del record_specs
-        return self.query_of(self.cfg.dp, self.cfg.train.clients_per_round)
+        """The tensorflow-privacy `DPQuery` the run's process runs (imports TensorFlow).
+
+        `record_specs`: the model update's TensorSpecs (a query whose state is model-sized, as DP-FTRL's
+        tree, needs them). The expected cohort m is --clients_per_round.
+        """
 
     def prepare_state(self, state: Any, round_fields: dict[str, Any]) -> Any:
         """The process state to run the next round from (`round_fields`: the ledger's `begin_round`)."""

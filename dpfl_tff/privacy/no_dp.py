@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpfl_tff.config import DPConfig, ExperimentConfig
+from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.errors import ConfigError
 from dpfl_tff.privacy.mechanism import PrivacyMechanism
 
@@ -20,8 +20,8 @@ class NoPrivacy(PrivacyMechanism):
         if cfg.dp.target_epsilon is not None:
             raise ConfigError(f"--target_epsilon={cfg.dp.target_epsilon}: needs a DP mode, not --dp_mode=none")
 
-    @staticmethod
-    def query_of(dp: DPConfig, expected_cohort: float):
+    def query(self, record_specs: Any = None):
+        del record_specs
         from dpfl_tff.privacy import queries
 
         return queries.MeanQuery()

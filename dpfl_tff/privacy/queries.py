@@ -155,7 +155,7 @@ class LocalNoiseMeanQuery(_CountedMeanQuery):
     own values); otherwise it comes from OS entropy.
 
     Its event is per client and depends on who took part, which the ledger
-    tracks (`accounting.LocalLedger`); the query's own event says only that
+    tracks (`ledgers.LocalLedger`); the query's own event says only that
     the aggregate is not accounted here.
     """
 

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from dpfl_tff.privacy import mechanisms as M
+from dpfl_tff.privacy import numpy_mechanisms as M
 
 N = 400_000
 
