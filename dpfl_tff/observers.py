@@ -26,7 +26,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from dpfl_tff import checkpoints, outputs, round_record
+from dpfl_tff import checkpoints, outputs, release_log, round_record
 from dpfl_tff.privacy.events import ADD_OR_REMOVE_ONE, REPLACE_ONE, REPLACE_SPECIAL
 
 _RELATION_TEXT = {ADD_OR_REMOVE_ONE: "add-or-remove-one", REPLACE_ONE: "replace-one",
@@ -127,7 +127,7 @@ class Outbox:
 class Checkpointer(Observer):
     """Saves the full state (with the ledger's length and hash) when due; must run before MetricsFile."""
 
-    def __init__(self, ckpts: checkpoints.CheckpointManager, ledger_log: checkpoints.LedgerLog, every: int):
+    def __init__(self, ckpts: checkpoints.CheckpointManager, ledger_log: release_log.LedgerLog, every: int):
         self.ckpts, self.ledger_log, self.every = ckpts, ledger_log, every
 
     def on_round(self, record, state, last, stopping):

@@ -4,7 +4,7 @@ Files (all under `output_dir`):
   hparams.json   resolved configuration of the run (every flag that matters)
   metrics.jsonl  one JSON object per completed round, flushed as written
   summary.json   final figures; also written when a run stops early
-  ledger.jsonl   the privacy ledger (see `checkpoints.py`); lists cohorts only with
+  ledger.jsonl   the privacy ledger (see `release_log.py`); lists cohorts only with
                  --log_cohorts or under local DP
   checkpoints/   full training state every --checkpoint_every rounds
   tensorboard/   TensorBoard event files

@@ -3,7 +3,7 @@
 `open_folder` does every check a resume needs before the run writes a byte:
 settings that must not change (`outputs.ExperimentDir`), the privacy ledger
 (intact, hash-chained, covering every release the checkpoints, metrics and
-summary record: `checkpoints.check_ledger_covers`), the newest checkpoint
+summary record: `release_log.check_ledger_covers`), the newest checkpoint
 against the model built now, and whether the run has anything left to do.
 `restore` then loads the state, replays the ledger into the accountant and
 trims metrics.jsonl to the checkpoint.
@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from dpfl_tff import checkpoints, outputs
+from dpfl_tff import checkpoints, outputs, release_log
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.privacy.ledgers import Ledger
 from dpfl_tff.privacy.mechanism import PrivacyMechanism
@@ -28,7 +28,7 @@ class RunFolder:
 
     out: outputs.ExperimentDir
     ckpts: checkpoints.CheckpointManager
-    ledger_log: checkpoints.LedgerLog
+    ledger_log: release_log.LedgerLog
     finished: dict[str, Any] | None = None
 
 
@@ -43,10 +43,10 @@ def open_folder(cfg: ExperimentConfig, mechanism: PrivacyMechanism, model_weight
     """
     out = outputs.ExperimentDir(cfg.output_dir, cfg.to_dict(), overwrite=overwrite, fresh=fresh, create=create)
     folder = RunFolder(out, checkpoints.CheckpointManager(cfg.output_dir, warn=warn),
-                       checkpoints.LedgerLog(cfg.output_dir))
+                       release_log.LedgerLog(cfg.output_dir))
     if out.resuming:
         folder.ledger_log.load(needs_cohorts=mechanism.ledger_needs_cohorts)
-        checkpoints.check_ledger_covers(folder.ledger_log, cfg.output_dir, folder.ckpts.dir)
+        release_log.check_ledger_covers(folder.ledger_log, cfg.output_dir, folder.ckpts.dir)
         folder.ckpts.check_fits(model_weights, cfg.train.model)
         folder.finished = finished_summary(out, cfg)
     return folder
@@ -117,10 +117,10 @@ def read_history(cfg: ExperimentConfig, mechanism: PrivacyMechanism) -> History:
     root = cfg.output_dir
     if not os.path.isdir(root):
         return History()
-    ledger_log = checkpoints.LedgerLog(root)
+    ledger_log = release_log.LedgerLog(root)
     ledger_log.load(needs_cohorts=mechanism.ledger_needs_cohorts)
     ckpts = checkpoints.CheckpointManager(root)
-    checkpoints.check_ledger_covers(ledger_log, root, ckpts.dir)
+    release_log.check_ledger_covers(ledger_log, root, ckpts.dir)
     return History(tuple(ledger_log.entries), max(ckpts.rounds(), default=0))
 
 

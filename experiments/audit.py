@@ -39,7 +39,7 @@ import sys
 
 from absl import app, flags, logging
 
-from dpfl_tff import checkpoints, plan, runtime, training
+from dpfl_tff import errors, plan, runtime, training
 from dpfl_tff.audit import auditor, estimate
 from dpfl_tff.config import ConfigError, ExperimentConfig
 from dpfl_tff.privacy import registry
@@ -200,7 +200,7 @@ def main(argv: list[str]) -> None:
     except (ConfigError, DataFileError, FileExistsError, OSError, runtime.WorkersUnreachable) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except checkpoints.LedgerError as e:
+    except errors.LedgerError as e:
         print(f"error: cannot resume: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except (training.RoundFailed, runtime.WorkerLost) as e:

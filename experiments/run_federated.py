@@ -22,7 +22,7 @@ import sys
 
 from absl import app, logging
 
-from dpfl_tff import checkpoints, plan, runtime, training
+from dpfl_tff import errors, plan, runtime, training
 from dpfl_tff.config import ConfigError
 from dpfl_tff.tasks import DataFileError
 from experiments import cli
@@ -81,7 +81,7 @@ def main(argv: list[str]) -> None:
                              log=cli.say)
         except (ConfigError, DataFileError, FileExistsError, OSError) as e:
             cli.usage_error(str(e))
-        except checkpoints.LedgerError as e:
+        except errors.LedgerError as e:
             cli.usage_error(f"cannot resume: {e}")
         return
     signals = Signals()
@@ -102,7 +102,7 @@ def main(argv: list[str]) -> None:
     except (ConfigError, DataFileError, FileExistsError, OSError, runtime.WorkersUnreachable) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except checkpoints.LedgerError as e:
+    except errors.LedgerError as e:
         print(
             f"error: cannot resume: {e}. Its epsilon would be too low; nothing was changed. Restore the ledger, "
             "or start afresh with --overwrite or another --output_dir",

@@ -34,7 +34,7 @@ import sys
 
 from absl import app, flags, logging
 
-from dpfl_tff import checkpoints, runtime, sweep, sweep_results, training
+from dpfl_tff import errors, runtime, sweep, sweep_results, training
 from dpfl_tff.config import ConfigError
 from dpfl_tff.tasks import DataFileError
 from experiments import cli
@@ -134,7 +134,7 @@ def _train(plan: sweep.SweepPlan, base, skipped: list[str]) -> list[str]:
         sys.exit(e.exit_code)
     except (ConfigError, DataFileError, FileExistsError, OSError, runtime.WorkersUnreachable) as e:
         cli.usage_error(f"{where()}{e}")
-    except checkpoints.LedgerError as e:
+    except errors.LedgerError as e:
         cli.usage_error(f"{where()}cannot resume: {e}. Nothing was changed; restore the ledger, or remove that "
                         "run's folder")
     except (training.RoundFailed, runtime.WorkerLost) as e:
@@ -160,7 +160,7 @@ def main(argv: list[str]) -> None:
             _dry_run(plan, base)
         except (ConfigError, DataFileError, OSError) as e:
             cli.usage_error(str(e))
-        except checkpoints.LedgerError as e:
+        except errors.LedgerError as e:
             cli.usage_error(f"cannot plan a resume: {e}")
         return
     skipped: list[str] = []

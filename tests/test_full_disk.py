@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from dpfl_tff.checkpoints import CheckpointManager, LedgerLog, check_ledger_covers
+from dpfl_tff.checkpoints import CheckpointManager
+from dpfl_tff.release_log import LedgerLog, check_ledger_covers
 from tests.conftest import run_driver
 
 ROUNDS = 3

@@ -15,7 +15,7 @@ import dp_accounting
 import pytest
 
 from dpfl_tff.config import DPConfig, ExperimentConfig, TaskConfig, TrainConfig
-from dpfl_tff.privacy import accounting, events
+from dpfl_tff.privacy import events
 from dpfl_tff.privacy.registry import mechanism_for
 from dpfl_tff.privacy.tree_ledger import TreeLedger
 from tests.conftest import run_driver

@@ -9,7 +9,8 @@ import shutil
 import pytest
 
 from dpfl_tff import folder_lock, round_record, training
-from dpfl_tff.checkpoints import LedgerError, LedgerLog
+from dpfl_tff.errors import LedgerError
+from dpfl_tff.release_log import LedgerLog
 from dpfl_tff.config import SEED_REDACTED, ConfigError, DPConfig, ExperimentConfig, TaskConfig, TrainConfig
 from dpfl_tff.privacy import coverage, truncation
 

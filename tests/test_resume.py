@@ -207,7 +207,8 @@ def test_full_disk_on_checkpoint_write_is_a_clear_error(tmp_path, monkeypatch):
 
     import numpy as np
 
-    from dpfl_tff.checkpoints import CheckpointManager, LedgerLog
+    from dpfl_tff.checkpoints import CheckpointManager
+    from dpfl_tff.release_log import LedgerLog
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

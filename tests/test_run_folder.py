@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 import pytest
 
 from dpfl_tff import folder_lock
-from dpfl_tff.checkpoints import LedgerLog
+from dpfl_tff.release_log import LedgerLog
 from tests.conftest import run_driver, worker_pids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -95,7 +95,7 @@ class Ledger:
         self.released += 1
 
     def replay_entry(self, entry: dict[str, Any]) -> None:
-        """Re-records the release of one ledger.jsonl line (`checkpoints.LedgerLog` entry)."""
+        """Re-records the release of one ledger.jsonl line (`release_log.LedgerLog` entry)."""
         self.replay(entry.get("cohort"))
 
     def planned(self, rounds: int, participations: int | None = None) -> dict[str, Any]:
