@@ -12,8 +12,8 @@ every round. The result is the same algorithm:
     delta_c = (server weights - weights after local SGD on c's examples)
     non-finite delta_c -> zeros (counted in `nonfinite_clients`, except under
     local DP, where no count leaves the client)
-    (a canary client, `--canary_clients`: delta_c = its direction x the clip
-    instead of local SGD; it adds nothing to the training metrics)
+    (a client-update hook may replace or transform delta_c first:
+    `client_hooks.py`; the audit's canary clients are one)
     record_c = query.preprocess_record(params, delta_c)    (at the client)
   the group's call sums its clients' records (the query's sample state);
   the groups' sums are summed (`federated_sum`: the privacy modes' queries
@@ -55,7 +55,7 @@ import tensorflow_federated as tff
 from tensorflow.python.autograph.core import ag_ctx
 
 from dpfl_tff import runtime
-from dpfl_tff.audit import canaries
+from dpfl_tff.client_hooks import ClientUpdateHook
 from dpfl_tff.tasks.base import FederatedData
 
 # Client calls per worker and round when --clients_per_call=0: two let one call's small ops overlap
@@ -119,17 +119,18 @@ def make_groups(
     orders: Sequence[np.ndarray],
     groups: Sequence[slice],
     files: ClientFiles | None,
-    num_real: int | None = None,
+    hook: ClientUpdateHook | None = None,
 ) -> list[collections.OrderedDict]:
     """The round's CLIENTS value: one entry per group.
 
     `orders[k]` is the visiting order of client `cohort[k]`'s examples
     (`FederatedData.client_order`). With `files`, a group names its clients
     (their files are written first); without, it carries their data, padded.
-    `num_real` (canaries on): ids >= num_real are canaries, which have no data;
-    each group then lists `canaries` (the canary's index, -1 for a real client).
+    `hook` (`client_hooks.py`) adds its per-client fields to each group and
+    says which clients have no data.
     """
-    real = [c for c in cohort if num_real is None or c < num_real]
+    hook = hook or ClientUpdateHook()
+    real = [c for c in cohort if hook.has_data(c)]
     if files is not None:
         files.ensure(real)
     out = []
@@ -143,18 +144,17 @@ def make_groups(
         entry = collections.OrderedDict(
             orders=padded, lengths=np.asarray([len(o) for o in ords], np.int32)
         )
-        if num_real is not None:
-            entry["canaries"] = np.where(ids >= num_real, ids - num_real, -1).astype(np.int32)
+        entry.update(hook.group_entries(ids))
         if files is not None:
             entry["client_ids"] = ids
         else:
-            real_ids = [c for c in ids if num_real is None or c < num_real]
+            real_ids = [c for c in ids if hook.has_data(c)]
             n_max = max((len(data.clients[c]) for c in real_ids), default=0)
             x = np.zeros((len(ids), n_max, *data.input_shape), np.float32)
             y = np.zeros((len(ids), n_max, *data.label_shape), np.int32)
             for k, c in enumerate(ids):
-                if num_real is not None and c >= num_real:
-                    continue  # a canary: no data
+                if not hook.has_data(c):
+                    continue
                 n = len(data.clients[c])
                 x[k, :n], y[k, :n] = data.clients[c].x, data.clients[c].y
             entry["x"], entry["y"] = x, y
@@ -162,14 +162,13 @@ def make_groups(
     return out
 
 
-def group_type(input_shape: Sequence[int], ship: bool, canaries: bool = False,
+def group_type(input_shape: Sequence[int], ship: bool, hook: ClientUpdateHook | None = None,
                label_shape: Sequence[int] = ()) -> tff.StructWithPythonType:
     fields = [
         ("orders", tff.TensorType(np.int32, (None, None))),
         ("lengths", tff.TensorType(np.int32, (None,))),
+        *(hook.group_fields() if hook else []),
     ]
-    if canaries:
-        fields.append(("canaries", tff.TensorType(np.int32, (None,))))
     if ship:
         fields += [
             ("x", tff.TensorType(np.float32, (None, None, *input_shape))),
@@ -190,8 +189,7 @@ def build_grouped_fed_avg(
     query,
     release_client_statistics: bool = True,
     files_root: str | None = None,
-    canary_seed: int | None = None,
-    canary_norm: float = 1.0,
+    client_hook: ClientUpdateHook | None = None,
     label_shape: Sequence[int] = (),
 ) -> tff.learning.templates.LearningProcess:
     """The DP-FedAvg `LearningProcess` over client groups (see the module docstring).
@@ -208,9 +206,9 @@ def build_grouped_fed_avg(
         example and non-finite counts leave them (False under local DP).
       files_root: folder of `ClientFiles` read by the worker; None: the
         groups carry their data (`make_groups(files=None)`).
-      canary_seed: the run's secret canary seed (`audit.canaries`), or None
-        (no canaries). With it, the groups list `canaries` (`make_groups(num_real=N)`)
-        and a canary's update is its direction times `canary_norm`.
+      client_hook: a `client_hooks.ClientUpdateHook` run on every client's
+        update before `preprocess_record` (the same hook must build the
+        groups: `make_groups(hook=...)`), or None.
       label_shape: shape of one example's labels (() class labels; (L,) a token sequence).
 
     `next(state, groups)` takes `make_groups`' list (one entry per group).
@@ -231,8 +229,8 @@ def build_grouped_fed_avg(
         return weights, query.derive_sample_params(agg_state)
 
     trainer = _GroupTrainer(query, client_optimizer, batch_size, input_shape, files_root, release_client_statistics,
-                            canary_seed, canary_norm, tuple(int(d) for d in label_shape))
-    groups_type = group_type(input_shape, ship, canary_seed is not None, label_shape)
+                            client_hook, tuple(int(d) for d in label_shape))
+    groups_type = group_type(input_shape, ship, client_hook, label_shape)
 
     @tff.tensorflow.computation(client_inputs.type_signature.result, groups_type)
     def train_group(inputs, group):
@@ -281,10 +279,10 @@ class _GroupTrainer:
     """Builds the tf.function (weights, sample params, group) -> (records' sum, statistics) for a model."""
 
     def __init__(self, query, client_optimizer, batch_size: int, input_shape: tuple[int, ...],
-                 files_root: str | None, release_client_statistics: bool, canary_seed: int | None = None,
-                 canary_norm: float = 1.0, label_shape: tuple[int, ...] = ()):
+                 files_root: str | None, release_client_statistics: bool, hook: ClientUpdateHook | None = None,
+                 label_shape: tuple[int, ...] = ()):
         self.query, self.label_shape = query, label_shape
-        self.canary_seed, self.canary_norm = canary_seed, canary_norm
+        self.hook = hook
         self.client_optimizer = client_optimizer
         self.batch_size = batch_size
         self.input_shape = input_shape
@@ -343,11 +341,6 @@ class _GroupTrainer:
         order = group["orders"][i, : group["lengths"][i]]
         return self._local_training(model, weights, x_i, y_i, order, group["lengths"][i], stats)
 
-    def _canary_update(self, weights, index):
-        """A canary's delta: its fixed direction (`audit.canaries`) times the canary norm; no training."""
-        shapes = [w.shape for w in weights.trainable]
-        return [self.canary_norm * d for d in canaries.direction(self.canary_seed, index, shapes)]
-
     def __call__(self, model: tf.keras.Model):
         query = self.query
 
@@ -363,13 +356,12 @@ class _GroupTrainer:
             )
 
             def client_step(i, sums, stats):
-                if self.canary_seed is None:  # Python: no canary branch in the graph
-                    delta, stats = self._client_update(model, weights, group, i, stats)
-                else:  # a canary: its update, and no statistics
-                    delta, stats = tf.cond(
-                        group["canaries"][i] >= 0,
-                        lambda: (self._canary_update(weights, group["canaries"][i]), stats),
-                        lambda: self._client_update(model, weights, group, i, stats))
+                def train():
+                    return self._client_update(model, weights, group, i, stats)
+
+                # Python: without a hook, nothing of one is in the graph
+                delta, stats = train() if self.hook is None else self.hook.client_update(weights, group, i, train,
+                                                                                          stats)
                 return i + 1, query.accumulate_preprocessed_record(sums, query.preprocess_record(params, delta)), stats
 
             n = tf.shape(group["lengths"])[0]

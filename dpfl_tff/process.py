@@ -21,7 +21,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from dpfl_tff import grouped_fedavg, models
-from dpfl_tff.audit import canaries
+from dpfl_tff.client_hooks import ClientUpdateHook
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.privacy.nonfinite import ZeroNonFiniteFactory
 from dpfl_tff.privacy.mechanism import PrivacyMechanism
@@ -60,7 +60,7 @@ def model_fn_for(cfg: ExperimentConfig, data: FederatedData) -> Callable[[], tff
 
 def build_learning_process(
     cfg: ExperimentConfig, data: FederatedData, files: grouped_fedavg.ClientFiles | None = None,
-    canary_seed: int | None = None,
+    client_hook: ClientUpdateHook | None = None,
     mechanism: PrivacyMechanism | None = None,
 ) -> tff.learning.templates.LearningProcess:
     """Unweighted DP-FedAvg with the DP aggregation of `cfg`.
@@ -70,8 +70,8 @@ def build_learning_process(
     `cfg.train.fedavg_impl` picks `grouped_fedavg` (several clients per TFF
     client call; the worker reads client data from `files`, or, with None,
     the round's request carries it) or TFF's `build_unweighted_fed_avg` with
-    our aggregator. Feed `next` with `round_input`. With `cfg.canary_clients`,
-    `canary_seed` is the run's secret canary seed (`audit.auditor`; grouped only).
+    our aggregator. Feed `next` with `round_input` (given the same `client_hook`:
+    `client_hooks.py`, e.g. the audit's `canaries.CanaryHook`; grouped only).
     `mechanism`: the run plan's mechanism (default: built from `cfg`).
     """
     client_opt = build_optimizer(cfg.train.client_optimizer, cfg.train.client_learning_rate)
@@ -88,8 +88,7 @@ def build_learning_process(
             query=mechanism.query(_update_specs(cfg, data)),
             release_client_statistics=release,
             files_root=None if files is None else files.root,
-            canary_seed=canary_seed if cfg.canary_clients else None,
-            canary_norm=canaries.update_norm(cfg),
+            client_hook=client_hook,
             label_shape=data.label_shape,
         )
     # TFF's own FedAvg around the same query, as a cross-check of the grouped process: the query's
@@ -127,12 +126,13 @@ def round_input(
     cohort: Sequence[int],
     round_num: int,
     files: grouped_fedavg.ClientFiles | None = None,
+    client_hook: ClientUpdateHook | None = None,
 ) -> list:
     """The CLIENTS value of round `round_num` for `build_learning_process(cfg, data, files)`.
 
     Every client's examples are visited in `data.client_order` order, seeded by
     (seed, round, client): the same batches whichever `fedavg_impl` runs.
-    Ids >= N are canary clients (`--canary_clients`, grouped only): no examples.
+    Clients the `client_hook` says have no data (canaries) get no examples (grouped only).
     """
     t = cfg.train
 
@@ -145,16 +145,14 @@ def round_input(
                                 t.client_max_examples)
             for c in cohort
         ]
-    n = data.num_clients
     orders = [
         data.client_order(c, t.client_epochs, seed_of(c), t.client_shuffle_buffer, t.client_max_examples)
-        if c < n else np.zeros(0, np.int64)
+        if client_hook is None or client_hook.has_data(c) else np.zeros(0, np.int64)
         for c in cohort
     ]
     calls = grouped_fedavg.CALLS_PER_WORKER * max(1, len(cfg.workers))
     groups = grouped_fedavg.split_groups(len(cohort), t.clients_per_call, calls)
-    return grouped_fedavg.make_groups(data, list(cohort), orders, groups, files,
-                                      num_real=n if cfg.canary_clients else None)
+    return grouped_fedavg.make_groups(data, list(cohort), orders, groups, files, client_hook)
 
 
 @contextlib.contextmanager

@@ -38,17 +38,18 @@ def test_canary_update_is_its_direction_at_the_clip_and_adds_no_training_metrics
     counts the real client's examples only."""
     cfg, seed = _cfg(), 12345
     data = load_task(cfg.task, cfg.train.seed)
-    process = training.build_learning_process(cfg, data, None, canary_seed=seed)
+    hook = canaries.hook_for(cfg, seed, data.num_clients)
+    process = training.build_learning_process(cfg, data, None, client_hook=hook)
     state = training.initial_state(process, cfg, data)
     w0 = _flat(process.get_model_weights(state))
-    out = process.next(state, training.round_input(cfg, data, [N, N + 1], 1))
+    out = process.next(state, training.round_input(cfg, data, [N, N + 1], 1, None, hook))
     w1 = _flat(process.get_model_weights(out.state))
     shapes = [np.shape(w) for w in process.get_model_weights(state).trainable]
     dirs = canaries.directions(seed, [0, 1], shapes)
     np.testing.assert_allclose(w1 - w0, -(0.5 / 5) * dirs.sum(axis=0), atol=1e-6)
     assert int(out.metrics["client_work"]["train"]["num_examples"]) == 0
 
-    out2 = process.next(out.state, training.round_input(cfg, data, [3, N + 2], 2))
+    out2 = process.next(out.state, training.round_input(cfg, data, [3, N + 2], 2, None, hook))
     real_examples = len(data.client_order(3, 1, 0))
     assert int(out2.metrics["client_work"]["train"]["num_examples"]) == real_examples
     assert np.isfinite(float(out2.metrics["client_work"]["train"]["loss"]))
