@@ -129,16 +129,16 @@ def test_relative_links_and_anchors_resolve():
 
 def test_readme_is_short_and_links_every_docs_page():
     readme = _read(README)
-    assert len(readme.splitlines()) <= 330  # a guide, with the sweep study and benchmark table; details in docs/
+    assert len(readme.splitlines()) <= 250  # a guide, with the sweep study and benchmark table; details in docs/
     linked = {os.path.normpath(os.path.join(ROOT, t.partition("#")[0])) for t in _links(readme)}
     assert DOCS and sorted(set(DOCS) - linked) == []
     pages = sorted(p for p in linked if p.startswith(os.path.join(ROOT, "docs")) and p.endswith(".md"))
     assert pages == DOCS  # no link to a missing page (images under docs/images are checked with all links)
 
 
-def test_readme_layout_lists_the_files():
-    """Every path in README's Layout exists, and every module of the package, drivers and scripts is listed."""
-    block = re.search(r"## Layout\n+```\n(.*?)^```", _read(README), re.S | re.M).group(1)
+def test_layout_lists_the_files():
+    """Every path in docs/layout.md exists, and every module of the package, drivers and scripts is listed."""
+    block = re.search(r"## Modules\n+```\n(.*?)^```", _read(os.path.join(ROOT, "docs", "layout.md")), re.S | re.M).group(1)
     entries = [line.split()[0] for line in block.splitlines() if line.strip() and not line[0].isspace()]
     assert [e for e in entries if not os.path.exists(os.path.join(ROOT, e))] == []
     modules = [*glob.glob(os.path.join(ROOT, "dpfl_tff", "**", "*.py"), recursive=True),
