@@ -83,7 +83,7 @@ def test_a_computation_is_sent_to_the_worker_once_and_evicted_beyond_the_cache(t
 
         return add_k
 
-    comps = [make(k) for k in range(runtime._RemoteExecutor._KEEP + 4)]  # noqa: SLF001
+    comps = [make(k) for k in range(runtime.executor_cache._RemoteExecutor._KEEP + 4)]  # noqa: SLF001
     x = np.arange(3, dtype=np.float32)
     for _ in range(3):
         np.testing.assert_array_equal(comps[0](x), x)
@@ -124,10 +124,26 @@ def test_a_worker_that_cannot_start_fails_the_first_call(tmp_path, monkeypatch):
     fake = tmp_path / "worker_binary"
     fake.write_text("#!/bin/sh\nexit 3\n")
     fake.chmod(0o755)
-    monkeypatch.setattr(runtime, "WORKER_BINARY", str(fake))
+    monkeypatch.setattr(runtime.worker_process, "WORKER_BINARY", str(fake))
     one = _one()
     others = set(runtime.live_worker_pids())
     with pytest.raises(RuntimeError, match=r"TFF worker at localhost:\d+ exited with code 3 before it was ready"):
         with runtime.local_context(wait=False):
             one()
     assert set(runtime.live_worker_pids()) <= others
+
+
+def test_the_private_tff_modules_refuse_another_tff_version_in_one_line(monkeypatch):
+    """tff_internals.py checks the TFF version before importing TFF's private modules; another version gets one
+    ImportError naming the supported versions and the fix, not a missing attribute inside a round."""
+    import runpy
+
+    import tensorflow_federated as tff
+
+    from dpfl_tff.runtime import tff_internals
+
+    assert tff.__version__ in runtime.SUPPORTED_TFF_VERSIONS
+    monkeypatch.setattr(tff, "__version__", "0.99.0")
+    with pytest.raises(ImportError, match=r"supports tensorflow-federated 0\.87\.0 only .* found 0\.99\.0\. Install "
+                                          r"the locked environment: `uv sync`"):
+        runpy.run_path(tff_internals.__file__)

@@ -110,7 +110,7 @@ class _BlockingStub:
 
 def test_a_waiting_call_is_listed_and_abandoning_it_raises_worker_stalled_in_its_caller():
     inner = _BlockingStub()
-    stub = runtime._WatchedStub(inner, "TFF worker at far:9", inner.release.set)  # noqa: SLF001
+    stub = runtime.worker_calls._WatchedStub(inner, "TFF worker at far:9", inner.release.set)  # noqa: SLF001
     raised = []
     caller = threading.Thread(target=lambda: _capture(raised, stub.compute, None))
     caller.start()

@@ -156,8 +156,8 @@ def test_local_worker_listens_on_loopback_only(tmp_path):
 
 
 def _no_seccomp(monkeypatch, runtime):
-    broken = {m: (arch, nr_bind, 99999) for m, (arch, nr_bind, _) in runtime._SECCOMP_ARCH.items()}  # noqa: SLF001
-    monkeypatch.setattr(runtime, "_SECCOMP_ARCH", broken)  # seccomp(2) -> ENOSYS in the helper
+    broken = {m: (arch, nr_bind, 99999) for m, (arch, nr_bind, _) in runtime.loopback_binding._SECCOMP_ARCH.items()}  # noqa: SLF001
+    monkeypatch.setattr(runtime.loopback_binding, "_SECCOMP_ARCH", broken)  # seccomp(2) -> ENOSYS in the helper
     return "Function not implemented"
 
 
@@ -165,7 +165,7 @@ def _binder_dies(monkeypatch, runtime):
     def close(self):  # as if the thread had died: the worker's bind() gets ENOSYS, the worker exits
         os.close(self.listener)
 
-    monkeypatch.setattr(runtime._LoopbackBinder, "_run", close)  # noqa: SLF001
+    monkeypatch.setattr(runtime.loopback_binding._LoopbackBinder, "_run", close)  # noqa: SLF001
     return "the worker could not bind"
 
 
