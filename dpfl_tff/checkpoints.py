@@ -27,11 +27,17 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
 from dpfl_tff.errors import CheckpointMismatch
 from dpfl_tff.outputs import write_error
 from dpfl_tff.release_log import CHECKPOINTS, LedgerLog
+
+
+def _nest():
+    """`tf.nest` (the state's leaf order), imported when a checkpoint is written or read, not with this module."""
+    import tensorflow as tf
+
+    return tf.nest
 
 
 def _sha256(path: str) -> str:
@@ -82,7 +88,7 @@ class CheckpointManager:
             os.makedirs(self.dir, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-            leaves = [np.asarray(leaf) for leaf in tf.nest.flatten(state)]
+            leaves = [np.asarray(leaf) for leaf in _nest().flatten(state)]
             state_path = os.path.join(tmp, "state.npz")
             # Built in memory, then written: a write that fails inside np.savez would leave its ZipFile to
             # complain about the closed file when collected ("Exception ignored in ZipFile.__del__").
@@ -154,7 +160,7 @@ class CheckpointManager:
 
     def load_latest(self, template: Any) -> tuple[int, Any, dict[str, Any]] | None:
         """(round, state shaped like `template`, record) of the newest valid checkpoint, or None."""
-        template_leaves = tf.nest.flatten(template)
+        template_leaves = _nest().flatten(template)
         for round_num in reversed(self.rounds()):
             path = os.path.join(self.dir, f"ckpt_{round_num:06d}")
             try:
@@ -171,5 +177,5 @@ class CheckpointManager:
                     f"{len(template_leaves)} now, or shapes differ; did the model, optimizer or DP code change?): "
                     f"{_START_FRESH}"
                 )
-            return round_num, tf.nest.pack_sequence_as(template, leaves), meta["record"]
+            return round_num, _nest().pack_sequence_as(template, leaves), meta["record"]
         return None

@@ -2,8 +2,9 @@
 
 Drivers print any of the first six as one `error: ...` line and exit 2 (usage:
 nothing was trained); `LedgerError` also exits 2 and leaves the run folder as
-it was. The run-control exceptions (`training.RunInterrupted`,
-`training.RoundFailed`) live with the loop that raises them.
+it was. The run-control exceptions `RunInterrupted` (a stop request) and
+`RoundFailed` are raised by the round loop (`training.py`, which re-exports
+them); drivers catch them without importing TensorFlow first.
 """
 
 from __future__ import annotations
@@ -39,3 +40,19 @@ class DataFileError(ValueError):
 class LedgerError(Exception):
     """The ledger cannot be trusted to cover what the run released; the run must not resume."""
 
+
+class RunInterrupted(Exception):
+    """The run was asked to stop (e.g. SIGTERM); the last completed round is checkpointed.
+
+    Returned by `stop_requested` (the run stops after the current round), or
+    raised by a signal handler to cut the current round short: `run` then
+    checkpoints the last completed round before it re-raises.
+    """
+
+    def __init__(self, reason: str, exit_code: int):
+        super().__init__(reason)
+        self.exit_code = exit_code
+
+
+class RoundFailed(RuntimeError):
+    """A round's TFF computation failed; the last completed round is checkpointed."""

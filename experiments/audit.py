@@ -39,14 +39,14 @@ import sys
 
 from absl import app, flags, logging
 
-from dpfl_tff import errors, plan, runtime, training
-from dpfl_tff.audit import auditor, estimate
+from dpfl_tff import errors, plan
+from dpfl_tff.audit import estimate
 from dpfl_tff.config import ConfigError, ExperimentConfig
+from dpfl_tff.errors import DataFileError
 from dpfl_tff.privacy import registry
-from dpfl_tff.tasks import DataFileError
 from experiments import cli
-from experiments.run_federated import Signals
 from experiments import flags as dpfl_flags
+from experiments.run_federated import Signals
 
 NOISED, NOISE_FREE = "noised", "noise_free"
 
@@ -113,6 +113,8 @@ def verdict(lower: float | None, epsilon: float) -> str:
 
 def report(name: str, s: dict, output_dir: str, confidence: float = estimate.DEFAULT_CONFIDENCE) -> dict:
     """One run's figures: theoretical epsilon, the audit's lower bound and verdict, the point estimates."""
+    from dpfl_tff.audit import auditor  # TensorFlow (the canaries' directions)
+
     try:
         with open(os.path.join(output_dir, auditor.AUDIT_JSON), encoding="utf-8") as f:
             audit = json.load(f)
@@ -179,6 +181,8 @@ def main(argv: list[str]) -> None:
         cli.usage_error(str(e))
     if not app.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    from dpfl_tff import runtime, training  # TensorFlow: only once the flags are checked
+
     results = []
     signals = Signals()  # as run_federated: the first signal stops after the round, checkpointed
     signal.signal(signal.SIGTERM, signals)
@@ -193,7 +197,7 @@ def main(argv: list[str]) -> None:
                 result = training.run(cfg, overwrite=dpfl_flags.OVERWRITE.value, log=cli.say,
                                       fresh=dpfl_flags.FRESH.value, stop_requested=signals.stop_requested)
                 results.append(report(name, result.summary, cfg.output_dir, CONFIDENCE.value))
-    except training.RunInterrupted as e:
+    except errors.RunInterrupted as e:
         print(f"{e}: last completed round checkpointed, summary written to {current.output_dir}; rerun the same "
               "command to continue", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
@@ -203,7 +207,7 @@ def main(argv: list[str]) -> None:
     except errors.LedgerError as e:
         print(f"error: cannot resume: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except (training.RoundFailed, runtime.WorkerLost) as e:
+    except (errors.RoundFailed, runtime.WorkerLost) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     cli.say("audit (the lower bound is what may be compared with the epsilon bound; the point estimates are not "

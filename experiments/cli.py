@@ -2,15 +2,17 @@
 
 absl's own parser exits 1 on a bad flag and prints a screen of usage;
 `--help` lists only the flags defined in the main module (ours live in
-`experiments/flags.py`) and `--helpfull` mixes them with absl's and
-TensorFlow's in one alphabetical block. `run(main, groups)` replaces that:
+`experiments/flags.py`) and `--helpfull` mixes them with absl's in one
+alphabetical block. `run(main, groups)` replaces that:
 
 * a usage error (unknown flag, with absl's "did you mean", a value that does
   not parse, a flagfile that cannot be read, stray arguments) prints one
   `error: ...` line and exits 2;
 * `--help` (`-?`, `--helpshort`) prints the driver's flags grouped as the
   driver lists them, with their defaults, and exits 0; `--helpfull` adds the
-  other flags (absl, TensorFlow) in a separate block at the end.
+  other flags (absl's) in a separate block at the end. Drivers import
+  TensorFlow only after parsing and checking, so help and usage errors are
+  fast.
 """
 
 from __future__ import annotations
@@ -120,12 +122,12 @@ def help_text(doc: str, groups: FlagGroups, full: bool = False) -> str:
     lines += ["", "  --flagfile: read flags from this file (one --flag=value per line; later flags override it)"]
     if full:
         others = sorted(name for name, f in flags.FLAGS._flags().items() if name == f.name and name not in shown)  # noqa: SLF001
-        lines += ["", "Other flags (absl, TensorFlow; rarely needed):"]
+        lines += ["", "Other flags (absl; rarely needed):"]
         for name in others:
             f = flags.FLAGS[name]
             lines.append(f"  --{name}: {' '.join(f.help.split())}")
     else:
-        lines += ["", "--helpfull also lists absl's and TensorFlow's own flags."]
+        lines += ["", "--helpfull also lists absl's own flags."]
     return "\n".join(lines)
 
 

@@ -22,9 +22,12 @@ import sys
 
 from absl import app, logging
 
-from dpfl_tff import errors, plan, runtime, training
+from dpfl_tff import errors, plan
 from dpfl_tff.config import ConfigError
-from dpfl_tff.tasks import DataFileError
+from dpfl_tff.errors import DataFileError
+
+# TensorFlow (through `training` and `runtime`) is imported only once the flags and the config are checked:
+# --help and every usage error answer in about a second.
 from experiments import cli
 from experiments import flags as dpfl_flags
 
@@ -56,15 +59,15 @@ class Signals:
         name = signal.Signals(signum).name
         if self.received is not None:
             _say(f"{name} received again: cutting the current round short")
-            raise training.RunInterrupted(f"stopped by {name}", 128 + signum)
+            raise errors.RunInterrupted(f"stopped by {name}", 128 + signum)
         self.received = signum
         _say(f"{name} received: stopping after the current round")
 
-    def stop_requested(self) -> training.RunInterrupted | None:
+    def stop_requested(self) -> errors.RunInterrupted | None:
         if self.received is None:
             return None
         name = signal.Signals(self.received).name
-        return training.RunInterrupted(f"stopped by {name}", 128 + self.received)
+        return errors.RunInterrupted(f"stopped by {name}", 128 + self.received)
 
 
 def main(argv: list[str]) -> None:
@@ -75,6 +78,8 @@ def main(argv: list[str]) -> None:
         cli.usage_error(str(e))
     if not app.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # TFF logs every model build at INFO
+    from dpfl_tff import runtime, training  # TensorFlow
+
     if dpfl_flags.DRY_RUN.value:
         try:
             training.dry_run(cfg, overwrite=dpfl_flags.OVERWRITE.value, fresh=dpfl_flags.FRESH.value,
@@ -95,7 +100,7 @@ def main(argv: list[str]) -> None:
             stop_requested=signals.stop_requested,
             fresh=dpfl_flags.FRESH.value,
         )
-    except training.RunInterrupted as e:
+    except errors.RunInterrupted as e:
         print(f"{e}: last completed round checkpointed, summary written to {cfg.output_dir}, TFF worker shut down",
               file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
@@ -109,7 +114,7 @@ def main(argv: list[str]) -> None:
             file=sys.stderr, flush=True,
         )
         sys.exit(2)
-    except (training.RoundFailed, runtime.WorkerLost) as e:  # WorkerLost: outside a round's call
+    except (errors.RoundFailed, runtime.WorkerLost) as e:  # WorkerLost: outside a round's call
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     if result.already_complete:

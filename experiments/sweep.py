@@ -34,9 +34,9 @@ import sys
 
 from absl import app, flags, logging
 
-from dpfl_tff import errors, runtime, sweep, sweep_results, training
+from dpfl_tff import errors, sweep, sweep_results
 from dpfl_tff.config import ConfigError
-from dpfl_tff.tasks import DataFileError
+from dpfl_tff.errors import DataFileError
 from experiments import cli
 from experiments import flags as dpfl_flags
 from experiments.run_federated import Signals
@@ -111,6 +111,8 @@ def _train(plan: sweep.SweepPlan, base, skipped: list[str]) -> list[str]:
 
     Runs whose folder another process holds are skipped and appended to `skipped`.
     """
+    from dpfl_tff import runtime  # TensorFlow: only once the sweep's settings are checked
+
     signals = Signals()
     signal.signal(signal.SIGTERM, signals)
     signal.signal(signal.SIGINT, signals)
@@ -127,7 +129,7 @@ def _train(plan: sweep.SweepPlan, base, skipped: list[str]) -> list[str]:
                                  log=_log, stop_requested=signals.stop_requested, before_run=current.append,
                                  after_run=lambda run, result: sweep_results.write_tables(plan, folder),
                                  skipped=skipped)
-    except training.RunInterrupted as e:
+    except errors.RunInterrupted as e:
         _finish(plan, folder)
         print(f"{e}: {where()}last completed round checkpointed; results of the finished runs written to "
               f"{folder}; rerun the same command to continue", file=sys.stderr, flush=True)
@@ -137,7 +139,7 @@ def _train(plan: sweep.SweepPlan, base, skipped: list[str]) -> list[str]:
     except errors.LedgerError as e:
         cli.usage_error(f"{where()}cannot resume: {e}. Nothing was changed; restore the ledger, or remove that "
                         "run's folder")
-    except (training.RoundFailed, runtime.WorkerLost) as e:
+    except (errors.RoundFailed, runtime.WorkerLost) as e:
         _finish(plan, folder)
         print(f"error: {where()}{e}", file=sys.stderr, flush=True)
         sys.exit(1)
