@@ -17,9 +17,9 @@ from typing import Any
 
 from dpfl_tff.errors import ConfigError
 
-DP_MODES = ("none", "central", "local", "ftrl")
+DP_MODES = ("none", "central", "local", "ftrl", "bandmf")
 LOCAL_MECHANISMS = ("gaussian", "laplace")
-CLIENT_SAMPLING = ("poisson", "uniform", "shuffle")
+CLIENT_SAMPLING = ("poisson", "uniform", "shuffle", "banded")
 ACCOUNTANTS = ("rdp", "pld")
 OPTIMIZERS = ("sgd", "sgdm", "adam")
 FEDAVG_IMPLS = ("grouped", "tff")
@@ -264,8 +264,10 @@ class TrainConfig:
         "poisson (each client independently, q=m/N; add-or-remove-one DP) | uniform (fixed m "
         "without replacement; replace-one DP, noise multiplier z/2 in the accountant) | shuffle (each epoch a "
         "random permutation of the clients cut into floor(N/m) rounds of m; the N mod m left over sit that "
-        "epoch out; no client twice per epoch). Unset: poisson, but shuffle with --dp_mode=ftrl (the only "
-        "sampling it allows); shuffle is refused with --dp_mode=central (no amplification to account).",
+        "epoch out; no client twice per epoch) | banded (each client in one of --bands secret random groups; "
+        "round t Poisson-samples group t mod B at q=m*B/N; banded MF's sampling). Unset: poisson, but shuffle "
+        "with --dp_mode=ftrl and banded with --dp_mode=bandmf (the only sampling each allows); shuffle and "
+        "banded are refused with --dp_mode=central.",
     )
     client_epochs: int = _field(
         1, TRAINING,
@@ -372,7 +374,9 @@ class DPConfig:
         " adds Gaussian noise of std noise_multiplier*clip_norm to the sum) | local (each client "
         "clips and noises its own update before sending it; see --local_mechanism) | ftrl (DP-FTRL: server "
         "clips, tree-aggregation noise of std noise_multiplier*clip_norm per tree node, one tree per epoch of "
-        "--client_sampling=shuffle; --server_optimizer sgd or sgdm; RDP only).", flag="dp_mode",
+        "--client_sampling=shuffle; --server_optimizer sgd or sgdm; RDP only) | bandmf (banded matrix-factorization "
+        "noise, Choquette-Choo et al. 2023: correlated Gaussian noise over --bands rounds, amplified by "
+        "--client_sampling=banded).", flag="dp_mode",
     )
     local_mechanism: str = _field(
         "gaussian", PRIVACY,
@@ -427,6 +431,13 @@ class DPConfig:
         " too, whose re-run rounds count again) stops before any round that would end above it;"
         " exit 0.",
     )
+    bands: int = _field(
+        1, PRIVACY,
+        "--dp_mode=bandmf only: B, the bands of the banded Toeplitz noise strategy (>= 1; 1 is DP-FedAvg's "
+        "independent noise with Poisson sampling). Each client is eligible once every B rounds, sampled with "
+        "q = clients_per_round*B/N (must be <= 1); the server keeps the last B-1 noise vectors (B-1 model "
+        "copies in float64).",
+    )
     max_epsilon: float | None = _field(
         None, PRIVACY,
         "Budget guard (> 0): stop before any round whose completion would push the guarded epsilon "
@@ -458,6 +469,7 @@ class DPConfig:
         if self.max_epsilon is not None:
             _positive("max_epsilon", self.max_epsilon)
         _choice("max_epsilon_view", self.max_epsilon_view, MAX_EPSILON_VIEWS)
+        _int_at_least("bands", self.bands, 1)
         # Settings a mode refuses (e.g. zero noise with a DP mode) are its mechanism's check (plan.check).
 
 

@@ -49,6 +49,8 @@ FIELDS: tuple[Field, ...] = (
     Field("epoch", COVERED, "DP-FTRL: the epoch of the round, 1-based"),
     Field("tree", COVERED, "DP-FTRL: the noise tree of the round, 1-based"),
     Field("tree_round", COVERED, "DP-FTRL: the round's step in its tree, 1-based"),
+    Field("stream", COVERED, "banded MF: the noise stream of the round, 1-based (a resume opens a new one)"),
+    Field("stream_round", COVERED, "banded MF: the round's step in its noise stream, 1-based"),
     Field("round_seconds", TIMING, "wall seconds of the round", tensorboard=True),
     Field("accounting_seconds", TIMING, "wall seconds of the round's accounting"),
     Field("wall_seconds", TIMING, "wall seconds of the whole run", summary_only=True),
@@ -62,6 +64,9 @@ FIELDS: tuple[Field, ...] = (
     Field("epsilon_if_cohorts_secret", COVERED, "the amplified epsilon, for a reader who sees only the model",
           summary=True),
     Field("trees", COVERED, "DP-FTRL: noise trees composed so far", summary=True),
+    Field("noise_streams", COVERED, "banded MF: noise streams composed so far", summary=True),
+    Field("participations_accounted", COVERED, "banded MF: participations composed, sum of ceil(rounds / B) "
+          "over the noise streams", summary=True),
     Field("delta", COVERED, "the stated delta: --target_delta + delta_sampler"),
     Field("delta_sampler", COVERED, "the noise samplers' truncation term (privacy.truncation)"),
     Field("accountant", COVERED, "rdp or pld"),

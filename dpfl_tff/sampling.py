@@ -10,6 +10,11 @@
   out. No client takes part twice in an epoch. Its privacy analysis needs no
   secrecy of the order (`privacy.ftrl`), so a resumed run re-runs a round with
   the clients the ledger recorded for it.
+* `banded` (banded MF's participation, `BandedSampler`): each client is put
+  in one of B secret groups uniformly at random when the run (or a resumed
+  run) starts; round r samples each client of group (r - 1) mod B
+  independently with probability q = m B / N (the expected cohort stays m).
+  A client is eligible at most once in any B consecutive rounds.
 
 Amplification by sampling holds only against someone who does not know who
 took part. So cohorts are secret by default: `CohortSampler` draws them from a
@@ -151,6 +156,39 @@ class EpochShuffler(CohortSampler):
         return np.sort(self.permutation(self.epoch_of(round_num))[k * m:(k + 1) * m])
 
 
+class BandedSampler(CohortSampler):
+    """`--client_sampling=banded`: secret groups of B, round r Poisson-samples group (r - 1) mod B at q = m B / N.
+
+    The grouping is drawn once per sampler (a run, or a resumed run: `privacy.bandmf` starts a new noise
+    stream then) from OS entropy, or from `default_rng([sampling_seed, 17])` when seeded; round r's draw is
+    a fresh Binomial(|group|, q) count and a uniform subset of that size, which is exactly independent
+    Bernoulli(q) sampling of the group.
+    """
+
+    def __init__(self, scheme: str, num_clients: int, clients_per_round: int, sampling_seed: int | None = None,
+                 bands: int = 1):
+        super().__init__(scheme, num_clients, clients_per_round, sampling_seed)
+        self.bands = int(bands)
+        self.q = clients_per_round * self.bands / num_clients
+        if self.q > 1:
+            raise ValueError(f"--bands={bands}: q = clients_per_round * bands / N = {self.q:.4g} must be <= 1")
+        rng = self._secret if self._secret is not None else np.random.default_rng([sampling_seed, 17])
+        self.groups = rng.integers(0, self.bands, size=num_clients)
+        self._members = [np.flatnonzero(self.groups == g) for g in range(self.bands)]
+
+    def group_of_round(self, round_num: int) -> int:
+        return (int(round_num) - 1) % self.bands
+
+    def cohort(self, round_num: int, execution: int = 1) -> np.ndarray:
+        if self._secret is not None:
+            rng = self._secret
+        else:
+            rng = np.random.default_rng([self.sampling_seed, 7, int(round_num), int(execution)])
+        members = self._members[self.group_of_round(round_num)]
+        k = int(rng.binomial(len(members), self.q))
+        return np.sort(members[_subset(rng, len(members), k)])
+
+
 class SamplingScheme(abc.ABC):
     """How a round's cohort is drawn (`--client_sampling`), and what that does to a round's DP event.
 
@@ -172,6 +210,8 @@ class SamplingScheme(abc.ABC):
     resume_needs_cohorts: ClassVar[bool] = False
     # The relation a round's epsilon holds under with this scheme.
     relation: ClassVar[str] = REPLACE_ONE
+    # Whether a client is eligible only once in every B rounds (banded MF's participation; B = `bands`).
+    banded: ClassVar[bool] = False
 
     def sampler(self, num_clients: int, clients_per_round: int, sampling_seed: int | None = None) -> CohortSampler:
         """The sampler that draws every executed round's cohort (secret unless `sampling_seed`)."""
@@ -243,7 +283,27 @@ class EpochShuffle(SamplingScheme):
                          "nothing (DP-FTRL's tree accounts it)")
 
 
-SCHEMES: dict[str, SamplingScheme] = {s.name: s for s in (PoissonSampling(), FixedSizeSampling(), EpochShuffle())}
+class BandedPoissonSampling(SamplingScheme):
+    """`banded`: secret groups of B, one group Poisson-sampled per round at q = m B / N (`BandedSampler`)."""
+
+    name = "banded"
+    fixed_size = False
+    relation = ADD_OR_REMOVE_ONE
+    banded = True
+
+    def __init__(self, bands: int = 1):
+        self.bands = int(bands)
+
+    def sampler(self, num_clients: int, clients_per_round: int, sampling_seed: int | None = None) -> CohortSampler:
+        return BandedSampler(self.name, num_clients, clients_per_round, sampling_seed, self.bands)
+
+    def gaussian_round(self, num_clients: int, clients_per_round: int, z: float) -> RoundPrivacy:
+        """One participation of a client (banded MF composes ceil(T / B) of them: `privacy.bandmf`)."""
+        return events.banded_participation(num_clients, clients_per_round, self.bands, z)
+
+
+SCHEMES: dict[str, SamplingScheme] = {s.name: s for s in (PoissonSampling(), FixedSizeSampling(), EpochShuffle(),
+                                                          BandedPoissonSampling())}
 assert tuple(SCHEMES) == CLIENT_SAMPLING, "config.CLIENT_SAMPLING must list the registered sampling schemes"
 
 
@@ -256,8 +316,9 @@ def scheme_named(name: str) -> SamplingScheme:
 
 
 def scheme_of(cfg: ExperimentConfig) -> SamplingScheme:
-    """The scheme `cfg` samples its cohorts with."""
-    return scheme_named(cfg.train.client_sampling)
+    """The scheme `cfg` samples its cohorts with (the banded scheme with --bands)."""
+    scheme = scheme_named(cfg.train.client_sampling)
+    return BandedPoissonSampling(cfg.dp.bands) if scheme.banded else scheme
 
 
 def sampler_for(scheme: str, num_clients: int, clients_per_round: int,

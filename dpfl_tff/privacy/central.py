@@ -37,7 +37,13 @@ class CentralGaussian(PrivacyMechanism):
 
     @classmethod
     def check(cls, cfg: ExperimentConfig) -> None:
-        if not scheme_of(cfg).amplifies:
+        scheme = scheme_of(cfg)
+        if scheme.banded:
+            raise ConfigError(
+                "--client_sampling=banded with --dp_mode=central: banded sampling is banded MF's; use "
+                "--dp_mode=bandmf (with --bands=1 it is DP-FedAvg), or --client_sampling=poisson"
+            )
+        if not scheme.amplifies:
             raise ConfigError(
                 f"--client_sampling={cfg.train.client_sampling} with --dp_mode=central: DP-FedAvg's epsilon rests on "
                 "amplification by random sampling, which this scheme does not give; use --client_sampling=poisson "

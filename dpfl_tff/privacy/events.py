@@ -129,6 +129,39 @@ def summed_local_gaussian_round(num_clients: int, clients_per_round: int, z: flo
                         math.sqrt(m) * z, "sum of m local Gaussian noises, fixed cohort, replace-one")
 
 
+def banded_participation(num_clients: int, clients_per_round: int, bands: int, z: float) -> RoundPrivacy:
+    """Banded MF: one of a client's participations, Poisson sampled at q = m B / N in its group's rounds.
+
+    Each client is in one secret group of B; round t samples the clients of group t mod B with probability
+    q, so a client is eligible once every B rounds, and with ||c|| = 1 its contribution to C x has L2 norm
+    <= C_clip (`privacy.banded_strategy`). Choquette-Choo et al. 2023 (arXiv:2306.08153, Theorem 4;
+    jax_privacy's `amplified_bandmf_event`): the run is this event composed over the eligible rounds.
+    """
+    q = clients_per_round * bands / num_clients
+    return RoundPrivacy(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)),
+        ADD_OR_REMOVE_ONE,
+        z,
+        f"banded MF, {bands} band(s), Poisson sampling q={q:.6g} "
+        + ("every round" if bands == 1 else f"once every {bands} rounds (a client's group's)")
+        + f", Gaussian z={z:.6g}, add-or-remove-one",
+    )
+
+
+def banded_compositions(stream_rounds: list[int], bands: int) -> int:
+    """Participations a client may have over noise streams of `stream_rounds` rounds: sum of ceil(n / B).
+
+    A resume starts a fresh stream with a fresh secret grouping (`privacy.bandmf`); the streams' releases
+    are composed, each stream's being the amplified banded-MF mechanism over its own rounds.
+    """
+    return sum(-(-int(n) // int(bands)) for n in stream_rounds if n > 0)
+
+
+def bandmf_event(rp: RoundPrivacy, stream_rounds: list[int], bands: int) -> dp_accounting.DpEvent:
+    """The run of banded MF: `SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(z)), sum ceil(n/B))`."""
+    return dp_accounting.SelfComposedDpEvent(rp.event, banded_compositions(stream_rounds, bands))
+
+
 def tree_event(noise_multiplier: float, tree_steps: list[int]) -> dp_accounting.DpEvent:
     """DP-FTRL: one `SingleEpochTreeAggregationDpEvent` per tree, composed (trees of 0 steps left out)."""
     return dp_accounting.ComposedDpEvent([
