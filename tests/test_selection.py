@@ -221,3 +221,18 @@ def test_private_sweep_killed_and_resumed_keeps_its_draws(tmp_path, monkeypatch,
     lines.clear()
     assert run_app(sweep_app, "sweep", args) == 0
     assert json.loads((out / S.STATE_FILE).read_text()) == after
+
+
+def test_compute_epsilon_computes_the_procedure(capsys):
+    from experiments import compute_epsilon
+
+    args = ["--num_clients=700", "--clients_per_round=70", "--rounds=100", "--noise_multiplier=1",
+            "--select=private", "--repetitions=poisson", "--repetitions_mean=3", "--score_noise_multiplier=8"]
+    assert run_app(compute_epsilon, "compute_epsilon", args) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    sel = S.SelectionConfig("private", "poisson", 3.0, score_noise_multiplier=8.0)
+    assert result["procedure_epsilon"] == pytest.approx(_by_hand(1.0, sel, 3.0, math.inf), rel=1e-12)
+    assert result["per_run_epsilon"] < result["procedure_epsilon"] < result["plain_composition_epsilon"]
+    assert run_app(compute_epsilon, "compute_epsilon", [*args, "--repetitions_mean=0"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --repetitions_mean=0.0: must be in [1, 10000]\n"
