@@ -413,6 +413,8 @@ def markdown(summary: dict[str, Any]) -> str:
         f"- procedure_epsilon {p['procedure_epsilon']:.4g} at delta {p['delta']:.3g} "
         f"({p['neighboring_relation'].replace('_', '-')}, RDP, RepeatAndSelectDpEvent): covers the released run "
         "only; K, the other candidates and their folders are internal.",
+        "- the table above lists every candidate: it is the procedure's internal state, not covered by "
+        "procedure_epsilon (publish the released run only).",
         f"- per run: epsilon {p['per_run_epsilon']:.4g} (training, worst setting `{p['worst_setting']}`), "
         f"{p['per_run_epsilon_with_score']:.4g} with its score (score alone {p['score_epsilon']:.4g}).",
         f"- plain composition of the {p['runs_composed']} runs trained, with their scores: epsilon "

@@ -236,3 +236,31 @@ def test_compute_epsilon_computes_the_procedure(capsys):
     assert run_app(compute_epsilon, "compute_epsilon", [*args, "--repetitions_mean=0"]) == 2
     err = capsys.readouterr().err
     assert err == "error: --repetitions_mean=0.0: must be in [1, 10000]\n"
+
+
+def test_results_md_labels_plain_selection_and_an_empty_procedure():
+    from dpfl_tff import sweep_results
+
+    assert "selection: not covered by epsilon" in sweep_results.markdown([], 0)
+    sel = S.SelectionConfig("private", "poisson", 1.0)
+    summary = {**S.procedure_privacy([_candidate(1.0, sel)], sel, DELTA), "count": 0, "scored": 0,
+               "selected_run": None}
+    md = S.markdown(summary)
+    assert "K = 0 was drawn: nothing was trained or released." in md and "procedure_epsilon " in md
+
+
+def test_public_selection_is_covered_by_the_composition_of_all_runs(tmp_path):
+    out = tmp_path / "pub"
+    assert run_app(sweep_app, "sweep", [*TINY, "--grid=noise_multiplier=1,2", "--select=public",
+                                        "--eval_every=2", f"--output_dir={out}"]) == 0
+    summary = json.loads((out / S.SUMMARY_FILE).read_text())
+    accs = {name: json.loads((out / f"{name},seed=0" / "summary.json").read_text())["final_test_accuracy"]
+            for name in ("noise_multiplier=1", "noise_multiplier=2")}
+    assert summary["selected_setting"] == max(accs, key=lambda k: (accs[k], k == "noise_multiplier=1"))
+    q_all = dp_accounting.PoissonSampledDpEvent(1.0, dp_accounting.GaussianDpEvent(1.0))
+    half = dp_accounting.PoissonSampledDpEvent(1.0, dp_accounting.GaussianDpEvent(2.0))
+    acc = dp_accounting.rdp.RdpAccountant()
+    acc.compose(dp_accounting.ComposedDpEvent([dp_accounting.SelfComposedDpEvent(q_all, 2),
+                                               dp_accounting.SelfComposedDpEvent(half, 2)]))
+    assert summary["composition_epsilon"] == pytest.approx(acc.get_epsilon(10 ** -1.1), rel=1e-9)
+    assert "## Public selection (--select=public)" in (out / "results.md").read_text()
