@@ -213,7 +213,10 @@ def main(argv: list[str]) -> None:
         composed = selection_sweep.plain_composition(plan, base)
     except ConfigError as e:
         cli.usage_error(str(e))
-    if composed is not None:
+    if composed is not None and math.isinf(composed):
+        _log("privacy: the whole sweep has no epsilon bound: it has runs without DP; each DP run's own epsilon "
+             "is on its line")
+    elif composed is not None:
         _log(f"privacy: the whole sweep may spend epsilon {composed:.4g} at delta {base.target_delta:.3g} (RDP, "
              f"plain composition of its {len(plan.runs)} runs): what releasing them all, or picking the best by "
              "their results, spends; each run's own epsilon is on its line")

@@ -264,3 +264,20 @@ def test_public_selection_is_covered_by_the_composition_of_all_runs(tmp_path):
                                                dp_accounting.SelfComposedDpEvent(half, 2)]))
     assert summary["composition_epsilon"] == pytest.approx(acc.get_epsilon(10 ** -1.1), rel=1e-9)
     assert "## Public selection (--select=public)" in (out / "results.md").read_text()
+
+
+def test_private_dry_run_writes_nothing_and_bad_selection_flags_exit_2(tmp_path, capsys):
+    out = tmp_path / "dry"
+    base = [*TINY, "--grid=noise_multiplier=1,2", f"--output_dir={out}"]
+    assert run_app(sweep_app, "sweep", [*base, "--select=private", "--dry_run"]) == 0
+    printed = capsys.readouterr().out
+    assert "privacy: the whole sweep may spend epsilon " in printed and "this dry run's draw is not kept" in printed
+    assert not out.exists()
+    for extra, message in ((["--select=private", "--seeds=2"], "error: --seeds=2: with --select=private"),
+                           (["--select=best"], "error: --select=best: must be one of plain, private, public"),
+                           (["--select=private", "--grid=dp_mode=central,none"],
+                            "error: --select=private: setting dp_mode=none has no DP guarantee")):
+        assert run_app(sweep_app, "sweep", [*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1, err
+    assert not out.exists()
