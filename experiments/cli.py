@@ -22,7 +22,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Sequence
 
-from absl import app, flags
+from absl import flags, logging
 
 FlagGroups = Sequence[tuple[str, Sequence[flags.FlagHolder]]]
 _HELP = ("--help", "-help", "--helpshort", "-helpshort", "-?", "-h")
@@ -165,5 +165,13 @@ def parser_for(doc: str, groups: FlagGroups) -> Callable[[list[str]], list[str]]
 
 
 def run(main: Callable[[list[str]], None], doc: str, groups: FlagGroups) -> None:
-    """`absl.app.run(main)` with the parser above."""
-    app.run(main, flags_parser=parser_for(doc, groups))
+    """Parses the flags as above, then `sys.exit(main(argv))`, as `absl.app.run(main)` does.
+
+    Not `app.run` itself: TensorFlow is imported only inside `main` (the instant CLI), and Keras imported
+    after `app.run`'s initialisation builds functional models from plain symbolic tensors (TF 2.14: every
+    `Flatten` then fails with "Attempt to convert a value (None)"). absl logging goes to stderr as under
+    `app.run`.
+    """
+    argv = parser_for(doc, groups)(sys.argv)
+    logging.use_absl_handler()
+    sys.exit(main(argv))

@@ -88,6 +88,21 @@ def test_help_usage_errors_and_plans_answer_without_importing_tensorflow(driver,
     assert proc.stdout.strip().splitlines()[-1] == f"{code} False False", (proc.stdout[-500:], proc.stderr[-2000:])
 
 
+def test_the_real_entry_point_builds_the_quickstart_model_after_its_late_tensorflow_import():
+    """TensorFlow is imported inside main (the instant CLI); Keras must still build functional models there
+    (under absl's `app.run` initialisation it did not: every Flatten failed). A fresh process, as users run it."""
+    # As a user's shell has it: without what importing TensorFlow in this test process set (TF2_BEHAVIOR=1 hid
+    # the failure), and without the suite's log silencing.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF2_BEHAVIOR", "TF_CPP_MIN_LOG_LEVEL", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK",
+                        "TPU_ML_PLATFORM")}
+    proc = subprocess.run([sys.executable, "-m", "experiments.run_federated", "--flagfile=configs/quickstart.cfg",
+                           "--dry_run", "--output_dir=/nonexistent/dry"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "model: mlp, " in proc.stdout and " parameters" in proc.stdout, proc.stdout
+
+
 def test_help_lists_every_flag_of_the_driver_grouped(capsys):
     ours = [f.name for f in flags.FLAGS.get_key_flags_for_module(dpfl_flags)]
     assert cli.check_groups(ours, dpfl_flags.GROUPS) == []  # each flag in exactly one group
