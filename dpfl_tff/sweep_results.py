@@ -114,8 +114,12 @@ def _accuracy_text(row: dict[str, Any]) -> str:
     return f"{row['test_accuracy_mean']:.4f}{std} (n={row['test_accuracy_n']})"
 
 
-def markdown(table: list[dict[str, Any]], unfinished: int) -> str:
-    """results.md: the table and what its columns mean."""
+def markdown(table: list[dict[str, Any]], unfinished: int, selection: str | None = None) -> str:
+    """results.md: the table, what its columns mean, and what the selection is covered by.
+
+    `selection`: the selection's section (`--select=private|public`); None: a plain sweep's label,
+    "not covered by epsilon" (`selection.PLAIN_LABEL`).
+    """
     has_local = any(r["local_epsilon"] is not None for r in table)
     head = ["setting", "epsilon", *(["local epsilon"] if has_local else []), "delta", "relation", "accountant",
             "test accuracy (mean ± std, n seeds)", "rounds", "wall s (mean)"]
@@ -133,11 +137,17 @@ def markdown(table: list[dict[str, Any]], unfinished: int) -> str:
              "row's delta; wall s: mean over seeds."]
     if unfinished:
         notes.append(f"{unfinished} run(s) not finished yet are left out.")
+    if selection is None:
+        from dpfl_tff.selection import PLAIN_LABEL
+
+        notes += ["", PLAIN_LABEL + "."]
+    else:
+        notes.append(selection.rstrip("\n"))
     return "\n".join(lines + notes) + "\n"
 
 
-def write_tables(sweep: SweepPlan, folder: str) -> tuple[list[dict[str, Any]], int]:
-    """Writes results.csv and results.md into `folder`; returns (rows, unfinished runs)."""
+def write_tables(sweep: SweepPlan, folder: str, selection: str | None = None) -> tuple[list[dict[str, Any]], int]:
+    """Writes results.csv and results.md (`selection`: see `markdown`) into `folder`; returns (rows, unfinished)."""
     table, unfinished = rows(sweep)
     columns = ["setting", *sweep.keys, *[c for c in COLUMNS if c != "setting" and c not in sweep.keys]]
     # Atomically: a second sweep on the same folder may write them at the same time.
@@ -148,7 +158,7 @@ def write_tables(sweep: SweepPlan, folder: str) -> tuple[list[dict[str, Any]], i
         for r in table:
             writer.writerow({k: _csv_value(r.get(k)) for k in columns})
     with replaced_atomically(os.path.join(folder, RESULTS_MD)) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(markdown(table, unfinished))
+        f.write(markdown(table, unfinished, selection))
     return table, unfinished
 
 
@@ -202,8 +212,8 @@ def plot(sweep: SweepPlan, table: list[dict[str, Any]], path: str) -> str | None
     return path
 
 
-def write_all(sweep: SweepPlan, folder: str) -> tuple[list[dict[str, Any]], int]:
+def write_all(sweep: SweepPlan, folder: str, selection: str | None = None) -> tuple[list[dict[str, Any]], int]:
     """results.csv, results.md and privacy_utility.png in `folder`; returns (rows, unfinished runs)."""
-    table, unfinished = write_tables(sweep, folder)
+    table, unfinished = write_tables(sweep, folder, selection)
     plot(sweep, table, os.path.join(folder, PRIVACY_UTILITY_PNG))
     return table, unfinished

@@ -14,6 +14,14 @@ other than --num_clients are ignored: no data is loaded, so for emnist give
 is computed and printed as one JSON line, and the last line is a JSON summary
 (`combinations`, the lists, the smallest and largest epsilon). It imports no
 TensorFlow (dp-accounting only) and answers in about a second.
+
+--select=private gives the epsilon of a sweep's private selection instead
+(`dpfl_tff.selection`): K candidates (--repetitions, --repetitions_mean,
+--repetitions_shape), each a run of these flags plus its private score
+(--score_noise_multiplier, --score_sampling_rate), the best released;
+comma lists are then the grid the candidates are drawn from. The JSON line
+holds `procedure_epsilon` beside `per_run_epsilon` and the plain composition
+of --repetitions_mean runs (rounded up).
 """
 
 from __future__ import annotations
@@ -30,8 +38,10 @@ from dpfl_tff import plan
 from dpfl_tff.privacy import accounting
 from dpfl_tff.privacy.truncation import stated_delta
 from dpfl_tff.privacy.registry import mechanism_for
+from dpfl_tff import selection
 from experiments import cli
 from experiments import flags as dpfl_flags
+from experiments import selection_flags
 
 PARTICIPATIONS = flags.DEFINE_integer(
     "participations",
@@ -91,12 +101,38 @@ def _combinations(cfg) -> list:
     return out
 
 
+def compute_selection(cfgs: list, sel: selection.SelectionConfig) -> dict:
+    """--select=private: the procedure's figures over the candidates `cfgs` (validated), one per grid setting."""
+    cands = []
+    for i, c in enumerate(cfgs):
+        c = accounting.with_calibrated_noise(c)
+        cands.append(selection.candidate_for(f"combination {i} (noise_multiplier={c.dp.noise_multiplier:g}, "
+                                             f"rounds={c.train.rounds}, clients_per_round="
+                                             f"{c.train.clients_per_round})", c, sel))
+    deltas = {c.target_delta for c in cfgs}
+    if len(deltas) > 1:
+        raise ConfigError("--select=private: the combinations have different deltas; give one --target_delta")
+    typical = [cands[0]] * math.ceil(sel.repetitions_mean)
+    out = selection.procedure_privacy(cands, sel, cfgs[0].target_delta, typical)
+    out["plain_composition_of"] = len(typical)
+    return {"select": "private", "candidates": len(cands), **out}
+
+
 def main(argv: list[str]) -> None:
     del argv  # cli.parser_for refuses stray arguments
     try:
         cfg = dpfl_flags.experiment_config()
+        sel = selection_flags.selection_config()
         # No data is loaded here: N is --num_clients, also for tasks with their own split.
         cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, num_clients_known=True))
+        if sel.select == "private":
+            result = compute_selection([plan.check(c) for c in _combinations(cfg)], sel)
+            print(f"procedure epsilon {result['procedure_epsilon']:.6g} at delta {result['delta']:.3g} for the best "
+                  f"of K candidates, K {result['repetitions_distribution']} (RepeatAndSelect, RDP); one run "
+                  f"{result['per_run_epsilon']:.6g}, {result['per_run_epsilon_with_score']:.6g} with its score; "
+                  f"{result['plain_composition_of']} runs composed {result['plain_composition_epsilon']:.6g}")
+            print(_jsonable(result))
+            return
         results = [compute(plan.check(c), PARTICIPATIONS.value) for c in _combinations(cfg)]
     except ConfigError as e:
         cli.usage_error(str(e))
@@ -153,6 +189,7 @@ _SHOWN = {f.name for f in (*_USED, *_PRIVACY)}
 GROUPS = (
     ("Population and schedule", _USED),
     ("Privacy", (*_PRIVACY, PARTICIPATIONS)),
+    ("Private selection (as experiments.sweep --select=private)", selection_flags.register_for(__name__)),
     ("Accepted and ignored (so that run_federated's flagfiles work here)",
      tuple(f for _, group in dpfl_flags.GROUPS for f in group if f.name not in _SHOWN)),
 )

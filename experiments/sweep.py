@@ -18,6 +18,10 @@ Writes results.csv, results.md (one row per setting: epsilon, delta,
 relation, accountant, test accuracy mean +- sample std over seeds, rounds,
 wall time) and privacy_utility.png to --output_dir, after every run. --dry_run
 lists the runs and their epsilons (accountant only) without training.
+--select=private draws candidates from the grid a random number of times, trains each as its own DP run,
+scores it privately and releases the best under one epsilon (RepeatAndSelect, RDP): selection.json and
+results.md say which run and what the whole procedure spent; --select=public selects on the server's test
+set (docs/privacy.md#private-hyperparameter-selection). A plain sweep's selection is not covered by epsilon.
 Exit codes: 0 done, 2 bad flags or grid, or a run folder that cannot be used,
 1 a round failed, 128+signal when stopped by one (Ctrl-C stops after the
 current round of the current run; rerun to continue).
@@ -31,14 +35,16 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from absl import app, flags, logging
 
-from dpfl_tff import errors, sweep, sweep_results
+from dpfl_tff import errors, selection_sweep, sweep, sweep_results
 from dpfl_tff.config import ConfigError
 from dpfl_tff.errors import DataFileError
 from experiments import cli
 from experiments import flags as dpfl_flags
+from experiments import selection_flags
 from experiments.run_federated import Signals
 
 GRID = flags.DEFINE_multi_string(
@@ -49,7 +55,7 @@ GRID = flags.DEFINE_multi_string(
 SEEDS = flags.DEFINE_integer(
     "seeds", 1, "Runs per setting (>= 1), with --seed, --seed+1, ..., --seed+S-1.",
 )
-GROUPS = (*dpfl_flags.GROUPS, ("sweep", (GRID, SEEDS)))
+GROUPS = (*dpfl_flags.GROUPS, ("sweep", (GRID, SEEDS, *selection_flags.register_for(__name__))))
 
 
 def _log(line: str) -> None:
@@ -98,18 +104,21 @@ def _dry_run(plan: sweep.SweepPlan, base) -> None:
          "nothing is written")
 
 
-def _finish(plan: sweep.SweepPlan, folder: str) -> None:
-    """Writes the tables and the plot of what is finished, and prints the table."""
-    table, _ = sweep_results.write_all(plan, folder)
+def _finish(plan: sweep.SweepPlan, folder: str, section: Callable[[], str | None] = lambda: None) -> None:
+    """Writes the tables and the plot of what is finished (`section`: the selection's), and prints the table."""
+    table, _ = sweep_results.write_all(plan, folder, section())
     if table:
         with open(os.path.join(folder, sweep_results.RESULTS_MD), encoding="utf-8") as f:
             _log(f.read().rstrip())
 
 
-def _train(plan: sweep.SweepPlan, base, skipped: list[str]) -> list[str]:
+def _train(plan: sweep.SweepPlan, base, skipped: list[str],
+           after_run: Callable[[sweep.Run, object], None] | None = None,
+           section: Callable[[], str | None] = lambda: None) -> list[str]:
     """Runs the sweep in one TFF context; exits as run_federated does on a stop or an error.
 
-    Runs whose folder another process holds are skipped and appended to `skipped`.
+    Runs whose folder another process holds are skipped and appended to `skipped`. `after_run(run, result)`
+    (a private selection's scoring) runs after each run, before the tables are written with `section()`.
     """
     from dpfl_tff import runtime  # TensorFlow: only once the sweep's settings are checked
 
@@ -127,10 +136,11 @@ def _train(plan: sweep.SweepPlan, base, skipped: list[str]) -> list[str]:
         with context:
             return sweep.run_all(plan, overwrite=dpfl_flags.OVERWRITE.value, fresh=dpfl_flags.FRESH.value,
                                  log=_log, stop_requested=signals.stop_requested, before_run=current.append,
-                                 after_run=lambda run, result: sweep_results.write_tables(plan, folder),
+                                 after_run=lambda run, result: (after_run and after_run(run, result),
+                                                                sweep_results.write_tables(plan, folder, section())),
                                  skipped=skipped)
     except errors.RunInterrupted as e:
-        _finish(plan, folder)
+        _finish(plan, folder, section)
         print(f"{e}: {where()}last completed round checkpointed; results of the finished runs written to "
               f"{folder}; rerun the same command to continue", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
@@ -140,24 +150,26 @@ def _train(plan: sweep.SweepPlan, base, skipped: list[str]) -> list[str]:
         cli.usage_error(f"{where()}cannot resume: {e}. Nothing was changed; restore the ledger, or remove that "
                         "run's folder")
     except (errors.RoundFailed, runtime.WorkerLost) as e:
-        _finish(plan, folder)
+        _finish(plan, folder, section)
         print(f"error: {where()}{e}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 
-def main(argv: list[str]) -> None:
-    del argv  # cli.parser_for refuses stray arguments
+def _private(grid: sweep.SweepPlan, base, sel) -> None:
+    """--select=private: draw (or read) the candidates, say what the sweep may spend, train and score them."""
+    dry = dpfl_flags.DRY_RUN.value
     try:
-        base = dpfl_flags.experiment_config()
-        plan = sweep.expand(base, _axes(GRID.value), SEEDS.value)
-    except ConfigError as e:
+        private = selection_sweep.PrivateSelection(grid, base, sel, write=not dry)
+    except (ConfigError, DataFileError, OSError) as e:
         cli.usage_error(str(e))
-    if not app.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # TFF logs every model build at INFO
-    for note in plan.notes:
-        _log(f"note: {note}")
-    _log(f"sweep: {len(plan.settings)} settings x {len(plan.seeds)} seeds = {len(plan.runs)} runs in {base.output_dir}")
-    if dpfl_flags.DRY_RUN.value:
+    _log(private.draw_line())
+    _log(private.privacy_line())
+    plan = private.plan
+    if dry:
+        if private.drawn_now:
+            _log(f"dry run: K is drawn when the sweep starts (this dry run's draw is not kept); the grid has "
+                 f"{len(grid.settings)} settings in {base.output_dir}; nothing is trained or written")
+            return
         try:
             _dry_run(plan, base)
         except (ConfigError, DataFileError, OSError) as e:
@@ -166,8 +178,63 @@ def main(argv: list[str]) -> None:
             cli.usage_error(f"cannot plan a resume: {e}")
         return
     skipped: list[str] = []
-    trained = _train(plan, base, skipped)
-    _finish(plan, base.output_dir)
+    trained = _train(plan, base, skipped, after_run=lambda run, result: private.score(run, result, _log),
+                     section=private.section)
+    out = private.finish()
+    with open(os.path.join(base.output_dir, sweep_results.RESULTS_MD), encoding="utf-8") as f:
+        _log(f.read().rstrip())
+    chosen = (f"released run {out['selected_run']} (private score {out['selected_score']:.4f})"
+              if out["selected_run"] else "no run released yet" if out["count"] else "K = 0: nothing to release")
+    _log(f"selection done: {len(plan.runs)} candidate(s) ({len(trained)} trained now); {chosen}; procedure "
+         f"epsilon {out['procedure_epsilon']:.4g} at delta {out['delta']:.3g}; selection.json and results.md in "
+         f"{base.output_dir}")
+
+
+def main(argv: list[str]) -> None:
+    del argv  # cli.parser_for refuses stray arguments
+    try:
+        base = dpfl_flags.experiment_config()
+        sel = selection_flags.selection_config()
+        if sel.select == "private" and SEEDS.value != 1:
+            raise ConfigError(f"--seeds={SEEDS.value}: with --select=private each candidate is one run with its "
+                              "own seed (--seed + its index); leave --seeds at 1")
+        plan = sweep.expand(base, _axes(GRID.value), SEEDS.value)
+    except ConfigError as e:
+        cli.usage_error(str(e))
+    if not app.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # TFF logs every model build at INFO
+    for note in plan.notes:
+        _log(f"note: {note}")
+    if sel.select == "private":
+        _private(plan, base, sel)
+        return
+    _log(f"sweep: {len(plan.settings)} settings x {len(plan.seeds)} seeds = {len(plan.runs)} runs in {base.output_dir}")
+    try:
+        composed = selection_sweep.plain_composition(plan, base)
+    except ConfigError as e:
+        cli.usage_error(str(e))
+    if composed is not None and math.isinf(composed):
+        _log("privacy: the whole sweep has no epsilon bound: it has runs without DP; each DP run's own epsilon "
+             "is on its line")
+    elif composed is not None:
+        _log(f"privacy: the whole sweep may spend epsilon {composed:.4g} at delta {base.target_delta:.3g} (RDP, "
+             f"plain composition of its {len(plan.runs)} runs): what releasing them all, or picking the best by "
+             "their results, spends; each run's own epsilon is on its line")
+    if dpfl_flags.DRY_RUN.value:
+        try:
+            _dry_run(plan, base)
+        except (ConfigError, DataFileError, OSError) as e:
+            cli.usage_error(str(e))
+        except errors.LedgerError as e:
+            cli.usage_error(f"cannot plan a resume: {e}")
+        return
+    public = sel.select == "public"
+    section = (lambda: selection_sweep.public_summary(plan, base)[1]) if public else (lambda: None)
+    skipped: list[str] = []
+    trained = _train(plan, base, skipped, section=section)
+    if public:
+        selection_sweep.write_json(base.output_dir, "selection.json", selection_sweep.public_summary(plan, base)[0])
+    _finish(plan, base.output_dir, section)
     busy = (f", {len(skipped)} skipped: run by another process now (rerun when it ends to tabulate them)"
             if skipped else "")
     _log(f"sweep done: {len(plan.runs)} runs ({len(trained)} trained now, "

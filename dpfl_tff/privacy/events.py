@@ -311,3 +311,40 @@ def rounds_within_budget(tracker: EpsilonTracker, max_epsilon: float, max_rounds
         else:
             hi = mid - 1
     return lo
+
+
+def score_release(noise_multiplier: float, sampling_rate: float, relation: str) -> dp_accounting.DpEvent:
+    """A candidate's private score (`selection`): a sum of per-client values in [0, 1] plus Gaussian noise.
+
+    Each client adds one value in [0, 1] (its accuracy on its own examples), so the sum's sensitivity is 1
+    under add-or-remove-one, replace-one and replace-special alike, and noise of std `noise_multiplier` is
+    `GaussianDpEvent(noise_multiplier)`. Clients taken by Poisson sampling with probability `sampling_rate`
+    < 1 (add-or-remove-one only: dp-accounting has no Poisson analysis under replace-one) give
+    `PoissonSampledDpEvent(sampling_rate, ...)`.
+
+    Raises:
+      ConfigError: Poisson sampling of the score under a replace relation.
+    """
+    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
+    if sampling_rate >= 1:
+        return gaussian
+    if relation != ADD_OR_REMOVE_ONE:
+        raise ConfigError(f"--score_sampling_rate={sampling_rate:g}: must be 1 for runs accounted under "
+                          f"{relation.replace('_', '-')} (Poisson sampling of the score has an analysis under "
+                          "add-or-remove-one only: --client_sampling=poisson)")
+    return dp_accounting.PoissonSampledDpEvent(sampling_rate, gaussian)
+
+
+def scored_candidate(training: dp_accounting.DpEvent, score: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
+    """One candidate of a private selection: its DP training run, then its private score (composed)."""
+    return dp_accounting.ComposedDpEvent([training, score])
+
+
+def repeat_and_select(candidate: dp_accounting.DpEvent, mean: float, shape: float) -> dp_accounting.DpEvent:
+    """Papernot and Steinke (ICLR 2022, arXiv:2110.03620): run `candidate` K times, K random, release the best.
+
+    K is Poisson(mean) for shape = inf, else truncated negative binomial of that shape (0: logarithmic,
+    1: geometric) and that mean. Only the best run's output (by its private score) is released, and K is
+    kept secret; dp-accounting's RDP accountant (Theorems 2 and 6) bounds the whole procedure.
+    """
+    return dp_accounting.dp_event.RepeatAndSelectDpEvent(candidate, mean, shape)
