@@ -7,3 +7,10 @@ without TensorFlow. TFF computations run inside `runtime.local_context()` or
 `runtime.remote_context(addresses)`, which first call `runtime.install()` (TFF's
 worker-starting default context is replaced by one that raises).
 """
+
+
+def load_model(run_dir: str, compile: bool = True):  # noqa: A002
+    """The trained model of a run folder, compiled for `evaluate` (`dpfl_tff.trained_model.load_model`)."""
+    from dpfl_tff.trained_model import load_model as _load
+
+    return _load(run_dir, compile=compile)
