@@ -224,3 +224,26 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int) -> tf.k
     if isinstance(model, tf.keras.Model) and not model.built:
         model(np.zeros((1, *input_shape), np.float32), training=False)
     return model
+
+
+def weight_names(name: str, input_shape: Sequence[int], num_classes: int) -> list[str]:
+    """`trainable/<variable>` then `non_trainable/<variable>` names of the model's weights, as in a fresh process.
+
+    Keras numbers layer names per graph (`dense`, `dense_1`, ...): the model
+    is built once in a graph of its own, so that the names do not depend on
+    how many models this process built before (a sweep). Falls back to an
+    eager build's names if the builder cannot run in a graph.
+    """
+    def names(model: tf.keras.Model) -> list[str]:
+        return ([f"trainable/{v.name.split(':')[0]}" for v in model.trainable_weights]
+                + [f"non_trainable/{v.name.split(':')[0]}" for v in model.non_trainable_weights])
+
+    logger, level = tf.get_logger(), tf.get_logger().level
+    logger.setLevel("ERROR")  # graph-mode deprecation notices of some layers (BatchNormalization)
+    try:
+        with tf.Graph().as_default():
+            return names(build_model(name, input_shape, num_classes))
+    except Exception:  # noqa: BLE001
+        return names(build_model(name, input_shape, num_classes))
+    finally:
+        logger.setLevel(level)
