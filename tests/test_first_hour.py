@@ -1,0 +1,63 @@
+"""Issue 30's smaller points: error lines that name the real cause, and local DP's done line with both views."""
+
+import os
+
+import pytest
+
+from dpfl_tff.config import ConfigError
+from dpfl_tff.tasks import DataMissingError
+from dpfl_tff.tasks.files import require_file
+from dpfl_tff.user_code import import_function
+from experiments.run_federated import done_line
+from tests.conftest import run_driver
+
+
+def test_a_bad_flag_in_a_flagfile_names_the_file_and_line(tmp_path, capsys):
+    flagfile = tmp_path / "typo.cfg"
+    flagfile.write_text("--task=digits\n--roundz=3\n")
+    from absl import flags
+    from absl.testing import flagsaver
+
+    from experiments import cli, run_federated
+    from experiments import flags as dpfl_flags
+
+    with flagsaver.flagsaver(), pytest.raises(SystemExit) as e:
+        flags.FLAGS.unparse_flags()
+        cli.parser_for(run_federated.__doc__, dpfl_flags.GROUPS)(["run_federated", f"--flagfile={flagfile}"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: Unknown command line flag 'roundz'. Did you mean: rounds ? (in --flagfile={flagfile}, line 2)")
+
+
+def test_a_missing_custom_module_mentions_the_current_folder_and_pythonpath():
+    with pytest.raises(ConfigError) as e:
+        import_function("model", "mymodels_not_here:small_cnn")
+    assert "cannot import mymodels_not_here (ModuleNotFoundError" in str(e.value)
+    assert f"imported from the current folder ({os.getcwd()}) and PYTHONPATH" in str(e.value)
+
+
+def test_a_relative_data_dir_is_said_to_be_relative_to_the_current_folder(tmp_path):
+    os.chdir(tmp_path)  # pytest's monkeypatch-free chdir is undone by the next line's finally
+    try:
+        with pytest.raises(DataMissingError) as e:
+            require_file("emnist", "data", "emnist_all.sqlite", "how")
+    finally:
+        os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert f"--data_dir=data (relative to the current folder: {tmp_path / 'data'})" in str(e.value)
+
+
+def test_a_task_with_its_own_split_does_not_blame_num_clients(capsys):
+    """tests.custom_tasks:seven_clients fixes N = 7; --num_clients is left at its default and never set."""
+    assert run_driver(["--task=tests.custom_tasks:seven_clients", "--clients_per_round=9", "--dry_run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --clients_per_round=9: must be <= N = 7 (--task=tests.custom_tasks:seven_clients "
+                          "has its own client split")
+    assert "--num_clients=" not in err
+
+
+def test_local_dps_done_line_shows_both_views_labelled():
+    summary = {"neighboring_relation": "replace_one", "noise_multiplier": 1.0, "epsilon": 1.593, "accountant": "rdp",
+               "local_epsilon": 71.92, "final_test_accuracy": 0.4, "rounds": 100, "delta": 7.42e-4}
+    assert done_line(summary, "runs/local") == (
+        "done: 100 rounds, test accuracy 0.4000, epsilon 1.593 (central view: replace-one, RDP), local epsilon 71.92 "
+        "(each client against the server) at delta 0.000742; outputs in runs/local")
