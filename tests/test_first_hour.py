@@ -61,3 +61,18 @@ def test_local_dps_done_line_shows_both_views_labelled():
     assert done_line(summary, "runs/local") == (
         "done: 100 rounds, test accuracy 0.4000, epsilon 1.593 (central view: replace-one, RDP), local epsilon 71.92 "
         "(each client against the server) at delta 0.000742; outputs in runs/local")
+
+
+def test_the_sweep_table_labels_both_views_when_a_row_is_local_dp():
+    from dpfl_tff import sweep_results
+
+    base = {"delta": 7.42e-4, "accountant": "rdp", "test_accuracy_mean": 0.5, "test_accuracy_std": None,
+            "test_accuracy_n": 1, "rounds": "10", "wall_seconds_mean": 1.0, "epsilon_differs": False}
+    rows = [{**base, "setting": "dp_mode=central", "epsilon": 4.0, "local_epsilon": None,
+             "neighboring_relation": "replace_one"},
+            {**base, "setting": "dp_mode=local", "epsilon": 1.593, "local_epsilon": 71.92,
+             "neighboring_relation": "replace_one"}]
+    head, _, *lines = sweep_results.markdown(rows, 0).splitlines()
+    assert head.startswith("| setting | epsilon (central view) | local epsilon (against the server) | delta |")
+    assert lines[1].startswith("| `dp_mode=local` | 1.593 | 71.92 |")
+    assert sweep_results.markdown(rows[:1], 0).startswith("| setting | epsilon | delta |")  # no local row: as before
