@@ -118,7 +118,8 @@ def markdown(table: list[dict[str, Any]], unfinished: int) -> str:
     """results.md: the table and what its columns mean."""
     has_local = any(r["local_epsilon"] is not None for r in table)
     # With local DP rows, each epsilon column says which view it is (docs/privacy.md#local-dp).
-    head = ["setting", *(["epsilon (central view)", "local epsilon (against the server)"] if has_local else ["epsilon"]),
+    views = ["epsilon (central view)", "local epsilon (against the server)"] if has_local else ["epsilon"]
+    head = ["setting", *views,
             "delta", "relation", "accountant",
             "test accuracy (mean ± std, n seeds)", "rounds", "wall s (mean)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

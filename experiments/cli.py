@@ -78,8 +78,9 @@ def _flag_error_text(error: flags.Error) -> str:
 def _flagfile_of(error: flags.Error, args: Sequence[str]) -> str:
     """` (in --flagfile=F, line n)` when the flag `error` is about was read from a flagfile F of `args`, else ""."""
     name = getattr(error, "flagname", None)
-    if not name and isinstance(error, flags.IllegalFlagValueError):
-        name = " ".join(str(error).split()).split("flag --", 1)[-1].split("=", 1)[0] if "flag --" in str(error) else None
+    text = " ".join(str(error).split())
+    if not name and isinstance(error, flags.IllegalFlagValueError) and "flag --" in text:
+        name = text.split("flag --", 1)[1].split("=", 1)[0]  # absl: "flag --rounds=x: invalid literal ..."
     if not name or any(a.lstrip("-").split("=", 1)[0] in (name, f"no{name}") for a in args):
         return ""  # given on the command line
     for arg in args:

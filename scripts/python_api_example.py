@@ -32,7 +32,8 @@ def main() -> None:
     result = dpfl_tff.run(cfg, overwrite=True, log=lambda line: None)
     for record in result.records:
         if "test_accuracy" in record:
-            print(f"round {record['round']}: test accuracy {record['test_accuracy']:.4f}, epsilon {record['epsilon']:.4g}")
+            print(f"round {record['round']}: test accuracy {record['test_accuracy']:.4f}, "
+                  f"epsilon {record['epsilon']:.4g}")
 
     # The trained model, compiled for evaluation (loss and accuracy as the run computes them).
     from dpfl_tff.tasks import load_task

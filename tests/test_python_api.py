@@ -26,7 +26,8 @@ def test_epsilon_imports_no_tensorflow_and_matches_the_documented_figure():
 def test_keyword_flags_win_over_the_flagfile_and_build_the_drivers_config():
     cfg = dpfl_tff.make_config(flagfile="configs/quickstart.cfg", rounds=7, dp_mode="local",
                                client_sampling="uniform", output_dir="runs/x")
-    assert (cfg.train.rounds, cfg.dp.mode, cfg.train.client_sampling, cfg.task.num_clients) == (7, "local", "uniform", 700)
+    assert (cfg.train.rounds, cfg.dp.mode, cfg.train.client_sampling, cfg.task.num_clients) == (
+        7, "local", "uniform", 700)
     # The privacy mode's default sampling applies when no one sets --client_sampling (as in the driver).
     assert dpfl_tff.make_config(task="digits", dp_mode="ftrl").train.client_sampling == "shuffle"
     # epsilon of keyword flags = epsilon of the same configuration built by hand.
