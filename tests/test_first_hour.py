@@ -76,3 +76,31 @@ def test_the_sweep_table_labels_both_views_when_a_row_is_local_dp():
     assert head.startswith("| setting | epsilon (central view) | local epsilon (against the server) | delta |")
     assert lines[1].startswith("| `dp_mode=local` | 1.593 | 71.92 |")
     assert sweep_results.markdown(rows[:1], 0).startswith("| setting | epsilon | delta |")  # no local row: as before
+
+
+def test_the_sweep_plot_draws_local_dp_at_both_views_labelled(tmp_path, monkeypatch):
+    import types
+
+    import matplotlib.axes
+
+    from dpfl_tff import sweep_results
+
+    labels = []
+    legend = matplotlib.axes.Axes.legend
+
+    def recording_legend(ax, *args, **kwargs):
+        labels.extend(ax.get_legend_handles_labels()[1])
+        return legend(ax, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", recording_legend)
+    run = types.SimpleNamespace
+    plan = run(runs=[run(setting=f"dp_mode=local,noise_multiplier={z}", settings={"dp_mode": "local",
+                                                                               "noise_multiplier": z})
+                     for z in (1, 2)])
+    table = [{"setting": f"dp_mode=local,noise_multiplier={z}", "epsilon": e, "local_epsilon": le, "delta": 7.4e-4,
+              "neighboring_relation": "replace_one", "test_accuracy_mean": a, "test_accuracy_std": 0.01}
+             for z, e, le, a in ((1, 1.593, 77.52, 0.42), (2, 0.70, 27.26, 0.28))]
+    path = sweep_results.plot(plan, table, str(tmp_path / "p.png"))
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert sorted(labels) == ["dp_mode=local (epsilon: central view, replace-one, delta=0.00074)",
+                              "dp_mode=local (local epsilon: each client against the server)"]
