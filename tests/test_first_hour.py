@@ -104,3 +104,18 @@ def test_the_sweep_plot_draws_local_dp_at_both_views_labelled(tmp_path, monkeypa
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert sorted(labels) == ["dp_mode=local (epsilon: central view, replace-one, delta=0.00074)",
                               "dp_mode=local (local epsilon: each client against the server)"]
+
+
+def test_a_local_dp_summary_labels_its_two_epsilons(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_driver(["--task=digits", "--num_clients=20", "--clients_per_round=5", "--rounds=1", "--dp_mode=local",
+                       "--client_sampling=uniform", f"--output_dir={out}"]) == 0
+    import json
+
+    summary = json.load(open(out / "summary.json"))
+    assert summary["local_epsilon"] > summary["epsilon"] > 0
+    assert summary["epsilon_views"]["local_epsilon"].startswith("each client against the server")
+    assert summary["epsilon_views"]["epsilon"].startswith("central view")
+    done = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"local epsilon {summary['local_epsilon']:.4g} (each client against the server)" in done
+    assert f"epsilon {summary['epsilon']:.4g} (central view: replace-one, RDP)" in done
