@@ -23,7 +23,7 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,13 +59,50 @@ def _fsync_dir(path: str) -> None:
 _START_FRESH = "it cannot be resumed; start afresh with --overwrite or another --output_dir"
 
 
+def leaf_names(state: Any, weight_names: Sequence[str] = ()) -> list[str]:
+    """state.npz's array names: each leaf's path in the state, the model's weights named after their variables.
+
+    The state flattens (`tf.nest.flatten`) to the model's trainable then
+    non-trainable weights first: those are `global_model_weights/trainable/dense/kernel`
+    and so on (`weight_names`: `trainable/dense/kernel`, ..., from `models.weight_names`);
+    the other leaves are named by their path (`aggregator/...`, `finalizer/...`).
+    A name that would repeat gets `#k` appended.
+    """
+    try:  # TF's nest with paths (not in the public `tf.nest` of TF 2.14); the same order as `tf.nest.flatten`
+        from tensorflow.python.util import nest as tf_nest
+
+        paths = [path for path, _ in tf_nest.flatten_with_joined_string_paths(state)]
+    except (ImportError, AttributeError):
+        paths = [f"leaf_{i}" for i in range(len(_nest().flatten(state)))]
+    for i, name in enumerate(weight_names[: len(paths)]):
+        paths[i] = f"global_model_weights/{name}"
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        k = seen.get(path, 0)
+        seen[path] = k + 1
+        names.append(path if k == 0 else f"{path}#{k}")
+    return names
+
+
+def _stored_names(meta: dict[str, Any]) -> list[str]:
+    """The arrays of a checkpoint's state.npz in state order: named (`leaf_names`), or `arr_0..` (older runs)."""
+    return list(meta.get("leaf_names") or [f"arr_{i}" for i in range(int(meta["num_leaves"]))])
+
+
 class CheckpointManager:
-    """Saves and restores (round, learning-process state, record) in `root/checkpoints`."""
+    """Saves and restores (round, learning-process state, record) in `root/checkpoints`.
+
+    `weight_names` (set by the run: `models.weight_names`) names the model's
+    arrays in state.npz; checkpoints written before arrays were named
+    (`arr_0`, `arr_1`, ...) are read as well.
+    """
 
     def __init__(self, root: str, keep: int = 2, warn: Callable[[str], None] = print):
         self.dir = os.path.join(root, CHECKPOINTS)
         self.keep = max(keep, 1)
         self.warn = warn
+        self.weight_names: Sequence[str] = ()
 
     def rounds(self) -> list[int]:
         if not os.path.isdir(self.dir):
@@ -89,18 +126,20 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
             leaves = [np.asarray(leaf) for leaf in _nest().flatten(state)]
+            names = leaf_names(state, self.weight_names)
             state_path = os.path.join(tmp, "state.npz")
             # Built in memory, then written: a write that fails inside np.savez would leave its ZipFile to
             # complain about the closed file when collected ("Exception ignored in ZipFile.__del__").
             npz = io.BytesIO()
-            np.savez(npz, *leaves)
+            np.savez(npz, **dict(zip(names, leaves)))
             with open(state_path, "wb") as f:
                 f.write(npz.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
             del npz
             meta = {
-                "round": round_num, "num_leaves": len(leaves), "sha256": _sha256(state_path), "record": record,
+                "round": round_num, "num_leaves": len(leaves), "leaf_names": names, "sha256": _sha256(state_path),
+                "record": record,
                 "ledger_entries": ledger.count, "ledger_head": ledger.head,
             }
             with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
@@ -141,7 +180,7 @@ class CheckpointManager:
                 continue  # load_latest warns about it and falls back
             path = os.path.join(self.dir, f"ckpt_{round_num:06d}")
             with np.load(os.path.join(path, "state.npz"), allow_pickle=False) as z:
-                arrays = [z[f"arr_{i}"] for i in range(min(len(weights), int(meta["num_leaves"])))]
+                arrays = [z[n] for n in _stored_names(meta)[: len(weights)]]
             stored = [(tuple(a.shape), a.dtype.name) for a in arrays]
             wanted = [(tuple(w.shape), np.dtype(w.dtype.as_numpy_dtype if hasattr(w.dtype, "as_numpy_dtype")
                                                else w.dtype).name) for w in weights]
@@ -166,7 +205,7 @@ class CheckpointManager:
             try:
                 meta = self._readable(round_num)
                 with np.load(os.path.join(path, "state.npz"), allow_pickle=False) as z:
-                    leaves = [z[f"arr_{i}"] for i in range(meta["num_leaves"])]
+                    leaves = [z[n] for n in _stored_names(meta)]
             except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
                 self.warn(f"WARNING: checkpoint {path} is unreadable ({e}); falling back to the previous one")
                 continue

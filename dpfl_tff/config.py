@@ -334,13 +334,14 @@ class TrainConfig:
         " not know the seed (it is not written to hparams.json).",
     )
 
-    def validate(self, num_clients: int | None) -> None:
+    def validate(self, num_clients: int | None, n_name: str | None = None) -> None:
+        """`n_name`: how errors name N (default `--num_clients=N`; a task with its own split: its N)."""
         _check_model_name(self.model)  # its import and build are checked by plan.check (they need TensorFlow)
         _int_at_least("rounds", self.rounds, 1)
         _int_at_least("clients_per_round", self.clients_per_round, 1)
         if num_clients is not None and self.clients_per_round > num_clients:
             raise ConfigError(
-                f"--clients_per_round={self.clients_per_round}: must be <= --num_clients={num_clients}"
+                f"--clients_per_round={self.clients_per_round}: must be <= {n_name or f'--num_clients={num_clients}'}"
             )
         _choice("client_sampling", self.client_sampling, CLIENT_SAMPLING)
         _int_at_least("client_epochs", self.client_epochs, 1)
@@ -559,7 +560,9 @@ class ExperimentConfig:
                 f"sequences; leave --model unset for the paper model ({TEXT_TASK_MODELS[self.task.task]}) or give "
                 "package.module:function"
             )
-        self.train.validate(self.task.num_clients if self.task.n_is_known else None)
+        n = self.task.num_clients if self.task.n_is_known else None
+        self.train.validate(n, f"N = {n} (--task={self.task.task} has its own client split; "
+                               "--num_clients is not used)" if self.task.natural_split else None)
         self.dp.validate()
         if not self.output_dir:
             raise ConfigError("--output_dir is empty: give a folder for the experiment's outputs")

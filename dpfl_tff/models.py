@@ -13,7 +13,6 @@ builder before training.
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -105,6 +104,8 @@ def validate_model(name: str, input_shape: Sequence[int], num_classes: int,
                    label_shape: Sequence[int] = ()) -> list[str]:
     """Builds `name` once and checks it; returns warnings (state that training updates but never aggregates).
 
+    The warnings are returned, not issued (`warnings.warn`): the run prints them once, as its first lines.
+
     Raises:
       ConfigError: the builder fails, returns no Keras model, or its output
         shape is not (batch, *label_shape, num_classes) (text tasks: logits per position).
@@ -119,9 +120,9 @@ def validate_model(name: str, input_shape: Sequence[int], num_classes: int,
         ) from e
     if not isinstance(model, tf.keras.Model):
         raise ConfigError(f"--model={name}: returned {type(model).__name__}, not a tf.keras.Model")
-    out = tuple(model.output_shape) if hasattr(model, "output_shape") else None
+    out = output_shape(name, model, input_shape)
     want = (*tuple(label_shape), num_classes)
-    if out is None or len(out) != len(want) + 1 or any(o not in (w, None) for o, w in zip(out[1:-1], want[:-1])) \
+    if len(out) != len(want) + 1 or any(o not in (w, None) for o, w in zip(out[1:-1], want[:-1])) \
             or out[-1] != num_classes:
         raise ConfigError(
             f"--model={name}: output shape is {out}; must be {('batch', *want)} logits for this task".replace("'", "")
@@ -138,8 +139,34 @@ def validate_model(name: str, input_shape: Sequence[int], num_classes: int,
         "model that evaluates with state it never learned: use GroupNormalization or LayerNormalization (as the "
         "paper models do)"
     )
-    warnings.warn(msg, stacklevel=2)
     return [msg]
+
+
+def output_shape(name: str, model: tf.keras.Model, input_shape: Sequence[int]) -> tuple[int | None, ...]:
+    """`model`'s output shape, batch dimension None: Keras' `output_shape`, or a probe call's.
+
+    Subclassed models have no `output_shape` (also once built or called):
+    they are called once, in inference mode, on a batch of two all-zero inputs
+    (zeros are valid token ids too).
+
+    Raises:
+      ConfigError: the probe call fails, or returns no single tensor.
+    """
+    try:
+        return tuple(model.output_shape)
+    except (AttributeError, RuntimeError, ValueError):
+        pass  # subclassed: "has never been called and thus has no defined output shape"
+    probe = np.zeros((2, *input_shape), np.float32)
+    try:
+        out = model(probe, training=False)
+    except Exception as e:  # noqa: BLE001  (any failure of user code)
+        raise ConfigError(
+            f"--model={name}: calling it on a batch of zeros shaped {probe.shape} (to find its output shape) failed "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+        ) from e
+    if not hasattr(out, "shape"):
+        raise ConfigError(f"--model={name}: returned {type(out).__name__} on a probe batch, not one tensor of logits")
+    return (None, *tuple(out.shape)[1:])
 
 
 def updated_state(model: tf.keras.Model, input_shape: Sequence[int]) -> list[str]:
@@ -188,5 +215,35 @@ def _refuse_probabilities(name: str, model: tf.keras.Model, input_shape: Sequenc
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int) -> tf.keras.Model:
-    """Builds the registered or custom model `name`."""
-    return resolve_builder(name)(tuple(input_shape), num_classes)
+    """Builds the registered or custom model `name`, with its weights created.
+
+    A subclassed model that its builder returns unbuilt is built by a call on a
+    batch of one all-zero input (`build` would trace `call` without autograph).
+    """
+    model = resolve_builder(name)(tuple(input_shape), num_classes)
+    if isinstance(model, tf.keras.Model) and not model.built:
+        model(np.zeros((1, *input_shape), np.float32), training=False)
+    return model
+
+
+def weight_names(name: str, input_shape: Sequence[int], num_classes: int) -> list[str]:
+    """`trainable/<variable>` then `non_trainable/<variable>` names of the model's weights, as in a fresh process.
+
+    Keras numbers layer names per graph (`dense`, `dense_1`, ...): the model
+    is built once in a graph of its own, so that the names do not depend on
+    how many models this process built before (a sweep). Falls back to an
+    eager build's names if the builder cannot run in a graph.
+    """
+    def names(model: tf.keras.Model) -> list[str]:
+        return ([f"trainable/{v.name.split(':')[0]}" for v in model.trainable_weights]
+                + [f"non_trainable/{v.name.split(':')[0]}" for v in model.non_trainable_weights])
+
+    logger, level = tf.get_logger(), tf.get_logger().level
+    logger.setLevel("ERROR")  # graph-mode deprecation notices of some layers (BatchNormalization)
+    try:
+        with tf.Graph().as_default():
+            return names(build_model(name, input_shape, num_classes))
+    except Exception:  # noqa: BLE001
+        return names(build_model(name, input_shape, num_classes))
+    finally:
+        logger.setLevel(level)

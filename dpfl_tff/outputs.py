@@ -9,6 +9,7 @@ Files (all under `output_dir`):
   checkpoints/   full training state every --checkpoint_every rounds
   tensorboard/   TensorBoard event files
   run.png        test accuracy and epsilon per round
+  final_model.keras  the trained model after the last completed round (`trained_model`); final_model.json
   audit.json     --canary_clients: the canaries' cosines and the empirical epsilons (audit.png: histograms)
   worker.log     output of the TFF worker process
   .lock          the run's folder lock (`folder_lock`): pid and host of the run holding it
@@ -34,7 +35,7 @@ SUMMARY = "summary.json"
 WORKER_LOG = "worker.log"
 TENSORBOARD = "tensorboard"
 _RUN_FILES = (HPARAMS, METRICS, SUMMARY, "ledger.jsonl", "checkpoints", TENSORBOARD, "run.png", WORKER_LOG,
-              "audit.json", "audit.png")
+              "audit.json", "audit.png", "final_model.keras", "final_model.json")
 
 # Settings that may change between a run and its resumption: they change neither
 # the model trained so far nor its privacy accounting.

@@ -48,6 +48,7 @@ class RunPlan:
     initial_weights: tuple[np.ndarray, ...]  # the model's weights as built (trainable, then non-trainable)
     state_not_aggregated: tuple[str, ...]  # non-trainable state a training step updates (`models.updated_state`)
     not_covered: tuple[str, ...]  # released fields the epsilon does not cover (`privacy.coverage`)
+    weight_names: tuple[str, ...] = ()  # `initial_weights`' names (`models.weight_names`): checkpoints' array names
 
     @property
     def scheme(self) -> SamplingScheme:
@@ -126,4 +127,5 @@ def prepare(cfg: ExperimentConfig, log: Callable[[str], None]) -> RunPlan:
         initial_weights=tuple(w.numpy() for w in model.trainable_weights + model.non_trainable_weights),
         state_not_aggregated=tuple(models.updated_state(model, data.input_shape)),
         not_covered=tuple(coverage.not_covered(cfg, mechanism)),
+        weight_names=tuple(models.weight_names(cfg.train.model, data.input_shape, data.num_classes)),
     )

@@ -121,7 +121,10 @@ def markdown(table: list[dict[str, Any]], unfinished: int, selection: str | None
     "not covered by epsilon" (`selection.PLAIN_LABEL`).
     """
     has_local = any(r["local_epsilon"] is not None for r in table)
-    head = ["setting", "epsilon", *(["local epsilon"] if has_local else []), "delta", "relation", "accountant",
+    # With local DP rows, each epsilon column says which view it is (docs/privacy.md#local-dp).
+    views = ["epsilon (central view)", "local epsilon (against the server)"] if has_local else ["epsilon"]
+    head = ["setting", *views,
+            "delta", "relation", "accountant",
             "test accuracy (mean ± std, n seeds)", "rounds", "wall s (mean)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
@@ -187,9 +190,17 @@ def plot(sweep: SweepPlan, table: list[dict[str, Any]], path: str) -> str | None
         if dp:
             first = dp[0]
             relation = str(first["neighboring_relation"]).replace("_", "-")
-            ax.errorbar([r["epsilon"] for r in dp], [r["test_accuracy_mean"] for r in dp],
-                        yerr=[r["test_accuracy_std"] or 0.0 for r in dp], marker="o", capsize=3,
-                        label=f"{label} ({relation}, delta={first['delta']:.2g})")
+            local = [r for r in dp if r.get("local_epsilon") is not None]
+            view = "epsilon: central view, " if local else ""
+            bar = ax.errorbar([r["epsilon"] for r in dp], [r["test_accuracy_mean"] for r in dp],
+                              yerr=[r["test_accuracy_std"] or 0.0 for r in dp], marker="o", capsize=3,
+                              label=f"{label} ({view}{relation}, delta={first['delta']:.2g})")
+            if local:  # local DP: the same runs at each client's epsilon against the server, labelled
+                local.sort(key=lambda r: r["local_epsilon"])
+                ax.plot([r["local_epsilon"] for r in local], [r["test_accuracy_mean"] for r in local],
+                        marker="o", markerfacecolor="none", linestyle=":", color=bar[0].get_color(),
+                        label=f"{label} (local epsilon: each client against the server)")
+                finite += [r["local_epsilon"] for r in local]
         for r in line:
             if math.isinf(r["epsilon"]):
                 s = r["test_accuracy_std"] or 0.0
@@ -199,7 +210,7 @@ def plot(sweep: SweepPlan, table: list[dict[str, Any]], path: str) -> str | None
                     ax.axhspan(mean - s, mean + s, color="gray", alpha=0.15)
     if finite and min(finite) > 0 and max(finite) / min(finite) > 10:
         ax.set_xscale("log")
-    ax.set_xlabel("epsilon after the run (largest over seeds)")
+    ax.set_xlabel("epsilon after the run (largest over seeds; local DP: both views, see the legend)")
     ax.set_ylabel("test accuracy (mean ± std over seeds)")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)

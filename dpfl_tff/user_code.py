@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 
 from dpfl_tff.errors import ConfigError
@@ -26,7 +27,12 @@ def import_function(flag: str, name: str) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001  (any import-time failure of user code)
-        raise ConfigError(f"--{flag}={name}: cannot import {module_name} ({type(e).__name__}: {one_line(e)})") from e
+        hint = ""
+        if isinstance(e, ModuleNotFoundError) and e.name and module_name.startswith(e.name):
+            hint = (f"; {module_name} is imported from the current folder ({os.getcwd()}) and PYTHONPATH: run from the "
+                    f"folder that holds {module_name.split('.')[0]}, or add its parent to PYTHONPATH")
+        raise ConfigError(
+            f"--{flag}={name}: cannot import {module_name} ({type(e).__name__}: {one_line(e)}){hint}") from e
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError(f"--{flag}={name}: {module_name} has no function {attr}")

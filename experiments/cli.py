@@ -77,6 +77,30 @@ def _flag_error_text(error: flags.Error) -> str:
     return text
 
 
+def _flagfile_of(error: flags.Error, args: Sequence[str]) -> str:
+    """` (in --flagfile=F, line n)` when the flag `error` is about was read from a flagfile F of `args`, else ""."""
+    name = getattr(error, "flagname", None)
+    text = " ".join(str(error).split())
+    if not name and isinstance(error, flags.IllegalFlagValueError) and "flag --" in text:
+        name = text.split("flag --", 1)[1].split("=", 1)[0]  # absl: "flag --rounds=x: invalid literal ..."
+    if not name or any(a.lstrip("-").split("=", 1)[0] in (name, f"no{name}") for a in args):
+        return ""  # given on the command line
+    for arg in args:
+        if not arg.startswith(("--flagfile=", "-flagfile=")):
+            continue
+        path = arg.split("=", 1)[1]
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        for n, line in enumerate(lines, 1):
+            flag = line.strip().lstrip("-").split("=", 1)[0]
+            if line.strip().startswith("-") and flag in (name, f"no{name}"):
+                return f" (in --flagfile={path}, line {n})"
+    return ""
+
+
 def default_text(name: str) -> str:
     """A flag's default as --help and docs/flags.md print it."""
     value = flags.FLAGS[name].default
@@ -156,7 +180,7 @@ def parser_for(doc: str, groups: FlagGroups) -> Callable[[list[str]], list[str]]
         try:
             rest = flags.FLAGS(argv)
         except flags.Error as e:
-            usage_error(_flag_error_text(e))
+            usage_error(_flag_error_text(e) + _flagfile_of(e, args))
         if len(rest) > 1:
             usage_error(f"unexpected arguments: {' '.join(rest[1:])} (flags are written --name=value)")
         return rest

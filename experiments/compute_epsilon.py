@@ -34,10 +34,8 @@ import math
 from absl import flags
 
 from dpfl_tff.config import ConfigError
-from dpfl_tff import plan
+from dpfl_tff import api, plan
 from dpfl_tff.privacy import accounting
-from dpfl_tff.privacy.truncation import stated_delta
-from dpfl_tff.privacy.registry import mechanism_for
 from dpfl_tff import selection
 from experiments import cli
 from experiments import flags as dpfl_flags
@@ -51,30 +49,8 @@ PARTICIPATIONS = flags.DEFINE_integer(
 
 
 def compute(cfg, participations: int | None = None) -> dict:
-    """The figures printed by this tool, for a validated configuration."""
-    if participations is not None and not 1 <= participations <= cfg.train.rounds:
-        raise ConfigError(f"--participations={participations}: must be in [1, --rounds={cfg.train.rounds}]")
-    cfg = accounting.with_calibrated_noise(cfg)
-    mechanism = mechanism_for(cfg)  # built once: its ledger and its summary fields
-    ledger = mechanism.ledger()
-    result = {
-        "dp_mode": cfg.dp.mode,  # the flag's value, as given
-        "num_clients": cfg.task.num_clients,
-        "clients_per_round": cfg.train.clients_per_round,
-        "client_sampling": cfg.train.client_sampling,
-        "rounds": cfg.train.rounds,
-        "noise_multiplier": cfg.dp.noise_multiplier,
-        "delta": cfg.target_delta,
-        "accountant": cfg.dp.accountant,
-        "neighboring_relation": ledger.neighboring_relation,
-        "target_epsilon": cfg.dp.target_epsilon,
-    }
-    result.update(mechanism.summary_fields())
-    result.update(ledger.planned(cfg.train.rounds, participations))
-    ledger.close()
-    # The stated delta: --target_delta (the accountant's) plus the noise sampler's term (privacy.truncation).
-    result.update(delta_accountant=cfg.target_delta, delta=stated_delta(cfg.target_delta, result["delta_sampler"]))
-    return result
+    """The figures printed by this tool, for a validated configuration (`dpfl_tff.epsilon`'s)."""
+    return api.planned_epsilon(cfg, participations)
 
 
 # Flags that take a comma list here; `_parse` keeps the lists and hands absl the first value.

@@ -129,6 +129,9 @@ def done_line(s: dict, output_dir: str) -> str:
         eps = "inf (no DP)"
     elif s["noise_multiplier"] == 0:
         eps = f"inf (no DP noise: --noise_multiplier=0; {relation})"
+    elif s.get("local_epsilon") is not None:  # local DP: the guarantee against the server first, both labelled
+        eps = (f"{s['epsilon']:.4g} (central view: {relation}, {s['accountant'].upper()}), local epsilon "
+               f"{s['local_epsilon']:.4g} (each client against the server)")
     else:
         eps = f"{s['epsilon']:.4g} ({relation}, {s['accountant'].upper()})"
     acc = "n/a" if s["final_test_accuracy"] is None else f"{s['final_test_accuracy']:.4f}"

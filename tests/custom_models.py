@@ -66,6 +66,31 @@ def subclassed_with_branch(input_shape, num_classes):
     return model
 
 
+class _Plain(tf.keras.Model):
+    """A subclassed model as TFF's tutorials write them: layers in `__init__`, `call`, never built."""
+
+    def __init__(self, num_classes, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.flatten = tf.keras.layers.Flatten()
+        self.hidden = tf.keras.layers.Dense(16, activation="relu")
+        self.out = tf.keras.layers.Dense(num_classes)
+
+    def call(self, x, training=False):
+        return self.out(self.hidden(self.flatten(x)))
+
+    def get_config(self):
+        return {"num_classes": self.num_classes}
+
+
+def subclassed_unbuilt(input_shape, num_classes):
+    return _Plain(num_classes)
+
+
+def subclassed_wrong_output(input_shape, num_classes):
+    return _Plain(num_classes + 1)
+
+
 class _Counter(tf.keras.layers.Layer):
     """Counts the training batches it sees in a non-trainable variable (state that is not a trained weight)."""
 

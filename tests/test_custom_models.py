@@ -1,6 +1,7 @@
 """--model=package.module:function: validated before training with clear errors."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -36,16 +37,16 @@ def test_bad_custom_models_fail_clearly(name, words):
     assert f"--model={name}" in str(e.value) and words in str(e.value)
 
 
-def test_batchnorm_warns_loudly():
-    with pytest.warns(UserWarning, match="BatchNormalization"):
+def test_batchnorm_warns_loudly_once():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # returned for the run to print once, never also issued as a UserWarning
         notes = models.validate_model(BATCHNORM, (8, 8, 1), 10)
     assert len(notes) == 1 and notes[0].startswith(BATCHNORM_WARNING)
     assert "keeps their initial values" in notes[0] and "GroupNormalization or LayerNormalization" in notes[0]
 
 
 def test_any_state_training_updates_is_named_and_frozen_weights_are_not():
-    with pytest.warns(UserWarning, match="counter/seen"):
-        notes = models.validate_model("tests.custom_models:with_counter", (8, 8, 1), 10)
+    notes = models.validate_model("tests.custom_models:with_counter", (8, 8, 1), 10)
     assert len(notes) == 1 and "training updates counter/seen, which" in notes[0]
     assert models.validate_model("tests.custom_models:with_frozen_layer", (8, 8, 1), 10) == []
 
@@ -53,6 +54,29 @@ def test_any_state_training_updates_is_named_and_frozen_weights_are_not():
 def _driver(tmp_path, model):
     return run_driver(["--task=digits", "--num_clients=20", "--clients_per_round=5", "--rounds=2", "--eval_every=1",
                        f"--model={model}", f"--output_dir={tmp_path / 'run'}"])
+
+
+def test_subclassed_models_validate_from_a_probe_call():
+    """Subclassed models have no `output_shape`: a probe call gives it, and a wrong one is named."""
+    assert models.validate_model("tests.custom_models:subclassed_with_branch", (8, 8, 1), 10) == []
+    assert models.validate_model("tests.custom_models:subclassed_unbuilt", (8, 8, 1), 10) == []
+    with pytest.raises(ConfigError) as e:
+        models.validate_model("tests.custom_models:subclassed_wrong_output", (8, 8, 1), 10)
+    assert str(e.value) == ("--model=tests.custom_models:subclassed_wrong_output: output shape is (None, 11); "
+                            "must be (batch, 10) logits for this task")
+
+
+def test_driver_trains_a_subclassed_model_and_its_folder_holds_it(tmp_path, capsys):
+    import dpfl_tff
+
+    run = tmp_path / "sub" / "run"
+    assert _driver(tmp_path / "sub", "tests.custom_models:subclassed_unbuilt") == 0
+    assert "done: 2 rounds" in capsys.readouterr().out
+    model = dpfl_tff.load_model(str(run))
+    final = json.loads(open(run / "metrics.jsonl").readlines()[-1])
+    data = load_task(TaskConfig(task="digits", num_clients=20), 0)
+    loss, accuracy = model.evaluate(data.test.x, data.test.y, verbose=0)
+    assert abs(accuracy - final["test_accuracy"]) < 1e-6 and abs(loss - final["test_loss"]) < 1e-4
 
 
 def test_driver_trains_a_custom_model_and_rejects_a_wrong_one(tmp_path, capsys):

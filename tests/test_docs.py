@@ -324,8 +324,10 @@ def test_documented_commands_parse(monkeypatch, capsys):
                 if "--help" in argv:
                     continue
                 if driver in ("run_federated", "sweep") and ":" not in dpfl_flags.HOLDERS["model"].value:
-                    try:
-                        dpfl_flags.experiment_config().validate()
+                    from dpfl_tff import plan
+
+                    try:  # the privacy mode's checks too (e.g. DP-FTRL's sampling), as the driver runs them
+                        plan.check(dpfl_flags.experiment_config())
                     except ConfigError as e:
                         raise AssertionError(f"{where}: {e}") from e
                 if driver == "sweep":  # the grid's keys and values (each run is checked when the sweep starts)

@@ -58,7 +58,8 @@ class TreeAggregationFTRL(PrivacyMechanism):
         refusals = [
             (not scheme_of(cfg).once_per_epoch,
              f"--client_sampling={t.client_sampling} with --dp_mode=ftrl: DP-FTRL needs each client at most once "
-             "per epoch; use --client_sampling=shuffle (the default with ftrl)"),
+             "per epoch; use --client_sampling=shuffle (the default with ftrl, but a flagfile that sets "
+             "--client_sampling, such as configs/quickstart.cfg, needs it given too)"),
             (dp.accountant != "rdp",
              f"--accountant={dp.accountant} with --dp_mode=ftrl: dp-accounting accounts tree aggregation with RDP "
              "only; use --accountant=rdp"),

@@ -43,7 +43,10 @@ class LocalNoise(PrivacyMechanism):
                 "use --dp_mode=none, or set --noise_multiplier > 0"
             )
         if dp.target_epsilon is not None:
-            raise ConfigError(f"--target_epsilon={dp.target_epsilon}: calibration supports --dp_mode=central only")
+            raise ConfigError(
+                f"--target_epsilon={dp.target_epsilon}: calibration supports --dp_mode=central and --dp_mode=ftrl "
+                "(on their epsilon); under --dp_mode=local give --noise_multiplier, and --max_epsilon to cap "
+                "local_epsilon")
 
     def query(self, record_specs: Any = None):
         del record_specs

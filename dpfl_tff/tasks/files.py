@@ -20,7 +20,14 @@ def require_file(task: str, data_dir: str, name: str, how_to_get: str) -> str:
     path = os.path.join(data_dir, name)
     if not os.path.exists(path):
         raise DataMissingError(
-            f"--task={task}: {name} not found in --data_dir={os.path.abspath(data_dir)}; "
+            f"--task={task}: {name} not found in --data_dir={_where(data_dir)}; "
             f"rerun with --download to fetch it (checksum-verified), or place it by hand: {how_to_get}"
         )
     return path
+
+
+def _where(data_dir: str) -> str:
+    """`data_dir` as an error names it: absolute, and said to be relative to the current folder if it was."""
+    if os.path.isabs(data_dir):
+        return data_dir
+    return f"{data_dir} (relative to the current folder: {os.path.abspath(data_dir)})"
