@@ -85,7 +85,7 @@ def leaf_names(state: Any, weight_names: Sequence[str] = ()) -> list[str]:
     return names
 
 
-def _stored_names(meta: dict[str, Any]) -> list[str]:
+def stored_names(meta: dict[str, Any]) -> list[str]:
     """The arrays of a checkpoint's state.npz in state order: named (`leaf_names`), or `arr_0..` (older runs)."""
     return list(meta.get("leaf_names") or [f"arr_{i}" for i in range(int(meta["num_leaves"]))])
 
@@ -180,7 +180,7 @@ class CheckpointManager:
                 continue  # load_latest warns about it and falls back
             path = os.path.join(self.dir, f"ckpt_{round_num:06d}")
             with np.load(os.path.join(path, "state.npz"), allow_pickle=False) as z:
-                arrays = [z[n] for n in _stored_names(meta)[: len(weights)]]
+                arrays = [z[n] for n in stored_names(meta)[: len(weights)]]
             stored = [(tuple(a.shape), a.dtype.name) for a in arrays]
             wanted = [(tuple(w.shape), np.dtype(w.dtype.as_numpy_dtype if hasattr(w.dtype, "as_numpy_dtype")
                                                else w.dtype).name) for w in weights]
@@ -205,7 +205,7 @@ class CheckpointManager:
             try:
                 meta = self._readable(round_num)
                 with np.load(os.path.join(path, "state.npz"), allow_pickle=False) as z:
-                    leaves = [z[n] for n in _stored_names(meta)]
+                    leaves = [z[n] for n in stored_names(meta)]
             except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
                 self.warn(f"WARNING: checkpoint {path} is unreadable ({e}); falling back to the previous one")
                 continue

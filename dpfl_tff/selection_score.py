@@ -35,7 +35,7 @@ def final_weights(folder: str, count: int) -> tuple[int, list[np.ndarray]]:
     Raises:
       ValueError: no checkpoint, or a damaged one.
     """
-    from dpfl_tff.checkpoints import CHECKPOINTS, CheckpointManager
+    from dpfl_tff.checkpoints import CHECKPOINTS, CheckpointManager, stored_names
 
     ckpts = CheckpointManager(folder)
     rounds = ckpts.rounds()
@@ -43,7 +43,7 @@ def final_weights(folder: str, count: int) -> tuple[int, list[np.ndarray]]:
         raise ValueError(f"no checkpoint in {os.path.join(folder, CHECKPOINTS)}: the candidate's model is missing")
     meta = ckpts._readable(rounds[-1])  # noqa: SLF001  (checks the checksum)
     with np.load(os.path.join(ckpts.dir, f"ckpt_{rounds[-1]:06d}", "state.npz"), allow_pickle=False) as z:
-        return int(meta["round"]), [z[f"arr_{i}"] for i in range(count)]
+        return int(meta["round"]), [z[name] for name in stored_names(meta)[:count]]
 
 
 def client_accuracies(model: Any, clients, batch_size: int = 1024) -> np.ndarray:
