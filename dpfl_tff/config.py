@@ -17,9 +17,9 @@ from typing import Any
 
 from dpfl_tff.errors import ConfigError
 
-DP_MODES = ("none", "central", "local", "ftrl")
+DP_MODES = ("none", "central", "local", "ftrl", "blt")
 LOCAL_MECHANISMS = ("gaussian", "laplace")
-CLIENT_SAMPLING = ("poisson", "uniform", "shuffle")
+CLIENT_SAMPLING = ("poisson", "uniform", "shuffle", "cyclic")
 ACCOUNTANTS = ("rdp", "pld")
 OPTIMIZERS = ("sgd", "sgdm", "adam")
 FEDAVG_IMPLS = ("grouped", "tff")
@@ -264,8 +264,9 @@ class TrainConfig:
         "poisson (each client independently, q=m/N; add-or-remove-one DP) | uniform (fixed m "
         "without replacement; replace-one DP, noise multiplier z/2 in the accountant) | shuffle (each epoch a "
         "random permutation of the clients cut into floor(N/m) rounds of m; the N mod m left over sit that "
-        "epoch out; no client twice per epoch). Unset: poisson, but shuffle with --dp_mode=ftrl (the only "
-        "sampling it allows); shuffle is refused with --dp_mode=central (no amplification to account).",
+        "epoch out; no client twice per epoch) | cyclic (b=floor(N/m) fixed groups, round t trains group t mod b; "
+        "--dp_mode=blt). Unset: poisson, but shuffle with --dp_mode=ftrl and cyclic with --dp_mode=blt (the only "
+        "sampling each allows); shuffle and cyclic are refused with --dp_mode=central (no amplification to account).",
     )
     client_epochs: int = _field(
         1, TRAINING,
@@ -372,7 +373,9 @@ class DPConfig:
         " adds Gaussian noise of std noise_multiplier*clip_norm to the sum) | local (each client "
         "clips and noises its own update before sending it; see --local_mechanism) | ftrl (DP-FTRL: server "
         "clips, tree-aggregation noise of std noise_multiplier*clip_norm per tree node, one tree per epoch of "
-        "--client_sampling=shuffle; --server_optimizer sgd or sgdm; RDP only).", flag="dp_mode",
+        "--client_sampling=shuffle; --server_optimizer sgd or sgdm; RDP only) | blt (BLT-DP-FTRL: server clips, "
+        "correlated noise z*clip_norm*(C^-1 xi)_t of a buffered linear Toeplitz strategy C, --client_sampling=cyclic; "
+        "docs/privacy.md#blt-dp-ftrl).", flag="dp_mode",
     )
     local_mechanism: str = _field(
         "gaussian", PRIVACY,
@@ -381,8 +384,13 @@ class DPConfig:
     )
     noise_multiplier: float = _field(
         1.0, PRIVACY,
-        "z: noise std in units of the clip norm (>= 0; ftrl: per tree node; 0 is refused with --dp_mode=central, "
-        "local and ftrl, except with --canary_clients > 0: the audit's noise-free check, epsilon inf).",
+        "z: noise std in units of the clip norm (>= 0; ftrl: per tree node; blt: of each xi_t; 0 is refused with "
+        "--dp_mode=central, local, ftrl and blt, except with --canary_clients > 0: the audit's noise-free check, epsilon inf).",
+    )
+    blt_buffers: int | None = _field(
+        None, PRIVACY,
+        "--dp_mode=blt: buffers d of the BLT strategy (1..10; d model-sized float64 buffers in the server state). "
+        "Unset: the optimizer adds buffers while one more lowers its loss by more than 1%.",
     )
     clip_norm: float = _field(
         1.0, PRIVACY,
@@ -443,6 +451,8 @@ class DPConfig:
         _choice("dp_mode", self.mode, DP_MODES)
         _choice("local_mechanism", self.local_mechanism, LOCAL_MECHANISMS)
         _nonnegative("noise_multiplier", self.noise_multiplier)
+        if self.blt_buffers is not None and (not isinstance(self.blt_buffers, int) or not 1 <= self.blt_buffers <= 10):
+            raise ConfigError(f"--blt_buffers={self.blt_buffers}: must be an integer in 1..10, or unset")
         _positive("clip_norm", self.clip_norm)
         _open_unit("target_unclipped_quantile", self.target_unclipped_quantile)
         _positive("clip_learning_rate", self.clip_learning_rate)

@@ -25,7 +25,7 @@ from dp_accounting import mechanism_calibration
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.errors import ConfigError
 from dpfl_tff.privacy import truncation
-from dpfl_tff.privacy.events import RoundPrivacy, epsilon_after, make_accountant
+from dpfl_tff.privacy.events import RoundPrivacy, make_accountant
 from dpfl_tff.privacy.ledgers import Ledger
 from dpfl_tff.privacy.registry import mechanism_for
 
@@ -161,7 +161,10 @@ def calibrate_noise_multiplier(cfg: ExperimentConfig, target_epsilon: float) -> 
 
 def _epsilon_of(cfg: ExperimentConfig, z: float, kind: str) -> float:
     z_cfg = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, noise_multiplier=float(z)))
-    return epsilon_after(round_privacy(z_cfg), cfg.train.rounds, cfg.target_delta, kind)
+    event, relation = mechanism_for(z_cfg).planned_event(cfg.train.rounds)
+    acc = make_accountant(kind, relation)
+    acc.compose(event)
+    return float(acc.get_epsilon(cfg.target_delta))
 
 
 def with_calibrated_noise(cfg: ExperimentConfig) -> ExperimentConfig:

@@ -154,6 +154,10 @@ class PrivacyMechanism(abc.ABC):
         """Fields this mode adds to summary.json (beyond the epsilon fields the ledger gives)."""
         return {}
 
+    def run_files(self) -> dict[str, dict[str, Any]]:
+        """JSON files this mode writes into the run folder when the run starts (name -> content)."""
+        return {}
+
     @abc.abstractmethod
     def privacy_line(self, planned: dict[str, Any]) -> str:
         """The run's one line about its privacy, from the ledger's `planned` figures."""

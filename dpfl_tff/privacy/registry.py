@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dpfl_tff.config import DP_MODES, ExperimentConfig
+from dpfl_tff.privacy.blt import BLTFTRL
 from dpfl_tff.privacy.central import CentralGaussian
 from dpfl_tff.privacy.ftrl import TreeAggregationFTRL
 from dpfl_tff.privacy.local import LocalNoise
 from dpfl_tff.privacy.mechanism import PrivacyMechanism
 from dpfl_tff.privacy.no_dp import NoPrivacy
 
-MECHANISMS: dict[str, type[PrivacyMechanism]] = {m.name: m for m in (NoPrivacy, CentralGaussian, LocalNoise, TreeAggregationFTRL)}
+MECHANISMS: dict[str, type[PrivacyMechanism]] = {m.name: m for m in (NoPrivacy, CentralGaussian, LocalNoise, TreeAggregationFTRL,
+                                                                  BLTFTRL)}
 assert tuple(MECHANISMS) == DP_MODES, "config.DP_MODES must list the registered mechanisms"
 
 
