@@ -375,7 +375,7 @@ class DPConfig:
         "clips, tree-aggregation noise of std noise_multiplier*clip_norm per tree node, one tree per epoch of "
         "--client_sampling=shuffle; --server_optimizer sgd or sgdm; RDP only) | blt (BLT-DP-FTRL: server clips, "
         "correlated noise z*clip_norm*(C^-1 xi)_t of a buffered linear Toeplitz strategy C, --client_sampling=cyclic; "
-        "docs/privacy.md#blt-dp-ftrl).", flag="dp_mode",
+        "docs/privacy.md#blt-dp-ftrl-correlated-noise-with-cyclic-participation).", flag="dp_mode",
     )
     local_mechanism: str = _field(
         "gaussian", PRIVACY,
