@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 from scipy import optimize as sp_optimize
-from scipy import signal
+from scipy import signal, special
 
 MAX_BUFFERS = 10
 RTOL = 1.01  # `optimize` adds a buffer while the loss improves by more than 1% (jax_privacy's default)
@@ -168,26 +168,38 @@ class BLTStrategy:
 
 def _unpack(params: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
     """theta_i = sigmoid(a_i) in (0, 1); omega = softmax([u, 0])[:d]: omega_i > 0, sum omega < 1 = c_0."""
-    theta = 1.0 / (1.0 + np.exp(-params[:d]))
-    u = np.concatenate([params[d:], [0.0]])
-    e = np.exp(u - u.max())
-    omega = (e / e.sum())[:d]
+    theta = special.expit(params[:d])
+    omega = special.softmax(np.concatenate([params[d:], [0.0]]))[:d]
     return theta, omega
 
 
-def _optimize_fixed(n: int, b: int, k: int, d: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Minimizes `loss` over BLTs of d buffers (L-BFGS-B on log loss, a few starts)."""
+def _pack(theta: np.ndarray, omega: np.ndarray) -> np.ndarray:
+    theta = np.clip(theta, 1e-12, 1 - 1e-12)
+    return np.concatenate([special.logit(theta), np.log(omega) - math.log(1.0 - float(np.sum(omega)))])
+
+
+def _optimize_fixed(n: int, b: int, k: int, d: int,
+                    warm: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """Minimizes `loss` over BLTs of d buffers (L-BFGS-B on log loss, a few starts).
+
+    `warm`: a (d-1)-buffer solution; it starts one run with a new buffer of tiny output scale, so the loss of
+    d buffers is never worse than that of d-1 (up to the optimizer's tolerance).
+    """
     def objective(params):
         theta, omega = _unpack(params, d)
         value = loss(theta, omega, n, b, k)
         return math.log(value) if np.isfinite(value) and value > 0 else 1e6
 
-    best = None
+    starts = []
     for spread in (1.0, 0.5):
         # decays spread from 1 - 1/n^(spread) up, scales summing to 1/2 (single participation's optimum c_1)
-        theta0 = 1.0 - np.logspace(-spread * math.log10(max(n, 2)), -0.3, d)
-        omega0 = np.full(d, 0.5 / d)
-        x0 = np.concatenate([np.log(theta0 / (1 - theta0)), np.log(omega0 / (1 - omega0.sum()))])
+        starts.append(_pack(1.0 - np.logspace(-spread * math.log10(max(n, 2)), -0.3, d), np.full(d, 0.5 / d)))
+    if warm is not None:
+        theta_w, omega_w = warm
+        omega_new = np.concatenate([np.asarray(omega_w) * (1 - 1e-3), [1e-3 * (1 - float(np.sum(omega_w)))]])
+        starts.append(_pack(np.concatenate([theta_w, [0.5]]), omega_new))
+    best = None
+    for x0 in starts:
         res = sp_optimize.minimize(objective, x0, method="L-BFGS-B", options={"maxiter": 300})
         if best is None or res.fun < best.fun:
             best = res
@@ -200,19 +212,17 @@ def _optimize_fixed(n: int, b: int, k: int, d: int) -> tuple[np.ndarray, np.ndar
 def optimize(rounds: int, min_sep: int, participations: int, buffers: int | None = None) -> BLTStrategy:
     """The BLT minimizing `loss` for T = `rounds`, b = `min_sep`, k = `participations` (cached by its inputs).
 
-    `buffers` None: 1, 2, ... buffers while one more improves the loss by more than 1% (at most MAX_BUFFERS).
+    Buffers are added one at a time, each run also warm-started from the previous solution. `buffers` None:
+    while one more improves the loss by more than 1% (at most MAX_BUFFERS); else exactly `buffers`.
     """
     start = time.perf_counter()
     n, b, k = int(rounds), int(min_sep), int(participations)
-    if buffers is not None:
-        theta, omega, value = _optimize_fixed(n, b, k, int(buffers))
-    else:
-        theta, omega, value = _optimize_fixed(n, b, k, 1)
-        for d in range(2, MAX_BUFFERS + 1):
-            t2, o2, v2 = _optimize_fixed(n, b, k, d)
-            if RTOL * v2 >= value:
-                break
-            theta, omega, value = t2, o2, v2
+    theta, omega, value = _optimize_fixed(n, b, k, 1)
+    for d in range(2, (MAX_BUFFERS if buffers is None else int(buffers)) + 1):
+        t2, o2, v2 = _optimize_fixed(n, b, k, d, warm=(theta, omega))  # warm: d buffers never worse than d - 1
+        if buffers is None and RTOL * v2 >= value:
+            break
+        theta, omega, value = t2, o2, v2
     identity = minsep_sensitivity_squared(np.eye(1, n).ravel(), b, k) * float(np.mean(np.arange(1, n + 1)))
     return BLTStrategy(tuple(float(t) for t in theta), tuple(float(w) for w in omega), n, b, k,
                        float(loss(theta, omega, n, b, k)), time.perf_counter() - start, identity)
