@@ -109,9 +109,9 @@ def test_optimizer_beats_uncorrelated_noise_and_is_cached():
     three = blt_strategy.optimize(200, 10, 20, buffers=3)
     assert three.buffers == 3 and all(0 < t < 1 for t in three.theta) and all(w > 0 for w in three.omega)
     assert sum(three.omega) < 1  # c_1 < c_0: non-increasing coefficients, the exact min-sep sensitivity
-    # Buffers are added warm-started from the previous solution: more buffers never lose.
-    assert three.loss <= blt_strategy.optimize(200, 10, 20, buffers=2).loss * (1 + 1e-9)
-    assert blt_strategy.optimize(200, 10, 20, buffers=2).loss <= blt_strategy.optimize(200, 10, 20, 1).loss * (1 + 1e-9)
+    # Buffers are added warm-started from the previous solution: more buffers never lose (up to L-BFGS-B's tolerance).
+    assert three.loss <= blt_strategy.optimize(200, 10, 20, buffers=2).loss * (1 + 1e-6)
+    assert blt_strategy.optimize(200, 10, 20, buffers=2).loss <= blt_strategy.optimize(200, 10, 20, 1).loss * (1 + 1e-6)
 
 
 # (2) The streamed noise in TensorFlow: exactly C^-1 xi, restarted with a new stream.
