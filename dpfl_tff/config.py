@@ -17,9 +17,9 @@ from typing import Any
 
 from dpfl_tff.errors import ConfigError
 
-DP_MODES = ("none", "central", "local", "ftrl", "bandmf")
+DP_MODES = ("none", "central", "local", "ftrl", "bandmf", "blt")
 LOCAL_MECHANISMS = ("gaussian", "laplace")
-CLIENT_SAMPLING = ("poisson", "uniform", "shuffle", "banded")
+CLIENT_SAMPLING = ("poisson", "uniform", "shuffle", "banded", "cyclic")
 ACCOUNTANTS = ("rdp", "pld")
 OPTIMIZERS = ("sgd", "sgdm", "adam")
 FEDAVG_IMPLS = ("grouped", "tff")
@@ -265,9 +265,10 @@ class TrainConfig:
         "without replacement; replace-one DP, noise multiplier z/2 in the accountant) | shuffle (each epoch a "
         "random permutation of the clients cut into floor(N/m) rounds of m; the N mod m left over sit that "
         "epoch out; no client twice per epoch) | banded (each client in one of --bands secret random groups; "
-        "round t Poisson-samples group t mod B at q=m*B/N; banded MF's sampling). Unset: poisson, but shuffle "
-        "with --dp_mode=ftrl and banded with --dp_mode=bandmf (the only sampling each allows); shuffle and "
-        "banded are refused with --dp_mode=central.",
+        "round t Poisson-samples group t mod B at q=m*B/N; --dp_mode=bandmf) | cyclic (b=floor(N/m) fixed "
+        "groups, round t trains group t mod b; --dp_mode=blt). Unset: poisson, but shuffle with --dp_mode=ftrl, "
+        "banded with bandmf and cyclic with blt (the only sampling each allows); shuffle, banded and cyclic are "
+        "refused with --dp_mode=central.",
     )
     client_epochs: int = _field(
         1, TRAINING,
@@ -377,7 +378,9 @@ class DPConfig:
         "clips, tree-aggregation noise of std noise_multiplier*clip_norm per tree node, one tree per epoch of "
         "--client_sampling=shuffle; --server_optimizer sgd or sgdm; RDP only) | bandmf (banded matrix-factorization "
         "noise, Choquette-Choo et al. 2023: correlated Gaussian noise over --bands rounds, amplified by "
-        "--client_sampling=banded).", flag="dp_mode",
+        "--client_sampling=banded) | blt (BLT-DP-FTRL: server clips, correlated noise "
+        "z*clip_norm*(C^-1 xi)_t of a buffered linear Toeplitz strategy C, --client_sampling=cyclic; "
+        "docs/privacy.md#blt-dp-ftrl-correlated-noise-with-cyclic-participation).", flag="dp_mode",
     )
     local_mechanism: str = _field(
         "gaussian", PRIVACY,
@@ -386,8 +389,13 @@ class DPConfig:
     )
     noise_multiplier: float = _field(
         1.0, PRIVACY,
-        "z: noise std in units of the clip norm (>= 0; ftrl: per tree node; 0 is refused with --dp_mode=central, "
-        "local and ftrl, except with --canary_clients > 0: the audit's noise-free check, epsilon inf).",
+        "z: noise std in units of the clip norm (>= 0; ftrl: per tree node; blt: of each xi_t; 0 is refused with "
+        "--dp_mode=central, local, ftrl and blt, except with --canary_clients > 0: the audit's noise-free check, epsilon inf).",
+    )
+    blt_buffers: int | None = _field(
+        None, PRIVACY,
+        "--dp_mode=blt: buffers d of the BLT strategy (1..10; d model-sized float64 buffers in the server state). "
+        "Unset: the optimizer adds buffers while one more lowers its loss by more than 1%.",
     )
     clip_norm: float = _field(
         1.0, PRIVACY,
@@ -455,6 +463,8 @@ class DPConfig:
         _choice("dp_mode", self.mode, DP_MODES)
         _choice("local_mechanism", self.local_mechanism, LOCAL_MECHANISMS)
         _nonnegative("noise_multiplier", self.noise_multiplier)
+        if self.blt_buffers is not None and (not isinstance(self.blt_buffers, int) or not 1 <= self.blt_buffers <= 10):
+            raise ConfigError(f"--blt_buffers={self.blt_buffers}: must be an integer in 1..10, or unset")
         _positive("clip_norm", self.clip_norm)
         _open_unit("target_unclipped_quantile", self.target_unclipped_quantile)
         _positive("clip_learning_rate", self.clip_learning_rate)

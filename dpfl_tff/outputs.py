@@ -35,7 +35,7 @@ SUMMARY = "summary.json"
 WORKER_LOG = "worker.log"
 TENSORBOARD = "tensorboard"
 _RUN_FILES = (HPARAMS, METRICS, SUMMARY, "ledger.jsonl", "checkpoints", TENSORBOARD, "run.png", WORKER_LOG,
-              "audit.json", "audit.png", "final_model.keras", "final_model.json")
+              "audit.json", "audit.png", "final_model.keras", "final_model.json", "strategy.json")
 
 # Settings that may change between a run and its resumption: they change neither
 # the model trained so far nor its privacy accounting.

@@ -15,6 +15,12 @@
   run) starts; round r samples each client of group (r - 1) mod B
   independently with probability q = m B / N (the expected cohort stays m).
   A client is eligible at most once in any B consecutive rounds.
+* `cyclic` (BLT-DP-FTRL's participation, `CyclicSampler`): the clients are
+  split once into b = floor(N / m) fixed groups (a random permutation dealt
+  round-robin, so the groups hold floor(N/b) or ceil(N/b) clients) and round
+  r trains group (r - 1) mod b: any two participations of a client are
+  exactly b rounds apart. Its analysis (`privacy.blt`) needs no secrecy; a
+  resumed run rebuilds the groups from the cohorts the ledger recorded.
 
 Amplification by sampling holds only against someone who does not know who
 took part. So cohorts are secret by default: `CohortSampler` draws them from a
@@ -187,6 +193,68 @@ class BandedSampler(CohortSampler):
         members = self._members[self.group_of_round(round_num)]
         k = int(rng.binomial(len(members), self.q))
         return np.sort(members[_subset(rng, len(members), k)])
+class CyclicSampler(CohortSampler):
+    """`--client_sampling=cyclic`: b = floor(N / m) fixed groups, round r trains group (r - 1) mod b.
+
+    The groups: a permutation of the N clients dealt round-robin (group g gets
+    positions g, g + b, g + 2b, ...), so group g holds N // b + (g < N mod b)
+    clients. Permutation: `default_rng([sampling_seed, 29])` with a seed,
+    else from OS entropy. `restore` fixes the groups a resumed run's ledger
+    recorded (the cohort of a round is its group's); the groups not yet
+    recorded are dealt from the other clients in the seeded order (seeded:
+    the very same groups) or in a fresh random order.
+    """
+
+    def __init__(self, scheme: str, num_clients: int, clients_per_round: int, sampling_seed: int | None = None):
+        super().__init__(scheme, num_clients, clients_per_round, sampling_seed)
+        if clients_per_round > num_clients:
+            raise ValueError(f"--clients_per_round={clients_per_round}: must be <= the {num_clients} clients")
+        self.groups_count = num_clients // clients_per_round
+        self._recorded: dict[int, np.ndarray] = {}  # group -> its clients, from the ledger
+        self._groups: list[np.ndarray] | None = None
+
+    def group_of_round(self, round_num: int) -> int:
+        """0-based group of round `round_num` (1-based)."""
+        return (int(round_num) - 1) % self.groups_count
+
+    def group_size(self, group: int) -> int:
+        return self.num_clients // self.groups_count + (1 if group < self.num_clients % self.groups_count else 0)
+
+    def restore(self, ledger_entries: list[dict]) -> None:
+        for entry in ledger_entries:
+            if entry.get("cohort") is None:
+                continue
+            g, cohort = self.group_of_round(entry["round"]), np.sort(np.asarray(entry["cohort"], np.int64))
+            if g in self._recorded and not np.array_equal(self._recorded[g], cohort):
+                raise ValueError(f"the ledger's round {entry['round']} has other clients than group {g + 1}'s")
+            if cohort.size != self.group_size(g):
+                raise ValueError(f"the ledger's round {entry['round']} has {cohort.size} clients, group {g + 1} "
+                                 f"has {self.group_size(g)}")
+            self._recorded[g] = cohort
+        self._groups = None
+
+    def groups(self) -> list[np.ndarray]:
+        """The b groups' sorted client ids."""
+        if self._groups is None:
+            rng = self._secret if self._secret is not None else np.random.default_rng([self.sampling_seed, 29])
+            order = rng.permutation(self.num_clients)
+            taken = np.concatenate([np.zeros(0, np.int64), *self._recorded.values()])
+            if len(np.unique(taken)) != len(taken):
+                raise ValueError("the ledger's cyclic groups share a client")
+            if not self._recorded:
+                dealt = [order[g::self.groups_count] for g in range(self.groups_count)]
+            else:
+                rest = iter(order[~np.isin(order, taken)])
+                dealt = [self._recorded[g] if g in self._recorded else
+                         np.array([next(rest) for _ in range(self.group_size(g))], np.int64)
+                         for g in range(self.groups_count)]
+            self._groups = [np.sort(np.asarray(g, np.int64)) for g in dealt]
+        return self._groups
+
+    def cohort(self, round_num: int, execution: int = 1) -> np.ndarray:
+        """Group (round_num - 1) mod b (every execution the same)."""
+        del execution
+        return self.groups()[self.group_of_round(round_num)]
 
 
 class SamplingScheme(abc.ABC):
@@ -208,6 +276,8 @@ class SamplingScheme(abc.ABC):
     once_per_epoch: ClassVar[bool] = False
     # Whether a resumed run needs the ledger's cohorts to draw the same epochs (so the ledger records them).
     resume_needs_cohorts: ClassVar[bool] = False
+    # Whether each client takes part exactly every b = floor(N / m) rounds in a fixed group (BLT's min-separation).
+    fixed_groups: ClassVar[bool] = False
     # The relation a round's epsilon holds under with this scheme.
     relation: ClassVar[str] = REPLACE_ONE
     # Whether a client is eligible only once in every B rounds (banded MF's participation; B = `bands`).
@@ -302,8 +372,31 @@ class BandedPoissonSampling(SamplingScheme):
         return events.banded_participation(num_clients, clients_per_round, self.bands, z)
 
 
+class CyclicSampling(SamplingScheme):
+    """`cyclic`: b = floor(N / m) fixed groups taking turns (`CyclicSampler`); no amplification.
+
+    A client is in every round of its group, b rounds apart, which BLT-DP-FTRL's
+    min-separation sensitivity accounts (`privacy.blt`). `once_per_epoch` is
+    left False: DP-FTRL's tree keeps its shuffle (issue 25).
+    """
+
+    name = "cyclic"
+    amplifies = False
+    fixed_size = False  # groups of floor(N/b) or ceil(N/b): the size depends on N
+    fixed_groups = True
+    resume_needs_cohorts = True
+    relation = ADD_OR_REMOVE_ONE
+
+    def sampler(self, num_clients: int, clients_per_round: int, sampling_seed: int | None = None) -> CohortSampler:
+        return CyclicSampler(self.name, num_clients, clients_per_round, sampling_seed)
+
+    def gaussian_round(self, num_clients: int, clients_per_round: int, z: float) -> RoundPrivacy:
+        raise ValueError("--client_sampling=cyclic: fixed groups are not secret random sampling, they amplify "
+                         "nothing (BLT-DP-FTRL's min-separation sensitivity accounts them)")
+
+
 SCHEMES: dict[str, SamplingScheme] = {s.name: s for s in (PoissonSampling(), FixedSizeSampling(), EpochShuffle(),
-                                                          BandedPoissonSampling())}
+                                                          BandedPoissonSampling(), CyclicSampling())}
 assert tuple(SCHEMES) == CLIENT_SAMPLING, "config.CLIENT_SAMPLING must list the registered sampling schemes"
 
 

@@ -154,8 +154,8 @@ class PrivacyMechanism(abc.ABC):
         """Fields this mode adds to summary.json (beyond the epsilon fields the ledger gives)."""
         return {}
 
-    def run_files(self) -> dict[str, Any]:
-        """JSON files (name -> content) this mode writes into a new run's folder (banded MF: strategy.json)."""
+    def run_files(self) -> dict[str, dict[str, Any]]:
+        """JSON files (name -> content) this mode writes into the run folder when the run starts (strategy.json)."""
         return {}
 
     @abc.abstractmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dpfl_tff.config import DP_MODES, ExperimentConfig
 from dpfl_tff.privacy.bandmf import BandedMatrixFactorization
+from dpfl_tff.privacy.blt import BLTFTRL
 from dpfl_tff.privacy.central import CentralGaussian
 from dpfl_tff.privacy.ftrl import TreeAggregationFTRL
 from dpfl_tff.privacy.local import LocalNoise
@@ -11,7 +12,7 @@ from dpfl_tff.privacy.mechanism import PrivacyMechanism
 from dpfl_tff.privacy.no_dp import NoPrivacy
 
 MECHANISMS: dict[str, type[PrivacyMechanism]] = {
-    m.name: m for m in (NoPrivacy, CentralGaussian, LocalNoise, TreeAggregationFTRL, BandedMatrixFactorization)
+    m.name: m for m in (NoPrivacy, CentralGaussian, LocalNoise, TreeAggregationFTRL, BandedMatrixFactorization, BLTFTRL)
 }
 assert tuple(MECHANISMS) == DP_MODES, "config.DP_MODES must list the registered mechanisms"
 
