@@ -348,3 +348,36 @@ def repeat_and_select(candidate: dp_accounting.DpEvent, mean: float, shape: floa
     kept secret; dp-accounting's RDP accountant (Theorems 2 and 6) bounds the whole procedure.
     """
     return dp_accounting.dp_event.RepeatAndSelectDpEvent(candidate, mean, shape)
+
+
+def example_level_client_event(num_records: int, expected_batch: float, z: float,
+                               steps: int) -> dp_accounting.DpEvent:
+    """One client's record-level event: `steps` DP-SGD steps, each Poisson-sampled at q = b / n, Gaussian z.
+
+    Add-or-remove-one record of the client's `num_records` records; the
+    per-step sum of clipped gradients has L2 sensitivity C and noise std z C.
+    No amplification by client sampling is claimed (every participation counts).
+    """
+    q = min(1.0, expected_batch / num_records)
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), steps)
+
+
+def example_level_epsilons(num_records: list[int], participations: list[int], expected_batch: float,
+                           z: float, steps_per_round: list[int], delta: float, accountant: str) -> list[float]:
+    """Each client's record-level epsilon at `delta` after `participations[i]` rounds of `steps_per_round[i]` steps.
+
+    The run's record-level guarantee is the maximum of the list.
+    """
+    out = []
+    for n, rounds, steps in zip(num_records, participations, steps_per_round):
+        if rounds == 0 or steps == 0:
+            out.append(0.0)
+            continue
+        if z == 0:
+            out.append(math.inf)
+            continue
+        acc = make_accountant(accountant, ADD_OR_REMOVE_ONE)
+        acc.compose(example_level_client_event(n, expected_batch, z, steps), rounds)
+        out.append(float(acc.get_epsilon(delta)))
+    return out
