@@ -132,8 +132,10 @@ def _cfg(tmp_path, name, workers=(), credentials="", **dp):
 
 def _final_state(path: str) -> list[np.ndarray]:
     ckpt = sorted(d for d in os.listdir(os.path.join(path, "checkpoints")) if d.startswith("ckpt_"))[-1]
+    with open(os.path.join(path, "checkpoints", ckpt, "meta.json"), encoding="utf-8") as f:
+        names = checkpoints.stored_names(json.load(f))  # the arrays in state order
     with np.load(os.path.join(path, "checkpoints", ckpt, "state.npz")) as z:
-        return [z[k] for k in sorted(z.files, key=lambda k: int(k.split("_")[1]))]
+        return [z[k] for k in names]
 
 
 def test_dp_off_two_workers_give_the_in_process_model(tmp_path, two_workers, credentials):
