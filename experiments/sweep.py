@@ -104,6 +104,16 @@ def _dry_run(plan: sweep.SweepPlan, base) -> None:
          "nothing is written")
 
 
+def _checked_dry_run(plan: sweep.SweepPlan, base) -> None:
+    """`_dry_run`, its usage errors printed as one line with exit 2."""
+    try:
+        _dry_run(plan, base)
+    except (ConfigError, DataFileError, OSError) as e:
+        cli.usage_error(str(e))
+    except errors.LedgerError as e:
+        cli.usage_error(f"cannot plan a resume: {e}")
+
+
 def _finish(plan: sweep.SweepPlan, folder: str, section: Callable[[], str | None] = lambda: None) -> None:
     """Writes the tables and the plot of what is finished (`section`: the selection's), and prints the table."""
     table, _ = sweep_results.write_all(plan, folder, section())
@@ -170,12 +180,7 @@ def _private(grid: sweep.SweepPlan, base, sel) -> None:
             _log(f"dry run: K is drawn when the sweep starts (this dry run's draw is not kept); the grid has "
                  f"{len(grid.settings)} settings in {base.output_dir}; nothing is trained or written")
             return
-        try:
-            _dry_run(plan, base)
-        except (ConfigError, DataFileError, OSError) as e:
-            cli.usage_error(str(e))
-        except errors.LedgerError as e:
-            cli.usage_error(f"cannot plan a resume: {e}")
+        _checked_dry_run(plan, base)
         return
     skipped: list[str] = []
     trained = _train(plan, base, skipped, after_run=lambda run, result: private.score(run, result, _log),
@@ -221,12 +226,7 @@ def main(argv: list[str]) -> None:
              f"plain composition of its {len(plan.runs)} runs): what releasing them all, or picking the best by "
              "their results, spends; each run's own epsilon is on its line")
     if dpfl_flags.DRY_RUN.value:
-        try:
-            _dry_run(plan, base)
-        except (ConfigError, DataFileError, OSError) as e:
-            cli.usage_error(str(e))
-        except errors.LedgerError as e:
-            cli.usage_error(f"cannot plan a resume: {e}")
+        _checked_dry_run(plan, base)
         return
     public = sel.select == "public"
     section = (lambda: selection_sweep.public_summary(plan, base)[1]) if public else (lambda: None)

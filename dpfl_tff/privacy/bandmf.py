@@ -45,7 +45,7 @@ from dpfl_tff.errors import ConfigError, LedgerError
 from dpfl_tff.privacy import banded_strategy, events, truncation
 from dpfl_tff.privacy.events import ADD_OR_REMOVE_ONE, EpsilonTracker, RoundPrivacy, banded_compositions
 from dpfl_tff.privacy.ledgers import Ledger
-from dpfl_tff.privacy.mechanism import PrivacyMechanism
+from dpfl_tff.privacy.mechanism import PrivacyMechanism, refuse
 from dpfl_tff.sampling import BandedPoissonSampling, scheme_of
 
 STRATEGY_JSON = "strategy.json"
@@ -191,9 +191,7 @@ class BandedMatrixFactorization(PrivacyMechanism):
              "--noise_multiplier=0 with --dp_mode=bandmf: zero noise gives no privacy; use --dp_mode=none, "
              "or set --noise_multiplier > 0"),
         ]
-        for refused, message in refusals:
-            if refused:
-                raise ConfigError(message)
+        refuse(refusals)
 
     @property
     def bands(self) -> int:

@@ -47,11 +47,11 @@ import dp_accounting
 import numpy as np
 
 from dpfl_tff.config import ExperimentConfig
-from dpfl_tff.errors import ConfigError, LedgerError
+from dpfl_tff.errors import LedgerError
 from dpfl_tff.privacy import blt_strategy, truncation
 from dpfl_tff.privacy.events import ADD_OR_REMOVE_ONE, make_accountant
 from dpfl_tff.privacy.ledgers import Ledger
-from dpfl_tff.privacy.mechanism import PrivacyMechanism
+from dpfl_tff.privacy.mechanism import PrivacyMechanism, refuse
 from dpfl_tff.sampling import CyclicSampling, scheme_of
 
 SERVER_OPTIMIZERS = ("sgd", "sgdm")
@@ -252,9 +252,7 @@ class BLTFTRL(PrivacyMechanism):
              "--noise_multiplier=0 with --dp_mode=blt: zero noise gives no privacy; use --dp_mode=none, "
              "or set --noise_multiplier > 0"),
         ]
-        for refused, message in refusals:
-            if refused:
-                raise ConfigError(message)
+        refuse(refusals)
 
     @property
     def min_separation(self) -> int:
@@ -317,7 +315,7 @@ class BLTFTRL(PrivacyMechanism):
             "optimizer_seconds": st.seconds, "noise_multiplier": self.cfg.dp.noise_multiplier,
             "clip_norm": self.cfg.dp.clip_norm, "clients_per_round": self.cfg.train.clients_per_round,
             "population": self.cfg.population,
-            "dp_event": f"GaussianDpEvent(noise_multiplier / sensitivity), add-or-remove-one; streams restarted by "
+            "dp_event": "GaussianDpEvent(noise_multiplier / sensitivity), add-or-remove-one; streams restarted by "
                         "a resume compose as one Gaussian of noise_multiplier / sqrt(sum of their sensitivities^2)",
             "toeplitz_coefs": [float(c) for c in st.coefs()],
         }

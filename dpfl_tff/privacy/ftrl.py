@@ -34,9 +34,8 @@ from typing import Any
 import numpy as np
 
 from dpfl_tff.config import ExperimentConfig
-from dpfl_tff.errors import ConfigError
 from dpfl_tff.privacy.events import REPLACE_SPECIAL
-from dpfl_tff.privacy.mechanism import PrivacyMechanism
+from dpfl_tff.privacy.mechanism import PrivacyMechanism, refuse
 from dpfl_tff.privacy.events import tree_event
 from dpfl_tff.privacy.tree_ledger import TreeLedger, planned_trees
 from dpfl_tff.sampling import EpochShuffle, scheme_of
@@ -75,9 +74,7 @@ class TreeAggregationFTRL(PrivacyMechanism):
              "--noise_multiplier=0 with --dp_mode=ftrl: zero noise gives no privacy; use --dp_mode=none, "
              "or set --noise_multiplier > 0"),
         ]
-        for refused, message in refusals:
-            if refused:
-                raise ConfigError(message)
+        refuse(refusals)
 
     @property
     def rounds_per_epoch(self) -> int:

@@ -29,10 +29,18 @@ import abc
 from typing import Any, ClassVar
 
 from dpfl_tff.config import ExperimentConfig
+from dpfl_tff.errors import ConfigError
 from dpfl_tff.privacy import events
 from dpfl_tff.privacy.events import REPLACE_ONE, RoundPrivacy
 from dpfl_tff.privacy.ledgers import Ledger
 from dpfl_tff.sampling import scheme_of
+
+
+def refuse(refusals: list[tuple[bool, str]]) -> None:
+    """Raises ConfigError with the message of the first (refused, message) pair that is refused (`check`)."""
+    for refused, message in refusals:
+        if refused:
+            raise ConfigError(message)
 
 
 class PrivacyMechanism(abc.ABC):
