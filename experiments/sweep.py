@@ -7,7 +7,11 @@ Every combination of the --grid values runs --seeds times (seeds --seed ..
 --seed+S-1) as its own run in <output_dir>/<name>, named from its settings
 (e.g. dp_mode=central,noise_multiplier=0.5,seed=1), one after another in this
 process, sharing one local TFF worker. Flags other than --grid and --seeds are
-the base of every run, as for run_federated. A finished run is skipped, an
+the base of every run, as for run_federated. --parallel=P trains P runs at
+once: P copies of this command, each given every P-th run (through the
+environment variable DPFL_SWEEP_SHARD=i/P) and pinned to its own cores, each
+with its own local TFF worker (its output in worker-<i>.log); this process
+waits for them and writes the tables. A finished run is skipped, an
 unfinished one resumed, so rerunning the same command continues a sweep; a
 run whose folder another process holds (e.g. the same sweep started twice) is
 skipped and reported, so two sweeps on one --output_dir share its runs.
@@ -39,7 +43,7 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
-from dpfl_tff import errors, selection_sweep, sweep, sweep_results
+from dpfl_tff import errors, parallel_sweep, selection_sweep, sweep, sweep_results
 from dpfl_tff.config import ConfigError
 from dpfl_tff.errors import DataFileError
 from experiments import cli
@@ -55,11 +59,20 @@ GRID = flags.DEFINE_multi_string(
 SEEDS = flags.DEFINE_integer(
     "seeds", 1, "Runs per setting (>= 1), with --seed, --seed+1, ..., --seed+S-1.",
 )
-GROUPS = (*dpfl_flags.GROUPS, ("sweep", (GRID, SEEDS, *selection_flags.register_for(__name__))))
+PARALLEL = flags.DEFINE_integer(
+    "parallel", 1,
+    f"Runs trained at once (1 .. {len(parallel_sweep.usable_cores())}, the cores this process may use): each "
+    "in its own process with its own local TFF worker, pinned to its own cores. 1: one after another in this "
+    "process. Not with --workers or --select=private.",
+)
+GROUPS = (*dpfl_flags.GROUPS, ("sweep", (GRID, SEEDS, PARALLEL, *selection_flags.register_for(__name__))))
+
+
+_PREFIX: list[str] = [""]  # "p2: " in copy 2 of a --parallel sweep
 
 
 def _log(line: str) -> None:
-    cli.say(line)
+    cli.say(_PREFIX[0] + line)
 
 
 def _axes(specs: list[str]) -> list[sweep.Axis]:
@@ -132,6 +145,7 @@ def _train(plan: sweep.SweepPlan, base, skipped: list[str],
     """
     from dpfl_tff import runtime  # TensorFlow: only once the sweep's settings are checked
 
+    copy = parallel_sweep.shard()
     signals = Signals()
     signal.signal(signal.SIGTERM, signals)
     signal.signal(signal.SIGINT, signals)
@@ -141,7 +155,8 @@ def _train(plan: sweep.SweepPlan, base, skipped: list[str],
     try:
         os.makedirs(folder, exist_ok=True)
         # One local worker for every run (a --workers sweep uses the remote workers run by run).
-        context = runtime.execution_context((), os.path.join(folder, "worker.log")) if not base.workers \
+        log_name = "worker.log" if copy is None else f"worker-{copy[0] + 1}.log"
+        context = runtime.execution_context((), os.path.join(folder, log_name)) if not base.workers \
             else contextlib.nullcontext()
         with context:
             return sweep.run_all(plan, overwrite=dpfl_flags.OVERWRITE.value, fresh=dpfl_flags.FRESH.value,
@@ -163,6 +178,44 @@ def _train(plan: sweep.SweepPlan, base, skipped: list[str],
         _finish(plan, folder, section)
         print(f"error: {where()}{e}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def _checked_parallel(base, sel) -> int:
+    """--parallel, checked against the cores and the flags it cannot go with."""
+    p, cores = PARALLEL.value, len(parallel_sweep.usable_cores())
+    if parallel_sweep.shard() is not None:  # a copy: pinned to its share of the cores the parent checked
+        return 1
+    if not 1 <= p <= cores:
+        raise ConfigError(f"--parallel={p}: must be between 1 and {cores} (the cores this process may use: one "
+                          "or more per run trained at once)")
+    if p > 1 and base.workers:
+        raise ConfigError(f"--parallel={p}: with --workers every run uses the remote workers; leave --parallel at 1")
+    if p > 1 and sel.select == "private":
+        raise ConfigError(f"--parallel={p}: --select=private scores each candidate as it finishes, one after "
+                          "another; leave --parallel at 1")
+    return p
+
+
+def _train_parallel(plan: sweep.SweepPlan, base, parallel: int, section: Callable[[], str | None]) -> list[str]:
+    """Trains the sweep in `parallel` pinned copies of this command (`parallel_sweep`); exits as `_train` does."""
+    before = {run.name: sweep.folder_status(run.cfg) for run in plan.runs}
+    pending = [run for run in plan.runs if before[run.name] != "finished"]
+    parallel = max(1, min(parallel, len(pending)))
+    cores = parallel_sweep.usable_cores()
+    for i in range(parallel):
+        runs = parallel_sweep.share(plan.runs, i, parallel)
+        _log(f"p{i + 1}: {len(runs)} runs on core(s) {','.join(map(str, parallel_sweep.cores_of(i, parallel, cores)))}"
+             f", its own TFF worker (worker-{i + 1}.log)")
+    os.makedirs(base.output_dir, exist_ok=True)
+    codes = parallel_sweep.wait(parallel_sweep.spawn(sys.argv[1:], parallel, cores), _log)
+    status = parallel_sweep.exit_code(codes)
+    if status:
+        _finish(plan, base.output_dir, section)
+        what = "stopped" if status > 128 else "failed"
+        print(f"sweep {what}: exit codes {codes} of its {parallel} processes; results of the finished runs written "
+              f"to {base.output_dir}; rerun the same command to continue", file=sys.stderr, flush=True)
+        sys.exit(status)
+    return [run.name for run in pending if sweep.folder_status(run.cfg) == "finished"]
 
 
 def _private(grid: sweep.SweepPlan, base, sel) -> None:
@@ -204,10 +257,17 @@ def main(argv: list[str]) -> None:
             raise ConfigError(f"--seeds={SEEDS.value}: with --select=private each candidate is one run with its "
                               "own seed (--seed + its index); leave --seeds at 1")
         plan = sweep.expand(base, _axes(GRID.value), SEEDS.value)
-    except ConfigError as e:
+        parallel = _checked_parallel(base, sel)
+        copy = parallel_sweep.shard()
+    except (ConfigError, ValueError) as e:
         cli.usage_error(str(e))
     if not app.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # TFF logs every model build at INFO
+    if copy is not None:  # one copy of a --parallel sweep: its share of the runs, the parent says the rest
+        _PREFIX[0] = f"p{copy[0] + 1}: "
+        plan = dataclasses.replace(plan, runs=parallel_sweep.share(plan.runs, *copy))
+        _train(plan, base, [])
+        return
     for note in plan.notes:
         _log(f"note: {note}")
     if sel.select == "private":
@@ -231,7 +291,10 @@ def main(argv: list[str]) -> None:
     public = sel.select == "public"
     section = (lambda: selection_sweep.public_summary(plan, base)[1]) if public else (lambda: None)
     skipped: list[str] = []
-    trained = _train(plan, base, skipped, section=section)
+    if parallel > 1:
+        trained = _train_parallel(plan, base, parallel, section)
+    else:
+        trained = _train(plan, base, skipped, section=section)
     if public:
         selection_sweep.write_json(base.output_dir, "selection.json", selection_sweep.public_summary(plan, base)[0])
     _finish(plan, base.output_dir, section)
