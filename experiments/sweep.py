@@ -61,7 +61,7 @@ SEEDS = flags.DEFINE_integer(
 )
 PARALLEL = flags.DEFINE_integer(
     "parallel", 1,
-    f"Runs trained at once (1 .. {len(parallel_sweep.usable_cores())}, the cores this process may use): each "
+    "Runs trained at once (from 1 to the number of cores this process may use): each "
     "in its own process with its own local TFF worker, pinned to its own cores. 1: one after another in this "
     "process. Not with --workers or --select=private.",
 )
