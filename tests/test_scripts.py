@@ -29,9 +29,10 @@ def test_bench_round_emits_every_field_and_leaves_no_worker():
     before = set(worker_pids())
     proc = subprocess.run(
         [sys.executable, "scripts/bench_round.py", "--rounds=1", "--clients_per_round=2",
-         "--examples_per_client=10", "--models=mlp", "--worker_counts=1,2", "--memory_rounds=6",
-         "--eval_sizes=30,70", "--pin_workers", "--worker_clients=4", "--worker_rounds=2", "--core_scaling_steps=5",
-         "--population=400", "--population_cohorts=20,10", "--population_rounds=5", "--population_timing_rounds=3",
+         "--examples_per_client=10", "--models=mlp", "--worker_counts=1,2", "--memory_rounds=3",
+         "--eval_sizes=30,70", "--pin_workers", "--worker_clients=4", "--worker_rounds=2", "--worker_cycles=1",
+         "--core_scaling_steps=5",
+         "--population=400", "--population_cohorts=20,10", "--population_rounds=3", "--population_timing_rounds=3",
          "--population_examples_per_client=3"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
@@ -67,13 +68,13 @@ def test_bench_round_emits_every_field_and_leaves_no_worker():
         assert all(r[k] > 0 for k in r if k.endswith("_per_round"))
         assert r["ratio_2x_clients_over_1x"] == r["dpfl_tff_seconds_per_round_2x_clients"] / r["dpfl_tff_seconds_per_round"]
     mem = report["memory"]
-    assert mem["rounds"] == 6 and mem["samples"] == 6 - 6 // 10
+    assert mem["rounds"] == 3 and mem["samples"] == 3 - 3 // 10
     for who in ("python", "worker"):
         assert mem[f"{who}_rss_mb_first"] > 0 and mem[f"{who}_rss_mb_last"] > 0
         assert isinstance(mem[f"{who}_rss_slope_mb_per_100_rounds"], float)
     w = report["workers"]
     assert w["model"] == "emnist_2nn" and w["clients_per_round"] == 4 and w["pinned_one_core_per_worker"] is True
-    assert w["cycles"] == 2  # 1 and 2 workers took turns twice
+    assert w["cycles"] == 1  # --worker_cycles=1: one turn each (2 by default)
     assert w["1_workers_seconds_per_round"] > 0 and w["2_workers_seconds_per_round"] > 0
     assert w["ratio_2_over_1_workers"] == w["2_workers_seconds_per_round"] / w["1_workers_seconds_per_round"]
     assert w["speedup_2_over_1_workers"] == 1 / w["ratio_2_over_1_workers"]
@@ -91,7 +92,7 @@ def test_bench_round_emits_every_field_and_leaves_no_worker():
     assert w["ratio_speedup_to_bound"] == w["speedup_2_over_1_workers"] / core["speedup_bound_2_cores"]
     pop = report["population"]  # full runs over a population; tiny here (the README's figures: N = 100,000)
     assert pop["num_clients"] == 400 and pop["examples_per_client"] == 3 and set(pop["cohorts"]) == {"10", "20"}
-    assert pop["cohorts"]["10"]["rounds"] == 3 and pop["cohorts"]["20"]["rounds"] == 5  # the largest m: all rounds
+    assert pop["cohorts"]["10"]["rounds"] == 3 and pop["cohorts"]["20"]["rounds"] == 3  # the largest m: all rounds
     for m, entry in pop["cohorts"].items():
         assert entry["ratio_cohort_over_smallest_cohort"] == int(m) / 10
         assert entry["ratio_seconds_over_smallest_cohort"] == (
