@@ -196,6 +196,12 @@ def _checked_parallel(base, sel) -> int:
     return p
 
 
+def _given_flags() -> list[str]:
+    """The flags this sweep was given (its --flagfile's included, expanded), as a copy of it is given them."""
+    given = [flags.FLAGS[name] for name in flags.FLAGS if flags.FLAGS[name].present and name != "flagfile"]
+    return [line for flag in dict.fromkeys(given) for line in flag.serialize().splitlines()]
+
+
 def _train_parallel(plan: sweep.SweepPlan, base, parallel: int, section: Callable[[], str | None]) -> list[str]:
     """Trains the sweep in `parallel` pinned copies of this command (`parallel_sweep`); exits as `_train` does."""
     before = {run.name: sweep.folder_status(run.cfg) for run in plan.runs}
@@ -207,7 +213,7 @@ def _train_parallel(plan: sweep.SweepPlan, base, parallel: int, section: Callabl
         _log(f"p{i + 1}: {len(runs)} runs on core(s) {','.join(map(str, parallel_sweep.cores_of(i, parallel, cores)))}"
              f", its own TFF worker (worker-{i + 1}.log)")
     os.makedirs(base.output_dir, exist_ok=True)
-    codes = parallel_sweep.wait(parallel_sweep.spawn(sys.argv[1:], parallel, cores), _log)
+    codes = parallel_sweep.wait(parallel_sweep.spawn(_given_flags(), parallel, cores), _log)
     status = parallel_sweep.exit_code(codes)
     if status:
         _finish(plan, base.output_dir, section)
