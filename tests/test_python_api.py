@@ -42,7 +42,7 @@ def test_keyword_flags_win_over_the_flagfile_and_build_the_drivers_config():
     ({"roundz": 3}, "roundz=3: no such flag (did you mean rounds?)"),
     ({"rounds": 0}, "--rounds=0: must be"),
     ({"target_epsilon": 5, "dp_mode": "local", "client_sampling": "uniform"},
-     "calibration supports --dp_mode=central and --dp_mode=ftrl"),
+     "calibration supports --dp_mode=central, --dp_mode=ftrl, --dp_mode=bandmf and --dp_mode=blt"),
 ])
 def test_bad_flags_are_one_line_config_errors(flags, words):
     with pytest.raises(ConfigError) as e:

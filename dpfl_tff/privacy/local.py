@@ -27,6 +27,7 @@ class LocalNoise(PrivacyMechanism):
     """Clip and noise at every client (see the module docstring)."""
 
     name = "local"
+    calibrates = False  # its guarantee against the server is local_epsilon, per client; z is given
     neighboring_relation = REPLACE_ONE
     releases_client_statistics = False
     ledger_needs_cohorts = True
@@ -43,10 +44,13 @@ class LocalNoise(PrivacyMechanism):
                 "use --dp_mode=none, or set --noise_multiplier > 0"
             )
         if dp.target_epsilon is not None:
+            from dpfl_tff.privacy import registry  # at call time: the registry imports this module
+
+            modes = [f"--dp_mode={name}" for name, m in registry.MECHANISMS.items() if m.calibrates]
             raise ConfigError(
-                f"--target_epsilon={dp.target_epsilon}: calibration supports --dp_mode=central and --dp_mode=ftrl "
-                "(on their epsilon); under --dp_mode=local give --noise_multiplier, and --max_epsilon to cap "
-                "local_epsilon")
+                f"--target_epsilon={dp.target_epsilon}: calibration supports {', '.join(modes[:-1])} and "
+                f"{modes[-1]} (on their epsilon); under --dp_mode=local give --noise_multiplier, and --max_epsilon "
+                "to cap local_epsilon")
 
     def query(self, record_specs: Any = None):
         del record_specs

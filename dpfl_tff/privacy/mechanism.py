@@ -58,6 +58,8 @@ class PrivacyMechanism(abc.ABC):
     default_client_sampling: ClassVar[str | None] = None
     # Whether this mode gives a DP guarantee at all (False: plain FedAvg, epsilon is infinite).
     provides_dp: ClassVar[bool] = True
+    # Whether --target_epsilon can calibrate this mode's noise multiplier (`accounting.with_calibrated_noise`).
+    calibrates: ClassVar[bool] = True
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg

@@ -14,6 +14,7 @@ class NoPrivacy(PrivacyMechanism):
 
     name = "none"
     provides_dp = False
+    calibrates = False
 
     @classmethod
     def check(cls, cfg: ExperimentConfig) -> None:
