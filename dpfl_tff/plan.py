@@ -29,9 +29,9 @@ from dpfl_tff.privacy import accounting, coverage, registry
 from dpfl_tff.privacy.mechanism import PrivacyMechanism
 from dpfl_tff.sampling import SamplingScheme
 
-if TYPE_CHECKING:
-    import numpy as np
+import numpy as np
 
+if TYPE_CHECKING:
     from dpfl_tff.resume import History
     from dpfl_tff.tasks import FederatedData
 
@@ -92,8 +92,11 @@ def calibrated(cfg: ExperimentConfig) -> tuple[ExperimentConfig, list[str]]:
     ]
 
 
-def prepare(cfg: ExperimentConfig, log: Callable[[str], None]) -> RunPlan:
+def prepare(cfg: ExperimentConfig, log: Callable[[str], None], stored_model_spec: bool = False) -> RunPlan:
     """Checks `cfg`, loads its data, checks its model and calibrates its noise (see the module docstring).
+
+    `stored_model_spec` (a dry run): a registered model whose facts `model_specs` stores for the task's
+    shapes is not built (no TensorFlow); `initial_weights` then holds zeros of the weights' shapes.
 
     Returns:
       The run's plan (its `notes`: lines to print before the run starts).
@@ -101,12 +104,14 @@ def prepare(cfg: ExperimentConfig, log: Callable[[str], None]) -> RunPlan:
     Raises:
       ConfigError, DataMissingError, DataFileError: before anything is trained or written.
     """
-    from dpfl_tff import models  # TensorFlow: imported only when a run is prepared
-    from dpfl_tff.process import keras_model
+    from dpfl_tff import model_specs
     from dpfl_tff.tasks import load_task
 
     check(cfg)
-    models.resolve_builder(cfg.train.model)  # a custom model's import fails before the data is loaded
+    if not stored_model_spec or ":" in cfg.train.model:
+        from dpfl_tff import models  # TensorFlow
+
+        models.resolve_builder(cfg.train.model)  # a custom model's import fails before the data is loaded
     if cfg.task.download:  # the only place anything is fetched
         from dpfl_tff.tasks import download
 
@@ -117,15 +122,33 @@ def prepare(cfg: ExperimentConfig, log: Callable[[str], None]) -> RunPlan:
             log(f"--task={cfg.task.task} has its own client split: N = {data.num_clients} clients (not --num_clients)")
         cfg = check(dataclasses.replace(
             cfg, task=dataclasses.replace(cfg.task, num_clients=data.num_clients, num_clients_known=True)))
-    notes = models.validate_model(cfg.train.model, data.input_shape, data.num_classes, data.label_shape)
+    spec = model_specs.lookup(cfg.train.model, data.input_shape, data.num_classes, data.label_shape) \
+        if stored_model_spec and ":" not in cfg.train.model else None
+    if spec is None:
+        spec = _built_model_spec(cfg, data)
     cfg, calibration = calibrated(cfg)
     mechanism = registry.mechanism_for(cfg)  # the run's one mechanism (`cfg` is checked, calibrated)
-    model = keras_model(cfg, data)
     return RunPlan(
-        cfg=cfg, data=data, mechanism=mechanism, notes=tuple(notes + calibration),
-        model_parameters=int(model.count_params()),
-        initial_weights=tuple(w.numpy() for w in model.trainable_weights + model.non_trainable_weights),
-        state_not_aggregated=tuple(models.updated_state(model, data.input_shape)),
+        cfg=cfg, data=data, mechanism=mechanism, notes=tuple(spec["notes"] + calibration),
+        model_parameters=spec["parameters"],
+        initial_weights=tuple(spec["initial_weights"]) if "initial_weights" in spec else tuple(
+            np.zeros(shape, dtype) for shape, dtype in spec["weights"]),
+        state_not_aggregated=tuple(spec["state_not_aggregated"]),
         not_covered=tuple(coverage.not_covered(cfg, mechanism)),
-        weight_names=tuple(models.weight_names(cfg.train.model, data.input_shape, data.num_classes)),
+        weight_names=tuple(spec["weight_names"]),
     )
+
+
+def _built_model_spec(cfg: ExperimentConfig, data: FederatedData) -> dict[str, Any]:
+    """The model's facts for the plan, from the Keras model (TensorFlow): checked, built once, its weights."""
+    from dpfl_tff import models
+    from dpfl_tff.process import keras_model
+
+    notes = models.validate_model(cfg.train.model, data.input_shape, data.num_classes, data.label_shape)
+    model = keras_model(cfg, data)
+    return {
+        "notes": notes, "parameters": int(model.count_params()),
+        "initial_weights": [w.numpy() for w in model.trainable_weights + model.non_trainable_weights],
+        "state_not_aggregated": models.updated_state(model, data.input_shape),
+        "weight_names": models.weight_names(cfg.train.model, data.input_shape, data.num_classes),
+    }

@@ -78,17 +78,19 @@ def main(argv: list[str]) -> None:
         cli.usage_error(str(e))
     if not app.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # TFF logs every model build at INFO
-    from dpfl_tff import runtime, training  # TensorFlow
-
     if dpfl_flags.DRY_RUN.value:
+        from dpfl_tff import dry_run  # no TensorFlow on a registered model and the offline task
+
         try:
-            training.dry_run(cfg, overwrite=dpfl_flags.OVERWRITE.value, fresh=dpfl_flags.FRESH.value,
+            dry_run.dry_run(cfg, overwrite=dpfl_flags.OVERWRITE.value, fresh=dpfl_flags.FRESH.value,
                              log=cli.say)
         except (ConfigError, DataFileError, FileExistsError, OSError) as e:
             cli.usage_error(str(e))
         except errors.LedgerError as e:
             cli.usage_error(f"cannot resume: {e}")
         return
+    from dpfl_tff import runtime, training  # TensorFlow
+
     signals = Signals()
     signal.signal(signal.SIGTERM, signals)
     signal.signal(signal.SIGINT, signals)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import tensorflow as tf
 
 from dpfl_tff.errors import ConfigError
+
+if TYPE_CHECKING:
+    import tensorflow as tf  # imported where a dataset or spec is made: loading a task needs no TensorFlow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +64,8 @@ class FederatedData:
     @property
     def element_spec(self) -> tuple[tf.TensorSpec, tf.TensorSpec]:
         """Spec of one batch: (features, labels)."""
+        import tensorflow as tf
+
         return (
             tf.TensorSpec([None, *self.input_shape], tf.float32),
             tf.TensorSpec([None, *self.label_shape], tf.int32),
@@ -94,6 +100,8 @@ class FederatedData:
         """
         c = self.clients[client_id]
         order = self.client_order(client_id, epochs, shuffle_seed, shuffle_buffer, max_examples)
+        import tensorflow as tf
+
         return tf.data.Dataset.from_tensor_slices((c.x[order], c.y[order])).batch(batch_size)
 
 
