@@ -227,7 +227,9 @@ def planned_epsilon(cfg: C.ExperimentConfig) -> dict[str, Any]:
     from dpfl_tff import resume
     from dpfl_tff.privacy import accounting, truncation
 
-    cfg = accounting.with_calibrated_noise(cfg)
+    from dpfl_tff.privacy import bands_auto
+
+    cfg = accounting.with_calibrated_noise(plan.check(cfg))  # plan.check: --bands=auto resolved
     mechanism = registry.mechanism_for(cfg)
     history = resume.read_history(cfg, mechanism)
     if history.entries and folder_status(cfg) == "finished":  # nothing left to run: the ledger's own figure
@@ -236,7 +238,7 @@ def planned_epsilon(cfg: C.ExperimentConfig) -> dict[str, Any]:
     out.update(noise_multiplier=cfg.dp.noise_multiplier,
                delta=truncation.stated_delta(cfg.target_delta, out["delta_sampler"]),
                neighboring_relation=mechanism.neighboring_relation, accountant=cfg.dp.accountant,
-               releases_so_far=history.releases)
+               releases_so_far=history.releases, **bands_auto.summary_fields(cfg))
     return out
 
 

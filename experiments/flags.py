@@ -18,7 +18,32 @@ from absl import flags
 from dpfl_tff import config as C
 from experiments import cli
 
+class _IntOrAutoParser(flags.ArgumentParser):
+    """An integer, or `auto` (--bands): the range is checked by the configuration, as every flag's."""
+
+    syntactic_help = f"an integer or {C.BANDS_AUTO}"
+
+    def parse(self, argument):
+        if isinstance(argument, int) and not isinstance(argument, bool):
+            return argument
+        text = str(argument).strip()
+        if text == C.BANDS_AUTO:
+            return text
+        try:
+            return int(text, 10)
+        except ValueError:
+            raise ValueError(f"{argument!r} is not an integer or {C.BANDS_AUTO}") from None
+
+    def flag_type(self) -> str:
+        return "int or auto"
+
+
+def _define_int_or_auto(name, default, help_text, module_name=None) -> flags.FlagHolder:
+    return flags.DEFINE(_IntOrAutoParser(), name, default, help_text, module_name=module_name)
+
+
 _DEFINE = {
+    "int | str": _define_int_or_auto,
     "str": flags.DEFINE_string,
     "int": flags.DEFINE_integer,
     "int | None": flags.DEFINE_integer,
