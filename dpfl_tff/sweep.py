@@ -201,12 +201,17 @@ def expand(base: C.ExperimentConfig, axes: Sequence[Axis], seeds: int) -> SweepP
     first = base.train.seed
     runs = []
     for setting, (items, cfg) in resolved.items():
+        checked_dp = None  # the setting's privacy settings as `plan.check` resolved them (--bands=auto's B)
         for seed in range(first, first + seeds):
             run = Run(setting, items, seed, cfg)
             run = dataclasses.replace(run, cfg=dataclasses.replace(
                 with_flag(cfg, "seed", seed), output_dir=os.path.join(base.output_dir, run.name)))
-            try:  # the accountant's checks do not depend on the seed: once per setting
-                run.cfg.validate() if seed > first else plan.check(run.cfg)
+            try:  # the accountant's checks (and what they resolve) do not depend on the seed: once per setting
+                if checked_dp is None:
+                    run = dataclasses.replace(run, cfg=plan.check(run.cfg))
+                    checked_dp = run.cfg.dp
+                else:
+                    run = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, dp=checked_dp).validate())
             except ConfigError as e:
                 raise ConfigError(f"--grid: run {run.name}: {e}") from e
             runs.append(run)
