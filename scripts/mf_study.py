@@ -161,12 +161,15 @@ def plot(results: list[dict], path: str) -> None:
                  label=MODES[mode][1])
     seeds = max((len(r["seeds"]) for r in results), default=0)
     rounds = results[0]["rounds"] if results else "?"
-    ax.set_xscale("log")
+    eps = sorted({r["target_epsilon"] for r in results})
+    for a in (ax, ax2):
+        a.set_xscale("log")
+        a.set_xticks(eps, [f"{e:g}" for e in eps])
+        a.minorticks_off()
     ax.set_xlabel("epsilon (delta 7.4e-4)")
     ax.set_ylabel(f"final test accuracy (mean ± std, {seeds} seeds)")
     ax.set_title(f"digits, {rounds} rounds, 70 of 700 clients per round")
     ax.legend(fontsize=8)
-    ax2.set_xscale("log")
     ax2.set_yscale("log")
     ax2.set_xlabel("epsilon")
     ax2.set_ylabel("expected squared prefix-sum noise error (clip^2)")
