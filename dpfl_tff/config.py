@@ -64,6 +64,23 @@ def flag_fields(cls: type) -> list[tuple[str, dataclasses.Field]]:
     return [(f.metadata.get("flag") or f.name, f) for f in dataclasses.fields(cls) if f.metadata.get("group")]
 
 
+def parse_int_or_auto(argument: Any) -> int | str:
+    """A flag value that is an integer or `auto` (--bands), as absl parses it; the range is `validate`'s.
+
+    Raises:
+      ValueError: neither an integer nor `auto`.
+    """
+    if isinstance(argument, int) and not isinstance(argument, bool):
+        return argument
+    text = str(argument).strip()
+    if text == BANDS_AUTO:
+        return text
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise ValueError(f"{argument!r} is not an integer or {BANDS_AUTO}") from None
+
+
 def _finite(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"--{name}={value}: must be a finite number")

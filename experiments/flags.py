@@ -24,15 +24,7 @@ class _IntOrAutoParser(flags.ArgumentParser):
     syntactic_help = f"an integer or {C.BANDS_AUTO}"
 
     def parse(self, argument):
-        if isinstance(argument, int) and not isinstance(argument, bool):
-            return argument
-        text = str(argument).strip()
-        if text == C.BANDS_AUTO:
-            return text
-        try:
-            return int(text, 10)
-        except ValueError:
-            raise ValueError(f"{argument!r} is not an integer or {C.BANDS_AUTO}") from None
+        return C.parse_int_or_auto(argument)
 
     def flag_type(self) -> str:
         return "int or auto"

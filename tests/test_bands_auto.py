@@ -132,3 +132,30 @@ def test_a_run_writes_the_choice_to_its_summary_and_strategy(tmp_path):
     assert summary["noise_multiplier"] == pytest.approx(
         next(c["noise_multiplier"] for c in summary["bands_auto_candidates"] if c["bands"] == chosen))
     assert dataclasses.asdict(cfg)["dp"]["bands"] == "auto"  # the caller's config is not changed
+
+
+def test_compute_epsilon_says_which_b_it_chose():
+    from tests.test_compute_epsilon import _run
+
+    proc = _run(f"--num_clients={N}", f"--clients_per_round={M}", f"--rounds={T}", "--dp_mode=bandmf",
+                "--bands=auto", "--target_epsilon=2", f"--target_delta={DELTA}")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert f"bands: auto -> B={result['bands_chosen']} (expected prefix-sum error" in proc.stdout
+    assert result["bands"] == result["bands_chosen"] and result["bands_requested"] == "auto"
+    assert result["epsilon"] <= 2.0 and len(result["bands_auto_candidates"]) == T
+
+
+def test_the_python_api_takes_auto_and_integers(tmp_path):
+    from dpfl_tff import api
+
+    assert api.make_config(dp_mode="bandmf", bands=3, num_clients=N, clients_per_round=M, rounds=T).dp.bands == 3
+    cfg = api.make_config(task="digits", dp_mode="bandmf", bands="auto", target_epsilon=2.0, target_delta=DELTA,
+                          num_clients=N, clients_per_round=M, rounds=T)
+    assert isinstance(cfg.dp.bands, int) and cfg.dp.bands_auto is not None  # plan.check resolved it (N known)
+    with pytest.raises(ConfigError, match="--bands=many: must be an integer >= 1, or auto"):
+        api.make_config(dp_mode="bandmf", bands="many")
+    with pytest.raises(ConfigError, match="is not an integer or auto"):  # a flagfile's value goes through the parser
+        flagfile = tmp_path / "bad.cfg"
+        flagfile.write_text("--bands=many\n")
+        api.make_config(str(flagfile), dp_mode="bandmf")
