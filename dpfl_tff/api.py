@@ -35,9 +35,15 @@ def _flag_values(flagfile: str | None, given: dict[str, Any]):
     """absl FlagValues of every configuration flag, read from `flagfile`, then set from `given`."""
     from absl import flags
 
+    class IntOrAuto(flags.ArgumentParser):  # --bands: an integer or auto
+        def parse(self, argument):
+            return C.parse_int_or_auto(argument)
+
     define = {"str": flags.DEFINE_string, "int": flags.DEFINE_integer, "int | None": flags.DEFINE_integer,
               "float": flags.DEFINE_float, "float | None": flags.DEFINE_float, "bool": flags.DEFINE_bool,
-              "tuple[str, ...]": flags.DEFINE_list}
+              "tuple[str, ...]": flags.DEFINE_list,
+              "int | str": lambda name, default, help_text, flag_values: flags.DEFINE(
+                  IntOrAuto(), name, default, help_text, flag_values=flag_values)}
     fv = flags.FlagValues()
     for cls, _ in _SECTIONS:
         for name, field in C.flag_fields(cls):

@@ -41,6 +41,8 @@ SEED_REDACTED = "set (not recorded)"
 NATURAL_SPLIT_TASKS = ("emnist", "cifar100", "shakespeare", "stackoverflow")
 # Below this numpy 1.25's Dirichlet sampler slows to a halt (numpy/numpy#24203).
 MIN_DIRICHLET_ALPHA = 1e-6
+# --bands=auto: banded MF's B chosen by the plan (`privacy.bands_auto`).
+BANDS_AUTO = "auto"
 
 
 # Groups of --help and of docs/flags.md, in their order (each field's metadata names its group).
@@ -60,6 +62,23 @@ def _field(default: Any, group: str | None = None, help: str | None = None, flag
 def flag_fields(cls: type) -> list[tuple[str, dataclasses.Field]]:
     """(flag name, field) of every field of the dataclass `cls` that has a flag, in definition order."""
     return [(f.metadata.get("flag") or f.name, f) for f in dataclasses.fields(cls) if f.metadata.get("group")]
+
+
+def parse_int_or_auto(argument: Any) -> int | str:
+    """A flag value that is an integer or `auto` (--bands), as absl parses it; the range is `validate`'s.
+
+    Raises:
+      ValueError: neither an integer nor `auto`.
+    """
+    if isinstance(argument, int) and not isinstance(argument, bool):
+        return argument
+    text = str(argument).strip()
+    if text == BANDS_AUTO:
+        return text
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise ValueError(f"{argument!r} is not an integer or {BANDS_AUTO}") from None
 
 
 def _finite(name: str, value: float) -> None:
@@ -440,13 +459,18 @@ class DPConfig:
         " too, whose re-run rounds count again) stops before any round that would end above it;"
         " exit 0.",
     )
-    bands: int = _field(
+    bands: int | str = _field(
         1, PRIVACY,
         "--dp_mode=bandmf only: B, the bands of the banded Toeplitz noise strategy (>= 1; 1 is DP-FedAvg's "
         "independent noise with Poisson sampling). Each client is eligible once every B rounds, sampled with "
         "q = clients_per_round*B/N (must be <= 1); the server keeps the last B-1 noise vectors (B-1 model "
-        "copies in float64).",
+        "copies in float64). auto (needs --target_epsilon): the feasible B (q <= 1, B <= --rounds, buffers "
+        "within memory, B <= 32) whose calibrated z gives the smallest expected prefix-sum error "
+        "z^2*||A C_B^-1||_F^2/T; the run says which it chose (docs/privacy.md#choosing-the-bands).",
     )
+    # --bands=auto, once resolved (`privacy.bands_auto`, by the plan): ((B, z, loss, error), ...) of every
+    # feasible B tried, the chosen one in `bands`. None: --bands was given as an integer.
+    bands_auto: tuple[tuple[int, float, float, float], ...] | None = _field(None)
     max_epsilon: float | None = _field(
         None, PRIVACY,
         "Budget guard (> 0): stop before any round whose completion would push the guarded epsilon "
@@ -480,7 +504,11 @@ class DPConfig:
         if self.max_epsilon is not None:
             _positive("max_epsilon", self.max_epsilon)
         _choice("max_epsilon_view", self.max_epsilon_view, MAX_EPSILON_VIEWS)
-        _int_at_least("bands", self.bands, 1)
+        if isinstance(self.bands, str):
+            if self.bands != BANDS_AUTO:
+                raise ConfigError(f"--bands={self.bands}: must be an integer >= 1, or {BANDS_AUTO}")
+        else:
+            _int_at_least("bands", self.bands, 1)
         # Settings a mode refuses (e.g. zero noise with a DP mode) are its mechanism's check (plan.check).
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from typing import Any
 
-from dpfl_tff.config import ExperimentConfig
+from dpfl_tff.config import BANDS_AUTO, ExperimentConfig
 from dpfl_tff.privacy import accounting, coverage, registry
 from dpfl_tff.privacy.mechanism import PrivacyMechanism
 from dpfl_tff.sampling import SamplingScheme
@@ -60,25 +60,43 @@ class RunPlan:
 
 
 def check(cfg: ExperimentConfig) -> ExperimentConfig:
-    """`cfg.validate()` and the accountant's checks (when N is known); returns `cfg`.
+    """`cfg.validate()` and the accountant's checks (when N is known); returns `cfg`, resolved.
+
+    Resolved: what the mode chooses itself once N is known (`PrivacyMechanism.resolved`: --bands=auto's
+    B, without the model's size, which `prepare` adds), else `cfg` itself. N unknown: `cfg` unresolved.
 
     Raises:
       ConfigError: one line naming the flag, the value and the allowed range.
     """
-    _checked_mechanism(cfg)
-    return cfg
+    return _checked_mechanism(cfg)[0]
 
 
-def _checked_mechanism(cfg: ExperimentConfig) -> PrivacyMechanism:
-    """`check(cfg)`, returning the mechanism it built (N known: its accounting checked too)."""
+def _checked_mechanism(cfg: ExperimentConfig) -> tuple[ExperimentConfig, PrivacyMechanism | None]:
+    """`check(cfg)`: the resolved `cfg` and the mechanism it built (N known: its accounting checked too).
+
+    The mechanism is None when `cfg` cannot be resolved yet (--bands=auto with N unknown).
+    """
     cfg.validate()
-    registry.mechanism_class(cfg).check(cfg)
+    cls = registry.mechanism_class(cfg)
+    cls.check(cfg)
+    resolved = cls.resolved(cfg)
+    if resolved is not cfg:
+        cfg = resolved.validate()
+        cls.check(cfg)
+    elif cfg.dp.bands == BANDS_AUTO and not cfg.task.n_is_known:
+        return cfg, None  # banded MF's B: resolved by `prepare`, once the data fixes N
     mechanism = registry.mechanism_for(cfg)
     if cfg.task.n_is_known:
         mechanism.check_accountable()
         if cfg.dp.target_epsilon is None:  # a calibrated z is checked once calibrated
             accounting.check_sampler_delta(cfg, mechanism)
-    return mechanism
+    return cfg, mechanism
+
+
+def resolved(cfg: ExperimentConfig, model_parameters: int | None = None) -> ExperimentConfig:
+    """`cfg` (checked, N known) with what its mode chooses itself resolved, knowing the model's size; checked."""
+    out = registry.mechanism_class(cfg).resolved(cfg, model_parameters)
+    return out if out is cfg else check(out)
 
 
 def calibrated(cfg: ExperimentConfig) -> tuple[ExperimentConfig, list[str]]:
@@ -107,7 +125,7 @@ def prepare(cfg: ExperimentConfig, log: Callable[[str], None], stored_model_spec
     from dpfl_tff import model_specs
     from dpfl_tff.tasks import load_task
 
-    check(cfg)
+    check(cfg)  # `cfg` stays as given: what the mode resolves is resolved below, with the model's size
     if not stored_model_spec or ":" in cfg.train.model:
         from dpfl_tff import models  # TensorFlow
 
@@ -120,14 +138,16 @@ def prepare(cfg: ExperimentConfig, log: Callable[[str], None], stored_model_spec
     if cfg.task.natural_split:
         if data.num_clients != cfg.task.num_clients:
             log(f"--task={cfg.task.task} has its own client split: N = {data.num_clients} clients (not --num_clients)")
-        cfg = check(dataclasses.replace(
-            cfg, task=dataclasses.replace(cfg.task, num_clients=data.num_clients, num_clients_known=True)))
+        cfg = dataclasses.replace(
+            cfg, task=dataclasses.replace(cfg.task, num_clients=data.num_clients, num_clients_known=True))
+        check(cfg)
     spec = model_specs.lookup(cfg.train.model, data.input_shape, data.num_classes, data.label_shape) \
         if stored_model_spec and ":" not in cfg.train.model else None
     if spec is None:
         spec = _built_model_spec(cfg, data)
+    cfg = resolved(cfg, spec["parameters"])
     cfg, calibration = calibrated(cfg)
-    mechanism = registry.mechanism_for(cfg)  # the run's one mechanism (`cfg` is checked, calibrated)
+    mechanism = registry.mechanism_for(cfg)  # the run's one mechanism (`cfg` is checked, resolved, calibrated)
     return RunPlan(
         cfg=cfg, data=data, mechanism=mechanism, notes=tuple(spec["notes"] + calibration),
         model_parameters=spec["parameters"],

@@ -40,7 +40,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from dpfl_tff.config import CLIENT_SAMPLING, ExperimentConfig
+from dpfl_tff.config import BANDS_AUTO, CLIENT_SAMPLING, ExperimentConfig
 from dpfl_tff.privacy import events
 from dpfl_tff.privacy.events import ADD_OR_REMOVE_ONE, REPLACE_ONE, RoundPrivacy
 
@@ -361,15 +361,21 @@ class BandedPoissonSampling(SamplingScheme):
     relation = ADD_OR_REMOVE_ONE
     banded = True
 
-    def __init__(self, bands: int = 1):
-        self.bands = int(bands)
+    def __init__(self, bands: int | str = 1):
+        # --bands=auto before the plan has chosen B (`privacy.bands_auto`): only `banded` may be asked.
+        self.bands = bands if bands == BANDS_AUTO else int(bands)
+
+    def _resolved_bands(self) -> int:
+        if self.bands == BANDS_AUTO:
+            raise ValueError(f"--bands={BANDS_AUTO} is not resolved yet (the plan chooses B once N is known)")
+        return self.bands
 
     def sampler(self, num_clients: int, clients_per_round: int, sampling_seed: int | None = None) -> CohortSampler:
-        return BandedSampler(self.name, num_clients, clients_per_round, sampling_seed, self.bands)
+        return BandedSampler(self.name, num_clients, clients_per_round, sampling_seed, self._resolved_bands())
 
     def gaussian_round(self, num_clients: int, clients_per_round: int, z: float) -> RoundPrivacy:
         """One participation of a client (banded MF composes ceil(T / B) of them: `privacy.bandmf`)."""
-        return events.banded_participation(num_clients, clients_per_round, self.bands, z)
+        return events.banded_participation(num_clients, clients_per_round, self._resolved_bands(), z)
 
 
 class CyclicSampling(SamplingScheme):

@@ -201,12 +201,17 @@ def expand(base: C.ExperimentConfig, axes: Sequence[Axis], seeds: int) -> SweepP
     first = base.train.seed
     runs = []
     for setting, (items, cfg) in resolved.items():
+        checked_dp = None  # the setting's privacy settings as `plan.check` resolved them (--bands=auto's B)
         for seed in range(first, first + seeds):
             run = Run(setting, items, seed, cfg)
             run = dataclasses.replace(run, cfg=dataclasses.replace(
                 with_flag(cfg, "seed", seed), output_dir=os.path.join(base.output_dir, run.name)))
-            try:  # the accountant's checks do not depend on the seed: once per setting
-                run.cfg.validate() if seed > first else plan.check(run.cfg)
+            try:  # the accountant's checks (and what they resolve) do not depend on the seed: once per setting
+                if checked_dp is None:
+                    run = dataclasses.replace(run, cfg=plan.check(run.cfg))
+                    checked_dp = run.cfg.dp
+                else:
+                    run = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, dp=checked_dp).validate())
             except ConfigError as e:
                 raise ConfigError(f"--grid: run {run.name}: {e}") from e
             runs.append(run)
@@ -227,7 +232,9 @@ def planned_epsilon(cfg: C.ExperimentConfig) -> dict[str, Any]:
     from dpfl_tff import resume
     from dpfl_tff.privacy import accounting, truncation
 
-    cfg = accounting.with_calibrated_noise(cfg)
+    from dpfl_tff.privacy import bands_auto
+
+    cfg = accounting.with_calibrated_noise(plan.check(cfg))  # plan.check: --bands=auto resolved
     mechanism = registry.mechanism_for(cfg)
     history = resume.read_history(cfg, mechanism)
     if history.entries and folder_status(cfg) == "finished":  # nothing left to run: the ledger's own figure
@@ -236,7 +243,7 @@ def planned_epsilon(cfg: C.ExperimentConfig) -> dict[str, Any]:
     out.update(noise_multiplier=cfg.dp.noise_multiplier,
                delta=truncation.stated_delta(cfg.target_delta, out["delta_sampler"]),
                neighboring_relation=mechanism.neighboring_relation, accountant=cfg.dp.accountant,
-               releases_so_far=history.releases)
+               releases_so_far=history.releases, **bands_auto.summary_fields(cfg))
     return out
 
 

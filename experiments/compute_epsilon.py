@@ -127,6 +127,10 @@ def main(argv: list[str]) -> None:
     if result["neighboring_relation"] is None:
         print("--dp_mode=none: no DP guarantee, epsilon is infinite")
     else:
+        if "bands_chosen" in result:  # --bands=auto: every feasible B's expected error is in the JSON line
+            errors = {c["bands"]: c["expected_error"] for c in result["bands_auto_candidates"]}
+            print(f"bands: auto -> B={result['bands_chosen']} (expected prefix-sum error "
+                  f"{errors[result['bands_chosen']]:.4g}; B=1: {errors[1]:.4g}; {len(errors)} feasible B tried)")
         if result["target_epsilon"] is not None:
             print(f"calibrated noise multiplier: {result['noise_multiplier']:.6g} for epsilon <= {result['target_epsilon']:g}")
         if "local_epsilon" in result:

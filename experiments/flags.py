@@ -18,7 +18,24 @@ from absl import flags
 from dpfl_tff import config as C
 from experiments import cli
 
+class _IntOrAutoParser(flags.ArgumentParser):
+    """An integer, or `auto` (--bands): the range is checked by the configuration, as every flag's."""
+
+    syntactic_help = f"an integer or {C.BANDS_AUTO}"
+
+    def parse(self, argument):
+        return C.parse_int_or_auto(argument)
+
+    def flag_type(self) -> str:
+        return "int or auto"
+
+
+def _define_int_or_auto(name, default, help_text, module_name=None) -> flags.FlagHolder:
+    return flags.DEFINE(_IntOrAutoParser(), name, default, help_text, module_name=module_name)
+
+
 _DEFINE = {
+    "int | str": _define_int_or_auto,
     "str": flags.DEFINE_string,
     "int": flags.DEFINE_integer,
     "int | None": flags.DEFINE_integer,

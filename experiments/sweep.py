@@ -111,7 +111,8 @@ def _dry_run(plan: sweep.SweepPlan, base) -> None:
             history = f" (with the {f['releases_so_far']} release(s) in its ledger)" if f["releases_so_far"] else ""
             eps = (f"epsilon {f['epsilon']:.4g}{local}{history} at delta {f['delta']:.3g} "
                    f"({f['neighboring_relation'].replace('_', '-')}, {f['accountant'].upper()}), "
-                   f"z={f['noise_multiplier']:.4g}")
+                   f"z={f['noise_multiplier']:.4g}" + (f", bands auto -> B={f['bands_chosen']}" if "bands_chosen" in f
+                                                       else ""))
         _log(f"{run.name}: {eps} after {run.cfg.train.rounds} rounds; {sweep.folder_status(run.cfg)}")
     _log(f"dry run: {len(runs)} runs in {base.output_dir}; nothing is trained, no TFF worker is started, "
          "nothing is written")

@@ -36,13 +36,13 @@ as the server. --log_cohorts is refused (the analysis needs secret cohorts).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 from typing import Any
 
-from dpfl_tff.config import ExperimentConfig
+from dpfl_tff.config import BANDS_AUTO, ExperimentConfig
 from dpfl_tff.errors import ConfigError, LedgerError
-from dpfl_tff.privacy import banded_strategy, events, truncation
+from dpfl_tff.privacy import bands_auto, banded_strategy, events, truncation
 from dpfl_tff.privacy.events import ADD_OR_REMOVE_ONE, EpsilonTracker, RoundPrivacy, banded_compositions
 from dpfl_tff.privacy.ledgers import Ledger
 from dpfl_tff.privacy.mechanism import PrivacyMechanism, refuse
@@ -173,12 +173,17 @@ class BandedMatrixFactorization(PrivacyMechanism):
     @classmethod
     def check(cls, cfg: ExperimentConfig) -> None:
         t, dp = cfg.train, cfg.dp
+        auto = dp.bands == BANDS_AUTO  # resolved by `resolved` (plan), the checks below then run on its B
         refusals = [
             (not scheme_of(cfg).banded,
              f"--client_sampling={t.client_sampling} with --dp_mode=bandmf: banded MF's analysis needs "
              "--client_sampling=banded (the default with bandmf)"),
-            (dp.bands > t.rounds, f"--bands={dp.bands}: must be <= --rounds={t.rounds}"),
-            (cfg.task.n_is_known and t.clients_per_round * dp.bands > cfg.population,
+            (auto and dp.target_epsilon is None,
+             f"--bands={BANDS_AUTO}: needs --target_epsilon (B is chosen for the smallest expected prefix-sum "
+             "error z^2*||A C_B^-1||_F^2/T at the run's epsilon; at a fixed --noise_multiplier every B has a "
+             "different epsilon, so their errors do not compare); give --target_epsilon, or an integer --bands"),
+            (not auto and dp.bands > t.rounds, f"--bands={dp.bands}: must be <= --rounds={t.rounds}"),
+            (not auto and cfg.task.n_is_known and t.clients_per_round * dp.bands > cfg.population,
              f"--bands={dp.bands}: q = clients_per_round * bands / N = {t.clients_per_round} * {dp.bands} / "
              f"{cfg.population} must be <= 1; use fewer --bands or a smaller --clients_per_round"),
             (dp.adaptive_clipping, "--adaptive_clipping with --dp_mode=bandmf: not supported; use a fixed --clip_norm"),
@@ -192,6 +197,19 @@ class BandedMatrixFactorization(PrivacyMechanism):
              "or set --noise_multiplier > 0"),
         ]
         refuse(refusals)
+
+    @classmethod
+    def resolved(cls, cfg: ExperimentConfig, model_parameters: int | None = None) -> ExperimentConfig:
+        """--bands=auto (N known): `cfg` with the chosen B (`privacy.bands_auto`); else `cfg`.
+
+        A B chosen before the model's size was known (`plan.check`) is chosen again with it (`plan.prepare`:
+        the buffers' memory bound; the calibrations are cached).
+        """
+        if cfg.dp.bands_auto is not None and model_parameters is not None:
+            cfg = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, bands=BANDS_AUTO, bands_auto=None))
+        if cfg.dp.bands != BANDS_AUTO or not cfg.task.n_is_known:
+            return cfg
+        return bands_auto.resolved(cfg, model_parameters)
 
     @property
     def bands(self) -> int:
@@ -216,10 +234,9 @@ class BandedMatrixFactorization(PrivacyMechanism):
         import numpy as np
 
         params = sum(int(np.prod(s.shape)) for s in record_specs)
-        need = (self.bands - 1) * params * 8
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
+        need = bands_auto.buffer_bytes(self.bands, params)
+        total = bands_auto.memory_bytes()
+        if total is None:
             return
         if need > MAX_BUFFER_SHARE * total:
             raise ConfigError(
@@ -263,7 +280,7 @@ class BandedMatrixFactorization(PrivacyMechanism):
     def summary_fields(self) -> dict[str, Any]:
         s = self.strategy
         return {"bands": self.bands, "strategy_loss": s.loss, "strategy_independent_noise_loss": s.independent_loss,
-                "strategy_file": STRATEGY_JSON}
+                "strategy_file": STRATEGY_JSON, **bands_auto.summary_fields(self.cfg)}
 
     def run_files(self) -> dict[str, Any]:
         """strategy.json: the strategy and what the accounting used, to recompute the sensitivity and epsilon."""
@@ -278,12 +295,14 @@ class BandedMatrixFactorization(PrivacyMechanism):
             "participations_planned": math.ceil(cfg.train.rounds / self.bands),
             "event": "SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(z)), sum over noise streams of "
                      "ceil(rounds / B))",
+            **bands_auto.summary_fields(cfg),
         }}
 
     def privacy_line(self, planned: dict[str, Any]) -> str:
         cfg, s = self.cfg, self.strategy
+        choice = bands_auto.choice_text(cfg)
         return (
-            f"privacy: {planned['analysis']}; strategy {self.bands}-banded Toeplitz optimized for "
+            f"privacy: {choice + '; ' if choice else ''}{planned['analysis']}; strategy {self.bands}-banded Toeplitz optimized for "
             f"{cfg.train.rounds} rounds (prefix-sum error {s.loss / s.independent_loss:.3g}x independent noise's, "
             f"{STRATEGY_JSON}); accountant {cfg.dp.accountant.upper()}, {self.delta_text(planned)}; epsilon after "
             f"{cfg.train.rounds} rounds: {planned['epsilon']:.4g}"

@@ -69,6 +69,19 @@ class PrivacyMechanism(abc.ABC):
     def check(cls, cfg: ExperimentConfig) -> None:
         """Raises ConfigError (one line naming the flag) for settings this mode refuses."""
 
+    @classmethod
+    def resolved(cls, cfg: ExperimentConfig, model_parameters: int | None = None) -> ExperimentConfig:
+        """`cfg` with the settings this mode chooses itself resolved (banded MF's --bands=auto).
+
+        Called by the plan once N is known (`plan.check`), and again with the model's size (`plan.prepare`),
+        before the mechanism is built; the base returns `cfg`. Pure (no TensorFlow).
+
+        Raises:
+          ConfigError: nothing can be chosen (one line naming the flag).
+        """
+        del model_parameters
+        return cfg
+
     @abc.abstractmethod
     def query(self, record_specs: Any = None) -> Any:
         """The tensorflow-privacy `DPQuery` the run's process runs (imports TensorFlow).
