@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from dpfl_tff.config import ExperimentConfig
+from dpfl_tff.errors import ConfigError
 from dpfl_tff.privacy import accounting, coverage, registry
 from dpfl_tff.privacy.mechanism import PrivacyMechanism
 from dpfl_tff.sampling import SamplingScheme
@@ -86,6 +87,12 @@ def calibrated(cfg: ExperimentConfig) -> tuple[ExperimentConfig, list[str]]:
     out = accounting.with_calibrated_noise(cfg)
     if out is cfg:
         return cfg, []
+    if cfg.dp.dp_level == "example":
+        return out, [
+            f"calibrated --example_noise_multiplier={out.dp.example_noise_multiplier:.6g}: smallest z_ex (to 1e-4) "
+            f"with record_epsilon (max over clients) <= {cfg.dp.target_epsilon:g} if every client takes part in all "
+            f"{cfg.train.rounds} rounds"
+        ]
     return out, [
         f"calibrated --noise_multiplier={out.dp.noise_multiplier:.6g}: smallest z with epsilon "
         f"<= {cfg.dp.target_epsilon:g} after {cfg.train.rounds} rounds"
@@ -117,15 +124,24 @@ def prepare(cfg: ExperimentConfig, log: Callable[[str], None]) -> RunPlan:
             log(f"--task={cfg.task.task} has its own client split: N = {data.num_clients} clients (not --num_clients)")
         cfg = check(dataclasses.replace(
             cfg, task=dataclasses.replace(cfg.task, num_clients=data.num_clients, num_clients_known=True)))
+    if cfg.dp.dp_level == "example":  # each client's record count: its sampling rate, steps and accounting
+        cfg = check(dataclasses.replace(cfg, dp=dataclasses.replace(
+            cfg.dp, record_counts=tuple(data.client_size(c) for c in range(data.num_clients)))))
     notes = models.validate_model(cfg.train.model, data.input_shape, data.num_classes, data.label_shape)
     cfg, calibration = calibrated(cfg)
     mechanism = registry.mechanism_for(cfg)  # the run's one mechanism (`cfg` is checked, calibrated)
     model = keras_model(cfg, data)
+    state_not_aggregated = tuple(models.updated_state(model, data.input_shape))
+    if cfg.dp.dp_level == "example" and state_not_aggregated:
+        raise ConfigError(
+            f"--model={cfg.train.model} with --dp_level=example: its training step updates non-trainable state "
+            f"({', '.join(state_not_aggregated)}, e.g. BatchNormalization), which per-example gradients cannot "
+            "compute and DP-SGD does not make private; use a model without it (e.g. GroupNormalization)")
     return RunPlan(
         cfg=cfg, data=data, mechanism=mechanism, notes=tuple(notes + calibration),
         model_parameters=int(model.count_params()),
         initial_weights=tuple(w.numpy() for w in model.trainable_weights + model.non_trainable_weights),
-        state_not_aggregated=tuple(models.updated_state(model, data.input_shape)),
+        state_not_aggregated=state_not_aggregated,
         not_covered=tuple(coverage.not_covered(cfg, mechanism)),
         weight_names=tuple(models.weight_names(cfg.train.model, data.input_shape, data.num_classes)),
     )

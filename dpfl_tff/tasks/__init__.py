@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from dpfl_tff.config import TaskConfig
-from dpfl_tff.tasks import cifar10, cifar100, custom, digits, emnist, synthetic, text
+from dpfl_tff.tasks import cifar10, cifar100, cross_silo, custom, digits, emnist, synthetic, text
 from dpfl_tff.tasks.base import ClientArrays, FederatedData
 from dpfl_tff.tasks.files import DataFileError, DataMissingError
 
@@ -23,6 +23,7 @@ TASKS: dict[str, TaskLoader] = {
     "cifar100": cifar100.load,
     "shakespeare": text.load_shakespeare,
     "stackoverflow": text.load_stackoverflow,
+    "cross_silo_digits": cross_silo.load,
 }
 
 
