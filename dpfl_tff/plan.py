@@ -89,9 +89,9 @@ def calibrated(cfg: ExperimentConfig) -> tuple[ExperimentConfig, list[str]]:
         return cfg, []
     if cfg.dp.dp_level == "example":
         return out, [
-            f"calibrated --example_noise_multiplier={out.dp.example_noise_multiplier:.6g}: smallest z_ex (to 1e-4) "
-            f"with record_epsilon (max over clients) <= {cfg.dp.target_epsilon:g} if every client takes part in all "
-            f"{cfg.train.rounds} rounds"
+            f"calibrated --example_noise_multiplier={out.dp.example_noise_multiplier:.6g}: record_epsilon (max over "
+            f"clients) <= {cfg.dp.target_epsilon:g} if every client takes part in all {cfg.train.rounds} rounds "
+            "(the smallest z_ex to 1e-4 by RDP at its integer orders; the reported epsilon is at most that)"
         ]
     return out, [
         f"calibrated --noise_multiplier={out.dp.noise_multiplier:.6g}: smallest z with epsilon "

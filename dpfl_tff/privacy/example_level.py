@@ -67,6 +67,16 @@ def _step_rdp(q: float, z: float, orders: tuple[float, ...] | None) -> tuple[Any
     return acc.orders, acc.rdp
 
 
+def per_client(eps: list[float]) -> dict[str, Any]:
+    """`record_epsilon_per_client` (up to PER_CLIENT_LIMIT clients), else `record_epsilon_quantiles` (nearest rank,
+    rounded up: each quantile is a client's value at or above it)."""
+    if len(eps) <= PER_CLIENT_LIMIT:
+        return {"record_epsilon_per_client": list(eps)}
+    ranked = sorted(eps)
+    return {"record_epsilon_quantiles": {
+        f"{q:g}": ranked[min(len(ranked) - 1, math.ceil(q * (len(ranked) - 1)))] for q in QUANTILES}}
+
+
 class RecordLedger(Ledger):
     """Each client's record-level epsilon, from the rounds it took part in (cohorts from every release).
 
@@ -152,8 +162,10 @@ class RecordLedger(Ledger):
 
     def planned(self, rounds: int, participations: int | None = None) -> dict[str, Any]:
         p = rounds if participations is None else participations
-        fields = self._fields({c: p for c in range(len(self.counts))})
+        every = {c: p for c in range(len(self.counts))}
+        fields = self._fields(every)
         fields["analysis"] = self.analysis(p)
+        fields.update(per_client(self.epsilons(every)))
         return fields
 
     def analysis(self, participations: int) -> str:
@@ -173,15 +185,8 @@ class RecordLedger(Ledger):
     def summary_fields(self) -> dict[str, Any]:
         """summary.json: every client's record epsilon (or quantiles for more than PER_CLIENT_LIMIT clients)."""
         eps = self.epsilons()
-        out: dict[str, Any] = {"record_epsilon": max(eps, default=0.0), "record_participations_max":
-                               max(self.participations.values(), default=0)}
-        if len(eps) <= PER_CLIENT_LIMIT:
-            out["record_epsilon_per_client"] = eps
-        else:
-            ranked = sorted(eps)
-            out["record_epsilon_quantiles"] = {
-                f"{q:g}": ranked[min(len(ranked) - 1, math.ceil(q * (len(ranked) - 1)))] for q in QUANTILES}
-        return out
+        return {"record_epsilon": max(eps, default=0.0),
+                "record_participations_max": max(self.participations.values(), default=0), **per_client(eps)}
 
 
 class ExampleLevelDPSGD(PrivacyMechanism):
