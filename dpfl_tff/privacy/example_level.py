@@ -223,6 +223,10 @@ class ExampleLevelDPSGD(PrivacyMechanism):
 
         return queries.MeanQuery()
 
+    def cohort_size_covered(self) -> bool:
+        """Which clients take part is drawn independently of every record: its size reveals none."""
+        return True
+
     def clip_in(self, query_state: Any) -> float | None:
         return None  # the server clips nothing (each example's gradient is clipped at the clients)
 
