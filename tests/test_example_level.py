@@ -184,3 +184,35 @@ def test_compute_epsilon_gives_the_runs_record_epsilon():
     assert proc.stdout.startswith("record epsilon ")
     bad = run_compute_epsilon(f"--flagfile={CFG}", "--records_per_client=1,2")
     assert bad.returncode == 2 and bad.stderr.startswith("error: --records_per_client=1,2")
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_the_record_ledger_composes_each_clients_own_participations_as_dp_accounting_by_hand(accountant):
+    from dpfl_tff.privacy.events import PLD_DISCRETIZATION
+
+    counts, b, epochs, z, delta = [30, 100, 400], 10, 2, 1.1, 1e-5
+    cohorts = [[0, 1, 2], [1], [0, 2], [1, 2]]
+    ledger = example_level.RecordLedger(counts, b, epochs, z, delta, accountant)
+    seen = []
+    for cohort in cohorts:
+        preview, field = ledger.preview_of(cohort, "guarantee")
+        out = ledger.commit(cohort)
+        assert field == "record_epsilon" and preview == pytest.approx(out["record_epsilon"], rel=1e-12)
+        seen.append(out["record_epsilon"])
+    assert all(a <= b for a, b in zip(seen, seen[1:]))
+    parts = [2, 3, 3]
+    want = []
+    for n, p in zip(counts, parts):
+        acc = (dp_accounting.rdp.RdpAccountant() if accountant == "rdp"
+               else dp_accounting.pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION))
+        acc.compose(dp_accounting.PoissonSampledDpEvent(min(1.0, b / n), dp_accounting.GaussianDpEvent(z)),
+                    epochs * math.ceil(n / b) * p)
+        want.append(acc.get_epsilon(delta))
+    assert ledger.epsilons() == pytest.approx(want, rel=1e-9)
+    assert seen[-1] == max(ledger.epsilons())
+    # A resume replays the cohorts of ledger.jsonl into a fresh ledger: the same per-client figures.
+    replayed = example_level.RecordLedger(counts, b, epochs, z, delta, accountant)
+    for r, cohort in enumerate(cohorts, 1):
+        replayed.replay_entry({"round": r, "cohort": cohort})
+    assert replayed.epsilons() == ledger.epsilons() and replayed.summary_fields() == ledger.summary_fields()
+    assert ledger.summary_fields()["record_participations_max"] == 3
