@@ -216,3 +216,15 @@ def test_the_record_ledger_composes_each_clients_own_participations_as_dp_accoun
         replayed.replay_entry({"round": r, "cohort": cohort})
     assert replayed.epsilons() == ledger.epsilons() and replayed.summary_fields() == ledger.summary_fields()
     assert ledger.summary_fields()["record_participations_max"] == 3
+
+
+def test_a_sweep_of_z_ex_is_not_collapsed_into_the_no_dp_run():
+    from dpfl_tff import sweep
+    from dpfl_tff.config import DPConfig, ExperimentConfig, TaskConfig, TrainConfig
+
+    base = ExperimentConfig(task=TaskConfig(task="cross_silo_digits", num_clients=5),
+                            train=TrainConfig(rounds=2, clients_per_round=5, client_sampling="uniform"),
+                            dp=DPConfig(mode="none", dp_level="example"))
+    plan = sweep.expand(base, [sweep.Axis("example_noise_multiplier", (1.0, 2.0))], seeds=1)
+    assert [r.cfg.dp.example_noise_multiplier for r in plan.runs] == [1.0, 2.0]
+    assert all(r.cfg.dp.dp_level == "example" for r in plan.runs)
