@@ -653,10 +653,17 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         """The configuration as written to hparams.json; a sampling seed is only said to be set."""
         d = dataclasses.asdict(self)
+        if self.dp.dp_level == "client":  # as before record-level DP existed: older run folders still resume
+            for key in _EXAMPLE_LEVEL_FIELDS:
+                del d["dp"][key]
         if self.train.sampling_seed is not None:
             d["train"]["sampling_seed"] = SEED_REDACTED
         d["resolved_target_delta"] = self.target_delta
         return d
+
+
+# DPConfig's fields that only --dp_level=example reads (hparams.json leaves them out at the client level).
+_EXAMPLE_LEVEL_FIELDS = ("dp_level", "example_clip_norm", "example_noise_multiplier", "record_counts")
 
 
 def check_worker_address(address: str, flag_value: str) -> None:
