@@ -108,7 +108,8 @@ def local_dp_sgd_training(spec: LocalDPSGD, model: tf.keras.Model, loss_fn, opti
     """A client's local DP-SGD on its `n` records `x[:n], y[:n]`, from the model's current weights (graph-safe).
 
     Every step draws a Poisson batch at q = min(1, b / n), applies `optimizer` (a `tff.learning.optimizers`
-    optimizer) to `noised_mean_gradient`, and updates the model's trainable variables in place.
+    optimizer) to `noised_mean_gradient`, and updates the model's trainable variables in place. The loss is
+    `loss_fn` per example only (a model's regularization losses are not added).
 
     Returns:
       (steps run, examples drawn in all steps): these stay at the client.
