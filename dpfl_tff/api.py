@@ -92,8 +92,11 @@ def make_config(flagfile: str | None = None, **flag_values: Any) -> C.Experiment
         train["client_sampling"] = mechanism.default_client_sampling
     if not fv["model"].present and fv["task"].value in C.TEXT_TASK_MODELS:
         train["model"] = C.TEXT_TASK_MODELS[fv["task"].value]
+    dp = section(C.DPConfig)
+    if dp["dp_level"] == "example" and not fv["dp_mode"].present:  # record level: the server adds no noise
+        dp["mode"] = "none"
     cfg = C.ExperimentConfig(task=C.TaskConfig(**section(C.TaskConfig)), train=C.TrainConfig(**train),
-                             dp=C.DPConfig(**section(C.DPConfig)), **section(C.ExperimentConfig))
+                             dp=C.DPConfig(**dp), **section(C.ExperimentConfig))
     return plan.check(cfg)
 
 
@@ -146,6 +149,7 @@ def with_record_counts(cfg: C.ExperimentConfig, records_per_client: list[str] | 
                               f"{cfg.task.num_clients} values (one per client)")
         n = len(counts)
     else:
+        quiet_tensorflow()
         from dpfl_tff.tasks import load_task
 
         data = load_task(cfg.task, cfg.train.seed)

@@ -468,8 +468,8 @@ class DPConfig:
         "client", PRIVACY,
         "What DP protects: client (a client's whole data; --dp_mode picks the mechanism) | example (one record "
         "of a client: every client trains with DP-SGD, per-example clip --example_clip_norm, Gaussian noise "
-        "--example_noise_multiplier, Poisson batches of expected size --client_batch_size; needs --dp_mode=none: "
-        "the server averages updates that are already private; reported as record_epsilon, the maximum over "
+        "--example_noise_multiplier, Poisson batches of expected size --client_batch_size; needs --dp_mode=none, "
+        "its default then: the server averages updates that are already private; reported as record_epsilon, the maximum over "
         "clients; docs/privacy.md#record-level-dp-example-level-dp-sgd).",
     )
     example_clip_norm: float = _field(

@@ -228,3 +228,24 @@ def test_a_sweep_of_z_ex_is_not_collapsed_into_the_no_dp_run():
     plan = sweep.expand(base, [sweep.Axis("example_noise_multiplier", (1.0, 2.0))], seeds=1)
     assert [r.cfg.dp.example_noise_multiplier for r in plan.runs] == [1.0, 2.0]
     assert all(r.cfg.dp.dp_level == "example" for r in plan.runs)
+
+
+def test_dp_level_example_without_dp_mode_means_the_server_adds_no_noise():
+    import dpfl_tff
+
+    cfg = dpfl_tff.make_config(flagfile=CFG, dp_level="example", num_clients=5, clients_per_round=5)
+    assert cfg.dp.mode == "none"
+    assert _driver_config(["--dp_level=example", "--task=cross_silo_digits", "--num_clients=5",
+                           "--clients_per_round=5"]).dp.mode == "none"
+
+
+def _driver_config(args):
+    from absl import flags
+    from absl.testing import flagsaver
+
+    from experiments import flags as dpfl_flags
+
+    with flagsaver.flagsaver():
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["run_federated", *args])
+        return dpfl_flags.experiment_config()
