@@ -144,7 +144,7 @@ def main(argv: list[str]) -> None:
             print(f"calibrated example noise multiplier: {result['example_noise_multiplier']:.6g} for record epsilon "
                   f"<= {result['target_epsilon']:g}")
         print(f"record epsilon {result['record_epsilon']:.6g} at delta {result['delta']:.3g} after {result['rounds']} "
-              f"rounds, the maximum over {len(result['record_counts'])} clients ({result['analysis']}; "
+              f"rounds, the maximum over {result['num_clients']} clients ({result['analysis']}; "
               f"{result['accountant'].upper()}); client level: no guarantee (epsilon inf)")
     elif result["neighboring_relation"] is None:
         print("--dp_mode=none: no DP guarantee, epsilon is infinite")

@@ -249,3 +249,10 @@ def _driver_config(args):
         flags.FLAGS.unparse_flags()
         flags.FLAGS(["run_federated", *args])
         return dpfl_flags.experiment_config()
+
+
+def test_more_than_100_clients_get_quantiles_in_the_summary():
+    eps = [float(i) for i in range(101)]
+    assert example_level.per_client(eps[:100]) == {"record_epsilon_per_client": eps[:100]}
+    q = example_level.per_client(eps[::-1])["record_epsilon_quantiles"]
+    assert q == {"0": 0.0, "0.5": 50.0, "0.9": 90.0, "0.99": 99.0, "1": 100.0}

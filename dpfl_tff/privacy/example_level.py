@@ -67,6 +67,14 @@ def _step_rdp(q: float, z: float, orders: tuple[float, ...] | None) -> tuple[Any
     return acc.orders, acc.rdp
 
 
+def _counts_field(counts: Sequence[int]) -> dict[str, Any]:
+    """`record_counts` (each client's n_i) up to PER_CLIENT_LIMIT clients, else their min, max and total."""
+    if len(counts) <= PER_CLIENT_LIMIT:
+        return {"record_counts": list(counts)}
+    return {"record_counts_range": {"clients": len(counts), "min": min(counts), "max": max(counts),
+                                    "total": sum(counts)}}
+
+
 def per_client(eps: list[float]) -> dict[str, Any]:
     """`record_epsilon_per_client` (up to PER_CLIENT_LIMIT clients), else `record_epsilon_quantiles` (nearest rank,
     rounded up: each quantile is a client's value at or above it)."""
@@ -259,7 +267,7 @@ class ExampleLevelDPSGD(PrivacyMechanism):
         dp = self.cfg.dp
         return {"dp_level": "example", "example_clip_norm": dp.example_clip_norm,
                 "example_noise_multiplier": dp.example_noise_multiplier, "record_neighboring_relation": RECORD_RELATION,
-                "expected_batch": self.cfg.train.client_batch_size, "record_counts": list(dp.record_counts)}
+                "expected_batch": self.cfg.train.client_batch_size, **_counts_field(dp.record_counts)}
 
     def privacy_line(self, planned: dict[str, Any]) -> str:
         cfg = self.cfg
