@@ -98,8 +98,11 @@ def make_config(flagfile: str | None = None, **flag_values: Any) -> C.Experiment
         train["client_sampling"] = mechanism.default_client_sampling
     if not fv["model"].present and fv["task"].value in C.TEXT_TASK_MODELS:
         train["model"] = C.TEXT_TASK_MODELS[fv["task"].value]
+    dp = section(C.DPConfig)
+    if dp["dp_level"] == "example" and not fv["dp_mode"].present:  # record level: the server adds no noise
+        dp["mode"] = "none"
     cfg = C.ExperimentConfig(task=C.TaskConfig(**section(C.TaskConfig)), train=C.TrainConfig(**train),
-                             dp=C.DPConfig(**section(C.DPConfig)), **section(C.ExperimentConfig))
+                             dp=C.DPConfig(**dp), **section(C.ExperimentConfig))
     return plan.check(cfg)
 
 
@@ -108,7 +111,8 @@ def epsilon(cfg: C.ExperimentConfig | None = None, flagfile: str | None = None, 
     """The epsilon of a planned run without training: `experiments.compute_epsilon`'s JSON object, as a dict.
 
     No data is loaded: N is `num_clients` (also for tasks with their own client split). With
-    `target_epsilon`, the calibrated `noise_multiplier` is in the result. Imports no TensorFlow.
+    `target_epsilon`, the calibrated `noise_multiplier` is in the result. Imports no TensorFlow, except with
+    `dp_level="example"`, whose clients' record counts are counted from the task's data (`with_record_counts`).
 
     Returns:
       `epsilon`, `delta` (the stated delta: `target_delta` plus the noise sampler's term), `accountant`,
@@ -123,8 +127,44 @@ def epsilon(cfg: C.ExperimentConfig | None = None, flagfile: str | None = None, 
         cfg = make_config(flagfile, **flag_values)
     elif flagfile is not None or flag_values:
         raise ConfigError("give either cfg or flags (flagfile=..., name=value), not both")
-    return planned_epsilon(plan.check(dataclasses.replace(
-        cfg, task=dataclasses.replace(cfg.task, num_clients_known=True))), participations)
+    return planned_epsilon(with_record_counts(plan.check(dataclasses.replace(
+        cfg, task=dataclasses.replace(cfg.task, num_clients_known=True)))), participations)
+
+
+def with_record_counts(cfg: C.ExperimentConfig, records_per_client: list[str] | tuple = ()) -> C.ExperimentConfig:
+    """`cfg` (--dp_level=example) with each client's record count: given (one value for all, or one per client),
+    or counted from the task's data (loaded: imports TensorFlow).
+
+    Raises:
+      ConfigError: counts that are not integers >= 1, or not one per client.
+    """
+    if cfg.dp.dp_level != "example" or cfg.dp.record_counts:
+        return cfg
+    given = ",".join(map(str, records_per_client))
+    if records_per_client:
+        try:
+            counts = [int(v) for v in records_per_client]
+        except ValueError:
+            counts = [0]
+        if min(counts) < 1:
+            raise ConfigError(f"--records_per_client={given}: must be integers >= 1")
+        if len(counts) == 1:
+            counts = counts * cfg.task.num_clients
+        if len(counts) != cfg.task.num_clients:
+            raise ConfigError(f"--records_per_client={given}: give one value, or --num_clients="
+                              f"{cfg.task.num_clients} values (one per client)")
+        n = len(counts)
+    else:
+        quiet_tensorflow()
+        from dpfl_tff.tasks import load_task
+
+        data = load_task(cfg.task, cfg.train.seed)
+        counts, n = [data.client_size(c) for c in range(data.num_clients)], data.num_clients
+    from dpfl_tff import plan
+
+    return plan.check(dataclasses.replace(
+        cfg, task=dataclasses.replace(cfg.task, num_clients=n, num_clients_known=True),
+        dp=dataclasses.replace(cfg.dp, record_counts=tuple(counts))))
 
 
 def planned_epsilon(cfg: C.ExperimentConfig, participations: int | None = None) -> dict[str, Any]:

@@ -18,6 +18,9 @@ from typing import Any
 from dpfl_tff.errors import ConfigError
 
 DP_MODES = ("none", "central", "local", "ftrl", "bandmf", "blt")
+# What one unit of privacy is: a client's whole data (every --dp_mode), or one record inside a client
+# (DP-SGD in every client, `privacy.example_level`).
+DP_LEVELS = ("client", "example")
 LOCAL_MECHANISMS = ("gaussian", "laplace")
 CLIENT_SAMPLING = ("poisson", "uniform", "shuffle", "banded", "cyclic")
 ACCOUNTANTS = ("rdp", "pld")
@@ -28,7 +31,8 @@ PARTITIONS = ("iid", "dirichlet")
 # the server; the other modes: epsilon), or the central view (`epsilon`, what the model reveals).
 MAX_EPSILON_VIEWS = ("guarantee", "central")
 # Registered tasks and models (dpfl_tff.tasks.TASKS, dpfl_tff.models.MODELS; a test keeps them equal).
-TASK_NAMES = ("digits", "synthetic", "emnist", "cifar10", "cifar100", "shakespeare", "stackoverflow")
+TASK_NAMES = ("digits", "synthetic", "emnist", "cifar10", "cifar100", "shakespeare", "stackoverflow",
+              "cross_silo_digits")
 MODEL_NAMES = ("mlp", "cnn", "logistic", "emnist_cnn_dropout", "emnist_2nn", "resnet18_gn", "cifar_cnn",
                "shakespeare_lstm", "stackoverflow_lstm")
 # The text tasks (next-token prediction, clients streamed from disk) and the paper model each trains
@@ -153,7 +157,9 @@ class TaskConfig:
         "digits", TASK,
         "Task: digits (offline default, sklearn digits) | synthetic | emnist | cifar10 | cifar100 |"
         " shakespeare (715 clients, next character) | stackoverflow (342,477 clients, next word) (the last"
-        " five read files from --data_dir; the two text tasks stream their clients from disk), or"
+        " five read files from --data_dir; the two text tasks stream their clients from disk) |"
+        " cross_silo_digits (the digits in --num_clients = 5..20 silos of unequal size and label skew, for"
+        " --dp_level=example), or"
         " package.module:function returning a dpfl_tff.tasks.FederatedData (its own clients; see"
         " docs/tasks-and-models.md).",
     )
@@ -236,6 +242,9 @@ class TaskConfig:
     def validate(self) -> None:
         _check_task_name(self.task)
         _int_at_least("num_clients", self.num_clients, 1)
+        if self.task == "cross_silo_digits" and not 5 <= self.num_clients <= 20:
+            raise ConfigError(f"--num_clients={self.num_clients}: --task=cross_silo_digits splits the digits into "
+                              "5..20 silos")
         if not self.data_dir:
             raise ConfigError("--data_dir is empty: give the folder that holds (or will hold) the data files")
         _choice("partition", self.partition, PARTITIONS)
@@ -295,7 +304,9 @@ class TrainConfig:
     )
     client_batch_size: int = _field(
         20, TRAINING,
-        "Local batch size (>= 1).",
+        "Local batch size in examples (>= 1). With --dp_level=example: b, the expected batch of DP-SGD's "
+        "Poisson sampling (each of a client's n records joins a step with probability min(1, b/n); the noised "
+        "sum is divided by b).",
     )
     client_optimizer: str = _field(
         "sgd", TRAINING,
@@ -441,7 +452,7 @@ class DPConfig:
     target_delta: float | None = _field(
         None, PRIVACY,
         "delta of the reported (epsilon, delta), in (0, 1); unset = 1/N'^1.1 with N' = num_clients + "
-        "canary_clients.",
+        "canary_clients (--dp_level=example: N' = the clients' records in all).",
     )
     accountant: str = _field(
         "rdp", PRIVACY,
@@ -455,7 +466,8 @@ class DPConfig:
     target_epsilon: float | None = _field(
         None, PRIVACY,
         "If set (> 0): ignore --noise_multiplier and calibrate the smallest z whose epsilon after"
-        " --rounds is <= this (dp-accounting calibration). Also a budget guard: a run (a resumed one"
+        " --rounds is <= this (dp-accounting calibration; --dp_level=example: z_ex, on record_epsilon, the"
+        " maximum over clients). Also a budget guard: a run (a resumed one"
         " too, whose re-run rounds count again) stops before any round that would end above it;"
         " exit 0.",
     )
@@ -474,8 +486,27 @@ class DPConfig:
     max_epsilon: float | None = _field(
         None, PRIVACY,
         "Budget guard (> 0): stop before any round whose completion would push the guarded epsilon "
-        "(--max_epsilon_view) above this; exit 0.",
+        "(--max_epsilon_view; --dp_level=example: record_epsilon) above this; exit 0.",
     )
+    dp_level: str = _field(
+        "client", PRIVACY,
+        "What DP protects: client (a client's whole data; --dp_mode picks the mechanism) | example (one record "
+        "of a client: every client trains with DP-SGD, per-example clip --example_clip_norm, Gaussian noise "
+        "--example_noise_multiplier, Poisson batches of expected size --client_batch_size; needs --dp_mode=none, "
+        "its default then: the server averages updates that are already private; reported as record_epsilon, the maximum over "
+        "clients; docs/privacy.md#record-level-dp-example-level-dp-sgd).",
+    )
+    example_clip_norm: float = _field(
+        1.0, PRIVACY,
+        "--dp_level=example: C_ex, the L2 clip of each example's gradient (> 0, in gradient units).",
+    )
+    example_noise_multiplier: float = _field(
+        1.0, PRIVACY,
+        "--dp_level=example: z_ex, the std of the Gaussian noise on each DP-SGD step's sum of clipped gradients, "
+        "in units of --example_clip_norm (> 0; 0 is refused: no record-level privacy; ignored with "
+        "--target_epsilon, which calibrates it).",
+    )
+    record_counts: tuple[int, ...] = _field((), None)  # --dp_level=example: each client's n_i (plan.prepare)
     max_epsilon_view: str = _field(
         "guarantee", PRIVACY,
         "Which epsilon --max_epsilon caps: guarantee | central. guarantee: the one the mode promises "
@@ -509,6 +540,9 @@ class DPConfig:
                 raise ConfigError(f"--bands={self.bands}: must be an integer >= 1, or {BANDS_AUTO}")
         else:
             _int_at_least("bands", self.bands, 1)
+        _choice("dp_level", self.dp_level, DP_LEVELS)
+        _positive("example_clip_norm", self.example_clip_norm)
+        _nonnegative("example_noise_multiplier", self.example_noise_multiplier)
         # Settings a mode refuses (e.g. zero noise with a DP mode) are its mechanism's check (plan.check).
 
 
@@ -639,15 +673,25 @@ class ExperimentConfig:
         """The delta every reported epsilon (and the empirical epsilon) is computed at: 1/N'^1.1 by default."""
         if self.dp.target_delta is not None:
             return self.dp.target_delta
+        if self.dp.dp_level == "example" and self.dp.record_counts:
+            # Record-level: below 1 / (all clients' records), the federation's data set of records.
+            return default_delta(sum(self.dp.record_counts))
         return default_delta(self.population)
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as written to hparams.json; a sampling seed is only said to be set."""
         d = dataclasses.asdict(self)
+        if self.dp.dp_level == "client":  # as before record-level DP existed: older run folders still resume
+            for key in _EXAMPLE_LEVEL_FIELDS:
+                del d["dp"][key]
         if self.train.sampling_seed is not None:
             d["train"]["sampling_seed"] = SEED_REDACTED
         d["resolved_target_delta"] = self.target_delta
         return d
+
+
+# DPConfig's fields that only --dp_level=example reads (hparams.json leaves them out at the client level).
+_EXAMPLE_LEVEL_FIELDS = ("dp_level", "example_clip_norm", "example_noise_multiplier", "record_counts")
 
 
 def check_worker_address(address: str, flag_value: str) -> None:

@@ -56,6 +56,7 @@ from tensorflow.python.autograph.core import ag_ctx
 
 from dpfl_tff import runtime
 from dpfl_tff.client_hooks import ClientUpdateHook
+from dpfl_tff.privacy import dp_sgd
 from dpfl_tff.tasks.base import FederatedData
 
 # Client calls per worker and round when --clients_per_call=0: two let one call's small ops overlap
@@ -191,6 +192,7 @@ def build_grouped_fed_avg(
     files_root: str | None = None,
     client_hook: ClientUpdateHook | None = None,
     label_shape: Sequence[int] = (),
+    dp_sgd_spec: dp_sgd.LocalDPSGD | None = None,
 ) -> tff.learning.templates.LearningProcess:
     """The DP-FedAvg `LearningProcess` over client groups (see the module docstring).
 
@@ -210,6 +212,9 @@ def build_grouped_fed_avg(
         update before `preprocess_record` (the same hook must build the
         groups: `make_groups(hook=...)`), or None.
       label_shape: shape of one example's labels (() class labels; (L,) a token sequence).
+      dp_sgd_spec: record-level DP (`--dp_level=example`): every client trains with DP-SGD
+        (`privacy.dp_sgd.local_dp_sgd_training`) on its `lengths[i]` records instead of minibatch SGD
+        along `orders` (then `make_groups` gets orders of one pass, arange(n_i)).
 
     `next(state, groups)` takes `make_groups`' list (one entry per group).
     """
@@ -229,7 +234,7 @@ def build_grouped_fed_avg(
         return weights, query.derive_sample_params(agg_state)
 
     trainer = _GroupTrainer(query, client_optimizer, batch_size, input_shape, files_root, release_client_statistics,
-                            client_hook, tuple(int(d) for d in label_shape))
+                            client_hook, tuple(int(d) for d in label_shape), dp_sgd_spec)
     groups_type = group_type(input_shape, ship, client_hook, label_shape)
 
     @tff.tensorflow.computation(client_inputs.type_signature.result, groups_type)
@@ -280,8 +285,9 @@ class _GroupTrainer:
 
     def __init__(self, query, client_optimizer, batch_size: int, input_shape: tuple[int, ...],
                  files_root: str | None, release_client_statistics: bool, hook: ClientUpdateHook | None = None,
-                 label_shape: tuple[int, ...] = ()):
+                 label_shape: tuple[int, ...] = (), dp_sgd_spec: dp_sgd.LocalDPSGD | None = None):
         self.query, self.label_shape = query, label_shape
+        self.dp_sgd = dp_sgd_spec
         self.hook = hook
         self.client_optimizer = client_optimizer
         self.batch_size = batch_size
@@ -336,8 +342,38 @@ class _GroupTrainer:
         )
         return delta, stats
 
+    def _dp_sgd_training(self, model, weights, x, y, n, stats):
+        """Local DP-SGD of one client of `n` records from the server model; returns (delta, stats updated).
+
+        Nothing of `stats` leaves the client (record-level DP releases no client statistics).
+        """
+        trainable, non_trainable = model.trainable_variables, model.non_trainable_variables
+        for v, w in zip(trainable + non_trainable, list(weights.trainable) + list(weights.non_trainable)):
+            v.assign(w)  # every client starts from the server model
+        seed = None
+        if self.dp_sgd.noise_seed is not None:  # tests only: stateless, keyed by the seed and the server weights
+            from dpfl_tff.privacy.local_noise import _content_hash
+
+            seed = tf.stack([tf.constant(self.dp_sgd.noise_seed, tf.int64),
+                             _content_hash(list(weights.trainable)) + tf.cast(n, tf.int64) * 1000003])
+        with ag_ctx.ControlStatusCtx(status=ag_ctx.Status.ENABLED):
+            steps, drawn = dp_sgd.local_dp_sgd_training(self.dp_sgd, model, self.loss_fn, self.client_optimizer, x, y,
+                                                        n, seed)
+        with tf.control_dependencies([steps]):  # the deltas read the variables after the loop
+            delta = [w - v.read_value() for w, v in zip(weights.trainable, trainable)]  # TFF's sign
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(d)) for d in delta])
+        delta = [tf.where(finite, d, tf.zeros_like(d)) for d in delta]  # post-processing of the private delta
+        stats = collections.OrderedDict(
+            loss_sum=stats["loss_sum"], correct=stats["correct"], examples=stats["examples"] + drawn,
+            batches=stats["batches"] + tf.cast(steps, tf.int64),
+            nonfinite=stats["nonfinite"] + 1 - tf.cast(finite, tf.int64),
+        )
+        return delta, stats
+
     def _client_update(self, model, weights, group, i, stats):
         x_i, y_i = self._client_arrays(group, i)
+        if self.dp_sgd is not None:
+            return self._dp_sgd_training(model, weights, x_i, y_i, group["lengths"][i], stats)
         order = group["orders"][i, : group["lengths"][i]]
         return self._local_training(model, weights, x_i, y_i, order, group["lengths"][i], stats)
 

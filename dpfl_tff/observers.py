@@ -215,7 +215,10 @@ def progress_line(r: int, total: int, rec: dict[str, Any], relation: str | None,
         parts += [f"loss {_fmt(rec['train_loss'])}", f"acc {_fmt(rec['train_accuracy'])}"]
     if "test_accuracy" in rec:
         parts.append(f"test acc {rec['test_accuracy']:.4f}")
-    if relation is None:
+    if "record_epsilon" in rec:  # --dp_level=example: no client-level guarantee
+        parts.append(f"record eps {rec['record_epsilon']:.4g} (delta {rec['delta']:.3g}, add-or-remove-one record, "
+                     "max over clients)")
+    elif relation is None:
         parts.append("eps inf (no DP)")
     else:
         if "local_epsilon" in rec:

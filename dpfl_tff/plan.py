@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from dpfl_tff.config import BANDS_AUTO, ExperimentConfig
+from dpfl_tff.errors import ConfigError
 from dpfl_tff.privacy import accounting, coverage, registry
 from dpfl_tff.privacy.mechanism import PrivacyMechanism
 from dpfl_tff.sampling import SamplingScheme
@@ -104,6 +105,12 @@ def calibrated(cfg: ExperimentConfig) -> tuple[ExperimentConfig, list[str]]:
     out = accounting.with_calibrated_noise(cfg)
     if out is cfg:
         return cfg, []
+    if cfg.dp.dp_level == "example":
+        return out, [
+            f"calibrated --example_noise_multiplier={out.dp.example_noise_multiplier:.6g}: record_epsilon (max over "
+            f"clients) <= {cfg.dp.target_epsilon:g} if every client takes part in all {cfg.train.rounds} rounds "
+            "(the smallest z_ex to 1e-4 by RDP at its integer orders; the reported epsilon is at most that)"
+        ]
     return out, [
         f"calibrated --noise_multiplier={out.dp.noise_multiplier:.6g}: smallest z with epsilon "
         f"<= {cfg.dp.target_epsilon:g} after {cfg.train.rounds} rounds"
@@ -141,10 +148,20 @@ def prepare(cfg: ExperimentConfig, log: Callable[[str], None], stored_model_spec
         cfg = dataclasses.replace(
             cfg, task=dataclasses.replace(cfg.task, num_clients=data.num_clients, num_clients_known=True))
         check(cfg)
+    if cfg.dp.dp_level == "example":  # each client's record count: its sampling rate, steps and accounting
+        cfg = dataclasses.replace(cfg, dp=dataclasses.replace(
+            cfg.dp, record_counts=tuple(data.client_size(c) for c in range(data.num_clients))))
+        check(cfg)
     spec = model_specs.lookup(cfg.train.model, data.input_shape, data.num_classes, data.label_shape) \
         if stored_model_spec and ":" not in cfg.train.model else None
     if spec is None:
         spec = _built_model_spec(cfg, data)
+    state_not_aggregated = tuple(spec["state_not_aggregated"])
+    if cfg.dp.dp_level == "example" and state_not_aggregated:
+        raise ConfigError(
+            f"--model={cfg.train.model} with --dp_level=example: its training step updates non-trainable state "
+            f"({', '.join(state_not_aggregated)}, e.g. BatchNormalization), which per-example gradients cannot "
+            "compute and DP-SGD does not make private; use a model without it (e.g. GroupNormalization)")
     cfg = resolved(cfg, spec["parameters"])
     cfg, calibration = calibrated(cfg)
     mechanism = registry.mechanism_for(cfg)  # the run's one mechanism (`cfg` is checked, resolved, calibrated)
@@ -153,7 +170,7 @@ def prepare(cfg: ExperimentConfig, log: Callable[[str], None], stored_model_spec
         model_parameters=spec["parameters"],
         initial_weights=tuple(spec["initial_weights"]) if "initial_weights" in spec else tuple(
             np.zeros(shape, dtype) for shape, dtype in spec["weights"]),
-        state_not_aggregated=tuple(spec["state_not_aggregated"]),
+        state_not_aggregated=state_not_aggregated,
         not_covered=tuple(coverage.not_covered(cfg, mechanism)),
         weight_names=tuple(spec["weight_names"]),
     )

@@ -23,6 +23,7 @@ import tensorflow_federated as tff
 from dpfl_tff import grouped_fedavg, models
 from dpfl_tff.client_hooks import ClientUpdateHook
 from dpfl_tff.config import ExperimentConfig
+from dpfl_tff.privacy import dp_sgd
 from dpfl_tff.privacy.nonfinite import ZeroNonFiniteFactory
 from dpfl_tff.privacy.mechanism import PrivacyMechanism
 from dpfl_tff.privacy.registry import mechanism_for
@@ -90,6 +91,7 @@ def build_learning_process(
             files_root=None if files is None else files.root,
             client_hook=client_hook,
             label_shape=data.label_shape,
+            dp_sgd_spec=local_dp_sgd(cfg),
         )
     # TFF's own FedAvg around the same query, as a cross-check of the grouped process: the query's
     # preprocess_record runs at CLIENTS in TFF's DifferentiallyPrivateFactory too.
@@ -102,6 +104,14 @@ def build_learning_process(
         metrics_aggregator=None if release else _discard_client_metrics,
         loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR,
     )
+
+
+def local_dp_sgd(cfg: ExperimentConfig) -> dp_sgd.LocalDPSGD | None:
+    """The clients' DP-SGD of `--dp_level=example` (None at the client level)."""
+    if cfg.dp.dp_level != "example":
+        return None
+    return dp_sgd.LocalDPSGD(cfg.dp.example_clip_norm, cfg.dp.example_noise_multiplier, cfg.train.client_batch_size,
+                             cfg.train.client_epochs, cfg.dp.noise_seed)
 
 
 def _update_specs(cfg: ExperimentConfig, data: FederatedData) -> list[tf.TensorSpec]:
@@ -145,11 +155,14 @@ def round_input(
                                 t.client_max_examples)
             for c in cohort
         ]
-    orders = [
-        data.client_order(c, t.client_epochs, seed_of(c), t.client_shuffle_buffer, t.client_max_examples)
-        if client_hook is None or client_hook.has_data(c) else np.zeros(0, np.int64)
-        for c in cohort
-    ]
+    if cfg.dp.dp_level == "example":  # DP-SGD draws its own Poisson batches from all n_i records: one pass
+        orders = [np.arange(data.client_size(c), dtype=np.int64) for c in cohort]
+    else:
+        orders = [
+            data.client_order(c, t.client_epochs, seed_of(c), t.client_shuffle_buffer, t.client_max_examples)
+            if client_hook is None or client_hook.has_data(c) else np.zeros(0, np.int64)
+            for c in cohort
+        ]
     calls = grouped_fedavg.CALLS_PER_WORKER * max(1, len(cfg.workers))
     groups = grouped_fedavg.split_groups(len(cohort), t.clients_per_call, calls)
     return grouped_fedavg.make_groups(data, list(cohort), orders, groups, files, client_hook)

@@ -73,6 +73,18 @@ FIELDS: tuple[Field, ...] = (
     Field("blt_streams", COVERED, "BLT: noise streams composed so far", summary=True),
     Field("blt_sensitivity", COVERED, "BLT: sqrt(sum over streams of their min-sep sensitivity^2), clip units",
           summary=True),
+    Field("record_epsilon", COVERED, "--dp_level=example: record-level epsilon at --target_delta, the maximum "
+          "over clients (add-or-remove-one record)", tensorboard=True, summary=True),
+    Field("record_epsilon_client", COVERED, "--dp_level=example: the client whose record epsilon is the largest",
+          summary=True),
+    Field("record_steps_max", COVERED, "--dp_level=example: the most DP-SGD steps one client's record epsilon "
+          "composes", summary=True),
+    Field("record_epsilon_per_client", COVERED, "--dp_level=example: every client's record epsilon (up to 100 "
+          "clients)", summary_only=True),
+    Field("record_epsilon_quantiles", COVERED, "--dp_level=example: quantiles of the clients' record epsilons "
+          "(more than 100 clients)", summary_only=True),
+    Field("record_participations_max", COVERED, "--dp_level=example: the most rounds one client took part in",
+          summary_only=True),
     Field("delta", COVERED, "the stated delta: --target_delta + delta_sampler"),
     Field("delta_sampler", COVERED, "the noise samplers' truncation term (privacy.truncation)"),
     Field("accountant", COVERED, "rdp or pld"),

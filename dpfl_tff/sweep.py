@@ -149,6 +149,8 @@ def _resolve(base: C.ExperimentConfig, settings: dict[str, Any], keys: list[str]
     cfg, notes = base, []
     for flag, value in settings.items():
         cfg = with_flag(cfg, flag, value)
+    if cfg.dp.dp_level == "example":  # record-level DP (its own mechanism, dp_mode none): never the no-DP run
+        return settings, cfg, notes
     mechanism = registry.MECHANISMS.get(cfg.dp.mode)
     if mechanism is None:  # an unknown --dp_mode: plan.check names it
         return settings, cfg, notes

@@ -37,7 +37,7 @@ FINISHED = ("completed", "stopped_at_budget")
 NOISE_KEYS = ("noise_multiplier", "target_epsilon")
 COLUMNS = ("setting", "dp_mode", "noise_multiplier", "seeds_finished", "seeds", "epsilon", "epsilon_differs",
            "local_epsilon", "delta", "neighboring_relation", "accountant", "test_accuracy_mean",
-           "test_accuracy_std", "test_accuracy_n", "rounds", "wall_seconds_mean")
+           "test_accuracy_std", "test_accuracy_n", "rounds", "wall_seconds_mean", "record_epsilon")
 
 
 def _joined(values: list[Any]) -> Any:
@@ -50,6 +50,7 @@ def _row(setting: str, runs: list[Run], summaries: list[dict[str, Any]], keys: l
     settings = dict(runs[0].settings)
     eps = [float(s["epsilon"]) for s in summaries]
     local = [float(s["local_epsilon"]) for s in summaries if s.get("local_epsilon") is not None]
+    record = [float(s["record_epsilon"]) for s in summaries if s.get("record_epsilon") is not None]
     acc = [s["final_test_accuracy"] for s in summaries if s.get("final_test_accuracy") is not None]
     rounds = [s["rounds"] for s in summaries]
     walls = [s["wall_seconds"] for s in summaries if "wall_seconds" in s]
@@ -71,6 +72,7 @@ def _row(setting: str, runs: list[Run], summaries: list[dict[str, Any]], keys: l
         "test_accuracy_n": len(acc),
         "rounds": str(min(rounds)) if min(rounds) == max(rounds) else f"{min(rounds)}-{max(rounds)}",
         "wall_seconds_mean": statistics.fmean(walls) if walls else None,
+        "record_epsilon": max(record) if record else None,  # --dp_level=example: the max over clients and seeds
     }
 
 
@@ -102,6 +104,8 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def _epsilon_text(row: dict[str, Any]) -> str:
+    if row.get("record_epsilon") is not None:
+        return "inf (client level)"
     if math.isinf(row["epsilon"]):
         return "inf (no DP)"
     return f"{row['epsilon']:.4g}" + (" (max; differs over seeds)" if row["epsilon_differs"] else "")
@@ -123,6 +127,9 @@ def markdown(table: list[dict[str, Any]], unfinished: int, selection: str | None
     has_local = any(r["local_epsilon"] is not None for r in table)
     # With local DP rows, each epsilon column says which view it is (docs/privacy.md#local-dp).
     views = ["epsilon (central view)", "local epsilon (against the server)"] if has_local else ["epsilon"]
+    has_record = any(r.get("record_epsilon") is not None for r in table)
+    if has_record:  # --dp_level=example rows: the record-level guarantee (docs/privacy.md#record-level-dp-example-level-dp-sgd)
+        views.append("record epsilon (max over clients)")
     head = ["setting", *views,
             "delta", "relation", "accountant",
             "test accuracy (mean ± std, n seeds)", "rounds", "wall s (mean)"]
@@ -131,9 +138,14 @@ def markdown(table: list[dict[str, Any]], unfinished: int, selection: str | None
         cells = [f"`{r['setting']}`", _epsilon_text(r)]
         if has_local:
             cells.append(_fmt(r["local_epsilon"], ".4g"))
+        record = r.get("record_epsilon")
+        if has_record:
+            cells.append(_fmt(record, ".4g"))
         relation = (r["neighboring_relation"] or "none (no DP)").replace("_", "-")
+        if record is not None:
+            relation = "add-or-remove-one record"
         cells += [f"{r['delta']:.3g}" if isinstance(r["delta"], float) else str(r["delta"]), relation,
-                  str(r["accountant"]).upper() if not math.isinf(r["epsilon"]) else "-",
+                  str(r["accountant"]).upper() if not math.isinf(r["epsilon"]) or record is not None else "-",
                   _accuracy_text(r), r["rounds"], _fmt(r["wall_seconds_mean"], ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["", "std: sample standard deviation over seeds (n - 1). epsilon: the largest over the seeds, at the "
@@ -177,7 +189,9 @@ def plot(sweep: SweepPlan, table: list[dict[str, Any]], path: str) -> str | None
     plt = pyplot()
 
     settings = {r.setting or "(base)": dict(r.settings) for r in sweep.runs}
-    points = [r for r in table if r["test_accuracy_mean"] is not None]
+    # --dp_level=example rows are drawn at their record epsilon (their client-level epsilon is inf).
+    points = [{**r, "epsilon": r["record_epsilon"], "neighboring_relation": "record-level add_or_remove_one_record"}
+              if r.get("record_epsilon") is not None else r for r in table if r["test_accuracy_mean"] is not None]
     if not points:
         return None
     lines: dict[str, list[dict[str, Any]]] = {}
@@ -210,7 +224,8 @@ def plot(sweep: SweepPlan, table: list[dict[str, Any]], path: str) -> str | None
                     ax.axhspan(mean - s, mean + s, color="gray", alpha=0.15)
     if finite and min(finite) > 0 and max(finite) / min(finite) > 10:
         ax.set_xscale("log")
-    ax.set_xlabel("epsilon after the run (largest over seeds; local DP: both views, see the legend)")
+    ax.set_xlabel("epsilon after the run (largest over seeds; local DP: both views, see the legend; record-level "
+                  "DP: record epsilon)")
     ax.set_ylabel("test accuracy (mean ± std over seeds)")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)

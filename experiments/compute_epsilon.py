@@ -22,6 +22,11 @@ TensorFlow (dp-accounting only) and answers in about a second.
 comma lists are then the grid the candidates are drawn from. The JSON line
 holds `procedure_epsilon` beside `per_run_epsilon` and the plain composition
 of --repetitions_mean runs (rounded up).
+
+--dp_level=example gives record_epsilon (the maximum over clients of their
+record-level epsilon, every client in all --rounds or --participations) and
+every client's value in record_epsilon_per_client; it needs each client's
+record count: --records_per_client, or else the task's data is loaded.
 """
 
 from __future__ import annotations
@@ -41,6 +46,12 @@ from experiments import cli
 from experiments import flags as dpfl_flags
 from experiments import selection_flags
 
+RECORDS_PER_CLIENT = flags.DEFINE_list(
+    "records_per_client",
+    [],
+    "--dp_level=example: each client's record count n_i (integers >= 1), a comma list of --num_clients values, "
+    "or one value for every client. Unset: the task's data is loaded to count them (imports TensorFlow).",
+)
 PARTICIPATIONS = flags.DEFINE_integer(
     "participations",
     None,
@@ -101,6 +112,8 @@ def main(argv: list[str]) -> None:
         sel = selection_flags.selection_config()
         # No data is loaded here: N is --num_clients, also for tasks with their own split.
         cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, num_clients_known=True))
+        if cfg.dp.dp_level == "example":
+            cfg = api.with_record_counts(plan.check(cfg), RECORDS_PER_CLIENT.value)
         if sel.select == "private":
             result = compute_selection([plan.check(c) for c in _combinations(cfg)], sel)
             print(f"procedure epsilon {result['procedure_epsilon']:.6g} at delta {result['delta']:.3g} for the best "
@@ -116,7 +129,9 @@ def main(argv: list[str]) -> None:
         for r in results:
             print(_jsonable(r))
         eps = [r["epsilon"] for r in results]
+        record = [r["record_epsilon"] for r in results if "record_epsilon" in r]
         print(_jsonable({
+            **({"record_epsilon_min": min(record), "record_epsilon_max": max(record)} if record else {}),
             "combinations": len(results), **{n: v for n, v in _lists.items()},
             "epsilon_min": min(eps), "epsilon_max": max(eps),
             "delta": results[0]["delta"], "accountant": results[0]["accountant"],
@@ -124,7 +139,14 @@ def main(argv: list[str]) -> None:
         }))
         return
     result = results[0]
-    if result["neighboring_relation"] is None:
+    if "record_epsilon" in result:  # --dp_level=example
+        if result["target_epsilon"] is not None:
+            print(f"calibrated example noise multiplier: {result['example_noise_multiplier']:.6g} for record epsilon "
+                  f"<= {result['target_epsilon']:g}")
+        print(f"record epsilon {result['record_epsilon']:.6g} at delta {result['delta']:.3g} after {result['rounds']} "
+              f"rounds, the maximum over {result['num_clients']} clients ({result['analysis']}; "
+              f"{result['accountant'].upper()}); client level: no guarantee (epsilon inf)")
+    elif result["neighboring_relation"] is None:
         print("--dp_mode=none: no DP guarantee, epsilon is infinite")
     else:
         if "bands_chosen" in result:  # --bands=auto: every feasible B's expected error is in the JSON line
@@ -168,7 +190,7 @@ _PRIVACY = tuple(f for f in dpfl_flags.PRIVACY_FLAGS if f.name != "noise_seed")
 _SHOWN = {f.name for f in (*_USED, *_PRIVACY)}
 GROUPS = (
     ("Population and schedule", _USED),
-    ("Privacy", (*_PRIVACY, PARTICIPATIONS)),
+    ("Privacy", (*_PRIVACY, PARTICIPATIONS, RECORDS_PER_CLIENT)),
     ("Private selection (as experiments.sweep --select=private)", selection_flags.register_for(__name__)),
     ("Accepted and ignored (so that run_federated's flagfiles work here)",
      tuple(f for _, group in dpfl_flags.GROUPS for f in group if f.name not in _SHOWN)),

@@ -102,11 +102,19 @@ def _train_section() -> dict:
     return train
 
 
+def _dp_section() -> dict:
+    """The privacy fields; with --dp_level=example and no --dp_mode given, --dp_mode is none (the only one it takes)."""
+    dp = _section(C.DPConfig)
+    if dp["dp_level"] == "example" and not HOLDERS["dp_mode"].present:
+        dp["mode"] = "none"
+    return dp
+
+
 def experiment_config() -> C.ExperimentConfig:
     """Builds the (unvalidated) configuration from the parsed flags."""
     return C.ExperimentConfig(
         task=C.TaskConfig(**_section(C.TaskConfig)),
         train=C.TrainConfig(**_train_section()),
-        dp=C.DPConfig(**_section(C.DPConfig)),
+        dp=C.DPConfig(**_dp_section()),
         **_section(C.ExperimentConfig),
     )

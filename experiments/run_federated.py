@@ -127,7 +127,10 @@ def main(argv: list[str]) -> None:
 def done_line(s: dict, output_dir: str) -> str:
     """The final `done:` line: rounds, accuracy, epsilon (and the audit's empirical epsilon beside it)."""
     relation = (s["neighboring_relation"] or "").replace("_", "-")
-    if not relation:
+    if s.get("record_epsilon") is not None:  # --dp_level=example
+        eps = (f"inf at the client level; record epsilon {s['record_epsilon']:.4g} (add-or-remove-one record, max "
+               f"over clients, {s['accountant'].upper()})")
+    elif not relation:
         eps = "inf (no DP)"
     elif s["noise_multiplier"] == 0:
         eps = f"inf (no DP noise: --noise_multiplier=0; {relation})"

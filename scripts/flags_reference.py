@@ -24,7 +24,8 @@ PATH = os.path.join(ROOT, "docs", "flags.md")
 
 
 def tables() -> str:
-    groups = (*dpfl_flags.GROUPS, ("compute_epsilon", (compute_epsilon.PARTICIPATIONS,)), *run_worker.GROUPS,
+    groups = (*dpfl_flags.GROUPS, ("compute_epsilon", (compute_epsilon.PARTICIPATIONS, compute_epsilon.RECORDS_PER_CLIENT)),
+              *run_worker.GROUPS,
               sweep.GROUPS[-1], audit.GROUPS[-1])
     return f"{BEGIN}\n\n{cli.markdown_tables(groups)}\n{END}"
 

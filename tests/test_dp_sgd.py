@@ -12,10 +12,10 @@ import tensorflow as tf
 from dpfl_tff.privacy import dp_sgd, events
 
 
-def _model(d_in=6, hidden=5, classes=3):
+def _model(d_in=6, hidden=5, classes=3, dtype="float32"):
     tf.keras.utils.set_random_seed(3)
-    m = tf.keras.Sequential([tf.keras.layers.Dense(hidden, activation="tanh", input_shape=(d_in,)),
-                             tf.keras.layers.Dense(classes)])
+    m = tf.keras.Sequential([tf.keras.layers.Dense(hidden, activation="tanh", input_shape=(d_in,), dtype=dtype),
+                             tf.keras.layers.Dense(classes, dtype=dtype)])
     m.build((None, d_in))
     return m
 
@@ -23,10 +23,19 @@ def _model(d_in=6, hidden=5, classes=3):
 _LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def test_vectorized_clipping_equals_per_example_loop():
-    model = _model()
+@pytest.mark.parametrize("dtype, rtol, atol", [
+    # float64: the vectorized and the looped gradients differ only by float64 rounding.
+    ("float64", 1e-12, 1e-15),
+    # float32: they sum the same products in another order, so a small coordinate that is a difference of
+    # larger terms is off by rounding at the scale of those terms, not of itself (seen: 3.1e-7 absolute on a
+    # coordinate of 4e-5, the largest entry being 0.16, i.e. ~16 float32 epsilons of it); 1e-6 absolute is a
+    # margin of 3 over that. The float64 case above is the exact comparison.
+    ("float32", 1e-5, 1e-6),
+])
+def test_vectorized_clipping_equals_per_example_loop(dtype, rtol, atol):
+    model = _model(dtype=dtype)
     rng = np.random.default_rng(0)
-    x = tf.constant(rng.normal(size=(9, 6)) * 3, tf.float32)
+    x = tf.constant(rng.normal(size=(9, 6)) * 3, dtype)
     y = tf.constant(rng.integers(0, 3, size=9), tf.int32)
     clip = 0.4
     clipped, norms = dp_sgd.clip_per_example(dp_sgd.per_example_gradients(model, _LOSS, x, y), clip)
@@ -35,10 +44,10 @@ def test_vectorized_clipping_equals_per_example_loop():
             loss = _LOSS(y[i:i + 1], model(x[i:i + 1], training=True))
         g = tape.gradient(loss, model.trainable_variables)
         norm = math.sqrt(sum(float(tf.reduce_sum(t * t)) for t in g))
-        np.testing.assert_allclose(float(norms[i]), norm, rtol=1e-5)
+        np.testing.assert_allclose(float(norms[i]), norm, rtol=rtol)
         factor = min(1.0, clip / norm)
         for gv, cv in zip(g, clipped):
-            np.testing.assert_allclose(cv[i].numpy(), gv.numpy() * factor, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(cv[i].numpy(), gv.numpy() * factor, rtol=rtol, atol=atol)
     # At least one example was actually clipped, so the test exercises the scaling.
     assert float(tf.reduce_max(norms)) > clip
 

@@ -78,6 +78,8 @@ def check_sampler_delta(cfg: ExperimentConfig, mechanism: PrivacyMechanism | Non
     """
     mechanism = mechanism or mechanism_for(cfg)
     z = cfg.dp.noise_multiplier
+    if cfg.dp.dp_level == "example":
+        return _check_example_sampler_delta(cfg, mechanism)
     if not mechanism.provides_dp or z == 0 or mechanism.noise_seeded:
         return
     limit = truncation.MAX_FRACTION_OF_DELTA * cfg.target_delta
@@ -110,6 +112,19 @@ def check_sampler_delta(cfg: ExperimentConfig, mechanism: PrivacyMechanism | Non
         f"{cfg.train.rounds} rounds, above 1% of the delta ({cfg.target_delta:.3g}) "
         f"(docs/privacy.md#floating-point-noise){smallest}"
     )
+
+
+def _check_example_sampler_delta(cfg: ExperimentConfig, mechanism: PrivacyMechanism) -> None:
+    """`check_sampler_delta` for --dp_level=example: the worst client's DP-SGD steps, at --example_noise_multiplier."""
+    z = cfg.dp.example_noise_multiplier
+    if z == 0 or mechanism.noise_seeded:
+        return
+    term = truncation.delta_sampler(mechanism.planned_out_of_reach(cfg.train.rounds), cfg.target_delta)
+    if term > truncation.MAX_FRACTION_OF_DELTA * cfg.target_delta:
+        raise ConfigError(
+            f"--example_noise_multiplier={z:g}: the noise sampler's bound adds delta_sampler={term:.3g} over the "
+            f"worst client's DP-SGD steps in {cfg.train.rounds} rounds, above 1% of the delta "
+            f"({cfg.target_delta:.3g}) (docs/privacy.md#floating-point-noise); raise --example_noise_multiplier")
 
 
 def _rounded_up(x: float) -> float:
@@ -172,6 +187,16 @@ def with_calibrated_noise(cfg: ExperimentConfig) -> ExperimentConfig:
     """`cfg` with `noise_multiplier` calibrated to `dp.target_epsilon` (unchanged if unset)."""
     if cfg.dp.target_epsilon is None:  # the mechanisms that cannot be calibrated refuse it (their check)
         return cfg
+    if cfg.dp.dp_level == "example":
+        from dpfl_tff.privacy.example_level import calibrate_example_noise
+
+        if not cfg.dp.record_counts:
+            raise ConfigError(f"--target_epsilon={cfg.dp.target_epsilon} with --dp_level=example: the calibration "
+                              "needs each client's record count (the task's data)")
+        z = calibrate_example_noise(cfg, cfg.dp.target_epsilon)
+        out = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, example_noise_multiplier=z)).validate()
+        check_sampler_delta(out)
+        return out
     z = calibrate_noise_multiplier(cfg, cfg.dp.target_epsilon)
     out = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, noise_multiplier=z)).validate()
     check_sampler_delta(out)

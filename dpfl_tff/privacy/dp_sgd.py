@@ -10,10 +10,13 @@ size b (a fixed denominator: dividing by the drawn size would leak it).
 Accounted as `PoissonSampledDpEvent(q, GaussianDpEvent(z))` per step,
 add-or-remove-one record (`privacy.events.example_level_client_event`).
 
-Not yet wired into the training loop (issue 26, partial).
+The training loop runs it in every client with `--dp_level=example`
+(`grouped_fedavg._GroupTrainer`, `privacy.example_level`).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import tensorflow as tf
 
@@ -49,6 +52,19 @@ def poisson_mask(n: tf.Tensor, q: float, seed: tf.Tensor | None = None) -> tf.Te
     return u < q
 
 
+def clipped_sum(model: tf.keras.Model, loss_fn, x: tf.Tensor, y: tf.Tensor, clip: float) -> list[tf.Tensor]:
+    """The sum over the batch of the clipped per-example gradients (zeros for an empty batch; graph-safe)."""
+
+    def nonempty():
+        clipped, _ = clip_per_example(per_example_gradients(model, loss_fn, x, y), clip)
+        return [tf.reduce_sum(g, axis=0) for g in clipped]
+
+    def empty():
+        return [tf.zeros_like(v) for v in model.trainable_variables]
+
+    return tf.cond(tf.shape(x)[0] > 0, nonempty, empty)
+
+
 def noised_mean_gradient(model: tf.keras.Model, loss_fn, x: tf.Tensor, y: tf.Tensor, clip: float,
                          noise_multiplier: float, expected_batch: float, seed: tf.Tensor | None = None,
                          op_seed: int | None = None) -> list[tf.Tensor]:
@@ -62,11 +78,7 @@ def noised_mean_gradient(model: tf.keras.Model, loss_fn, x: tf.Tensor, y: tf.Ten
       expected_batch: b = q n, the fixed denominator.
       seed, op_seed: noise seeds, tests only.
     """
-    if tf.shape(x)[0] == 0:
-        summed = [tf.zeros_like(v) for v in model.trainable_variables]
-    else:
-        clipped, _ = clip_per_example(per_example_gradients(model, loss_fn, x, y), clip)
-        summed = [tf.reduce_sum(g, axis=0) for g in clipped]
+    summed = clipped_sum(model, loss_fn, x, y, clip)
     out = []
     for k, s in enumerate(summed):
         s_seed = None if seed is None else tf.cast(seed, tf.int64) + tf.constant([k, 0], tf.int64) * 104729
@@ -74,3 +86,53 @@ def noised_mean_gradient(model: tf.keras.Model, loss_fn, x: tf.Tensor, y: tf.Ten
         noised = sampler.add_noise(s, noise_multiplier * clip, seed=s_seed, op_seed=s_op)
         out.append(noised / tf.cast(expected_batch, s.dtype))
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalDPSGD:
+    """What a client's DP-SGD needs (`--dp_level=example`): C_ex, z_ex, the expected batch b, the epochs per round.
+
+    A client of n records runs `epochs * ceil(n / b)` steps a round (`privacy.example_level.local_steps`).
+    `noise_seed`: tests only (stateless noise and batches; no privacy).
+    """
+
+    clip: float
+    noise_multiplier: float
+    expected_batch: int
+    epochs: int
+    noise_seed: int | None = None
+
+
+def local_dp_sgd_training(spec: LocalDPSGD, model: tf.keras.Model, loss_fn, optimizer, x: tf.Tensor, y: tf.Tensor,
+                          n: tf.Tensor, seed_base: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+    """A client's local DP-SGD on its `n` records `x[:n], y[:n]`, from the model's current weights (graph-safe).
+
+    Every step draws a Poisson batch at q = min(1, b / n), applies `optimizer` (a `tff.learning.optimizers`
+    optimizer) to `noised_mean_gradient`, and updates the model's trainable variables in place. The loss is
+    `loss_fn` per example only (a model's regularization losses are not added).
+
+    Returns:
+      (steps run, examples drawn in all steps): these stay at the client.
+    """
+    trainable = model.trainable_variables
+    n = tf.cast(n, tf.int32)
+    b = int(spec.expected_batch)
+    steps = spec.epochs * ((n + b - 1) // b)
+    q = tf.minimum(tf.constant(1.0, tf.float64), tf.cast(b, tf.float64) / tf.cast(tf.maximum(n, 1), tf.float64))
+    x, y = x[:n], y[:n]
+    opt_state = optimizer.initialize(tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable))
+
+    def step(k, opt_state, drawn):
+        seed = None if seed_base is None else tf.cast(seed_base, tf.int64) + tf.stack(
+            [tf.constant(0, tf.int64), tf.cast(k, tf.int64) * 7907])
+        mask = poisson_mask(n, q, seed=None if seed is None else seed + tf.constant([0, 1], tf.int64))
+        idx = tf.reshape(tf.where(mask), [-1])
+        xb, yb = tf.gather(x, idx), tf.gather(y, idx)
+        grads = noised_mean_gradient(model, loss_fn, xb, yb, spec.clip, spec.noise_multiplier, b,
+                                     seed=None if seed is None else seed + tf.constant([0, 2], tf.int64))
+        opt_state, new = optimizer.next(opt_state, tuple(trainable), tuple(grads))
+        with tf.control_dependencies([v.assign(w) for v, w in zip(trainable, new)]):
+            return k + 1, opt_state, drawn + tf.cast(tf.size(idx), tf.int64)
+
+    k, _, drawn = tf.while_loop(lambda k, *_: k < steps, step, (tf.constant(0), opt_state, tf.constant(0, tf.int64)))
+    return k, drawn

@@ -112,6 +112,10 @@ class Ledger:
         """
         return {"epsilon": math.inf, **self.sampler_fields(self.released + max(rounds - resume_round, 0))}
 
+    def summary_fields(self) -> dict[str, Any]:
+        """Fields summary.json gets from the ledger when the run ends (beyond the last round's copies)."""
+        return {}
+
     def prefetch(self) -> None:
         """Starts computing the epsilon of the next release (PLD: in the background)."""
 

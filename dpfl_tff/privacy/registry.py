@@ -6,6 +6,7 @@ from dpfl_tff.config import DP_MODES, ExperimentConfig
 from dpfl_tff.privacy.bandmf import BandedMatrixFactorization
 from dpfl_tff.privacy.blt import BLTFTRL
 from dpfl_tff.privacy.central import CentralGaussian
+from dpfl_tff.privacy.example_level import ExampleLevelDPSGD
 from dpfl_tff.privacy.ftrl import TreeAggregationFTRL
 from dpfl_tff.privacy.local import LocalNoise
 from dpfl_tff.privacy.mechanism import PrivacyMechanism
@@ -18,9 +19,12 @@ assert tuple(MECHANISMS) == DP_MODES, "config.DP_MODES must list the registered 
 
 
 def mechanism_class(cfg: ExperimentConfig) -> type[PrivacyMechanism]:
+    """The mechanism of `--dp_mode`, or record-level DP-SGD with `--dp_level=example` (whose check needs mode none)."""
+    if cfg.dp.dp_level == "example":
+        return ExampleLevelDPSGD
     return MECHANISMS[cfg.dp.mode]
 
 
 def mechanism_for(cfg: ExperimentConfig) -> PrivacyMechanism:
     """The mechanism of `cfg` (validated, with N known for the accounting parts)."""
-    return MECHANISMS[cfg.dp.mode](cfg)
+    return mechanism_class(cfg)(cfg)

@@ -16,7 +16,7 @@ from dpfl_tff.tasks.files import DataFileError, DataMissingError
 TaskLoader = Callable[[TaskConfig, int], FederatedData]
 
 # name -> "module:function" of its loader, imported when that task is loaded (some import TensorFlow: digits,
-# synthetic, cifar10 and custom tasks load without it, so a dry run or the sweep's checks stay fast).
+# synthetic, cifar10, cross_silo_digits and custom tasks load without it, so a dry run or the sweep's checks stay fast).
 TASKS: dict[str, str] = {
     "digits": "digits:load",
     "synthetic": "synthetic:load",
@@ -25,6 +25,7 @@ TASKS: dict[str, str] = {
     "cifar100": "cifar100:load",
     "shakespeare": "text:load_shakespeare",
     "stackoverflow": "text:load_stackoverflow",
+    "cross_silo_digits": "cross_silo:load",
 }
 
 
