@@ -66,6 +66,13 @@ def test_auto_chooses_the_brute_force_minimum():
         assert e == pytest.approx(brute[b], rel=1e-9)
 
 
+def test_the_dry_run_compute_epsilon_and_the_python_api_say_the_same_choice(tmp_path):
+    """One test, so that one process calibrates each B once (bands_auto's cache): ~2 s per B here."""
+    _dry_run_prints_the_choice(tmp_path)
+    _compute_epsilon_says_which_b_it_chose()
+    _the_python_api_takes_auto_and_integers(tmp_path)
+
+
 def test_auto_needs_a_target_epsilon():
     with pytest.raises(ConfigError, match=r"^--bands=auto: needs --target_epsilon"):
         plan.check(_cfg(noise_multiplier=1.0))
@@ -110,7 +117,7 @@ def test_buffers_that_do_not_fit_are_not_candidates(monkeypatch):
     assert bands_auto.feasible_bands(few) == [1, 2, 3, 4, 5]  # q = 80 B / 400 <= 1
 
 
-def test_dry_run_prints_the_choice(tmp_path):
+def _dry_run_prints_the_choice(tmp_path):
     lines: list[str] = []
     cfg = plan.check(_cfg(target_epsilon=2.0, tmp_path=tmp_path))
     training.dry_run(cfg, log=lines.append)
@@ -134,7 +141,7 @@ def test_a_run_writes_the_choice_to_its_summary_and_strategy(tmp_path):
     assert dataclasses.asdict(cfg)["dp"]["bands"] == "auto"  # the caller's config is not changed
 
 
-def test_compute_epsilon_says_which_b_it_chose():
+def _compute_epsilon_says_which_b_it_chose():
     from tests.test_compute_epsilon import _run
 
     proc = _run(f"--num_clients={N}", f"--clients_per_round={M}", f"--rounds={T}", "--dp_mode=bandmf",
@@ -146,7 +153,7 @@ def test_compute_epsilon_says_which_b_it_chose():
     assert result["epsilon"] <= 2.0 and len(result["bands_auto_candidates"]) == T
 
 
-def test_the_python_api_takes_auto_and_integers(tmp_path):
+def _the_python_api_takes_auto_and_integers(tmp_path):
     from dpfl_tff import api
 
     assert api.make_config(dp_mode="bandmf", bands=3, num_clients=N, clients_per_round=M, rounds=T).dp.bands == 3

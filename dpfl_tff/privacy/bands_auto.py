@@ -81,10 +81,15 @@ def feasible_bands(cfg: C.ExperimentConfig, model_parameters: int | None = None)
 
 def _accounting_key(cfg: C.ExperimentConfig, bands: int) -> C.ExperimentConfig:
     """`cfg` at B = `bands` with what the calibration does not read set to defaults (one cache entry per sweep)."""
+    train = cfg.train  # the accountant reads the rounds, the cohort and the sampling; the rest set to defaults
     return dataclasses.replace(
         cfg, output_dir=C.ExperimentConfig.output_dir,
-        train=dataclasses.replace(cfg.train, seed=0),
-        dp=dataclasses.replace(cfg.dp, bands=int(bands), bands_auto=None, noise_multiplier=1.0),
+        train=dataclasses.replace(C.TrainConfig(), rounds=train.rounds, clients_per_round=train.clients_per_round,
+                                  client_sampling=train.client_sampling),
+        task=dataclasses.replace(C.TaskConfig(), num_clients=cfg.task.num_clients,
+                                 num_clients_known=cfg.task.num_clients_known),
+        dp=dataclasses.replace(cfg.dp, bands=int(bands), bands_auto=None, noise_multiplier=1.0,
+                               clip_norm=cfg.dp.clip_norm if cfg.dp.adaptive_clipping else C.DPConfig.clip_norm),
     )
 
 
