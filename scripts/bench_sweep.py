@@ -8,7 +8,8 @@ first with --parallel=1 then with --parallel=P, each in a fresh temporary
 folder. Prints one JSON object: each sweep's wall seconds (process start to
 exit), the sum of its runs' round seconds (metrics.jsonl's `round_seconds`),
 the per-run overhead with --parallel=1 (wall minus round seconds, over the
-runs: start-up, data, model, tracing, evaluation, files), and the speed-up
+runs: start-up, data, model, tracing, evaluation, files), with --parallel=P
+the round seconds over the wall (rounds running at once), and the speed-up
 wall(P=1) / wall(P). The machine's load shifts both: read the ratio, measured
 in the same run, not a single figure.
 """
@@ -44,8 +45,12 @@ def _sweep(folder: str, runs: int, rounds: int, parallel: int) -> dict:
         trained += 1
         with open(path, encoding="utf-8") as f:
             round_seconds += sum(json.loads(line).get("round_seconds", 0.0) for line in f if line.strip())
-    return {"command": " ".join(cmd[1:]), "runs": trained, "wall_seconds": wall, "round_seconds": round_seconds,
-            "overhead_seconds_per_run": (wall - round_seconds) / max(trained, 1)}
+    out = {"command": " ".join(cmd[1:]), "runs": trained, "wall_seconds": wall, "round_seconds": round_seconds}
+    if parallel == 1:  # one run after another: what is not a round is per-run overhead
+        out["overhead_seconds_per_run"] = (wall - round_seconds) / max(trained, 1)
+    else:  # runs overlap: how many rounds ran at once on average
+        out["round_seconds_over_wall"] = round_seconds / wall
+    return out
 
 
 def main() -> None:
