@@ -11,9 +11,18 @@ import pytest
 from dpfl_tff import parallel_sweep
 from experiments import sweep as sweep_app
 from tests.conftest import run_app, worker_pids
-from tests.test_sweep import TINY, TINY_GRID, own_signals  # noqa: F401  (a fixture)
+from tests.test_sweep import TINY, TINY_GRID
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def own_signals():
+    """The in-process sweep installs SIGINT/SIGTERM handlers: pytest's are restored afterwards."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
 
 
 def test_every_run_goes_to_exactly_one_copy_and_cores_are_split():
