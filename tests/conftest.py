@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 
 import pytest
@@ -34,6 +35,15 @@ def worker_pids() -> list[int]:
         if ours and state != b"Z":
             pids.append(int(entry))
     return pids
+
+
+@pytest.fixture
+def own_signals():
+    """A driver run in this process installs SIGINT/SIGTERM handlers: pytest's are restored afterwards."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
 
 
 @pytest.fixture(scope="session", autouse=True)

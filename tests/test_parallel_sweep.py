@@ -16,15 +16,6 @@ from tests.test_sweep import TINY, TINY_GRID
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def own_signals():
-    """The in-process sweep installs SIGINT/SIGTERM handlers: pytest's are restored afterwards."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-
-
 def test_every_run_goes_to_exactly_one_copy_and_cores_are_split():
     runs = list(range(7))
     shares = [parallel_sweep.share(runs, i, 3) for i in range(3)]

@@ -178,14 +178,6 @@ TINY = ["--task=digits", "--num_clients=10", "--clients_per_round=10", "--rounds
         "--checkpoint_every=1", "--model=logistic", "--client_max_examples=20"]
 
 
-@pytest.fixture
-def own_signals():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-
-
 def test_private_sweep_killed_and_resumed_keeps_its_draws(tmp_path, monkeypatch, capfd, own_signals):
     out = tmp_path / "sel"
     args = [*TINY, "--grid=noise_multiplier=1,2", "--select=private", "--repetitions_mean=2",

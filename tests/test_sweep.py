@@ -31,15 +31,6 @@ def _main(args: list[str]) -> int:
     return run_app(sweep_app, "sweep", args)
 
 
-@pytest.fixture
-def own_signals():
-    """The sweep installs SIGINT/SIGTERM handlers: pytest's are restored afterwards."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-
-
 # --- the grid and its rules (pure) -----------------------------------------------------------------------------------
 
 def test_zero_noise_is_the_no_dp_baseline_and_runs_once_per_seed():
