@@ -33,9 +33,13 @@ def _cfg(bands="auto", rounds=T, tmp_path=None, **dp) -> C.ExperimentConfig:
     ).validate()
 
 
-def _hand_epsilon(bands: int, z: float, rounds: int = T) -> float:
-    """The banded event built by hand: ceil(T / B) Poisson(q = m B / N) Gaussian(z) participations."""
-    acc = dp_accounting.rdp.RdpAccountant()
+def _hand_epsilon(bands: int, z: float, rounds: int = T, integer_orders: bool = False) -> float:
+    """The banded event built by hand: ceil(T / B) Poisson(q = m B / N) Gaussian(z) participations.
+
+    `integer_orders`: RDP at the integer orders among dp-accounting's default ones only (the ranking's)."""
+    orders = dp_accounting.rdp.RdpAccountant().orders
+    acc = dp_accounting.rdp.RdpAccountant(orders=[o for o in orders if float(o).is_integer()] if integer_orders
+                                          else orders)
     acc.compose(dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(M * bands / N, dp_accounting.GaussianDpEvent(z)), -(-rounds // bands)))
     return acc.get_epsilon(DELTA)
@@ -49,14 +53,15 @@ def _dense_loss(coefficients, rounds: int) -> float:
 
 def test_auto_chooses_the_brute_force_minimum():
     """Every B in 1..T = 1..8 (q <= 1 allows 100): z checked by hand to be the smallest reaching the target
-    (within 0.1%), the loss from dense matrices; the argmin of z^2 * loss is the plan's B."""
+    by RDP at integer orders (within 0.1%), the loss from dense matrices; the argmin of z^2 * loss is the
+    plan's B. The run's calibration then gives the chosen B the run's own z: no larger, so still the argmin."""
     target = 2.0
     cfg = plan.check(_cfg(target_epsilon=target))
     found = {b: (z, e) for b, z, _, e in cfg.dp.bands_auto}
     assert sorted(found) == list(range(1, T + 1))
     brute = {}
     for b, (z, _) in found.items():
-        assert _hand_epsilon(b, z) <= target < _hand_epsilon(b, z * 0.999)
+        assert _hand_epsilon(b, z, integer_orders=True) <= target < _hand_epsilon(b, z * 0.999, integer_orders=True)
         brute[b] = z * z * _dense_loss(bs.optimize_banded(T, b).coefficients, T)
     expected = min(brute, key=lambda b: (brute[b], b))
     ordered = sorted(brute.values())
@@ -64,6 +69,14 @@ def test_auto_chooses_the_brute_force_minimum():
     assert cfg.dp.bands == expected
     for b, (_, e) in found.items():
         assert e == pytest.approx(brute[b], rel=1e-9)
+
+    run = plan.calibrated(cfg)[0]
+    z_run = run.dp.noise_multiplier
+    assert _hand_epsilon(expected, z_run) <= target < _hand_epsilon(expected, z_run * 0.999)
+    assert z_run <= found[expected][0]
+    after = {b: (z, e) for b, z, _, e in run.dp.bands_auto}
+    assert after[expected][0] == z_run and min(after, key=lambda b: (after[b][1], b)) == expected
+    assert {b: v for b, v in after.items() if b != expected} == {b: v for b, v in found.items() if b != expected}
 
 
 def test_the_dry_run_compute_epsilon_and_the_python_api_say_the_same_choice(tmp_path):

@@ -133,13 +133,17 @@ def _rounded_up(x: float) -> float:
     return float(f"{math.ceil(x / unit) * unit:.6g}")
 
 
-def calibrate_noise_multiplier(cfg: ExperimentConfig, target_epsilon: float) -> float:
+def calibrate_noise_multiplier(cfg: ExperimentConfig, target_epsilon: float,
+                               rdp_orders: tuple[float, ...] | None = None) -> float:
     """Smallest noise multiplier z whose epsilon after `cfg.train.rounds` rounds is <= target.
 
     Uses dp-accounting's `calibrate_dp_mechanism` (Brent's method), which
     returns a value on the safe side of the root: the epsilon of the result
     never exceeds `target_epsilon`. Everything but z is taken from `cfg`
-    (sampling, relation, accountant, delta, adaptive split).
+    (sampling, relation, accountant, delta, adaptive split). `rdp_orders`:
+    calibrate with RDP at these orders only, whatever `cfg`'s accountant (a
+    minimum over fewer orders: a z at or above the run's own; `bands_auto`
+    ranks its candidates so, at dp-accounting's integer orders).
 
     Raises:
       ConfigError: if no z in (0, 2**30] meets the target.
@@ -152,13 +156,13 @@ def calibrate_noise_multiplier(cfg: ExperimentConfig, target_epsilon: float) -> 
 
     def solve(kind: str, bracket: mechanism_calibration.BracketInterval) -> float:
         return float(mechanism_calibration.calibrate_dp_mechanism(
-            lambda: make_accountant(kind, relation), event, target_epsilon, cfg.target_delta, bracket,
+            lambda: make_accountant(kind, relation, rdp_orders if kind == "rdp" else None), event, target_epsilon, cfg.target_delta, bracket,
             tol=1e-5 if kind == "rdp" else 1e-4,  # each PLD evaluation costs seconds
         ))
 
     try:
         z = solve("rdp", mechanism_calibration.LowerEndpointAndGuess(1e-3, 1.0))
-        if cfg.dp.accountant == "pld":
+        if cfg.dp.accountant == "pld" and rdp_orders is None:
             # PLD is tighter than RDP, so its z is below RDP's. Bracket it from there: PLD
             # discretisation of a tiny z would need tens of GB.
             lo = z / 2
@@ -197,8 +201,11 @@ def with_calibrated_noise(cfg: ExperimentConfig) -> ExperimentConfig:
         out = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, example_noise_multiplier=z)).validate()
         check_sampler_delta(out)
         return out
+    from dpfl_tff.privacy import bands_auto
+
     z = calibrate_noise_multiplier(cfg, cfg.dp.target_epsilon)
     out = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, noise_multiplier=z)).validate()
+    out = bands_auto.with_run_calibration(out)
     check_sampler_delta(out)
     return out
 

@@ -12,14 +12,20 @@ same trade for the run's own T, N, m, delta and accountant:
   not `compute_epsilon`), the B - 1 float64 noise buffers within
   `bandmf.MAX_BUFFER_SHARE` of the machine's memory (the limit a banded run
   refuses beyond);
-* for each, z_B = the noise multiplier calibrated to --target_epsilon
-  (`accounting.calibrate_noise_multiplier`, the run's own calibration, on the
-  banded event with B bands) and the B-banded strategy of
+* for each, z_B = the noise multiplier calibrated to --target_epsilon on the
+  banded event with B bands (`accounting.calibrate_noise_multiplier`) with
+  RDP at dp-accounting's integer orders (`events.integer_orders`: ~15x
+  faster than all the default orders at q ~ 0.5; a minimum over fewer
+  orders, so z_B is at or a little above the run's own, 0.1% on
+  configs/digits_bandmf.cfg) and the B-banded strategy of
   `banded_strategy.optimize_banded(T, B)` (cached);
 * expected error(B) = z_B^2 ||A C_B^-1||_F^2 / T: the mean over the T rounds
   of the expected squared error of the noise on the prefix sums, per
   coordinate, in units of clip_norm^2 (A: lower-triangular ones);
-* the chosen B minimizes it (a tie: the smaller B).
+* the chosen B minimizes it (a tie: the smaller B); the run then calibrates
+  its z with its own accountant (as for an integer --bands), and that z
+  replaces the chosen candidate's z and error (`with_run_calibration`; both
+  only lower, so it stays the minimum).
 
 It needs --target_epsilon: at a fixed --noise_multiplier every B reaches a
 different epsilon, so the errors would not compare like with like
@@ -36,7 +42,8 @@ import os
 from dpfl_tff import config as C
 from dpfl_tff.errors import ConfigError
 
-# Largest B tried: each B costs one calibration (about a second with RDP, more with PLD).
+# Largest B tried: each B costs one integer-order RDP calibration (0.1-1 s), the chosen B one more with the
+# run's accountant.
 MAX_AUTO_BANDS = 32
 
 
@@ -95,15 +102,16 @@ def _accounting_key(cfg: C.ExperimentConfig, bands: int) -> C.ExperimentConfig:
 
 @functools.lru_cache(maxsize=256)
 def _candidate(key: C.ExperimentConfig) -> Candidate:
-    from dpfl_tff.privacy import accounting, banded_strategy
+    """B = key.dp.bands's candidate, its z calibrated by RDP at integer orders."""
+    from dpfl_tff.privacy import accounting, banded_strategy, events
 
-    z = accounting.calibrate_noise_multiplier(key, key.dp.target_epsilon)
+    z = accounting.calibrate_noise_multiplier(key, key.dp.target_epsilon, rdp_orders=events.integer_orders())
     loss = banded_strategy.optimize_banded(key.train.rounds, key.dp.bands).loss
     return Candidate(key.dp.bands, z, loss, z * z * loss)
 
 
 def candidates(cfg: C.ExperimentConfig, model_parameters: int | None = None) -> tuple[Candidate, ...]:
-    """Every feasible B's calibrated z, loss and expected error (cached by the accounting's inputs).
+    """Every feasible B's z (integer-order RDP), loss and expected error (cached by the accounting's inputs).
 
     Raises:
       ConfigError: no B is feasible, or no B's noise reaches --target_epsilon.
@@ -144,6 +152,20 @@ def resolved(cfg: C.ExperimentConfig, model_parameters: int | None = None) -> C.
         bands_auto=tuple((c.bands, c.noise_multiplier, c.loss, c.error) for c in found)))
 
 
+def with_run_calibration(cfg: C.ExperimentConfig) -> C.ExperimentConfig:
+    """A resolved auto `cfg` whose noise multiplier the run calibrated: the chosen candidate takes that z.
+
+    `cfg` unchanged unless --bands was auto. The candidates were ranked by z at integer orders; the run's z
+    (its own accountant, more orders or PLD) is at most that, so the chosen B's error only falls.
+    """
+    if cfg.dp.bands_auto is None:
+        return cfg
+    z = cfg.dp.noise_multiplier
+    entries = tuple((b, z, loss, z * z * loss) if b == cfg.dp.bands else (b, zb, loss, e)
+                    for b, zb, loss, e in cfg.dp.bands_auto)
+    return dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, bands_auto=entries))
+
+
 def choice_text(cfg: C.ExperimentConfig) -> str | None:
     """`bands: auto -> B=4 (expected error 162 vs 203 for B=1, 169 for B=10)` for a resolved auto run, else None."""
     if cfg.dp.bands_auto is None:
@@ -154,7 +176,7 @@ def choice_text(cfg: C.ExperimentConfig) -> str | None:
     vs = " and ".join(dict.fromkeys(f"{errors[b]:.4g} for B={b}" for b in others))
     return (f"bands: {C.BANDS_AUTO} -> B={chosen} (expected prefix-sum error z^2*loss {errors[chosen]:.4g}"
             + (f" vs {vs}" if vs else "") + f"; {len(errors)} feasible B tried, each calibrated to "
-            f"--target_epsilon={cfg.dp.target_epsilon:g})")
+            f"--target_epsilon={cfg.dp.target_epsilon:g} by RDP at integer orders, B={chosen} by the run's accountant)")
 
 
 def summary_fields(cfg: C.ExperimentConfig) -> dict:

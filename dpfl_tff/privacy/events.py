@@ -26,6 +26,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import dp_accounting
 from dp_accounting import pld
@@ -215,10 +216,18 @@ def noise_free(event: dp_accounting.DpEvent) -> bool:
     return False
 
 
-def make_accountant(kind: str, relation: str) -> dp_accounting.PrivacyAccountant:
-    """An empty RDP or PLD accountant for `relation`."""
+def integer_orders() -> tuple[float, ...]:
+    """The integer orders among dp-accounting's default RDP orders: their RDP is a finite sum, ~15x faster to
+    compute than the fractional orders' series at large q; an epsilon over them is never below the default's."""
+    return tuple(o for o in dp_accounting.rdp.RdpAccountant().orders if float(o).is_integer())
+
+
+def make_accountant(kind: str, relation: str, orders: Sequence[float] | None = None) -> dp_accounting.PrivacyAccountant:
+    """An empty RDP or PLD accountant for `relation` (`orders`: RDP's orders, None for dp-accounting's default)."""
     rel = _RELATIONS[relation]
     if kind == "rdp":
+        if orders is not None:
+            return dp_accounting.rdp.RdpAccountant(orders=list(orders), neighboring_relation=rel)
         return dp_accounting.rdp.RdpAccountant(neighboring_relation=rel)
     if kind == "pld":
         # Pessimistic discretisation keeps PLD an upper bound at any interval; 1e-3 (dp-accounting's
