@@ -192,3 +192,38 @@ def test_noise_split_is_tffs_and_needs_no_tensorflow():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=__import__("os").path.dirname(__import__("os").path.dirname(__file__)))
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def test_the_cached_rdp_accountant_gives_dp_accountings_numbers_exactly():
+    """`events.CachedRdpAccountant`: the same RDP curve, bit for bit, as dp-accounting's accountant, for every
+    event kind it memoizes (nested and self-composed too) and for those it passes through; a repeat is a hit."""
+    import dp_accounting as dpa
+    import numpy as np
+
+    from dpfl_tff.privacy import events
+
+    g = dpa.GaussianDpEvent
+    cases = [
+        (dpa.NeighboringRelation.ADD_OR_REMOVE_ONE, dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(0.37, g(1.3)), 7)),
+        (dpa.NeighboringRelation.ADD_OR_REMOVE_ONE, dpa.ComposedDpEvent([
+            dpa.PoissonSampledDpEvent(0.1, dpa.ComposedDpEvent([g(2.0), g(3.0)])), g(0.9), dpa.LaplaceDpEvent(2.0)])),
+        (dpa.NeighboringRelation.REPLACE_ONE, dpa.SelfComposedDpEvent(
+            dpa.SampledWithoutReplacementDpEvent(20, 7, g(1.1)), 5)),
+        (dpa.NeighboringRelation.REPLACE_ONE, dpa.ComposedDpEvent([g(1.7), dpa.SelfComposedDpEvent(g(2.5), 3)])),
+    ]
+    for orders in (None, [2.0, 3.5, 8.0, 64.0]):
+        for relation, event in cases:
+            plain = dpa.rdp.RdpAccountant(orders=orders, neighboring_relation=relation)
+            cached = events.CachedRdpAccountant(orders=orders, neighboring_relation=relation)
+            plain.compose(event, 2)
+            cached.compose(event, 2)
+            assert np.array_equal(cached._rdp, plain._rdp), (orders, event)  # noqa: SLF001
+            assert cached.get_epsilon(1e-5) == plain.get_epsilon(1e-5)
+    before = events._subsampled_gaussian_rdp.cache_info().hits  # noqa: SLF001
+    events.CachedRdpAccountant(neighboring_relation=cases[2][0]).compose(cases[2][1])
+    assert events._subsampled_gaussian_rdp.cache_info().hits == before + 1  # noqa: SLF001
+    # What dp-accounting refuses, this refuses too (Poisson needs add-or-remove-one).
+    refused = events.CachedRdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
+    assert not refused.supports(cases[0][1])
+    with pytest.raises(dpa.UnsupportedEventError):
+        refused.compose(cases[0][1])
