@@ -12,6 +12,9 @@ from dpfl_tff.tasks import DataMissingError, load_task
 from tests.conftest import run_driver
 from tests.data_fixtures import write_cifar10_batches, write_cifar100_sqlite, write_emnist_sqlite
 
+# One xdist worker runs this module (`--dist loadgroup`): its module fixture writes the task files, set up once.
+pytestmark = pytest.mark.xdist_group("benchmark_tasks")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

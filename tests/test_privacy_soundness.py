@@ -14,6 +14,9 @@ from dpfl_tff.release_log import LedgerLog
 from dpfl_tff.config import SEED_REDACTED, ConfigError, DPConfig, ExperimentConfig, TaskConfig, TrainConfig
 from dpfl_tff.privacy import coverage, truncation
 
+# One xdist worker runs this module (`--dist loadgroup`): its module fixture is a finished run, set up once.
+pytestmark = pytest.mark.xdist_group("privacy_soundness")
+
 
 def _cfg(out, **kw) -> ExperimentConfig:
     train = dict(model="logistic", rounds=4, clients_per_round=10, client_batch_size=10, eval_every=2,

@@ -37,6 +37,10 @@ from dpfl_tff.config import DPConfig, ExperimentConfig, TaskConfig, TrainConfig
 from dpfl_tff.tasks import load_task
 from tests.conftest import worker_pids
 
+# One xdist worker runs this module (`--dist loadgroup`): its module fixtures (credentials, two worker
+# services, a lone one) are then set up once.
+pytestmark = pytest.mark.xdist_group("remote_workers")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -461,7 +465,7 @@ def test_frozen_worker_fails_the_round_at_the_stall_limit_naming_it_then_a_rerun
     head = f"round 4 failed: WorkerStalled: TFF worker at {lone_worker.address} gave no answer for "
     assert msg.startswith(head), msg
     assert "(stall limit 4 s: --stall_seconds); round 3 is checkpointed" in msg, msg
-    assert any(s.startswith(f"round 4/6 | no answer for ") for s in logs), logs
+    assert any(s.startswith("round 4/6 | no answer for ") for s in logs), logs
     assert checkpoints.CheckpointManager(cfg.output_dir).rounds() == [3]
     result = training.run(cfg, log=logs.append)  # the worker answers again: the rerun resumes
     assert result.summary["resumed_from_round"] == 3 and [r["round"] for r in result.records] == list(range(1, 7))

@@ -25,6 +25,9 @@ from dpfl_tff.tasks import load_task, sqlite_stream
 from tests.conftest import run_driver
 from tests.data_fixtures import write_shakespeare_sqlite, write_stackoverflow_sqlite
 
+# One xdist worker runs this module (`--dist loadgroup`): its module fixture writes the task files, set up once.
+pytestmark = pytest.mark.xdist_group("text_tasks")
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
