@@ -177,7 +177,7 @@ def planned_epsilon(cfg: C.ExperimentConfig, participations: int | None = None) 
         raise ConfigError(f"--participations={participations}: must be in [1, --rounds={cfg.train.rounds}]")
     cfg = accounting.with_calibrated_noise(cfg)
     mechanism = mechanism_for(cfg)
-    ledger = mechanism.ledger()
+    ledger = mechanism.accounting.ledger()
     result = {
         "dp_mode": cfg.dp.mode, "num_clients": cfg.task.num_clients, "clients_per_round": cfg.train.clients_per_round,
         "client_sampling": cfg.train.client_sampling, "rounds": cfg.train.rounds,

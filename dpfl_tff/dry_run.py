@@ -41,7 +41,7 @@ def _calibration_history_notes(cfg: ExperimentConfig, planned: dict[str, Any], h
 def _sampling_text(cfg: ExperimentConfig, mechanism: PrivacyMechanism) -> str:
     """How secret the cohorts are: what amplification by sampling rests on."""
     if cfg.train.sampling_seed is None:
-        text = "cohorts drawn from OS entropy" + ("" if mechanism.records_cohorts else " (secret)")
+        text = "cohorts drawn from OS entropy" + ("" if mechanism.accounting.records_cohorts else " (secret)")
     else:
         text = (
             "cohorts seeded by --sampling_seed: amplification by sampling holds only against readers who do "
@@ -49,9 +49,9 @@ def _sampling_text(cfg: ExperimentConfig, mechanism: PrivacyMechanism) -> str:
         )
     if cfg.log_cohorts:
         text += "; --log_cohorts: ledger.jsonl lists every cohort, so its readers know who took part"
-    elif mechanism.records_cohorts:
+    elif mechanism.accounting.records_cohorts:
         text += "; ledger.jsonl lists every cohort (this privacy mode's accounting or the epoch shuffle needs them)"
-    if mechanism.records_cohorts and mechanism.provides_dp:
+    if mechanism.accounting.records_cohorts and mechanism.provides_dp:
         text += ": no epsilon reported relies on amplification by sampling"
     return text
 

@@ -57,7 +57,7 @@ class RunPlan:
 
     def projected(self, history: History) -> dict[str, Any]:
         """The ledger's figures at the end of the run, composing the folder's `history` first (empty: a new run)."""
-        return self.mechanism.projected(list(history.entries), history.resume_round, self.cfg.train.rounds)
+        return self.mechanism.accounting.projected(list(history.entries), history.resume_round, self.cfg.train.rounds)
 
 
 def check(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -88,7 +88,7 @@ def _checked_mechanism(cfg: ExperimentConfig) -> tuple[ExperimentConfig, Privacy
         return cfg, None  # banded MF's B: resolved by `prepare`, once the data fixes N
     mechanism = registry.mechanism_for(cfg)
     if cfg.task.n_is_known:
-        mechanism.check_accountable()
+        mechanism.accounting.check_accountable()
         if cfg.dp.target_epsilon is None:  # a calibrated z is checked once calibrated
             accounting.check_sampler_delta(cfg, mechanism)
     return cfg, mechanism

@@ -77,8 +77,8 @@ def build_learning_process(
     """
     client_opt = build_optimizer(cfg.train.client_optimizer, cfg.train.client_learning_rate)
     server_opt = build_optimizer(cfg.train.server_optimizer, cfg.train.server_learning_rate)
-    mechanism = mechanism or mechanism_for(cfg)
-    release = mechanism.releases_client_statistics
+    aggregation = (mechanism or mechanism_for(cfg)).aggregation
+    release = aggregation.releases_client_statistics
     if cfg.train.fedavg_impl == "grouped":
         return grouped_fedavg.build_grouped_fed_avg(
             lambda: keras_model(cfg, data),
@@ -86,7 +86,7 @@ def build_learning_process(
             client_optimizer=client_opt,
             server_optimizer=server_opt,
             batch_size=cfg.train.client_batch_size,
-            query=mechanism.query(_update_specs(cfg, data)),
+            query=aggregation.query(_update_specs(cfg, data)),
             release_client_statistics=release,
             files_root=None if files is None else files.root,
             client_hook=client_hook,
@@ -95,7 +95,7 @@ def build_learning_process(
         )
     # TFF's own FedAvg around the same query, as a cross-check of the grouped process: the query's
     # preprocess_record runs at CLIENTS in TFF's DifferentiallyPrivateFactory too.
-    aggregator = tff.aggregators.DifferentiallyPrivateFactory(mechanism.query())
+    aggregator = tff.aggregators.DifferentiallyPrivateFactory(aggregation.query())
     return tff.learning.algorithms.build_unweighted_fed_avg(
         model_fn_for(cfg, data),
         client_optimizer_fn=client_opt,

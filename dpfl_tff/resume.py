@@ -45,7 +45,7 @@ def open_folder(cfg: ExperimentConfig, mechanism: PrivacyMechanism, model_weight
     folder = RunFolder(out, checkpoints.CheckpointManager(cfg.output_dir, warn=warn),
                        release_log.LedgerLog(cfg.output_dir))
     if out.resuming:
-        folder.ledger_log.load(needs_cohorts=mechanism.ledger_needs_cohorts)
+        folder.ledger_log.load(needs_cohorts=mechanism.accounting.ledger_needs_cohorts)
         release_log.check_ledger_covers(folder.ledger_log, cfg.output_dir, folder.ckpts.dir)
         folder.ckpts.check_fits(model_weights, cfg.train.model)
         folder.finished = finished_summary(out, cfg)
@@ -118,7 +118,7 @@ def read_history(cfg: ExperimentConfig, mechanism: PrivacyMechanism) -> History:
     if not os.path.isdir(root):
         return History()
     ledger_log = release_log.LedgerLog(root)
-    ledger_log.load(needs_cohorts=mechanism.ledger_needs_cohorts)
+    ledger_log.load(needs_cohorts=mechanism.accounting.ledger_needs_cohorts)
     ckpts = checkpoints.CheckpointManager(root)
     release_log.check_ledger_covers(ledger_log, root, ckpts.dir)
     return History(tuple(ledger_log.entries), max(ckpts.rounds(), default=0))

@@ -210,7 +210,7 @@ def candidate_for(setting: str, cfg: C.ExperimentConfig, sel: SelectionConfig, r
         raise ConfigError(f"--select=private: setting {setting or '(base)'} has no DP guarantee (dp_mode="
                           f"{cfg.dp.mode}, noise_multiplier={cfg.dp.noise_multiplier:g}): every candidate must be a "
                           "DP run; leave noise_multiplier=0 and dp_mode=none out of the grid")
-    planned = mechanism.planned_event(cfg.train.rounds)
+    planned = mechanism.accounting.planned_event(cfg.train.rounds)
     if planned is None:
         raise ConfigError(f"--select=private: --dp_mode={cfg.dp.mode} has no single planned DpEvent to repeat; "
                           "use a central DP mode")
@@ -289,7 +289,7 @@ def procedure_privacy(candidates: Sequence[Candidate], sel: SelectionConfig, tar
         "score_sampling_rate": sel.score_sampling_rate,
     }
     out["plain_composition_epsilon"] = (
-        _epsilon(dp_accounting.ComposedDpEvent([c.event for c in trained]), relation, target_delta)
+        _epsilon(events.composed([c.event for c in trained]), relation, target_delta)
         if trained else 0.0)
     out["runs_composed"] = len(trained)
     return out
@@ -312,7 +312,7 @@ def plain_composition(cfgs: Sequence[C.ExperimentConfig]) -> float | None:
         mechanism = registry.mechanism_for(cfg)
         if not mechanism.provides_dp or cfg.dp.noise_multiplier == 0:
             return math.inf
-        planned = mechanism.planned_event(cfg.train.rounds)
+        planned = mechanism.accounting.planned_event(cfg.train.rounds)
         if planned is None:
             return None
         evs.append(planned[0])
@@ -320,7 +320,7 @@ def plain_composition(cfgs: Sequence[C.ExperimentConfig]) -> float | None:
         deltas.add(cfg.target_delta)
     if not evs or len(relations) > 1 or len(deltas) > 1:
         return None
-    return _epsilon(dp_accounting.ComposedDpEvent(evs), relations.pop(), deltas.pop())
+    return _epsilon(events.composed(evs), relations.pop(), deltas.pop())
 
 
 # --- draws and their state file ----------------------------------------------------------------------------------

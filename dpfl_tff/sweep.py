@@ -241,7 +241,7 @@ def planned_epsilon(cfg: C.ExperimentConfig) -> dict[str, Any]:
     history = resume.read_history(cfg, mechanism)
     if history.entries and folder_status(cfg) == "finished":  # nothing left to run: the ledger's own figure
         history = dataclasses.replace(history, resume_round=max(history.resume_round, cfg.train.rounds))
-    out = dict(mechanism.projected(list(history.entries), history.resume_round, cfg.train.rounds))
+    out = dict(mechanism.accounting.projected(list(history.entries), history.resume_round, cfg.train.rounds))
     out.update(noise_multiplier=cfg.dp.noise_multiplier,
                delta=truncation.stated_delta(cfg.target_delta, out["delta_sampler"]),
                neighboring_relation=mechanism.neighboring_relation, accountant=cfg.dp.accountant,

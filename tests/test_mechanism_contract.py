@@ -22,7 +22,7 @@ import os
 
 import pytest
 
-from dpfl_tff import plan, round_record, training
+from dpfl_tff import plan, round_record
 from dpfl_tff.config import DPConfig, ExperimentConfig, TaskConfig, TrainConfig
 from dpfl_tff.privacy import coverage, registry
 
@@ -94,6 +94,8 @@ def test_one_release_per_round_the_ledger_round_trip_and_a_preview_never_below_t
 
 @pytest.mark.parametrize("mode", list(registry.MECHANISMS))
 def test_the_fields_not_covered_are_the_ones_the_metrics_hold(mode, tmp_path):
+    from dpfl_tff import training
+
     cls = registry.MECHANISMS[mode]
     sampling = cls.default_client_sampling or "poisson"
     for client_metrics in (True, False) if mode == "central" else (True,):  # false: central has the most to drop
@@ -124,6 +126,8 @@ def test_the_fields_not_covered_are_the_ones_the_metrics_hold(mode, tmp_path):
 
 @pytest.mark.parametrize("fedavg_impl", ["grouped", "tff"])
 def test_an_adaptive_clip_lives_in_the_query_state_across_rounds_and_a_resume(fedavg_impl, tmp_path):
+    from dpfl_tff import training
+
     # The loop carries no clip: each round's clip is read from the state it runs from (mechanism.clip_in).
     out = str(tmp_path / "adaptive")
 
@@ -140,3 +144,58 @@ def test_an_adaptive_clip_lives_in_the_query_state_across_rounds_and_a_resume(fe
     for prev, row in zip(rows, rows[1:]):
         assert row["clip_norm"] == prev["next_clip_norm"], (row["round"], row["clip_norm"], prev["next_clip_norm"])
     assert len({r["next_clip_norm"] for r in rows}) > 1  # the clip moved: the check above is not of a constant
+
+
+def test_the_two_parts_split_the_protocol_and_the_accounting_part_needs_no_tensorflow():
+    """`AggregationPart` (TensorFlow) and `AccountingPart` (pure) share no method; a fresh interpreter in which
+    tensorflow, tensorflow_federated and tensorflow_privacy cannot be imported builds every registered
+    mechanism (and record-level DP-SGD) and runs its accounting part: plan, ledger rounds, prediction."""
+    import inspect
+    import subprocess
+    import sys
+
+    from dpfl_tff.privacy import mechanism as m
+
+    def own(cls):
+        return {n for n, v in vars(cls).items() if not n.startswith("__") and (callable(v) or isinstance(v, property))}
+
+    assert own(m.AggregationPart) & own(m.AccountingPart) == set()
+    assert {"query", "prepare_state", "clip_in", "record_fields"} <= own(m.AggregationPart)
+    assert {"round_privacy", "ledger", "planned_event", "projected", "check_accountable"} <= own(m.AccountingPart)
+    assert inspect.isabstract(m.AggregationPart) and not inspect.isabstract(m.AccountingPart)
+    script = f"""
+import sys
+for name in ("tensorflow", "tensorflow_federated", "tensorflow_privacy"):
+    sys.modules[name] = None  # import raises ImportError
+import dataclasses
+from dpfl_tff import plan
+from dpfl_tff.privacy import registry
+from tests.test_mechanism_contract import VARIANTS, _cfg  # that module imports no TensorFlow at its top
+done = []
+for mode, sampling, local in VARIANTS + [("example", "poisson", "gaussian")]:
+    if mode == "example":
+        base = _cfg("none", sampling, local)
+        cfg = dataclasses.replace(base, dp=dataclasses.replace(base.dp, dp_level="example",
+                                  example_noise_multiplier=1.5, record_counts=(20, 35) * {N // 2}))
+    else:
+        cfg = _cfg(mode, sampling, local)
+    cfg = plan.check(cfg)
+    accounting = registry.mechanism_for(cfg).accounting
+    accounting.check_accountable()
+    ledger = accounting.ledger()
+    sampler = accounting.scheme.sampler({N}, {M}, sampling_seed=1)
+    for r in range(1, 4):
+        ledger.begin_round(r)
+        ledger.commit(sampler.cohort(r))
+    ledger.close()
+    planned = accounting.projected([], 0, {ROUNDS})
+    assert planned["epsilon"] >= 0, planned
+    accounting.planned_out_of_reach({ROUNDS})
+    done.append(mode)
+assert "tensorflow" not in [k for k, v in sys.modules.items() if v is not None], "TensorFlow was imported"
+print(" ".join(sorted(set(done))))
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == sorted({*registry.MECHANISMS, "example"}), proc.stdout

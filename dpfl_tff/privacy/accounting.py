@@ -49,7 +49,7 @@ def make_ledger(cfg: ExperimentConfig) -> Ledger:
 
 def check_accountable(cfg: ExperimentConfig) -> None:
     """Raises ConfigError unless `cfg`'s rounds can be accounted as configured."""
-    mechanism_for(cfg).check_accountable()
+    mechanism_for(cfg).accounting.check_accountable()
 
 
 def sampler_delta(cfg: ExperimentConfig, noise_multiplier: float | None = None,
@@ -62,7 +62,7 @@ def sampler_delta(cfg: ExperimentConfig, noise_multiplier: float | None = None,
         cfg = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, noise_multiplier=float(noise_multiplier)))
         mechanism = None
     mechanism = mechanism or mechanism_for(cfg)
-    return truncation.delta_sampler(mechanism.planned_out_of_reach(cfg.train.rounds), cfg.target_delta)
+    return truncation.delta_sampler(mechanism.accounting.planned_out_of_reach(cfg.train.rounds), cfg.target_delta)
 
 
 def check_sampler_delta(cfg: ExperimentConfig, mechanism: PrivacyMechanism | None = None) -> None:
@@ -119,7 +119,7 @@ def _check_example_sampler_delta(cfg: ExperimentConfig, mechanism: PrivacyMechan
     z = cfg.dp.example_noise_multiplier
     if z == 0 or mechanism.noise_seeded:
         return
-    term = truncation.delta_sampler(mechanism.planned_out_of_reach(cfg.train.rounds), cfg.target_delta)
+    term = truncation.delta_sampler(mechanism.accounting.planned_out_of_reach(cfg.train.rounds), cfg.target_delta)
     if term > truncation.MAX_FRACTION_OF_DELTA * cfg.target_delta:
         raise ConfigError(
             f"--example_noise_multiplier={z:g}: the noise sampler's bound adds delta_sampler={term:.3g} over the "
@@ -150,9 +150,9 @@ def calibrate_noise_multiplier(cfg: ExperimentConfig, target_epsilon: float,
     """
     def event(z: float) -> dp_accounting.DpEvent:
         z_cfg = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, noise_multiplier=float(z)))
-        return mechanism_for(z_cfg).planned_event(cfg.train.rounds)[0]
+        return mechanism_for(z_cfg).accounting.planned_event(cfg.train.rounds)[0]
 
-    relation = mechanism_for(cfg).planned_event(cfg.train.rounds)[1]
+    relation = mechanism_for(cfg).accounting.planned_event(cfg.train.rounds)[1]
 
     def solve(kind: str, bracket: mechanism_calibration.BracketInterval) -> float:
         return float(mechanism_calibration.calibrate_dp_mechanism(
@@ -181,7 +181,7 @@ def calibrate_noise_multiplier(cfg: ExperimentConfig, target_epsilon: float,
 def _epsilon_of(cfg: ExperimentConfig, z: float, kind: str) -> float:
     """Epsilon of `cfg`'s planned run at noise `z` with accountant `kind` (the event calibration solves for)."""
     z_cfg = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, noise_multiplier=float(z)))
-    event, relation = mechanism_for(z_cfg).planned_event(cfg.train.rounds)
+    event, relation = mechanism_for(z_cfg).accounting.planned_event(cfg.train.rounds)
     acc = make_accountant(kind, relation)
     acc.compose(event)
     return float(acc.get_epsilon(cfg.target_delta))

@@ -43,12 +43,11 @@ import math
 import secrets
 from typing import Any
 
-import dp_accounting
 import numpy as np
 
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.errors import LedgerError
-from dpfl_tff.privacy import blt_strategy, truncation
+from dpfl_tff.privacy import blt_strategy, events, truncation
 from dpfl_tff.privacy.events import ADD_OR_REMOVE_ONE, make_accountant
 from dpfl_tff.privacy.ledgers import Ledger
 from dpfl_tff.privacy.mechanism import PrivacyMechanism, refuse
@@ -56,14 +55,6 @@ from dpfl_tff.sampling import CyclicSampling, scheme_of
 
 SERVER_OPTIMIZERS = ("sgd", "sgdm")
 STRATEGY_FILE = "strategy.json"
-
-
-def blt_event(noise_multiplier: float, sensitivities: list[float]) -> dp_accounting.DpEvent:
-    """The run's event: one Gaussian of multiplier z / sqrt(sum of the streams' squared sensitivities)."""
-    s2 = sum(s * s for s in sensitivities)
-    if s2 == 0:
-        return dp_accounting.NoOpDpEvent()
-    return dp_accounting.GaussianDpEvent(noise_multiplier / math.sqrt(s2))
 
 
 class BLTLedger(Ledger):
@@ -106,7 +97,7 @@ class BLTLedger(Ledger):
             return math.inf
         if s2 not in self._eps_cache:
             acc = make_accountant(self.accountant, ADD_OR_REMOVE_ONE)
-            acc.compose(blt_event(self.noise_multiplier, sens))
+            acc.compose(events.blt_event(self.noise_multiplier, sens))
             self._eps_cache[s2] = float(acc.get_epsilon(self.delta))
         return self._eps_cache[s2]
 
@@ -296,7 +287,7 @@ class BLTFTRL(PrivacyMechanism):
         return self.ledger().out_of_reach(rounds)
 
     def planned_event(self, rounds: int) -> tuple[Any, str]:
-        return blt_event(self.cfg.dp.noise_multiplier, [self.strategy.sensitivity(rounds)]), ADD_OR_REMOVE_ONE
+        return events.blt_event(self.cfg.dp.noise_multiplier, [self.strategy.sensitivity(rounds)]), ADD_OR_REMOVE_ONE
 
     def record_fields(self, query_metrics: dict[str, Any], query_state: Any) -> dict[str, Any]:
         return {"next_clip_norm": self.cfg.dp.clip_norm}

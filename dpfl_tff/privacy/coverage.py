@@ -49,12 +49,12 @@ def client_statistics_released(cfg: ExperimentConfig, mechanism: PrivacyMechanis
     Never under local DP: nothing computed from a client's data but its
     noised update leaves the client computation.
     """
-    return cfg.client_metrics and (mechanism or mechanism_for(cfg)).releases_client_statistics
+    return cfg.client_metrics and (mechanism or mechanism_for(cfg)).aggregation.releases_client_statistics
 
 
 def cohort_size_covered(cfg: ExperimentConfig, mechanism: PrivacyMechanism | None = None) -> bool:
     """The realised cohort size is covered unless a random cohort size meets add-or-remove-one."""
-    return (mechanism or mechanism_for(cfg)).cohort_size_covered()
+    return (mechanism or mechanism_for(cfg)).accounting.cohort_size_covered()
 
 
 def not_covered(cfg: ExperimentConfig, mechanism: PrivacyMechanism | None = None) -> list[str]:

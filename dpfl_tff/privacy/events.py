@@ -174,6 +174,15 @@ def tree_event(noise_multiplier: float, tree_steps: list[int]) -> dp_accounting.
     ])
 
 
+def blt_event(noise_multiplier: float, sensitivities: list[float]) -> dp_accounting.DpEvent:
+    """BLT-DP-FTRL's run (`privacy.blt`): one Gaussian of multiplier z / sqrt(sum of the streams' squared
+    sensitivities); no noise stream released yet: nothing."""
+    s2 = sum(s * s for s in sensitivities)
+    if s2 == 0:
+        return dp_accounting.NoOpDpEvent()
+    return dp_accounting.GaussianDpEvent(noise_multiplier / math.sqrt(s2))
+
+
 def self_composed(rp: RoundPrivacy, rounds: int) -> tuple[dp_accounting.DpEvent, str]:
     """(`rounds` compositions of one round's event, its neighbouring relation): a planned run's event."""
     return dp_accounting.SelfComposedDpEvent(rp.event, rounds), rp.neighboring_relation
@@ -386,6 +395,11 @@ def score_release(noise_multiplier: float, sampling_rate: float, relation: str) 
                           f"{relation.replace('_', '-')} (Poisson sampling of the score has an analysis under "
                           "add-or-remove-one only: --client_sampling=poisson)")
     return dp_accounting.PoissonSampledDpEvent(sampling_rate, gaussian)
+
+
+def composed(parts: list[dp_accounting.DpEvent]) -> dp_accounting.DpEvent:
+    """The events of several releases composed (`selection`: the trained candidates of a sweep, its runs)."""
+    return dp_accounting.ComposedDpEvent(list(parts))
 
 
 def scored_candidate(training: dp_accounting.DpEvent, score: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
