@@ -73,7 +73,7 @@ def _fast_path_layers(model: tf.keras.Model, loss_fn) -> list | None:
     for layer in model.layers:
         if not layer.trainable_weights:
             continue
-        if type(layer) not in _FAST_LAYERS:
+        if type(layer) not in _FAST_LAYERS or layer.compute_dtype != layer.variable_dtype:  # no mixed precision
             return None
         if isinstance(layer, tf.keras.layers.Conv2D) and (layer.data_format != "channels_last" or layer.groups != 1):
             return None

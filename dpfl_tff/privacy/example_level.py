@@ -96,7 +96,7 @@ class RecordLedger(Ledger):
     round are fixed by its record count, so after p participations its event is `steps_i * p` Poisson-sampled
     Gaussian steps: RDP is that many times one step's curve (one per distinct sampling rate, `step_curve`;
     epsilons cached per (rate, steps in all), so clients of equal counts and participations share one), PLD
-    composes the event afresh for each (record count, p) (cached; about 0.1 s each). `orders`: the RDP orders (None:
+    composes the event afresh for each (rate, steps in all) (cached; about 0.1 s each). `orders`: the RDP orders (None:
     dp-accounting's default, what a run reports; calibration searches on a faster subset of them).
     """
 
@@ -110,7 +110,7 @@ class RecordLedger(Ledger):
         self.steps = [local_steps(n, expected_batch, epochs) for n in self.counts]
         self.participations: collections.Counter = collections.Counter()
         self.orders = orders
-        self._pld: dict[tuple[int, int], float] = {}
+        self._pld: dict[tuple[float, int], float] = {}  # (q, steps in all) -> epsilon
         self._curves: dict[float, tuple[Any, Any]] | None = None  # q -> (orders, one step's RDP curve)
         self._rdp_eps: dict[tuple[float, int], float] = {}  # (q, steps in all) -> epsilon
         self.out_of_reach_per_step = 0.0 if self.z == 0 else truncation.gaussian_out_of_reach(1.0 / self.z)
@@ -130,7 +130,7 @@ class RecordLedger(Ledger):
                 orders, rdp = self.step_curve(q)
                 self._rdp_eps[key] = float(rdp_lib.compute_epsilon(orders, rdp * total, self.delta)[0])
             return self._rdp_eps[key]
-        key = (n, participations)
+        key = (sampling_rate(n, self.b), steps * participations)  # clients of one rate and step count share it
         if key not in self._pld:
             acc = make_accountant("pld", ADD_OR_REMOVE_ONE)
             acc.compose(example_level_client_event(n, self.b, self.z, steps), participations)
