@@ -164,3 +164,15 @@ def test_models_outside_the_layerwise_path_take_the_vectorized_one():
     summing = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
     assert dp_sgd._fast_path_layers(_model(), summing) is None
     assert dp_sgd._fast_path_layers(_model(), _LOSS) is not None
+
+
+@pytest.mark.parametrize("name, shape, layerwise", [
+    ("cnn", (28, 28, 1), True), ("mlp", (64,), True), ("logistic", (64,), True),
+    ("emnist_cnn_dropout", (28, 28, 1), True), ("emnist_2nn", (28, 28, 1), True), ("cifar_cnn", (32, 32, 3), True),
+    ("resnet18_gn", (32, 32, 3), False),  # functional, GroupNormalization: the vectorized path
+])
+def test_which_registered_models_take_the_layerwise_path(name, shape, layerwise):
+    from dpfl_tff import models
+
+    model = models.resolve_builder(name)(shape, 10)
+    assert (dp_sgd._fast_path_layers(model, _LOSS) is not None) == layerwise  # as docs/privacy.md lists them
