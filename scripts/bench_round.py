@@ -38,7 +38,7 @@ allow that work at best, `core_scaling`).
 records, --batch_size) with DP-SGD (`--dp_level=example`: the client code of
 `grouped_fedavg`), the same epoch without privacy, tensorflow-privacy's
 `DPKerasSGDOptimizer` with one microbatch per example (the peer), and DP-SGD's
-noise alone, for each of --dp_sgd_models, interleaved in one run; the ratios
+noise alone and DP-SGD without its noise, for each of --dp_sgd_models, interleaved in one run; the ratios
 are in `dp_sgd` (`_dp_sgd_epochs`).
 
 `--population=N` also runs (last) full runs (`training.run`: sampling, ledger,
@@ -297,8 +297,10 @@ def _dp_sgd_epochs(name: str, n: int, b: int, repeats: int) -> dict:
     `num_microbatches` = b (one microbatch per example), ceil(n/b) `minimize` steps in one `tf.function`.
     The three are run in turn, with a fourth: the same number of steps of DP-SGD's noise alone
     (`noised_mean_gradient` on an empty batch: one float64 Gaussian per parameter per step), `repeats` times
-    after one warm-up each (medians). `ratio_dp_sgd_without_noise_over_non_private` is (DP-SGD - noise alone)
-    / non-private: what the per-example clipping costs.
+    after one warm-up each (medians), and a fifth: DP-SGD traced with the noise left out (`sampler.add_noise`
+    replaced by the identity while tracing), what the Poisson batches and the per-example clipping cost
+    (`ratio_dp_sgd_without_noise_timed_over_non_private`; `ratio_dp_sgd_without_noise_over_non_private` is the
+    rougher (DP-SGD - noise alone) / non-private).
     """
     import collections
 
@@ -364,13 +366,24 @@ def _dp_sgd_epochs(name: str, n: int, b: int, repeats: int) -> dict:
 
         return tf.while_loop(lambda k, _: k < steps, body, (tf.constant(0), tf.constant(0.0)))[1], steps
 
+    @tf.function(autograph=False)
+    def clip_epoch():  # dp_epoch without its noise: traced below with sampler.add_noise returning its input
+        delta, s = private._dp_sgd_training(model, weights, x, y, tf.constant(n), stats())
+        return delta[0][0], s["batches"]
+
+    from unittest import mock
+
+    with mock.patch.object(dp_sgd.sampler, "add_noise", lambda value, scale, **kw: value):
+        clip_epoch.get_concrete_function()  # the graph keeps no noise op; nothing else is traced meanwhile
+
     fns = {"dp_sgd": dp_epoch, "non_private": plain_epoch, "tf_privacy_microbatches": peer_epoch,
-           "dp_sgd_noise_only": noise_epoch}
+           "dp_sgd_noise_only": noise_epoch, "dp_sgd_without_noise": clip_epoch}
     times: dict[str, list[float]] = {k: [] for k in fns}
     dp_steps = int(dp_epoch()[1])
     plain_steps = int(plain_epoch()[1])
     peer_epoch()
     noise_epoch()
+    clip_epoch()
     for _ in range(repeats):
         for k, fn in fns.items():
             t = time.perf_counter()
@@ -385,6 +398,7 @@ def _dp_sgd_epochs(name: str, n: int, b: int, repeats: int) -> dict:
             "ratio_dp_sgd_noise_only_over_non_private": med["dp_sgd_noise_only"] / med["non_private"],
             "ratio_dp_sgd_without_noise_over_non_private": (med["dp_sgd"] - med["dp_sgd_noise_only"])
             / med["non_private"],
+            "ratio_dp_sgd_without_noise_timed_over_non_private": med["dp_sgd_without_noise"] / med["non_private"],
             "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables))}
 
 

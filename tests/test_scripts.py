@@ -36,7 +36,7 @@ def test_bench_round_times_dp_sgd_against_the_non_private_epoch_and_tf_privacy()
     assert r["model"] == "emnist_2nn" and r["records"] == 35 and r["batch_size"] == 10 and r["repeats"] == 1
     assert r["steps_per_epoch"] == r["dp_sgd_steps"] == r["non_private_steps"] == 4  # ceil(35 / 10)
     assert r["parameters"] == 199_210
-    kinds = ("dp_sgd", "non_private", "tf_privacy_microbatches", "dp_sgd_noise_only")
+    kinds = ("dp_sgd", "non_private", "tf_privacy_microbatches", "dp_sgd_noise_only", "dp_sgd_without_noise")
     assert all(r[f"{k}_seconds_per_epoch"] > 0 for k in kinds)
     assert r["ratio_dp_sgd_over_non_private"] == r["dp_sgd_seconds_per_epoch"] / r["non_private_seconds_per_epoch"]
     assert r["speedup_dp_sgd_over_tf_privacy_microbatches"] == (
@@ -44,6 +44,8 @@ def test_bench_round_times_dp_sgd_against_the_non_private_epoch_and_tf_privacy()
     assert r["ratio_dp_sgd_noise_only_over_non_private"] == (
         r["dp_sgd_noise_only_seconds_per_epoch"] / r["non_private_seconds_per_epoch"])
     assert "ratio_dp_sgd_without_noise_over_non_private" in r
+    assert r["ratio_dp_sgd_without_noise_timed_over_non_private"] == (
+        r["dp_sgd_without_noise_seconds_per_epoch"] / r["non_private_seconds_per_epoch"])
 
 
 def test_bench_round_emits_every_field_and_leaves_no_worker():
