@@ -3,6 +3,9 @@
   uv run python scripts/bench_round.py [--models=cnn,mlp] [--clients_per_round=10]
       [--examples_per_client=100] [--batch_size=20] [--rounds=10] [--memory_rounds=0]
       [--worker_counts=1,2] [--pin_workers --worker_clients=100 --worker_rounds=3]
+      [--dp_sgd=true --dp_sgd_models=cnn,mlp --dp_sgd_examples=400 --dp_sgd_repeats=5]
+  uv run python scripts/bench_round.py --models= --worker_counts= --driver_startup=false --eval_sizes=
+      (the DP-SGD epochs alone)
   uv run python scripts/bench_round.py --models= --worker_counts= --population=100000
       [--population_cohorts=250,500,1000] [--population_rounds=200]
 
@@ -30,6 +33,13 @@ compared with 1 worker on 1 core, and each worker's CPU seconds show the split; 
 also through mutual TLS, `ratio_2_tls_over_2_workers`; then plain TensorFlow's
 local SGD of the same model on one core alone and on both cores at once gives the speed-up two cores
 allow that work at best, `core_scaling`).
+
+`--dp_sgd` (on by default) times one client's local epoch (--dp_sgd_examples
+records, --batch_size) with DP-SGD (`--dp_level=example`: the client code of
+`grouped_fedavg`), the same epoch without privacy, tensorflow-privacy's
+`DPKerasSGDOptimizer` with one microbatch per example (the peer), and DP-SGD's
+noise alone and DP-SGD without its noise, for each of --dp_sgd_models, interleaved in one run; the ratios
+are in `dp_sgd` (`_dp_sgd_epochs`).
 
 `--population=N` also runs (last) full runs (`training.run`: sampling, ledger,
 metrics, checkpoints) of a small MLP on a synthetic task of N clients, one per
@@ -122,6 +132,16 @@ DRIVER_STARTUP = flags.DEFINE_bool(
     "driver_startup", True,
     "Also time the README's main command (configs/quickstart.cfg, --rounds=1) as a new process: seconds from its "
     "start to its first round's progress line.")
+DP_SGD = flags.DEFINE_bool(
+    "dp_sgd", True,
+    "Also time a DP-SGD local epoch (--dp_level=example: the library's client code path) against the same "
+    "non-private local epoch and against tensorflow-privacy's DPKerasSGDOptimizer with one microbatch per "
+    "example, for each of --dp_sgd_models; false: skip.")
+DP_SGD_MODELS = flags.DEFINE_list("dp_sgd_models", ["cnn", "mlp"], "DP-SGD timing: the models (cnn, mlp).")
+DP_SGD_EXAMPLES = flags.DEFINE_integer(
+    "dp_sgd_examples", 400, "DP-SGD timing: the client's records n (an epoch: ceil(n / --batch_size) steps).")
+DP_SGD_REPEATS = flags.DEFINE_integer("dp_sgd_repeats", 5,
+                                      "DP-SGD timing: timed epochs of each of the three (interleaved; medians).")
 CLIP, Z, CLIENT_LR = 0.1, 1.0, 0.05
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NAMES = {"cnn": "emnist_cnn_dropout", "mlp": "emnist_2nn"}
@@ -265,6 +285,121 @@ def _driver_startup(tmp: str) -> dict:
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode} (first round seen: {first is not None})")
     return {"command": "python -m experiments.run_federated --flagfile=configs/quickstart.cfg --rounds=1",
             "seconds_to_first_round": first, "seconds_to_exit": time.perf_counter() - t}
+
+
+def _dp_sgd_epochs(name: str, n: int, b: int, repeats: int) -> dict:
+    """Seconds of one local epoch of client `n` records, batch b: DP-SGD, non-private SGD, tensorflow-privacy.
+
+    The first two are the client code of `grouped_fedavg._GroupTrainer` itself (`_dp_sgd_training`: Poisson
+    batches of expected size b, vectorized per-example clipping, float64 noise; `_local_training`: ceil(n/b)
+    batches of b), each in its own `tf.function(autograph=False)` as the grouped process traces it, with the
+    same client optimizer (TFF's SGD). The peer is tensorflow-privacy's `DPKerasSGDOptimizer` with
+    `num_microbatches` = b (one microbatch per example), ceil(n/b) `minimize` steps in one `tf.function`.
+    The three are run in turn, with a fourth: the same number of steps of DP-SGD's noise alone
+    (`noised_mean_gradient` on an empty batch: one float64 Gaussian per parameter per step), `repeats` times
+    after one warm-up each (medians), and a fifth: DP-SGD traced with the noise left out (`sampler.add_noise`
+    replaced by the identity while tracing), what the Poisson batches and the per-example clipping cost
+    (`ratio_dp_sgd_without_noise_timed_over_non_private`; `ratio_dp_sgd_without_noise_over_non_private` is the
+    rougher (DP-SGD - noise alone) / non-private).
+    """
+    import collections
+
+    import tensorflow_federated as tff
+    from tensorflow_privacy.privacy.optimizers.dp_optimizer_keras import DPKerasSGDOptimizer
+
+    from dpfl_tff.grouped_fedavg import _GroupTrainer
+    from dpfl_tff.privacy import dp_sgd
+
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.random((n, 28, 28, 1), dtype=np.float32))
+    y = tf.constant(rng.integers(0, 10, n).astype(np.int32))
+    model = PAPER_MODELS[name]((28, 28, 1), 10)
+    weights = collections.namedtuple("Weights", "trainable non_trainable")(
+        [tf.constant(v.numpy()) for v in model.trainable_variables],
+        [tf.constant(v.numpy()) for v in model.non_trainable_variables])
+
+    def stats():
+        return collections.OrderedDict(loss_sum=tf.constant(0.0), correct=tf.constant(0.0),
+                                       examples=tf.constant(0, tf.int64), batches=tf.constant(0, tf.int64),
+                                       nonfinite=tf.constant(0, tf.int64))
+
+    def trainer(spec=None):
+        return _GroupTrainer(None, tff.learning.optimizers.build_sgdm(learning_rate=CLIENT_LR), b, (28, 28, 1),
+                             None, False, dp_sgd_spec=spec)
+
+    private = trainer(dp_sgd.LocalDPSGD(clip=1.0, noise_multiplier=1.0, expected_batch=b, epochs=1))
+    plain = trainer()
+    order = tf.range(n)
+
+    @tf.function(autograph=False)
+    def dp_epoch():
+        delta, s = private._dp_sgd_training(model, weights, x, y, tf.constant(n), stats())
+        return delta[0][0], s["batches"]
+
+    @tf.function(autograph=False)
+    def plain_epoch():
+        delta, s = plain._local_training(model, weights, x, y, order, tf.constant(n), stats())
+        return delta[0][0], s["batches"]
+
+    peer_model = PAPER_MODELS[name]((28, 28, 1), 10)
+    peer_opt = DPKerasSGDOptimizer(l2_norm_clip=1.0, noise_multiplier=1.0, num_microbatches=b,
+                                   learning_rate=CLIENT_LR)
+    peer_loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                              reduction=tf.keras.losses.Reduction.NONE)
+    steps = -(-n // b)
+    xs = tf.reshape(x[: steps * b] if n >= steps * b else tf.concat([x, x[: steps * b - n]], 0), [steps, b, 28, 28, 1])
+    ys = tf.reshape(y[: steps * b] if n >= steps * b else tf.concat([y, y[: steps * b - n]], 0), [steps, b])
+
+    @tf.function
+    def peer_epoch():
+        for i in tf.range(steps):
+            with tf.GradientTape() as tape:
+                loss = peer_loss(ys[i], peer_model(xs[i], training=True))
+            peer_opt.minimize(loss, peer_model.trainable_variables, tape=tape)
+        return peer_model.trainable_variables[0][0]
+
+    @tf.function(autograph=False)
+    def noise_epoch():  # the noise of dp_epoch's steps alone: noised_mean_gradient on an empty batch
+        def body(k, acc):
+            g = dp_sgd.noised_mean_gradient(model, plain.loss_fn, x[:0], y[:0], 1.0, 1.0, b)
+            return k + 1, acc + tf.add_n([tf.reshape(t, [-1])[0] for t in g])
+
+        return tf.while_loop(lambda k, _: k < steps, body, (tf.constant(0), tf.constant(0.0)))[1], steps
+
+    @tf.function(autograph=False)
+    def clip_epoch():  # dp_epoch without its noise: traced below with sampler.add_noise returning its input
+        delta, s = private._dp_sgd_training(model, weights, x, y, tf.constant(n), stats())
+        return delta[0][0], s["batches"]
+
+    from unittest import mock
+
+    with mock.patch.object(dp_sgd.sampler, "add_noise", lambda value, scale, **kw: value):
+        clip_epoch.get_concrete_function()  # the graph keeps no noise op; nothing else is traced meanwhile
+
+    fns = {"dp_sgd": dp_epoch, "non_private": plain_epoch, "tf_privacy_microbatches": peer_epoch,
+           "dp_sgd_noise_only": noise_epoch, "dp_sgd_without_noise": clip_epoch}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    dp_steps = int(dp_epoch()[1])
+    plain_steps = int(plain_epoch()[1])
+    peer_epoch()
+    noise_epoch()
+    clip_epoch()
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            np.asarray(fn()[0])
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"model": name, "records": n, "batch_size": b, "steps_per_epoch": steps, "dp_sgd_steps": dp_steps,
+            "non_private_steps": plain_steps, "repeats": repeats,
+            **{f"{k}_seconds_per_epoch": v for k, v in med.items()},
+            "ratio_dp_sgd_over_non_private": med["dp_sgd"] / med["non_private"],
+            "speedup_dp_sgd_over_tf_privacy_microbatches": med["tf_privacy_microbatches"] / med["dp_sgd"],
+            "ratio_dp_sgd_noise_only_over_non_private": med["dp_sgd_noise_only"] / med["non_private"],
+            "ratio_dp_sgd_without_noise_over_non_private": (med["dp_sgd"] - med["dp_sgd_noise_only"])
+            / med["non_private"],
+            "ratio_dp_sgd_without_noise_timed_over_non_private": med["dp_sgd_without_noise"] / med["non_private"],
+            "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables))}
 
 
 def _worker_peak_rss_mb() -> float:
@@ -637,6 +772,9 @@ def main(argv):
                 "evaluation": {**evaluation, **{f"ratio_{k}_over_round": v / dpfl_s for k, v in evaluation.items()}},
             }
             worker_peak = max(worker_peak, _worker_peak_rss_mb())
+        if DP_SGD.value:
+            report["dp_sgd"] = {key: _dp_sgd_epochs(_NAMES[key], DP_SGD_EXAMPLES.value, BATCH.value,
+                                                    DP_SGD_REPEATS.value) for key in DP_SGD_MODELS.value}
         if DRIVER_STARTUP.value:  # after startup_seconds; this process' worker idles meanwhile
             report["driver_startup"] = _driver_startup(tmp)
         if MEMORY_ROUNDS.value > 0:

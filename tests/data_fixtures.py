@@ -113,6 +113,7 @@ from __future__ import annotations
 import os
 import pickle
 import sqlite3
+from typing import Sequence
 
 import numpy as np
 
@@ -189,7 +190,7 @@ def _write_sqlite(path: str, rows: dict[str, dict[str, list[bytes]]]) -> str:
 def write_emnist_sqlite(
     cache_dir: str,
     num_clients: int = 3,
-    examples_per_client: int = 4,
+    examples_per_client: int | Sequence[int] = 4,
     only_digits: bool = True,
     seed: int = 0,
 ) -> str:
@@ -203,19 +204,24 @@ def write_emnist_sqlite(
     each client's first example has a letter label (10-61) so the two label
     ranges are distinguishable.  ``only_digits`` is accepted for call-site
     symmetry with ``emnist.load_data`` and does not change the file.
+    ``examples_per_client`` may also be one count per client (every split).
 
     Returns the path written.
     """
     del only_digits  # Both label ranges are always written; see docstring.
     rng = np.random.default_rng(seed)
     client_ids = [f"f{i:04d}_{i % 100:02d}" for i in range(num_clients)]
+    counts = ([int(examples_per_client)] * num_clients if np.ndim(examples_per_client) == 0
+              else [int(k) for k in examples_per_client])
+    if len(counts) != num_clients:
+        raise ValueError(f"examples_per_client: {len(counts)} counts for {num_clients} clients")
     rows: dict[str, dict[str, list[bytes]]] = {}
     for digits, (train_split, test_split) in EMNIST_SPLITS.items():
         for split in (train_split, test_split):
             rows[split] = {}
-            for cid in client_ids:
+            for cid, count in zip(client_ids, counts):
                 examples = []
-                for j in range(examples_per_client):
+                for j in range(count):
                     pixels = rng.random((28, 28), dtype=np.float32)
                     if digits:
                         label = int(rng.integers(0, 10))

@@ -93,3 +93,86 @@ def test_record_level_epsilon_never_decreases_over_rounds():
     assert eps[0] == 0.0
     assert all(a < b for a, b in zip(eps, eps[1:]))
     assert events.example_level_epsilons([400], [1], 8.0, 0.0, [50], 1e-5, "rdp") == [math.inf]
+
+
+def _cnn(dtype):
+    tf.keras.utils.set_random_seed(4)
+    m = tf.keras.Sequential([
+        tf.keras.Input(shape=(9, 9, 2), dtype=dtype),
+        tf.keras.layers.Conv2D(3, (3, 3), activation="relu", dtype=dtype),
+        tf.keras.layers.Conv2D(4, (2, 3), strides=(2, 1), padding="same", activation="tanh", dtype=dtype),
+        tf.keras.layers.MaxPool2D((2, 2), dtype=dtype),
+        tf.keras.layers.Flatten(dtype=dtype),
+        tf.keras.layers.Dense(5, activation="relu", dtype=dtype),
+        tf.keras.layers.Dense(3, use_bias=False, dtype=dtype),
+    ])
+    return m, (9, 9, 2)
+
+
+def _dense_on_sequences(dtype):
+    tf.keras.utils.set_random_seed(5)
+    m = tf.keras.Sequential([tf.keras.Input(shape=(4, 6), dtype=dtype),
+                             tf.keras.layers.Dense(5, activation="tanh", dtype=dtype),
+                             tf.keras.layers.Flatten(dtype=dtype), tf.keras.layers.Dense(3, dtype=dtype)])
+    return m, (4, 6)
+
+
+def _mlp(dtype):
+    return _model(dtype=dtype), (6,)
+
+
+@pytest.mark.parametrize("build", [_mlp, _cnn, _dense_on_sequences])
+@pytest.mark.parametrize("dtype, rtol, atol", [
+    ("float64", 1e-12, 1e-14),
+    # float32: sums of the same products in another order (see test_vectorized_clipping_equals_per_example_loop);
+    # the sum of 9 examples adds one more such rounding per coordinate.
+    ("float32", 1e-5, 2e-6),
+])
+def test_layerwise_clipped_sum_equals_per_example_loop(build, dtype, rtol, atol):
+    model, shape = build(dtype)
+    assert dp_sgd._fast_path_layers(model, _LOSS) is not None  # the layer-wise path is the one tested
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.normal(size=(9, *shape)) * 3, dtype)
+    y = tf.constant(rng.integers(0, 3, size=9), tf.int32)
+    clip = 0.4
+    got = dp_sgd.clipped_sum(model, _LOSS, x, y, clip)
+    want = [np.zeros(v.shape, np.float64) for v in model.trainable_variables]
+    clipped = 0
+    for i in range(9):
+        with tf.GradientTape() as tape:
+            loss = _LOSS(y[i:i + 1], model(x[i:i + 1], training=True))
+        g = tape.gradient(loss, model.trainable_variables)
+        norm = math.sqrt(sum(float(tf.reduce_sum(tf.cast(t, tf.float64) ** 2)) for t in g))
+        clipped += norm > clip
+        for w, t in zip(want, g):
+            w += t.numpy().astype(np.float64) * min(1.0, clip / max(norm, 1e-30))  # a zero gradient: kept at 0
+    assert clipped > 0  # the scaling is exercised
+    assert len(got) == len(want)
+    for gv, wv in zip(got, want):
+        assert gv.dtype == dtype
+        np.testing.assert_allclose(gv.numpy(), wv, rtol=rtol, atol=atol)
+    # The vectorized path (any model) gives the same sum.
+    for gv, vv in zip(got, dp_sgd.clipped_sum(model, _LOSS, x, y, clip, layerwise=False)):
+        np.testing.assert_allclose(gv.numpy(), vv.numpy(), rtol=rtol, atol=atol)
+
+
+def test_models_outside_the_layerwise_path_take_the_vectorized_one():
+    bn = tf.keras.Sequential([tf.keras.Input(shape=(4,)), tf.keras.layers.BatchNormalization(),
+                              tf.keras.layers.Dense(2)])
+    assert dp_sgd._fast_path_layers(bn, _LOSS) is None
+    assert dp_sgd._fast_path_layers(_model(), lambda y, logits: tf.reduce_mean(logits)) is None
+    summing = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
+    assert dp_sgd._fast_path_layers(_model(), summing) is None
+    assert dp_sgd._fast_path_layers(_model(), _LOSS) is not None
+
+
+@pytest.mark.parametrize("name, shape, layerwise", [
+    ("cnn", (28, 28, 1), True), ("mlp", (64,), True), ("logistic", (64,), True),
+    ("emnist_cnn_dropout", (28, 28, 1), True), ("emnist_2nn", (28, 28, 1), True), ("cifar_cnn", (32, 32, 3), True),
+    ("resnet18_gn", (32, 32, 3), False),  # functional, GroupNormalization: the vectorized path
+])
+def test_which_registered_models_take_the_layerwise_path(name, shape, layerwise):
+    from dpfl_tff import models
+
+    model = models.resolve_builder(name)(shape, 10)
+    assert (dp_sgd._fast_path_layers(model, _LOSS) is not None) == layerwise  # as docs/privacy.md lists them

@@ -23,6 +23,31 @@ def test_bench_accounting_emits_every_field():
         assert all(v >= 0 for v in fields.values())
 
 
+def test_bench_round_times_dp_sgd_against_the_non_private_epoch_and_tf_privacy():
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_round.py", "--models=", "--worker_counts=", "--driver_startup=false",
+         "--eval_sizes=", "--dp_sgd_models=mlp", "--dp_sgd_examples=35", "--batch_size=10", "--dp_sgd_repeats=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(report["dp_sgd"]) == {"mlp"}
+    r = report["dp_sgd"]["mlp"]
+    assert r["model"] == "emnist_2nn" and r["records"] == 35 and r["batch_size"] == 10 and r["repeats"] == 1
+    assert r["steps_per_epoch"] == r["dp_sgd_steps"] == r["non_private_steps"] == 4  # ceil(35 / 10)
+    assert r["parameters"] == 199_210
+    kinds = ("dp_sgd", "non_private", "tf_privacy_microbatches", "dp_sgd_noise_only", "dp_sgd_without_noise")
+    assert all(r[f"{k}_seconds_per_epoch"] > 0 for k in kinds)
+    assert r["ratio_dp_sgd_over_non_private"] == r["dp_sgd_seconds_per_epoch"] / r["non_private_seconds_per_epoch"]
+    assert r["speedup_dp_sgd_over_tf_privacy_microbatches"] == (
+        r["tf_privacy_microbatches_seconds_per_epoch"] / r["dp_sgd_seconds_per_epoch"])
+    assert r["ratio_dp_sgd_noise_only_over_non_private"] == (
+        r["dp_sgd_noise_only_seconds_per_epoch"] / r["non_private_seconds_per_epoch"])
+    assert "ratio_dp_sgd_without_noise_over_non_private" in r
+    assert r["ratio_dp_sgd_without_noise_timed_over_non_private"] == (
+        r["dp_sgd_without_noise_seconds_per_epoch"] / r["non_private_seconds_per_epoch"])
+
+
 def test_bench_round_emits_every_field_and_leaves_no_worker():
     from tests.conftest import worker_pids
 
@@ -33,7 +58,7 @@ def test_bench_round_emits_every_field_and_leaves_no_worker():
          "--eval_sizes=30,70", "--pin_workers", "--worker_clients=4", "--worker_rounds=2", "--worker_cycles=1",
          "--core_scaling_steps=5",
          "--population=400", "--population_cohorts=20,10", "--population_rounds=3", "--population_timing_rounds=3",
-         "--population_examples_per_client=3"],
+         "--population_examples_per_client=3", "--dp_sgd=false"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -43,6 +68,7 @@ def test_bench_round_emits_every_field_and_leaves_no_worker():
     startup = report["driver_startup"]
     assert startup["command"].endswith("--flagfile=configs/quickstart.cfg --rounds=1")
     assert 0 < startup["seconds_to_first_round"] < startup["seconds_to_exit"]
+    assert "dp_sgd" not in report  # --dp_sgd=false (test_bench_round_times_dp_sgd has it)
     assert "cnn" not in report  # --models=mlp: the CNN takes the same code path, only slower
     for key, model in (("mlp", "emnist_2nn"),):
         r = report[key]

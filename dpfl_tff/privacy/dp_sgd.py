@@ -52,10 +52,118 @@ def poisson_mask(n: tf.Tensor, q: float, seed: tf.Tensor | None = None) -> tf.Te
     return u < q
 
 
-def clipped_sum(model: tf.keras.Model, loss_fn, x: tf.Tensor, y: tf.Tensor, clip: float) -> list[tf.Tensor]:
-    """The sum over the batch of the clipped per-example gradients (zeros for an empty batch; graph-safe)."""
+_FAST_LAYERS = (tf.keras.layers.Dense, tf.keras.layers.Conv2D)
+
+
+def _fast_path_layers(model: tf.keras.Model, loss_fn) -> list | None:
+    """The layers of `model` if `clipped_sum` can take the layer-wise path, else None.
+
+    It can when the model is a `tf.keras.Sequential` whose trainable variables all belong to its own
+    `Dense` and `Conv2D` layers (channels_last, one group; exact types, not subclasses, whose `call` may
+    differ), and `loss_fn` is a Keras `Loss` that averages over the batch (its `call` gives the per-example
+    losses). Parameter-free layers (pooling, flatten, dropout, activations...) may sit anywhere: they are called
+    as the model calls them. Layers whose computation mixes examples have trainable variables here only if
+    they are not Dense/Conv2D (batch normalization): they send the model to the vectorized path.
+    """
+    if type(model) is not tf.keras.Sequential or not isinstance(loss_fn, tf.keras.losses.Loss):
+        return None
+    if loss_fn.reduction not in (tf.keras.losses.Reduction.AUTO, tf.keras.losses.Reduction.SUM_OVER_BATCH_SIZE):
+        return None
+    covered = []
+    for layer in model.layers:
+        if not layer.trainable_weights:
+            continue
+        if type(layer) not in _FAST_LAYERS or layer.compute_dtype != layer.variable_dtype:  # no mixed precision
+            return None
+        if isinstance(layer, tf.keras.layers.Conv2D) and (layer.data_format != "channels_last" or layer.groups != 1):
+            return None
+        covered += [layer.kernel] + ([layer.bias] if layer.use_bias else [])
+    if [v.ref() for v in covered] != [v.ref() for v in model.trainable_variables]:
+        return None  # e.g. a trainable variable outside those layers' kernel and bias
+    return model.layers
+
+
+def _layerwise_clipped_sum(layers, model: tf.keras.Model, loss_fn, x: tf.Tensor, y: tf.Tensor,
+                           clip: float) -> list[tf.Tensor]:
+    """`clipped_sum` for `_fast_path_layers` models: one forward pass, one backward pass to the layers' outputs.
+
+    Each Dense and Conv2D layer's pre-activation output z = a W + b is computed here from its input a; the
+    backward pass gives every example's dz_i = d loss_i / d z_i (the examples do not interact, so the gradient
+    of the summed loss is each example's own). Example i's gradient of W is a_i^T dz_i (a Dense layer on
+    rank-2 inputs: its squared norm is |a_i|^2 |dz_i|^2, never formed, Goodfellow 2015, arXiv:1510.01799; a
+    Conv2D layer or a Dense layer on longer inputs: formed from the input patches) and of b the sum of dz_i
+    over positions. The squared norms add up to each example's squared norm over all variables; the clipped
+    sum is then sum_i s_i a_i^T dz_i with s_i = min(1, C / norm_i), the same scaling as `clip_per_example`.
+    """
+    with tf.GradientTape() as tape:
+        h, taps = x, []
+        for layer in layers:
+            if not layer.trainable_weights:
+                h = layer(h, training=True)
+                continue
+            a = tf.cast(h, layer.compute_dtype)
+            if isinstance(layer, tf.keras.layers.Conv2D):
+                z = layer.convolution_op(a, layer.kernel)
+            elif a.shape.rank == 2:
+                z = tf.matmul(a, layer.kernel)
+            else:
+                z = tf.tensordot(a, layer.kernel, [[a.shape.rank - 1], [0]])
+            if layer.use_bias:
+                z = tf.nn.bias_add(z, layer.bias)
+            tape.watch(z)
+            taps.append((layer, a, z))
+            h = layer.activation(z) if layer.activation is not None else z
+        per = loss_fn.call(y, h)
+        if per.shape.rank > 1:  # one loss per label position: an example's loss is their mean
+            per = tf.reduce_mean(per, axis=list(range(1, per.shape.rank)))
+        total = tf.reduce_sum(per)
+    dzs = tape.gradient(total, [z for _, _, z in taps])
+    sq, parts = [], []  # per layer: (kind, per-example pieces) to weight once the norms are known
+    for (layer, a, _), dz in zip(taps, dzs):
+        bsz = tf.shape(a)[0]
+        bias_g = tf.reduce_sum(tf.reshape(dz, [bsz, -1, dz.shape[-1]]), axis=1) if layer.use_bias else None
+        if isinstance(layer, tf.keras.layers.Dense) and a.shape.rank == 2:
+            sq.append(tf.reduce_sum(tf.square(a), axis=1) * tf.reduce_sum(tf.square(dz), axis=1))
+            parts.append(("ghost", layer, a, dz, bias_g))
+        else:
+            if isinstance(layer, tf.keras.layers.Conv2D):
+                kh, kw = layer.kernel_size
+                a = tf.image.extract_patches(a, sizes=[1, kh, kw, 1], strides=[1, *layer.strides, 1],
+                                             rates=[1, *layer.dilation_rate, 1], padding=layer.padding.upper())
+            a2 = tf.reshape(a, [bsz, -1, a.shape[-1]])
+            d2 = tf.reshape(dz, [bsz, -1, dz.shape[-1]])
+            g = tf.einsum("bpk,bpc->bkc", a2, d2)  # each example's kernel gradient, (in, out) flattened
+            sq.append(tf.reduce_sum(tf.square(g), axis=[1, 2]))
+            parts.append(("full", layer, g, None, bias_g))
+        if bias_g is not None:
+            sq[-1] = sq[-1] + tf.reduce_sum(tf.square(bias_g), axis=1)
+    norms = tf.sqrt(tf.add_n(sq))
+    out = []
+    for kind, layer, first, dz, bias_g in parts:
+        scale = tf.cast(tf.minimum(1.0, clip / tf.maximum(norms, 1e-30)), layer.kernel.dtype)
+        if kind == "ghost":
+            out.append(tf.matmul(first, dz * scale[:, None], transpose_a=True))
+        else:
+            out.append(tf.reshape(tf.einsum("b,bkc->kc", scale, first), layer.kernel.shape))
+        if bias_g is not None:
+            out.append(tf.reduce_sum(bias_g * scale[:, None], axis=0))
+    return out
+
+
+def clipped_sum(model: tf.keras.Model, loss_fn, x: tf.Tensor, y: tf.Tensor, clip: float,
+                layerwise: bool = True) -> list[tf.Tensor]:
+    """The sum over the batch of the clipped per-example gradients (zeros for an empty batch; graph-safe).
+
+    Sequential models of Dense and Conv2D layers take the layer-wise path (`_layerwise_clipped_sum`: no
+    per-example gradient of a Dense layer on rank-2 inputs is formed); any other model (or `layerwise=False`)
+    computes every example's gradient with `per_example_gradients` and clips it with `clip_per_example`. Both
+    give the same sum (tests/test_dp_sgd.py checks them against a loop over the examples).
+    """
+    layers = _fast_path_layers(model, loss_fn) if layerwise else None
 
     def nonempty():
+        if layers is not None:
+            return _layerwise_clipped_sum(layers, model, loss_fn, x, y, clip)
         clipped, _ = clip_per_example(per_example_gradients(model, loss_fn, x, y), clip)
         return [tf.reduce_sum(g, axis=0) for g in clipped]
 

@@ -29,11 +29,12 @@ import math
 from typing import Any, Sequence
 
 import dp_accounting
+import numpy as np
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.errors import ConfigError
-from dpfl_tff.privacy import truncation
+from dpfl_tff.privacy import rdp_many, truncation
 from dpfl_tff.privacy.events import ADD_OR_REMOVE_ONE, example_level_client_event, make_accountant
 from dpfl_tff.privacy.ledgers import Ledger
 from dpfl_tff.privacy.mechanism import PrivacyMechanism, refuse
@@ -41,6 +42,9 @@ from dpfl_tff.privacy.mechanism import PrivacyMechanism, refuse
 RECORD_RELATION = "add_or_remove_one_record"
 # summary.json lists every client's record epsilon up to this many clients, quantiles beyond.
 PER_CLIENT_LIMIT = 100
+# More distinct sampling rates than this: the ledger's RDP curves are computed vectorized (`rdp_many`), not one
+# by one by dp-accounting (0.2-0.5 s each).
+VECTORIZE_ABOVE = 16
 QUANTILES = (0.0, 0.5, 0.9, 0.99, 1.0)
 
 
@@ -90,8 +94,9 @@ class RecordLedger(Ledger):
 
     `epsilon` (client level) is infinite: nothing protects a client's whole data. Per client the steps of one
     round are fixed by its record count, so after p participations its event is `steps_i * p` Poisson-sampled
-    Gaussian steps: RDP is that many times one step's curve (computed once per distinct record count), PLD
-    composes the event afresh for each (record count, p) (cached). `orders`: the RDP orders (None:
+    Gaussian steps: RDP is that many times one step's curve (one per distinct sampling rate, `step_curve`;
+    epsilons cached per (rate, steps in all), so clients of equal counts and participations share one), PLD
+    composes the event afresh for each (rate, steps in all) (cached; about 0.1 s each). `orders`: the RDP orders (None:
     dp-accounting's default, what a run reports; calibration searches on a faster subset of them).
     """
 
@@ -105,7 +110,9 @@ class RecordLedger(Ledger):
         self.steps = [local_steps(n, expected_batch, epochs) for n in self.counts]
         self.participations: collections.Counter = collections.Counter()
         self.orders = orders
-        self._pld: dict[tuple[int, int], float] = {}
+        self._pld: dict[tuple[float, int], float] = {}  # (q, steps in all) -> epsilon
+        self._curves: dict[float, tuple[Any, Any]] | None = None  # q -> (orders, one step's RDP curve)
+        self._rdp_eps: dict[tuple[float, int], float] = {}  # (q, steps in all) -> epsilon
         self.out_of_reach_per_step = 0.0 if self.z == 0 else truncation.gaussian_out_of_reach(1.0 / self.z)
         make_accountant(accountant, ADD_OR_REMOVE_ONE)  # raises on an unknown accountant
 
@@ -117,15 +124,36 @@ class RecordLedger(Ledger):
         if self.z == 0:
             return math.inf
         if self.accountant == "rdp":
-            orders, rdp = _step_rdp(sampling_rate(n, self.b), self.z, self.orders)
-            eps, _ = rdp_lib.compute_epsilon(orders, rdp * (steps * participations), self.delta)
-            return float(eps)
-        key = (n, participations)
+            q, total = sampling_rate(n, self.b), steps * participations
+            key = (q, total)
+            if key not in self._rdp_eps:
+                orders, rdp = self.step_curve(q)
+                self._rdp_eps[key] = float(rdp_lib.compute_epsilon(orders, rdp * total, self.delta)[0])
+            return self._rdp_eps[key]
+        key = (sampling_rate(n, self.b), steps * participations)  # clients of one rate and step count share it
         if key not in self._pld:
             acc = make_accountant("pld", ADD_OR_REMOVE_ONE)
             acc.compose(example_level_client_event(n, self.b, self.z, steps), participations)
             self._pld[key] = float(acc.get_epsilon(self.delta))
         return self._pld[key]
+
+    def step_curve(self, q: float) -> tuple[Any, Any]:
+        """(orders, RDP curve) of one step at rate `q`. The curves of all the ledger's distinct rates are computed
+        on first use: by dp-accounting, one by one, up to `VECTORIZE_ABOVE` distinct rates; beyond, all at once
+        by `rdp_many.poisson_gaussian_rdp` (the same formulas vectorized over the rates, each value raised by a
+        bound on its rounding: never below dp-accounting's)."""
+        if self._curves is None:
+            rates = sorted({sampling_rate(n, self.b) for n, s in zip(self.counts, self.steps) if s > 0})
+            if len(rates) > VECTORIZE_ABOVE and self.z > 0:
+                orders = np.asarray(dp_accounting.rdp.RdpAccountant().orders if self.orders is None else self.orders,
+                                    dtype=np.float64)
+                curves = rdp_many.poisson_gaussian_rdp(rates, self.z, orders)
+                self._curves = {q: (orders, curves[k]) for k, q in enumerate(rates)}
+            else:
+                self._curves = {}
+        if q not in self._curves:
+            self._curves[q] = _step_rdp(q, self.z, self.orders)
+        return self._curves[q]
 
     def epsilons(self, participations: dict[int, int] | None = None) -> list[float]:
         """Every client's record epsilon (`participations`: per client, default the ledger's)."""
