@@ -200,8 +200,11 @@ class _WorkerContext(async_execution_context.AsyncExecutionContext):
           worker's copy (run on its executor: the same cardinalities); one of
           another executor (another number of clients) is fetched and sent.
         """
-        kept, self._kept = self._kept, None
         mark = getattr(comp, _KEEPS_STATE, None)
+        stays = resident and mark is not None and mark[0] is not None
+        kept = None
+        if mark is not None and not stays:  # the state kept by the last call of a marked computation, if any
+            kept, self._kept = self._kept, None
         where = _resident_index(arg)
         held = _resident_in(arg)
         if held is not None:
@@ -217,7 +220,6 @@ class _WorkerContext(async_execution_context.AsyncExecutionContext):
             else:
                 arg = self._transform_args(tree.traverse(_struct_to_python, arg))
         result_type = comp.type_signature.result
-        stays = resident and mark is not None and mark[0] is not None
         target = mark[0] if stays else comp
         compiled = self._compiler_pipeline.compile(target)
         cardinalities = self._cardinality_inference_fn(arg, compiled.type_signature.parameter)
