@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dpfl_tff.privacy import dp_sgd, example_level
+from dpfl_tff.privacy import dp_sgd, events, example_level
 from tests.conftest import run_driver
 from tests.test_compute_epsilon import _run as run_compute_epsilon
 
@@ -158,7 +158,7 @@ def test_calibration_meets_the_target_on_the_safe_side():
     z = example_level.calibrate_example_noise(cfg, 3.0)
     assert example_level.planned_record_epsilon(cfg, z) <= 3.0
     # The search's own accountant (RDP at the integer orders) is just above the target 0.1% below z.
-    orders = example_level._integer_orders()
+    orders = events.integer_orders()
     assert example_level.planned_record_epsilon(cfg, z * 0.999, "rdp", orders) > 3.0
     # The planned figure is the worst client's, in every round, by hand.
     delta = cfg.target_delta

@@ -425,9 +425,12 @@ def example_level_client_event(num_records: int, expected_batch: float, z: float
     per-step sum of clipped gradients has L2 sensitivity C and noise std z C.
     No amplification by client sampling is claimed (every participation counts).
     """
-    q = min(1.0, expected_batch / num_records)
-    return dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), steps)
+    return dp_accounting.SelfComposedDpEvent(example_level_step_event(min(1.0, expected_batch / num_records), z), steps)
+
+
+def example_level_step_event(q: float, z: float) -> dp_accounting.DpEvent:
+    """One DP-SGD step of a client at record level: a Poisson(q) batch's clipped sum plus Gaussian noise z C."""
+    return dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
 
 
 def example_level_epsilons(num_records: list[int], participations: list[int], expected_batch: float,

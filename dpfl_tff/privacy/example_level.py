@@ -34,7 +34,7 @@ from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
 from dpfl_tff.config import ExperimentConfig
 from dpfl_tff.errors import ConfigError
-from dpfl_tff.privacy import rdp_many, truncation
+from dpfl_tff.privacy import events, rdp_many, truncation
 from dpfl_tff.privacy.events import ADD_OR_REMOVE_ONE, example_level_client_event, make_accountant
 from dpfl_tff.privacy.ledgers import Ledger
 from dpfl_tff.privacy.mechanism import PrivacyMechanism, refuse
@@ -64,10 +64,8 @@ def sampling_rate(num_records: int, expected_batch: int) -> float:
 def _step_rdp(q: float, z: float, orders: tuple[float, ...] | None) -> tuple[Any, Any]:
     """(orders, RDP curve) of one `PoissonSampledDpEvent(q, GaussianDpEvent(z))`, add-or-remove-one (cached:
     dp-accounting takes 0.2-0.5 s per curve at its default orders)."""
-    rel = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
-    acc = (dp_accounting.rdp.RdpAccountant(neighboring_relation=rel) if orders is None
-           else dp_accounting.rdp.RdpAccountant(orders=list(orders), neighboring_relation=rel))
-    acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)))
+    acc = make_accountant("rdp", ADD_OR_REMOVE_ONE, orders)
+    acc.compose(events.example_level_step_event(q, z))
     return acc.orders, acc.rdp
 
 
@@ -327,11 +325,6 @@ def planned_record_epsilon(cfg: ExperimentConfig, z: float, accountant: str | No
     return ledger.planned(t.rounds)["record_epsilon"]
 
 
-def _integer_orders() -> tuple[float, ...]:
-    """The integer orders among dp-accounting's default RDP orders (about 10x faster to compute)."""
-    return tuple(o for o in dp_accounting.rdp.RdpAccountant().orders if float(o).is_integer())
-
-
 def calibrate_example_noise(cfg: ExperimentConfig, target_epsilon: float) -> float:
     """The smallest z_ex (to a relative 1e-4, rounded up) whose planned record_epsilon is <= `target_epsilon`.
 
@@ -343,7 +336,7 @@ def calibrate_example_noise(cfg: ExperimentConfig, target_epsilon: float) -> flo
     Raises:
       ConfigError: no z_ex <= 2**20 reaches the target.
     """
-    orders = _integer_orders()
+    orders = events.integer_orders()
 
     def eps(z: float) -> float:
         return planned_record_epsilon(cfg, z, "rdp", orders)
