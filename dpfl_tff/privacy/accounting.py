@@ -156,7 +156,8 @@ def calibrate_noise_multiplier(cfg: ExperimentConfig, target_epsilon: float,
 
     def solve(kind: str, bracket: mechanism_calibration.BracketInterval) -> float:
         return float(mechanism_calibration.calibrate_dp_mechanism(
-            lambda: make_accountant(kind, relation, rdp_orders if kind == "rdp" else None), event, target_epsilon, cfg.target_delta, bracket,
+            lambda: make_accountant(kind, relation, rdp_orders if kind == "rdp" else None), event, target_epsilon,
+            cfg.target_delta, bracket,
             tol=1e-5 if kind == "rdp" else 1e-4,  # each PLD evaluation costs seconds
         ))
 

@@ -261,7 +261,8 @@ class CachedRdpAccountant(dp_accounting.rdp.RdpAccountant):
         if isinstance(event, dp_accounting.GaussianDpEvent):
             key = (False, 1.0, event.noise_multiplier)
         elif isinstance(event, dp_accounting.PoissonSampledDpEvent):
-            key = (False, event.sampling_probability, rdp_lib._effective_gaussian_noise_multiplier(event.event))  # noqa: SLF001
+            sigma = rdp_lib._effective_gaussian_noise_multiplier(event.event)  # noqa: SLF001
+            key = (False, event.sampling_probability, sigma)
         else:
             key = (True, event.sample_size / event.source_dataset_size,
                    rdp_lib._effective_gaussian_noise_multiplier(event.event))  # noqa: SLF001
