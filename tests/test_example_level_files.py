@@ -8,7 +8,6 @@ import json
 import math
 import os
 
-import dp_accounting
 import pytest
 
 from dpfl_tff.config import TaskConfig
@@ -16,6 +15,7 @@ from dpfl_tff.tasks import load_task
 from tests.conftest import run_driver
 from tests.data_fixtures import write_cifar10_batches, write_emnist_sqlite
 from tests.test_compute_epsilon import _run as run_compute_epsilon
+from tests.test_example_level_planning import _by_hand as planning_by_hand
 
 EMNIST_COUNTS = [5, 9, 3, 7]  # unequal: each client's n_i must come from the file
 B, Z = 4, 1.5
@@ -30,17 +30,8 @@ def data_dir(tmp_path_factory):
 
 
 def _by_hand(counts, participations, delta) -> list[float]:
-    """Each client's epsilon: ceil(n/B) Poisson-sampled Gaussian steps a round, composed by dp-accounting."""
-    out = []
-    for n, p in zip(counts, participations):
-        if p == 0:
-            out.append(0.0)
-            continue
-        acc = dp_accounting.rdp.RdpAccountant()
-        acc.compose(dp_accounting.PoissonSampledDpEvent(min(1.0, B / n), dp_accounting.GaussianDpEvent(Z)),
-                    math.ceil(n / B) * p)
-        out.append(acc.get_epsilon(delta))
-    return out
+    """Each client's epsilon: ceil(n/B) Poisson-sampled Gaussian steps a round (one epoch), by dp-accounting."""
+    return planning_by_hand(counts, B, 1, Z, participations, delta)
 
 
 def _flags(task_flags, out):
