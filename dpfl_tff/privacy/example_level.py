@@ -24,7 +24,6 @@ The run's record-level guarantee, `record_epsilon`, is the maximum over clients.
 from __future__ import annotations
 
 import collections
-import functools
 import math
 from typing import Any, Sequence
 
@@ -60,10 +59,9 @@ def sampling_rate(num_records: int, expected_batch: int) -> float:
     return min(1.0, expected_batch / num_records)
 
 
-@functools.lru_cache(maxsize=4096)
 def _step_rdp(q: float, z: float, orders: tuple[float, ...] | None) -> tuple[Any, Any]:
-    """(orders, RDP curve) of one `PoissonSampledDpEvent(q, GaussianDpEvent(z))`, add-or-remove-one (cached:
-    dp-accounting takes 0.2-0.5 s per curve at its default orders)."""
+    """(orders, RDP curve) of one `PoissonSampledDpEvent(q, GaussianDpEvent(z))`, add-or-remove-one (the curve
+    is computed once per process by `events.CachedRdpAccountant`: dp-accounting takes 0.2-0.5 s per curve)."""
     acc = make_accountant("rdp", ADD_OR_REMOVE_ONE, orders)
     acc.compose(events.example_level_step_event(q, z))
     return acc.orders, acc.rdp
