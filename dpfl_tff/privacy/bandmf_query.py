@@ -35,7 +35,7 @@ import tensorflow_privacy as tfp
 
 from dpfl_tff.privacy import sampler
 
-_KEY_STRIDE = 65536  # > the sampler's own offsets of one draw's four uniforms (privacy.sampler._uniforms)
+_KEY_STRIDE = 65536  # > the sampler's own offsets of one draw's four uniforms (privacy.sampler._uniform)
 
 
 def stream_key(noise_seed: int, stream, step, tensor_index: int, num_tensors: int) -> tf.Tensor:
