@@ -37,8 +37,8 @@ Per release (`gaussian_out_of_reach`, `laplace_out_of_reach`):
 * The normaliser: Z >= 1 - n 2^-156 for a run that draws n < 2^63 noise
   coordinates in all, so delta (1/Z - 1) <= delta 2^-92 (`normalizer_term`).
 
-The discretisation of the samplers' inputs (a 156-bit grid for v, 52 bits for
-the angle) and the rounding inside log, sqrt, sincos and the addition are not
+The discretisation of the samplers' inputs (a 156-bit grid for v below 2^-24,
+52 bits above it and for the angle) and the rounding inside log, sqrt, sincos and the addition are not
 in this term; docs/privacy.md#floating-point-noise says why the simulation
 accepts them (Mironov 2012).
 """
