@@ -224,8 +224,8 @@ def plot(sweep: SweepPlan, table: list[dict[str, Any]], path: str) -> str | None
                     ax.axhspan(mean - s, mean + s, color="gray", alpha=0.15)
     if finite and min(finite) > 0 and max(finite) / min(finite) > 10:
         ax.set_xscale("log")
-    ax.set_xlabel("epsilon after the run (largest over seeds; local DP: both views, see the legend; record-level "
-                  "DP: record epsilon)")
+    ax.set_xlabel("epsilon after the run (largest over seeds)\nlocal DP: both views, see the legend; record-level "
+                  "DP: record epsilon")  # two lines: one is wider than the figure
     ax.set_ylabel("test accuracy (mean ± std over seeds)")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
