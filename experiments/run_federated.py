@@ -103,7 +103,7 @@ def main(argv: list[str]) -> None:
             fresh=dpfl_flags.FRESH.value,
         )
     except errors.RunInterrupted as e:
-        print(f"{e}: last completed round checkpointed, summary written to {cfg.output_dir}, TFF worker shut down",
+        print(f"{e}: {e.checkpoint_note}, summary written to {cfg.output_dir}, TFF worker shut down",
               file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except (ConfigError, DataFileError, FileExistsError, OSError, runtime.WorkersUnreachable) as e:
