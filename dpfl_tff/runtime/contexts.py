@@ -33,11 +33,12 @@ from dpfl_tff.runtime.tff_internals import (
     mergeable_comp_execution_context,
     sync_execution_context,
     executors_errors,
+    executor_pb2,
     placements,
     remote_executor_grpc_stub,
     type_conversions,
 )
-from dpfl_tff import worker_auth
+from dpfl_tff import serialization, worker_auth
 from dpfl_tff.runtime.executor_cache import (
     _KEEPS_STATE,
     ResidentState,
@@ -229,7 +230,7 @@ class _WorkerContext(async_execution_context.AsyncExecutionContext):
                     param if where < 0 else param[where], tff.FederatedType):  # else: fetched (an unplaced one)
                 cardinalities = held.cardinalities
             else:  # another executor's (or a lost) state: sent from Python
-                arg = _with_resident(arg, await self._fetch(held) if held.fetched is None else held.fetched, where)
+                arg = _with_resident(arg, held.fetch(), where)
                 held = None
         with self._reset_factory_on_error(self._executor_factory, cardinalities) as executor:
             try:
@@ -248,12 +249,11 @@ class _WorkerContext(async_execution_context.AsyncExecutionContext):
                 result = type_conversions.type_to_py_container(await call.compute(), result_type)
             except Exception:
                 # The state the call started from is still the worker's (unless it died): fetched now, before the
-                # executor is reset, so that the failed round's caller can still checkpoint it.
+                # executor is reset, so that the failed round's caller can still checkpoint it (a worker's
+                # failure marks it lost).
                 if held is not None and held.fetched is None and self._proc.poll() is None:
-                    try:
-                        await self._fetch(held)
-                    except Exception as e:  # noqa: BLE001  (the call's error is the one to raise)
-                        held.lost = e
+                    with contextlib.suppress(Exception):  # the call's error is the one to raise
+                        held.fetch()
                 raise
             if self._transform_result is not None:
                 result = self._transform_result(result)
@@ -275,24 +275,31 @@ class _WorkerContext(async_execution_context.AsyncExecutionContext):
         container = getattr(result_type, "python_container", None) or tuple
         return container((state, metrics)) if container is tuple else container(state, metrics)
 
-    async def _fetch(self, held: ResidentState):
-        """The whole state `held` stands for, from the worker (kept in `held.fetched`)."""
+    def fetch_state(self, held: ResidentState, timeout: float | None = None):
+        """The whole state `held` stands for, from the worker, in the calling thread (`ResidentState.fetch`).
+
+        One gRPC call of its own (a deadline of `timeout` seconds, if given):
+        not on the context's event loop, where a round cut short in the caller
+        may still be running, so it does not wait for that round; the worker
+        answers it meanwhile. Raises `StateLost` or `WorkerLost` (the state is
+        then lost), `TimeoutError` past `timeout`, or what cut it short.
+        """
         if not held.in_worker():
             raise StateLost("the worker's copy of the state is gone (its executor was closed)")
+        request = executor_pb2.ComputeRequest(executor=held.executor_id, value_ref=held.remote.reference)
         try:
-            value = await held.remote.compute()
+            response = self.watched.compute_within(request, timeout)
         except (executors_errors.RetryableError, grpc.RpcError) as e:
+            code = e.code() if isinstance(e, grpc.Call) else None
             self._check_alive(_EXIT_GRACE_SECONDS if isinstance(e, executors_errors.RetryableError) else 0.0)
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise TimeoutError(f"{self.watched.worker} gave no answer for {timeout:g} s") from e
             raise WorkerLost(self.address, e) from e
-        value = type_conversions.type_to_py_container(value, held.type_spec)
+        value = type_conversions.type_to_py_container(
+            serialization.deserialize(response.value, held.type_spec), held.type_spec)
         if self._transform_result is not None:
             value = self._transform_result(value)
-        held.fetched = _KeptState(value, None, None).state  # read-only arrays, as a returned state's
-        return held.fetched
-
-    def fetch_state(self, held: ResidentState):
-        """`_fetch` from the calling thread (on the sync context's event loop thread, as calls run)."""
-        return self.runner.run_coro_and_return_result(self._fetch(held))
+        return _KeptState(value, None, None).state  # read-only arrays, as a returned state's
 
 
 def _resident_in(arg) -> ResidentState | None:
@@ -340,7 +347,6 @@ class _SyncWorkerContext(sync_execution_context.SyncExecutionContext):
             transform_result=tensorflow_computation.transform_result,
         )
         self._async_context = worker_context  # what SyncExecutionContext.invoke runs
-        worker_context.runner = self._async_runner  # a ResidentState's fetch runs there too
 
     def invoke(self, comp, arg):
         # `states_in_worker` is read here, in the caller's thread: the call itself runs on the runner's.
@@ -461,6 +467,8 @@ def remote_context(
         yield
     finally:
         stack.set_default_context(previous)
+        for c in contexts:  # values collected from now on are not disposed (no call on a closed channel)
+            c.watched.close()
         for s in stubs:  # first: a call still waiting on a frozen worker is cancelled, so its thread ends
             s._channel.close()  # noqa: SLF001  (the stub owns no close())
         for c in contexts:
@@ -513,6 +521,8 @@ class _LocalWorker:
         return self.context
 
     def close(self) -> None:
+        if self.context is not None:  # values collected from now on are not disposed (no call on a closed channel)
+            self.context._async_context.watched.close()  # noqa: SLF001
         if self.channel is not None:
             self.channel.close()
         stop_worker(self.proc)

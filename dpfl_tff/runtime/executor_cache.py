@@ -24,6 +24,7 @@ from dpfl_tff.runtime.tff_internals import (
     placements,
 )
 from dpfl_tff import serialization
+from dpfl_tff.runtime.worker_calls import WorkerLost
 
 class _RemoteExecutor(remote_executor.RemoteExecutor):
     """TFF's RemoteExecutor, with three savings per call of a computation.
@@ -201,30 +202,58 @@ class ResidentState:
     any other attribute, and `_replace`, fetch the whole state first
     (`fetch`, once: it is then kept here, `fetched`). A computation of the
     same worker called with it uses the worker's copy.
+
+    The fetch runs in the calling thread, on a gRPC call of its own: it does
+    not queue behind a call still running on the worker (a round cut short in
+    the caller by a second stop signal goes on in the context's thread). Only
+    a failure of the worker (`WorkerLost`, `StateLost`) marks the state lost
+    (`lost`); a fetch cut short in the caller (a signal handler's exception,
+    KeyboardInterrupt) leaves it in the worker, to be fetched again. A handle
+    is never a checkpoint's leaf (`checkpoints` refuses it): the state is
+    fetched first.
     """
 
     def __init__(self, remote, type_spec, executor, cardinalities: dict, fields: dict[str, Any],
-                 fetch: Callable[["ResidentState"], Any]):
+                 fetch: Callable[["ResidentState", float | None], Any]):
         self.remote, self.type_spec, self.executor = remote, type_spec, executor
         self.executor_id = executor._executor_id  # noqa: SLF001  (a closed executor's values are gone)
         self.cardinalities, self.fields, self._fetch = dict(cardinalities), fields, fetch
         self.fetched: Any = None  # the whole state, once fetched
-        self.lost: BaseException | None = None  # why it could not be fetched
+        self.lost: BaseException | None = None  # why it could not be fetched (the worker failed)
+        self._lock = threading.Lock()  # one fetch at a time (the round loop's thread, the watchdog's)
 
     def in_worker(self) -> bool:
         """Whether the worker still holds it (its executor was neither closed nor replaced)."""
         return self.executor._executor_id == self.executor_id  # noqa: SLF001
 
-    def fetch(self) -> Any:
-        """The whole state (from the worker the first time). Raises `StateLost`, or the worker's error."""
-        if self.fetched is None:
-            if self.lost is not None:
-                raise StateLost(f"the state was lost with its worker ({self.lost})") from self.lost
-            try:
-                self.fetched = self._fetch(self)
-            except Exception as e:
-                self.lost = e
-                raise
+    def fetch(self, timeout: float | None = None) -> Any:
+        """The whole state (from the worker the first time).
+
+        Args:
+          timeout: seconds to wait for the worker's answer (and for a fetch
+            already under way in another thread); None: no limit (the
+            watchdog abandons a worker that gives no answer).
+
+        Raises:
+          StateLost: the worker lost it (now, or at an earlier fetch).
+          WorkerLost: the worker failed during this fetch (the state is then lost).
+          TimeoutError: no answer within `timeout` (the state stays fetchable).
+        """
+        if self.fetched is not None:
+            return self.fetched
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError(f"the state is being fetched by another thread (waited {timeout:g} s)")
+        try:
+            if self.fetched is None:
+                if self.lost is not None:
+                    raise StateLost(f"the state was lost with its worker ({self.lost})") from self.lost
+                try:
+                    self.fetched = self._fetch(self, timeout)
+                except (WorkerLost, StateLost) as e:  # the worker's failure; anything else leaves it fetchable
+                    self.lost = e
+                    raise
+        finally:
+            self._lock.release()
         return self.fetched
 
     def __getattr__(self, name: str):  # only for names that are not attributes of this object
@@ -234,6 +263,10 @@ class ResidentState:
         if name in fields:
             return fields[name]
         return getattr(self.fetch(), name)
+
+    def __reduce__(self):  # never pickled (a checkpoint, a process pool): the state must be fetched first
+        raise TypeError("a ResidentState (a state left in the TFF worker) cannot be pickled: fetch it first "
+                        "(runtime.fetch_state)")
 
     def _replace(self, **changes):
         return self.fetch()._replace(**changes)
