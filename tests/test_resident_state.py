@@ -35,13 +35,13 @@ def _cfg(out, noise_seed=None, **train) -> ExperimentConfig:
 def _fetches(monkeypatch) -> list[int]:
     """Counts the states fetched from the worker."""
     calls = []
-    fetch = contexts._WorkerContext._fetch
+    fetch = contexts._WorkerContext.fetch_state
 
-    async def counting(self, held):
+    def counting(self, held, timeout=None):
         calls.append(1)
-        return await fetch(self, held)
+        return fetch(self, held, timeout)
 
-    monkeypatch.setattr(contexts._WorkerContext, "_fetch", counting)
+    monkeypatch.setattr(contexts._WorkerContext, "fetch_state", counting)
     return calls
 
 
@@ -109,3 +109,65 @@ def test_a_worker_death_loses_the_rounds_after_the_last_checkpoint_and_the_rerun
     uninterrupted = training.run(dataclasses.replace(cfg, output_dir=str(tmp_path / "once")), log=lambda line: None)
     assert again.epsilon > uninterrupted.epsilon
 
+
+
+def test_a_checkpoint_refuses_a_handle_of_a_state_left_in_the_worker(tmp_path):
+    """A leaf that is no array (a `ResidentState`) is a bug of the caller: refused, nothing written (it was
+    pickled into state.npz, or failed there with a pickling error)."""
+    from dpfl_tff import checkpoints, release_log
+
+    ckpts = checkpoints.CheckpointManager(str(tmp_path))
+    handle = object.__new__(runtime.ResidentState)  # no worker behind it: only its type matters here
+    state = {"model": np.zeros(3, np.float32), "aggregator": handle}
+    with pytest.raises(TypeError, match=r"internal error: the checkpoint of round 4 got a ResidentState as its leaf "
+                                        r"aggregator, not an array .*nothing was written"):
+        ckpts.save(4, state, {"round": 4}, release_log.LedgerLog(str(tmp_path)))
+    assert ckpts.rounds() == [] and not os.listdir(tmp_path)
+
+
+def test_a_round_failing_in_a_live_worker_checkpoints_the_state_it_started_from(tmp_path, monkeypatch):
+    """Round 4's call fails in the worker (not a worker failure): the state of round 3, fetched before the
+    executor is reset, is checkpointed (the fetched state, never its handle) and the line says so."""
+    import threading
+
+    from dpfl_tff.runtime.tff_internals import remote_executor_grpc_stub
+
+    compute = remote_executor_grpc_stub.RemoteExecutorGrpcStub.compute
+    armed = threading.Event()
+
+    def failing(self, request):
+        if armed.is_set() and threading.current_thread() is not threading.main_thread():
+            armed.clear()
+            raise RuntimeError("injected failure of the round's call")
+        return compute(self, request)
+
+    monkeypatch.setattr(remote_executor_grpc_stub.RemoteExecutorGrpcStub, "compute", failing)
+    out = tmp_path / "run"
+
+    def log(line):
+        if line.startswith("round 3/"):
+            armed.set()
+
+    with runtime.local_context(), pytest.raises(training.RoundFailed) as failed:
+        training.run(_cfg(out, rounds=6, checkpoint_every=1000, eval_every=0), log=log)
+    assert str(failed.value).startswith("round 4 failed: RuntimeError: injected failure of the round's call; round 3 "
+                                        "is checkpointed: rerun the same command to resume from it"), failed.value
+    assert sorted(os.listdir(out / "checkpoints")) == ["ckpt_000003"]
+
+
+def test_values_collected_after_their_context_is_closed_are_not_disposed():
+    """A worker's value collected after its context was left makes no call on the closed channel (it raised
+    inside the finalizer: 'Exception ignored in ...'); other calls then raise WorkerLost."""
+    from dpfl_tff.runtime import worker_calls
+
+    class ClosedChannel:
+        def __getattr__(self, name):
+            def call(request):
+                raise ValueError("Cannot invoke RPC on closed channel!")
+            return call
+
+    stub = worker_calls._WatchedStub(ClosedChannel(), "local TFF worker localhost:1 (pid 1)", lambda: None)
+    stub.close()
+    assert stub.dispose(object()) is None and stub.dispose_executor(object()) is None
+    with pytest.raises(runtime.WorkerLost, match="its execution context was closed"):
+        stub.compute(object())
