@@ -62,7 +62,8 @@ def test_checkpoints_evaluations_and_the_final_model_equal_a_run_whose_state_com
     assert not fetched  # the state came back every round
 
     keys = ("round", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "next_clip_norm")
-    assert [{k: r.get(k) for k in keys} for r in resident.records] == [{k: r.get(k) for k in keys} for r in back.records]
+    assert ([{k: r.get(k) for k in keys} for r in resident.records]
+            == [{k: r.get(k) for k in keys} for r in back.records])
     assert [r["round"] for r in resident.records if "test_accuracy" in r] == [2, 4, 6]
     for r in (3, 6):
         a, b = _npz(tmp_path / "resident", r), _npz(tmp_path / "back", r)

@@ -52,7 +52,8 @@ from dpfl_tff.runtime.contexts import (
     local_context,
     remote_context,
 )
-from dpfl_tff.runtime.executor_cache import ResidentState, StateLost, fetch_state, keep_state_in_worker, states_in_worker
+from dpfl_tff.runtime.executor_cache import (
+    ResidentState, StateLost, fetch_state, keep_state_in_worker, states_in_worker)
 from dpfl_tff.runtime.tff_internals import SUPPORTED_TFF_VERSIONS
 from dpfl_tff.runtime.worker_calls import LocalWorkerDied, WorkerLost, WorkerStalled, abort_calls, calls_in_flight
 from dpfl_tff.runtime.worker_process import (

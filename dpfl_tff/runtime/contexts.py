@@ -241,7 +241,8 @@ class _WorkerContext(async_execution_context.AsyncExecutionContext):
                 elif kept is not None and kept.executor is executor and kept.unchanged(state):
                     arg = structure.Struct([(elements[0][0], kept.remote), *list(structure.iter_elements(arg))[1:]])
                 if arg is not None:
-                    arg = await async_execution_context._ingest(executor, arg, compiled.type_signature.parameter)  # noqa: SLF001
+                    arg = await async_execution_context._ingest(  # noqa: SLF001
+                        executor, arg, compiled.type_signature.parameter)
                 call = await executor.create_call(await executor.create_value(compiled, compiled.type_signature), arg)
                 if stays:
                     return await self._resident_result(executor, call, cardinalities, result_type, target, mark[1])
