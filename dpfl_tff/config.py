@@ -585,7 +585,8 @@ class ExperimentConfig:
         20.0, WORKERS,
         "After SIGTERM or SIGINT, seconds (0 < t <= 3600) the round in progress may still take; then "
         "its worker calls are abandoned and the run exits with the last completed round checkpointed "
-        "(unless its state was only in the abandoned local worker: then the last checkpoint stands). "
+        "(the local worker, which holds that round's state, is asked for it first; one that gives no answer "
+        "for 5 s more takes the rounds since the last checkpoint with it, and the exit line says so). "
         "Keep it below the scheduler's own grace before SIGKILL (Slurm KillWait, Kubernetes "
         "terminationGracePeriodSeconds: 30 s by default).",
     )
