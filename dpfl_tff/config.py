@@ -587,7 +587,7 @@ class ExperimentConfig:
         "its worker calls are abandoned and the run exits with the last completed round checkpointed "
         "(the local worker, which holds that round's state, is asked for it first; one that gives no answer "
         "for 5 s more takes the rounds since the last checkpoint with it, and the exit line says so). "
-        "Keep it below the scheduler's own grace before SIGKILL (Slurm KillWait, Kubernetes "
+        "Keep it (plus those 5 s) below the scheduler's own grace before SIGKILL (Slurm KillWait, Kubernetes "
         "terminationGracePeriodSeconds: 30 s by default).",
     )
     worker_credentials: str = _field(
