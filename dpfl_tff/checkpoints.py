@@ -90,6 +90,24 @@ def stored_names(meta: dict[str, Any]) -> list[str]:
     return list(meta.get("leaf_names") or [f"arr_{i}" for i in range(int(meta["num_leaves"]))])
 
 
+def _array_leaves(round_num: int, state: Any, weight_names: Sequence[str]) -> tuple[list[np.ndarray], list[str]]:
+    """The state's leaves as arrays, and their names; raises (nothing written) if a leaf is not an array.
+
+    A checkpoint holds numbers only (state.npz is read with `allow_pickle=False`). A leaf that is
+    no array (e.g. a `runtime.ResidentState`, a handle of a state left in the TFF worker, which the
+    round loop must fetch first) is a bug of the caller: `TypeError`, never a pickled object.
+    """
+    leaves = [np.asarray(leaf) for leaf in _nest().flatten(state)]
+    names = leaf_names(state, weight_names)
+    for name, leaf, raw in zip(names, leaves, _nest().flatten(state)):
+        if leaf.dtype == object:
+            raise TypeError(
+                f"internal error: the checkpoint of round {round_num} got a {type(raw).__name__} as its leaf "
+                f"{name}, not an array (a state left in the TFF worker is fetched before it is saved: "
+                "runtime.fetch_state); nothing was written")
+    return leaves, names
+
+
 class CheckpointManager:
     """Saves and restores (round, learning-process state, record) in `root/checkpoints`.
 
@@ -119,14 +137,13 @@ class CheckpointManager:
         `ledger` (already holding round `round_num`) is recorded by length and
         chain hash, so that a resume can tell a ledger shortened since.
         """
+        leaves, names = _array_leaves(round_num, state, self.weight_names)
         final = os.path.join(self.dir, f"ckpt_{round_num:06d}")
         tmp = os.path.join(self.dir, f".tmp_ckpt_{round_num:06d}")
         try:
             os.makedirs(self.dir, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-            leaves = [np.asarray(leaf) for leaf in _nest().flatten(state)]
-            names = leaf_names(state, self.weight_names)
             state_path = os.path.join(tmp, "state.npz")
             # Built in memory, then written: a write that fails inside np.savez would leave its ZipFile to
             # complain about the closed file when collected ("Exception ignored in ZipFile.__del__").

@@ -577,14 +577,17 @@ class ExperimentConfig:
         None, WORKERS,
         "A call to a TFF worker (local or --workers) that gives no answer for this many seconds "
         "(0 < t <= 86400) ends the run with exit 1, naming the worker; the last completed round is "
-        "checkpointed (rerun to resume). Unset: max(60, 20x the median round of this process). The "
+        "checkpointed, or, if its state was only in the local worker, the rerun resumes from the last "
+        "checkpoint (the line says which; rerun to resume). Unset: max(60, 20x the median round of this process). The "
         "first round of a process (tracing, compilation) always gets at least 600 s.",
     )
     stop_grace_seconds: float = _field(
         20.0, WORKERS,
         "After SIGTERM or SIGINT, seconds (0 < t <= 3600) the round in progress may still take; then "
-        "its worker calls are abandoned and the run exits with the last completed round checkpointed. "
-        "Keep it below the scheduler's own grace before SIGKILL (Slurm KillWait, Kubernetes "
+        "its worker calls are abandoned and the run exits with the last completed round checkpointed "
+        "(the local worker, which holds that round's state, is asked for it first; one that gives no answer "
+        "for 5 s more takes the rounds since the last checkpoint with it, and the exit line says so). "
+        "Keep it (plus those 5 s) below the scheduler's own grace before SIGKILL (Slurm KillWait, Kubernetes "
         "terminationGracePeriodSeconds: 30 s by default).",
     )
     worker_credentials: str = _field(

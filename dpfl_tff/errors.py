@@ -52,6 +52,9 @@ class RunInterrupted(Exception):
     def __init__(self, reason: str, exit_code: int):
         super().__init__(reason)
         self.exit_code = exit_code
+        # What the exit line says of the last completed round (the loop replaces it when that round's state,
+        # which stays in the local worker between checkpoints, was lost with the worker).
+        self.checkpoint_note = "last completed round checkpointed"
 
 
 class RoundFailed(RuntimeError):

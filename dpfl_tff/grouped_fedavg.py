@@ -489,5 +489,12 @@ def _learning_process(initial_weights, agg_init, client_inputs, optimizer_init, 
     def set_model_weights(state, weights):
         return algorithm_state(weights, state.distributor, state.client_work, state.aggregator, state.finalizer)
 
-    runtime.keep_state_in_worker(next_fn)  # on a local worker: the state it returned is not sent back next round
+    @tff.federated_computation(state_type, tff.FederatedType(groups_type, tff.CLIENTS))
+    def next_resident(state, groups):  # `next_fn` for a state left in the worker: the metrics and the aggregator back
+        out = next_fn(state, groups)
+        return out.state, (out.metrics, out.state.aggregator)
+
+    # On a local worker: the state it returned is not sent back next round; inside `runtime.states_in_worker()`
+    # it stays there (the round loop's: only the metrics and the aggregator's state come back).
+    runtime.keep_state_in_worker(next_fn, resident=next_resident, fields=("aggregator",))
     return tff.learning.templates.LearningProcess(init_fn, next_fn, get_model_weights, set_model_weights)

@@ -130,9 +130,13 @@ class Checkpointer(Observer):
     def __init__(self, ckpts: checkpoints.CheckpointManager, ledger_log: release_log.LedgerLog, every: int):
         self.ckpts, self.ledger_log, self.every = ckpts, ledger_log, every
 
+    def due(self, r: int, last: bool, stopping: bool) -> bool:
+        """Whether round `r` is checkpointed (`on_round` then needs the whole state)."""
+        return last or stopping or bool(self.every and r % self.every == 0)
+
     def on_round(self, record, state, last, stopping):
         r = record["round"]
-        if last or stopping or (self.every and r % self.every == 0):
+        if self.due(r, last, stopping):
             self.ckpts.save(r, state, record, self.ledger_log)
 
     def save_if_missing(self, round_num: int, state: Any, record: dict[str, Any] | None) -> bool:

@@ -17,9 +17,12 @@ waiting on a worker (`runtime.calls_in_flight`), and
   quarter in place of the progress line's stale ETA,
   `round 34/60 | no answer for 45 s from local TFF worker localhost:PORT (pid N) | stall limit 60 s`;
 * when a stop was requested (SIGTERM, SIGINT) and a call still waits
-  `grace` seconds later (--stop_grace_seconds), it abandons the calls the
-  same way and keeps the stop request (`stop`): the loop raises it instead of
-  the round's error (the checkpoint of the last completed round, exit
+  `grace` seconds later (--stop_grace_seconds), it first lets the loop fetch
+  the last completed round's state, which stays in the local worker
+  (`before_stop_abandon`, answered within `FETCH_SECONDS` by a worker that is
+  only busy), then abandons the calls the same way (unless they ended
+  meanwhile) and keeps the stop request (`stop`): the loop raises it instead
+  of the round's error (the checkpoint of the last completed round, exit
   128+signal).
 
 The limit is about one call's answer, not a round's length: the round's
@@ -38,6 +41,7 @@ from dpfl_tff import runtime
 FIRST_ROUND_SECONDS = 600.0  # the least the first round of a process gets: it traces and compiles
 FLOOR_SECONDS = 60.0
 MEDIAN_FACTOR = 20
+FETCH_SECONDS = 5.0  # how long a stop's abandonment waits for the last completed round's state from the worker
 _WINDOW = 100  # the median is over the last rounds of this process, so the limit follows a run that slows down
 
 
@@ -85,10 +89,12 @@ class Watchdog:
         abort: Callable[[str], list[str]] = runtime.abort_calls,
         clock: Callable[[], float] = time.monotonic,
         tick: float = 0.5,
+        before_stop_abandon: Callable[[], None] = lambda: None,
     ):
         self._log, self._total, self._configured, self._grace = log, total_rounds, configured, grace
         self._stop_requested, self._calls, self._abort, self._clock, self._tick = (
             stop_requested, calls, abort, clock, tick)
+        self._before_stop_abandon = before_stop_abandon
         self._first_done = False
         self._seconds: list[float] = []
         self._round = 1
@@ -148,6 +154,9 @@ class Watchdog:
         if silent >= limit:
             self._abandon(f"{worker} gave no answer for {silent:.0f} s (stall limit {limit:g} s: {why})")
         elif self._stop_seen is not None and now - self._stop_seen >= self._grace:
+            self._before_stop_abandon()  # the last completed round's state, from a worker still answering
+            if not self._calls():
+                return  # the round ended meanwhile: the loop stops on its own
             stop = self.stop = self._stop_request
             self._log(f"round {self._round}/{self._total} | {stop}, and the round has not ended "
                       f"{self._grace:g} s later (--stop_grace_seconds): abandoning it (no answer for "

@@ -198,7 +198,7 @@ def main(argv: list[str]) -> None:
                                       fresh=dpfl_flags.FRESH.value, stop_requested=signals.stop_requested)
                 results.append(report(name, result.summary, cfg.output_dir, CONFIDENCE.value))
     except errors.RunInterrupted as e:
-        print(f"{e}: last completed round checkpointed, summary written to {current.output_dir}; rerun the same "
+        print(f"{e}: {e.checkpoint_note}, summary written to {current.output_dir}; rerun the same "
               "command to continue", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except (ConfigError, DataFileError, FileExistsError, OSError, runtime.WorkersUnreachable) as e:

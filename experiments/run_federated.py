@@ -22,7 +22,7 @@ import sys
 
 from absl import app, logging
 
-from dpfl_tff import errors, plan
+from dpfl_tff import errors, plan, stop_signals
 from dpfl_tff.config import ConfigError
 from dpfl_tff.errors import DataFileError
 
@@ -42,24 +42,34 @@ class Signals:
     """SIGTERM/SIGINT stop the run after the current round; a second one cuts that round short.
 
     Either way the last completed round is checkpointed before the driver
-    exits (`training.run` defers signals while it writes, so a signal never
-    cuts a save short). A batch scheduler's cancel under `uv run` delivers the
-    signal twice (the group kill, and uv forwarding it): that loses at most
-    the round in progress. The first signal only records itself: raising from
-    a signal handler can be swallowed when it lands inside a `__del__` or a
-    library's cleanup code (then the run still stops after the round). A
-    round still waiting on a worker --stop_grace_seconds after it is
-    abandoned (`dpfl_tff.watchdog`): a frozen worker cannot keep the driver.
+    exits (`training.run` defers a second signal's exception while it writes
+    or fetches the state from the worker: `stop_signals.deferred`, so a signal
+    never cuts a save short). A batch scheduler's cancel under `uv run`
+    delivers the signal twice (the group kill, and uv forwarding it): that
+    loses at most the round in progress. The first signal only records
+    itself, and a later one that lands inside a finalizer (`__del__`, TFF's
+    disposal of a worker's value) does not raise there (`stop_signals.hold`:
+    Python would print and swallow it, after cutting the clean-up short); the
+    run then stops after the round. A round still waiting on a worker
+    --stop_grace_seconds after the first signal is abandoned
+    (`dpfl_tff.watchdog`): a frozen worker cannot keep the driver.
     """
 
     def __init__(self):
         self.received: int | None = None
 
-    def __call__(self, signum, frame):  # noqa: ARG002
+    def __call__(self, signum, frame):
         name = signal.Signals(signum).name
         if self.received is not None:
+            stop = errors.RunInterrupted(f"stopped by {name}", 128 + signum)
+            held = stop_signals.hold(stop, frame)  # "deferred": raised once the write in progress has ended
+            if held == "finalizer":
+                _say(f"{name} received again, inside clean-up code: stopping after the current round")
+                return
             _say(f"{name} received again: cutting the current round short")
-            raise errors.RunInterrupted(f"stopped by {name}", 128 + signum)
+            if held is None:
+                raise stop
+            return
         self.received = signum
         _say(f"{name} received: stopping after the current round")
 
@@ -103,7 +113,7 @@ def main(argv: list[str]) -> None:
             fresh=dpfl_flags.FRESH.value,
         )
     except errors.RunInterrupted as e:
-        print(f"{e}: last completed round checkpointed, summary written to {cfg.output_dir}, TFF worker shut down",
+        print(f"{e}: {e.checkpoint_note}, summary written to {cfg.output_dir}, TFF worker shut down",
               file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except (ConfigError, DataFileError, FileExistsError, OSError, runtime.WorkersUnreachable) as e:

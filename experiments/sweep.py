@@ -167,7 +167,7 @@ def _train(plan: sweep.SweepPlan, base, skipped: list[str],
                                  skipped=skipped)
     except errors.RunInterrupted as e:
         _finish(plan, folder, section)
-        print(f"{e}: {where()}last completed round checkpointed; results of the finished runs written to "
+        print(f"{e}: {where()}{e.checkpoint_note}; results of the finished runs written to "
               f"{folder}; rerun the same command to continue", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except (ConfigError, DataFileError, FileExistsError, OSError, runtime.WorkersUnreachable) as e:

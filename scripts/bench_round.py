@@ -14,8 +14,11 @@ Both run the same round on the same synthetic EMNIST-shaped data (28x28x1,
 its delta is clipped to L2 norm C, the deltas are summed, Gaussian noise of std
 z*C is added, the sum is divided by the cohort size and applied by server SGD.
 The reference (`_Reference`, kept here, never used by the library) is that
-whole round in one `tf.function` over in-memory tensors. Rounds of the two are
-interleaved, after one warm-up round each; then TFF's own FedAvg with the same
+whole round in one `tf.function` over in-memory tensors. dpfl_tff's round runs
+as the round loop runs it (`runtime.states_in_worker`: the state stays in the
+worker, only the metrics come back); a third arm runs it with the state back in
+Python every round (`..._state_back`, as before the state stayed there). Rounds
+of the three are interleaved, after one warm-up round each; then TFF's own FedAvg with the same
 aggregator (`fedavg_impl="tff"`) is timed. Prints one JSON object: seconds per
 round for each and their ratios to the reference per model, start-up time (process start to the
 end of dpfl_tff's first round, of this script and of the README's main command run for one round
@@ -710,8 +713,12 @@ def main(argv):
                 process = training.build_learning_process(cfg, data, files)
                 state = training.initial_state(process, cfg, data)
 
-                def dpfl_round(state, r, cohort=range(m)):
-                    return process.next(state, training.round_input(cfg, data, cohort, r, files)).state
+                def dpfl_round(state, r, cohort=range(m)):  # as the round loop runs it: the state stays in the worker
+                    with runtime.states_in_worker():
+                        return process.next(state, training.round_input(cfg, data, cohort, r, files)).state
+
+                def state_back_round(state, r):  # the state back to Python every round (kept in the worker too)
+                    return process.next(state, training.round_input(cfg, data, range(m), r, files)).state
 
                 def tff_round(state, r):
                     return process_tff.next(state, training.round_input(cfg_tff, data, range(m), r)).state
@@ -722,7 +729,8 @@ def main(argv):
                 process_tff = training.build_learning_process(cfg_tff, data)
                 state_tff = tff_round(training.initial_state(process_tff, cfg_tff, data), 0)
                 ref.round()
-                times_dpfl, times_tff, times_ref, times_acc = [], [], [], []
+                state_back = state_back_round(runtime.fetch_state(state), 0)
+                times_dpfl, times_tff, times_ref, times_acc, times_back = [], [], [], [], []
                 for r in range(1, ROUNDS.value + 1):
                     t = time.perf_counter()
                     state = dpfl_round(state, r)
@@ -730,6 +738,9 @@ def main(argv):
                     t = time.perf_counter()
                     ref.round()
                     times_ref.append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    state_back = state_back_round(state_back, r)
+                    times_back.append(time.perf_counter() - t)
                     t = time.perf_counter()
                     ledger.commit(range(m))
                     times_acc.append(time.perf_counter() - t)
@@ -747,6 +758,7 @@ def main(argv):
                     t = time.perf_counter()
                     state = dpfl_round(state, r, [])
                     times_0.append(time.perf_counter() - t)
+                state = runtime.fetch_state(state)  # the state the last round left in the worker, fetched
                 t = time.perf_counter()
                 weights = process.get_model_weights(state)
                 state_trip = time.perf_counter() - t
@@ -759,6 +771,8 @@ def main(argv):
                 "dpfl_tff_seconds_per_round": dpfl_s,
                 "reference_seconds_per_round": ref_s,
                 "ratio_dpfl_tff_over_reference": dpfl_s / ref_s,
+                "dpfl_tff_seconds_per_round_state_back": statistics.median(times_back),
+                "ratio_state_back_over_reference": statistics.median(times_back) / ref_s,
                 "tff_fedavg_seconds_per_round": tff_s,
                 "ratio_tff_fedavg_over_reference": tff_s / ref_s,
                 "accounting_seconds_per_round": statistics.median(times_acc),

@@ -75,6 +75,7 @@ def test_bench_round_emits_every_field_and_leaves_no_worker():
         assert r["model"] == model
         assert set(r) == {"model", "dpfl_tff_seconds_per_round", "reference_seconds_per_round",
                           "ratio_dpfl_tff_over_reference", "accounting_seconds_per_round",
+                          "dpfl_tff_seconds_per_round_state_back", "ratio_state_back_over_reference",
                           "dpfl_tff_seconds_per_round_2x_clients", "ratio_2x_clients_over_1x",
                           "tff_fedavg_seconds_per_round", "ratio_tff_fedavg_over_reference",
                           "dpfl_tff_seconds_per_round_0_clients", "ratio_0_clients_over_reference",

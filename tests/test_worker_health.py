@@ -1,5 +1,6 @@
-"""The private local worker: its death mid-run fails the run fast, naming it, and a rerun resumes; it
-listens on loopback only, or one line says it listens on all interfaces."""
+"""The private local worker: its death mid-run fails the run fast, naming it, and a rerun resumes from the last
+checkpoint (the state stays in the worker between checkpoints: the rounds after it run again and are charged
+again); it listens on loopback only, or one line says it listens on all interfaces."""
 
 import json
 import os
@@ -19,8 +20,40 @@ ROUNDS = 60
 ARGS = [
     "--task=synthetic", "--num_clients=20", "--synthetic_examples_per_client=10", "--synthetic_input_dim=8",
     "--clients_per_round=5", "--noise_multiplier=1.1", "--clip_norm=0.5", "--eval_every=0",
-    f"--rounds={ROUNDS}", "--checkpoint_every=1000",  # the only mid-run checkpoint is the one of the failure
+    f"--rounds={ROUNDS}", "--checkpoint_every=2",
 ]
+EVERY = 2
+
+
+def _check_failure_line(error: str, out) -> tuple[int, int]:
+    """(the last completed round, the checkpoint a rerun resumes from) as the error line states them.
+
+    The state of a round stays in the worker until a checkpoint fetches it: a round after the last
+    checkpoint is lost with the worker, and the line says so.
+    """
+    failed = int(re.match(r"error: round (\d+) failed: ", error).group(1))
+    done = failed - 1
+    assert done >= 3, error
+    ckpt = done - done % EVERY
+    if ckpt == done:
+        assert f"round {done} is checkpointed: rerun the same command to resume from it" in error, error
+    else:
+        assert (f"round {done}'s state was lost with the TFF worker (it stays there between checkpoints): a rerun "
+                f"resumes from round {ckpt}, the last checkpoint; rounds {ckpt + 1}-{done} run again and are charged "
+                "again: rerun the same command to resume") in error, error
+    assert [json.loads(s)["round"] for s in open(out / "metrics.jsonl")] == list(range(1, done + 1))
+    assert max(int(d.split("_")[1]) for d in os.listdir(out / "checkpoints") if d.startswith("ckpt_")) == ckpt
+    assert json.loads((out / "summary.json").read_text())["status"].startswith("stopped: RoundFailed")
+    return done, ckpt
+
+
+def _check_rerun_charged_again(out, done: int, ckpt: int, rounds: int) -> None:
+    """The rerun ran rounds ckpt+1.. again: each of them is in the ledger twice, and epsilon counts them all."""
+    ledger = [json.loads(s) for s in open(out / "ledger.jsonl")]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(ledger) == done + (rounds - ckpt) == summary["rounds_accounted"]
+    assert [e["round"] for e in ledger] == [*range(1, done + 1), *range(ckpt + 1, rounds + 1)]
+    assert summary["resumed_from_round"] == ckpt
 
 
 def _children(pid: int) -> list[int]:
@@ -50,17 +83,13 @@ def test_killed_local_worker_fails_the_run_within_seconds_and_a_rerun_resumes(tm
     error = errors[0]
     assert f"(pid {worker})" in error and "localhost:" in error and "killed by SIGKILL" in error, error
     assert str(out / "worker.log") in error, error
-    failed = int(re.match(r"error: round (\d+) failed: ", error).group(1))
-    done = failed - 1
-    assert done >= 3 and f"round {done} is checkpointed" in error, error
-    assert [json.loads(s)["round"] for s in open(out / "metrics.jsonl")] == list(range(1, done + 1))
-    assert os.path.isdir(out / "checkpoints" / f"ckpt_{done:06d}")  # written on the way out
-    assert json.loads((out / "summary.json").read_text())["status"].startswith("stopped: RoundFailed")
+    done, ckpt = _check_failure_line(error, out)
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resuming {out} from round {done} (checkpoint)" in again.stdout
+    assert f"resuming {out} from round {ckpt} (checkpoint)" in again.stdout
     assert [json.loads(s)["round"] for s in open(out / "metrics.jsonl")] == list(range(1, ROUNDS + 1))
+    _check_rerun_charged_again(out, done, ckpt, ROUNDS)
 
 
 def test_frozen_local_worker_ends_the_run_at_the_stall_limit_naming_it_and_a_rerun_resumes(tmp_path):
@@ -88,19 +117,15 @@ def test_frozen_local_worker_ends_the_run_at_the_stall_limit_naming_it_and_a_rer
     errors = [s for s in stderr.splitlines() if s.startswith("error:")]
     assert len(errors) == 1, stderr[-3000:]
     m = re.match(rf"error: round (\d+) failed: WorkerStalled: local TFF worker localhost:\d+ \(pid {worker}\) gave "
-                 r"no answer for (\d+) s \(stall limit 4 s: --stall_seconds\); round (\d+) is checkpointed: rerun",
-                 errors[0])
-    assert m and int(m.group(2)) >= 4 and int(m.group(3)) == int(m.group(1)) - 1, errors[0]
-    done = int(m.group(3))
+                 r"no answer for (\d+) s \(stall limit 4 s: --stall_seconds\); ", errors[0])
+    assert m and int(m.group(2)) >= 4, errors[0]
+    done, ckpt = _check_failure_line(errors[0], out)
     assert f"round {done + 1}/{ROUNDS} | no answer for " in stdout  # the stalled round, not a stale ETA
     assert worker not in worker_pids()  # killed by its driver, which stopped
-    assert [json.loads(s)["round"] for s in open(out / "metrics.jsonl")] == list(range(1, done + 1))
-    assert os.path.isdir(out / "checkpoints" / f"ckpt_{done:06d}")
-    assert json.loads((out / "summary.json").read_text())["status"].startswith("stopped: RoundFailed")
     # The rerun (here in-process, on the session's worker, and 2 rounds on) resumes from that checkpoint.
     assert run_driver([*args, f"--rounds={done + 2}"]) == 0
     assert [json.loads(s)["round"] for s in open(out / "metrics.jsonl")] == list(range(1, done + 3))
-    assert json.loads((out / "summary.json").read_text())["resumed_from_round"] == done
+    _check_rerun_charged_again(out, done, ckpt, done + 2)
 
 
 def _listening(pid: int) -> list[tuple[str, int]]:

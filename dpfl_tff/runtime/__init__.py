@@ -36,7 +36,7 @@ The package, one module per job (the public names are re-exported here):
   worker_process.py    the local worker process: start (pinned, tied to us), stop, reap
   loopback_binding.py  the seccomp bind() redirector that keeps the local worker on loopback
   worker_calls.py      watched, abandonable calls to workers; the errors of a lost worker
-  executor_cache.py    the remote executor with its value caches, compilation by identity, kept state
+  executor_cache.py    the remote executor with its value caches, compilation by identity, kept and resident state
   contexts.py          install(), local_context(), remote_context(), execution_context()
 """
 
@@ -52,7 +52,8 @@ from dpfl_tff.runtime.contexts import (
     local_context,
     remote_context,
 )
-from dpfl_tff.runtime.executor_cache import keep_state_in_worker
+from dpfl_tff.runtime.executor_cache import (
+    ResidentState, StateLost, fetch_state, keep_state_in_worker, states_in_worker)
 from dpfl_tff.runtime.tff_internals import SUPPORTED_TFF_VERSIONS
 from dpfl_tff.runtime.worker_calls import LocalWorkerDied, WorkerLost, WorkerStalled, abort_calls, calls_in_flight
 from dpfl_tff.runtime.worker_process import (
@@ -67,8 +68,9 @@ from dpfl_tff.runtime.worker_process import (
 )
 
 __all__ = [
-    "GRPC_CHANNEL_OPTIONS", "LocalWorkerDied", "SUPPORTED_TFF_VERSIONS", "WORKER_BINARY", "WORKER_MALLOC_ARENA_MAX",
-    "WorkerLost", "WorkerStalled", "WorkersRefused", "WorkersUnreachable", "abort_calls", "calls_in_flight",
-    "check_reachable", "execution_context", "exit_status", "install", "keep_state_in_worker", "live_worker_pids",
-    "local_context", "loopback_status", "remote_context", "start_worker", "stop_worker", "wait_until_ready",
+    "GRPC_CHANNEL_OPTIONS", "LocalWorkerDied", "ResidentState", "SUPPORTED_TFF_VERSIONS", "StateLost", "WORKER_BINARY",
+    "WORKER_MALLOC_ARENA_MAX", "WorkerLost", "WorkerStalled", "WorkersRefused", "WorkersUnreachable", "abort_calls",
+    "calls_in_flight", "check_reachable", "execution_context", "exit_status", "fetch_state", "install",
+    "keep_state_in_worker", "live_worker_pids", "local_context", "loopback_status", "remote_context", "start_worker",
+    "states_in_worker", "stop_worker", "wait_until_ready",
 ]

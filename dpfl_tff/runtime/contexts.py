@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import grpc
+import tensorflow_federated as tff
 import tree
 
 from dpfl_tff.runtime.tff_internals import (
@@ -32,17 +33,22 @@ from dpfl_tff.runtime.tff_internals import (
     mergeable_comp_execution_context,
     sync_execution_context,
     executors_errors,
+    executor_pb2,
+    placements,
     remote_executor_grpc_stub,
     type_conversions,
 )
-from dpfl_tff import worker_auth
+from dpfl_tff import serialization, worker_auth
 from dpfl_tff.runtime.executor_cache import (
     _KEEPS_STATE,
+    ResidentState,
+    StateLost,
     _CompileByIdentity,
     _ExecutorFactory,
     _executor_factory,
     _KeptState,
     _struct_to_python,
+    resident_requested,
 )
 from dpfl_tff.runtime.loopback_binding import _LoopbackBinder
 from dpfl_tff.runtime.worker_calls import LocalWorkerDied, WorkerLost, _grpc_reason, _WatchedStub
@@ -154,7 +160,7 @@ class _WorkerContext(async_execution_context.AsyncExecutionContext):
             return
         raise LocalWorkerDied(self.address, self._proc, self._log_path)
 
-    async def invoke(self, comp, arg):
+    async def invoke(self, comp, arg, resident: bool = False):
         if asyncio.iscoroutine(arg):
             arg = await arg  # once: a retry must not await it again
         deadline = time.monotonic() + self._retry_seconds
@@ -164,8 +170,8 @@ class _WorkerContext(async_execution_context.AsyncExecutionContext):
                 if self._proc is None:
                     return await asyncio.get_running_loop().run_in_executor(
                         self._thread, _run_coroutine, _INVOKE_ONCE(self, comp, arg))
-                if getattr(comp, _KEEPS_STATE, False):
-                    return await self._invoke_keeping_state(comp, arg)
+                if getattr(comp, _KEEPS_STATE, None) is not None or _resident_in(arg) is not None:
+                    return await self._invoke_in_worker(comp, arg, resident)
                 return await _INVOKE_ONCE(self, comp, arg)
             except (executors_errors.RetryableError, grpc.RpcError) as e:
                 retryable = isinstance(e, executors_errors.RetryableError)
@@ -181,36 +187,154 @@ class _WorkerContext(async_execution_context.AsyncExecutionContext):
                 await asyncio.sleep(wait)
                 wait = min(2 * wait, 2.0)
 
-    async def _invoke_keeping_state(self, comp, arg):
-        """TFF's invoke (without its retries) of a `keep_state_in_worker` computation on our local worker.
+    async def _invoke_in_worker(self, comp, arg, resident: bool):
+        """TFF's invoke (without its retries) on our local worker, for states that stay in the worker.
 
-        The state it returns is also kept in the worker (a selection of the
-        result); if the next call passes that same state object, unchanged
-        (`_KeptState.unchanged`), the kept copy is used instead of sending the
-        state again.
+        * A `keep_state_in_worker` computation: the state it returns is also
+          kept in the worker (a selection of the result); if the next call
+          passes that same state object, unchanged (`_KeptState.unchanged`),
+          the kept copy is used instead of sending the state again.
+        * With `resident` (`states_in_worker`) and the mark's `resident`
+          computation, that one runs instead and the state is returned as a
+          `ResidentState`: only the metrics and the mark's fields come back.
+        * An argument holding a `ResidentState` of this worker uses the
+          worker's copy (run on its executor: the same cardinalities); one of
+          another executor (another number of clients) is fetched and sent.
         """
-        kept, self._kept = self._kept, None
-        elements = structure.to_elements(arg)
-        state = elements[0][1]
-        if self._transform_args is not None:  # as TFF's invoke: a Struct argument is normalized and transformed
-            args, kwargs = function_utils.unpack_args_from_struct(arg)
-            args = self._transform_args(tree.traverse(_struct_to_python, args))
-            kwargs = self._transform_args(tree.traverse(_struct_to_python, kwargs))
-            arg = function_utils.pack_args_into_struct(args, kwargs)
+        mark = getattr(comp, _KEEPS_STATE, None)
+        stays = resident and mark is not None and mark[0] is not None
+        kept = None
+        if mark is not None and not stays:  # the state kept by the last call of a marked computation, if any
+            kept, self._kept = self._kept, None
+        where = _resident_index(arg)
+        held = _resident_in(arg)
+        if held is not None:
+            arg = _with_resident(arg, None, where)  # a placeholder: cardinalities and transforms never see it
+        elements = structure.to_elements(arg) if isinstance(arg, structure.Struct) else []
+        state = elements[0][1] if elements else None
+        if self._transform_args is not None and arg is not None:  # as TFF's invoke: normalized and transformed
+            if isinstance(arg, structure.Struct):
+                args, kwargs = function_utils.unpack_args_from_struct(arg)
+                args = self._transform_args(tree.traverse(_struct_to_python, args))
+                kwargs = self._transform_args(tree.traverse(_struct_to_python, kwargs))
+                arg = function_utils.pack_args_into_struct(args, kwargs)
+            else:
+                arg = self._transform_args(tree.traverse(_struct_to_python, arg))
         result_type = comp.type_signature.result
-        comp = self._compiler_pipeline.compile(comp)
-        cardinalities = self._cardinality_inference_fn(arg, comp.type_signature.parameter)
+        target = mark[0] if stays else comp
+        compiled = self._compiler_pipeline.compile(target)
+        cardinalities = self._cardinality_inference_fn(arg, compiled.type_signature.parameter)
+        if held is not None:
+            param = compiled.type_signature.parameter
+            if held.in_worker() and _fits(held.cardinalities, cardinalities) and isinstance(
+                    param if where < 0 else param[where], tff.FederatedType):  # else: fetched (an unplaced one)
+                cardinalities = held.cardinalities
+            else:  # another executor's (or a lost) state: sent from Python
+                arg = _with_resident(arg, held.fetch(), where)
+                held = None
         with self._reset_factory_on_error(self._executor_factory, cardinalities) as executor:
-            if kept is not None and kept.executor is executor and kept.unchanged(state):
-                arg = structure.Struct([(elements[0][0], kept.remote), *list(structure.iter_elements(arg))[1:]])
-            arg = await async_execution_context._ingest(executor, arg, comp.type_signature.parameter)  # noqa: SLF001
-            call = await executor.create_call(await executor.create_value(comp, comp.type_signature), arg)
-            remote_state = await executor.create_selection(call, 0)
-            result = type_conversions.type_to_py_container(await call.compute(), result_type)
+            try:
+                if held is not None:
+                    if held.executor is not executor:
+                        raise StateLost("the worker's copy of the state is gone (its executor was reset)")
+                    arg = _with_resident(arg, held.remote, where)
+                elif kept is not None and kept.executor is executor and kept.unchanged(state):
+                    arg = structure.Struct([(elements[0][0], kept.remote), *list(structure.iter_elements(arg))[1:]])
+                if arg is not None:
+                    arg = await async_execution_context._ingest(  # noqa: SLF001
+                        executor, arg, compiled.type_signature.parameter)
+                call = await executor.create_call(await executor.create_value(compiled, compiled.type_signature), arg)
+                if stays:
+                    return await self._resident_result(executor, call, cardinalities, result_type, target, mark[1])
+                remote_state = await executor.create_selection(call, 0) if mark is not None else None
+                result = type_conversions.type_to_py_container(await call.compute(), result_type)
+            except Exception:
+                # The state the call started from is still the worker's (unless it died): fetched now, before the
+                # executor is reset, so that the failed round's caller can still checkpoint it (a worker's
+                # failure marks it lost).
+                if held is not None and held.fetched is None and self._proc.poll() is None:
+                    with contextlib.suppress(Exception):  # the call's error is the one to raise
+                        held.fetch()
+                raise
             if self._transform_result is not None:
                 result = self._transform_result(result)
-            self._kept = _KeptState(result[0], remote_state, executor)
+            if remote_state is not None:
+                self._kept = _KeptState(result[0], remote_state, executor)
             return result
+
+    async def _resident_result(self, executor, call, cardinalities, result_type, target, fields):
+        """`<state, metrics>` of a `resident` call: the state a `ResidentState`, the metrics and `fields` fetched."""
+        remote_state = await executor.create_selection(call, 0)
+        fetched_type = target.type_signature.result[1]
+        fetched = await (await executor.create_selection(call, 1)).compute()
+        metrics = type_conversions.type_to_py_container(fetched[0], result_type[1])
+        values = {name: type_conversions.type_to_py_container(fetched[i + 1], fetched_type[i + 1])
+                  for i, name in enumerate(fields)}
+        if self._transform_result is not None:
+            metrics, values = self._transform_result(metrics), self._transform_result(values)
+        state = ResidentState(remote_state, result_type[0], executor, cardinalities, values, self.fetch_state)
+        container = getattr(result_type, "python_container", None) or tuple
+        return container((state, metrics)) if container is tuple else container(state, metrics)
+
+    def fetch_state(self, held: ResidentState, timeout: float | None = None):
+        """The whole state `held` stands for, from the worker, in the calling thread (`ResidentState.fetch`).
+
+        One gRPC call of its own (a deadline of `timeout` seconds, if given):
+        not on the context's event loop, where a round cut short in the caller
+        may still be running, so it does not wait for that round; the worker
+        answers it meanwhile. Raises `StateLost` or `WorkerLost` (the state is
+        then lost), `TimeoutError` past `timeout`, or what cut it short.
+        """
+        if not held.in_worker():
+            raise StateLost("the worker's copy of the state is gone (its executor was closed)")
+        request = executor_pb2.ComputeRequest(executor=held.executor_id, value_ref=held.remote.reference)
+        try:
+            response = self.watched.compute_within(request, timeout)
+        except (executors_errors.RetryableError, grpc.RpcError) as e:
+            code = e.code() if isinstance(e, grpc.Call) else None
+            self._check_alive(_EXIT_GRACE_SECONDS if isinstance(e, executors_errors.RetryableError) else 0.0)
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise TimeoutError(f"{self.watched.worker} gave no answer for {timeout:g} s") from e
+            raise WorkerLost(self.address, e) from e
+        value = type_conversions.type_to_py_container(
+            serialization.deserialize(response.value, held.type_spec), held.type_spec)
+        if self._transform_result is not None:
+            value = self._transform_result(value)
+        return _KeptState(value, None, None).state  # read-only arrays, as a returned state's
+
+
+def _resident_in(arg) -> ResidentState | None:
+    """The `ResidentState` an argument holds: the argument itself, or one of its elements."""
+    where = _resident_index(arg)
+    if where is None:
+        return None
+    return arg if where < 0 else arg[where]
+
+
+def _resident_index(arg) -> int | None:
+    """-1 if `arg` is a `ResidentState`, the index of the element that is one, or None."""
+    if isinstance(arg, ResidentState):
+        return -1
+    if isinstance(arg, structure.Struct):
+        for i, (_, v) in enumerate(structure.iter_elements(arg)):
+            if isinstance(v, ResidentState):
+                return i
+    return None
+
+
+def _with_resident(arg, value, where: int):
+    """`arg` with its element `where` (-1: the whole argument), the state, replaced by `value`."""
+    if where < 0:
+        return value
+    elements = structure.to_elements(arg)
+    elements[where] = (elements[where][0], value)
+    return structure.Struct(elements)
+
+
+def _fits(held: dict, inferred: dict) -> bool:
+    """Whether a call whose argument needs `inferred` cardinalities can run on the executor of `held`'s."""
+    full = {placements.CLIENTS: 0, **held}
+    return all(full.get(k) == v for k, v in inferred.items())
 
 
 class _SyncWorkerContext(sync_execution_context.SyncExecutionContext):
@@ -224,6 +348,11 @@ class _SyncWorkerContext(sync_execution_context.SyncExecutionContext):
             transform_result=tensorflow_computation.transform_result,
         )
         self._async_context = worker_context  # what SyncExecutionContext.invoke runs
+
+    def invoke(self, comp, arg):
+        # `states_in_worker` is read here, in the caller's thread: the call itself runs on the runner's.
+        return self._async_runner.run_coro_and_return_result(
+            self._async_context.invoke(comp, arg, resident_requested()))
 
 
 class WorkersUnreachable(RuntimeError):
@@ -339,6 +468,8 @@ def remote_context(
         yield
     finally:
         stack.set_default_context(previous)
+        for c in contexts:  # values collected from now on are not disposed (no call on a closed channel)
+            c.watched.close()
         for s in stubs:  # first: a call still waiting on a frozen worker is cancelled, so its thread ends
             s._channel.close()  # noqa: SLF001  (the stub owns no close())
         for c in contexts:
@@ -391,6 +522,8 @@ class _LocalWorker:
         return self.context
 
     def close(self) -> None:
+        if self.context is not None:  # values collected from now on are not disposed (no call on a closed channel)
+            self.context._async_context.watched.close()  # noqa: SLF001
         if self.channel is not None:
             self.channel.close()
         stop_worker(self.proc)

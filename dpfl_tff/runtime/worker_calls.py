@@ -4,6 +4,7 @@ errors a lost worker raises (`WorkerLost`, `LocalWorkerDied`, `WorkerStalled`).
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import threading
 import time
@@ -65,6 +66,7 @@ class _WatchedStub(remote_executor_stub.RemoteExecutorStub):
                  abandon: Callable[[], None]):
         self._inner, self.worker, self._abandon = stub, worker, abandon
         self.aborted: str | None = None  # why, once abandoned: every call raises WorkerStalled from then on
+        self.closed = False  # its context was left: values collected later are not disposed (`close`)
         _watched.add(self)
 
     @property
@@ -89,13 +91,22 @@ class _WatchedStub(remote_executor_stub.RemoteExecutorStub):
     def compute(self, request):
         return self._call("compute", request)
 
+    def compute_within(self, request, timeout: float | None):
+        """`compute` with a gRPC deadline (`timeout` seconds; None: none), from any thread."""
+        call = functools.partial(self._inner._stub.Compute, timeout=timeout)  # noqa: SLF001
+        return self._call("compute", request, lambda r: remote_executor_grpc_stub._request(call, r))  # noqa: SLF001
+
     def dispose(self, request):
         return self._call("dispose", request)
 
     def dispose_executor(self, request):
         return self._call("dispose_executor", request)
 
-    def _call(self, name: str, request):
+    def _call(self, name: str, request, send: Callable | None = None):
+        if self.closed:
+            if name.startswith("dispose"):
+                return None  # a value collected after its context was left: the worker is stopped or forgot it
+            raise WorkerLost(self.worker, message=f"{self.worker}: its execution context was closed")
         if self.aborted is not None:
             if name.startswith("dispose"):
                 return None  # clean-up of an abandoned worker's values (closing, collecting): nothing to do
@@ -104,8 +115,10 @@ class _WatchedStub(remote_executor_stub.RemoteExecutorStub):
         with _calls_lock:
             _in_flight[id(token)] = (self.worker, time.monotonic())
         try:
-            return getattr(self._inner, name)(request)
+            return (send or getattr(self._inner, name))(request)
         except Exception as e:
+            if self.closed and name.startswith("dispose"):
+                return None
             if self.aborted is not None:  # the failure abort_calls caused (a closed channel, a killed worker)
                 if name.startswith("dispose"):
                     return None
@@ -114,6 +127,10 @@ class _WatchedStub(remote_executor_stub.RemoteExecutorStub):
         finally:
             with _calls_lock:
                 del _in_flight[id(token)]
+
+    def close(self) -> None:
+        """Its context is left (before its channel closes): a later dispose (a value collected) does nothing."""
+        self.closed = True
 
     def abort(self, message: str) -> None:
         self.aborted = message
