@@ -152,3 +152,28 @@ def test_a_closed_stdout_never_ends_a_run_it_trains_on_and_logs_to_its_files(tmp
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["status"] == "completed" and summary["rounds"] == 3
     assert [r["round"] for r in _rows(out)] == [1, 2, 3] and _checkpoints(out)[-1] == 3
+
+
+def test_tensorboard_writes_each_round_as_tf_summary_scalar_would(tmp_path):
+    """One event per round; each finite scalar a float32 scalar tensor for the scalars plugin (beyond float32:
+    +-inf, as the cast gives); non-finite and missing fields left out."""
+    import numpy as np
+    import tensorflow as tf
+
+    from dpfl_tff import outputs
+
+    tb = outputs.TensorBoard(str(tmp_path))
+    keys = outputs.TensorBoard.KEYS
+    tb.write({"round": 1, keys[0]: 0.1, keys[1]: 1e40, keys[2]: float("nan"), keys[3]: -1e40, keys[4]: 7})
+    tb.close()
+    (name,) = [n for n in os.listdir(tmp_path) if "tfevents" in n]
+    events = [e for e in tf.compat.v1.train.summary_iterator(os.path.join(tmp_path, name)) if e.summary.value]
+    assert [e.step for e in events] == [1]
+    values = {v.tag: v for v in events[0].summary.value}
+    assert sorted(values) == sorted([keys[0], keys[1], keys[3], keys[4]])
+    expected = {keys[0]: np.float32(0.1), keys[1]: np.float32(np.inf), keys[3]: np.float32(-np.inf),
+                keys[4]: np.float32(7)}
+    for tag, v in values.items():
+        assert v.metadata.plugin_data.plugin_name == "scalars"
+        got = tf.make_ndarray(v.tensor)
+        assert got.dtype == np.float32 and got.shape == () and got == expected[tag], tag
