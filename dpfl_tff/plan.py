@@ -181,11 +181,33 @@ def _built_model_spec(cfg: ExperimentConfig, data: FederatedData) -> dict[str, A
     from dpfl_tff import models
     from dpfl_tff.process import keras_model
 
-    notes = models.validate_model(cfg.train.model, data.input_shape, data.num_classes, data.label_shape)
+    notes, names = _model_checks(cfg.train.model, tuple(data.input_shape), data.num_classes, tuple(data.label_shape))
     model = keras_model(cfg, data)
     return {
-        "notes": notes, "parameters": int(model.count_params()),
+        "notes": list(notes), "parameters": int(model.count_params()),
         "initial_weights": [w.numpy() for w in model.trainable_weights + model.non_trainable_weights],
         "state_not_aggregated": models.updated_state(model, data.input_shape),
-        "weight_names": models.weight_names(cfg.train.model, data.input_shape, data.num_classes),
+        "weight_names": list(names),
     }
+
+
+_MODEL_CHECKS: dict[tuple, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+
+
+def _model_checks(name: str, input_shape: tuple, num_classes: int, label_shape: tuple
+                  ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """`models.validate_model`'s notes and `models.weight_names` of a model for the task's shapes.
+
+    Neither depends on the seed: a registered model's are kept for the process (a sweep's later runs skip
+    two model builds); a custom model (`module:function`) is checked every time, its code may change.
+    """
+    from dpfl_tff import models
+
+    key = (name, input_shape, num_classes, label_shape)
+    if key in _MODEL_CHECKS:
+        return _MODEL_CHECKS[key]
+    facts = (tuple(models.validate_model(name, input_shape, num_classes, label_shape)),
+             tuple(models.weight_names(name, input_shape, num_classes)))
+    if ":" not in name:
+        _MODEL_CHECKS[key] = facts
+    return facts
