@@ -341,7 +341,7 @@ class TrainConfig:
     clients_per_call: int = _field(
         0, TRAINING,
         "--fedavg_impl=grouped: at most this many clients trained in one TFF client call (>= 0; 0"
-        " = the round's clients split into two calls per worker).",
+        " = the round's clients split into two calls per worker; one for a local worker on one core).",
     )
     eval_every: int = _field(
         5, TRAINING,

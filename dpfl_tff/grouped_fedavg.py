@@ -60,8 +60,22 @@ from dpfl_tff.privacy import dp_sgd
 from dpfl_tff.tasks.base import FederatedData
 
 # Client calls per worker and round when --clients_per_call=0: two let one call's small ops overlap
-# the other's on a 2-core worker (~5% faster than one call in scripts/bench_round.py).
+# the other's on a 2-core worker (~5% faster than one call in scripts/bench_round.py). A local worker
+# that may use one core only (a `sweep --parallel` copy's) gets one: on one core the second call only
+# adds its per-call work (a quickstart round ~8% slower, measured pinned with taskset).
 CALLS_PER_WORKER = 2
+
+
+def calls_per_round(remote_workers: int) -> int:
+    """The fewest client calls of a round: `CALLS_PER_WORKER` per remote worker; for the local worker, as
+    many as there are cores this process (and so the worker it starts) may use, at most `CALLS_PER_WORKER`."""
+    if remote_workers:
+        return CALLS_PER_WORKER * remote_workers
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(CALLS_PER_WORKER, cores))
 
 
 class ClientFiles:

@@ -163,8 +163,7 @@ def round_input(
             if client_hook is None or client_hook.has_data(c) else np.zeros(0, np.int64)
             for c in cohort
         ]
-    calls = grouped_fedavg.CALLS_PER_WORKER * max(1, len(cfg.workers))
-    groups = grouped_fedavg.split_groups(len(cohort), t.clients_per_call, calls)
+    groups = grouped_fedavg.split_groups(len(cohort), t.clients_per_call, grouped_fedavg.calls_per_round(len(cfg.workers)))
     return grouped_fedavg.make_groups(data, list(cohort), orders, groups, files, client_hook)
 
 

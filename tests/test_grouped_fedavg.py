@@ -252,3 +252,12 @@ def test_a_python_if_in_a_subclassed_models_call_still_trains(tff_context, tmp_p
     after, metrics = _train(cfg, data, 1, COHORTS[:1])
     assert int(metrics[0]["client_work"]["train"]["num_examples"]) > 0
     assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_calls_per_round_follow_the_local_workers_cores(monkeypatch):
+    import os
+
+    for cores, calls in [({0}, 1), ({0, 1}, 2), (set(range(8)), 2)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, c=cores: c)
+        assert grouped_fedavg.calls_per_round(0) == calls
+        assert grouped_fedavg.calls_per_round(3) == 3 * grouped_fedavg.CALLS_PER_WORKER  # remote: their cores unknown
