@@ -67,12 +67,11 @@ class _FullDisk:
 
 
 def _tensorboard_full(monkeypatch, allow):
-    """The TensorFlow summary writer's flush fails as TensorFlow reports ENOSPC, after `allow` flushes."""
+    """The event file writer's flush fails as TensorFlow reports ENOSPC, after `allow` flushes (the file
+    version's, then one a round)."""
     import tensorflow as tf
 
-    from tensorflow.python.ops import summary_ops_v2
-
-    real_flush, calls = summary_ops_v2._ResourceSummaryWriter.flush, []
+    real_flush, calls = tf.io.TFRecordWriter.flush, []
 
     def flush(self):
         calls.append(1)
@@ -80,7 +79,7 @@ def _tensorboard_full(monkeypatch, allow):
             raise tf.errors.ResourceExhaustedError(None, None, f"tensorboard/events.out.tfevents.1; {NO_SPACE}")
         return real_flush(self)
 
-    monkeypatch.setattr(summary_ops_v2._ResourceSummaryWriter, "flush", flush)
+    monkeypatch.setattr(tf.io.TFRecordWriter, "flush", flush)
 
 
 # target -> (file names that fill the disk, writes allowed first, the error line (None: a WARNING, exit 0))
