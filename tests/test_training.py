@@ -127,3 +127,34 @@ def test_evaluator_gives_keras_evaluate_figures(model):
     loss, acc = reference.evaluate(test.x, test.y, batch_size=512, verbose=0)
     assert ours["test_loss"] == pytest.approx(loss, rel=1e-5)
     assert ours["test_accuracy"] == pytest.approx(acc, abs=1e-6)
+
+
+def test_a_later_run_reuses_the_evaluator_only_for_the_same_registered_model_and_test_set():
+    """`evaluator_for`: the same object for an equal test set and model (its figures those of a fresh one on
+    other weights); a new one when the test set, the model or its shapes differ."""
+    import tensorflow_federated as tff
+
+    from dpfl_tff.process import Evaluator, evaluator_for, keras_model
+    from dpfl_tff.tasks.base import ClientArrays, FederatedData
+
+    rng = np.random.default_rng(1)
+    test = ClientArrays(rng.random((50, 64), dtype=np.float32), rng.integers(0, 10, 50).astype(np.int32))
+    data = FederatedData([test], test, (64,), 10, "random")
+    cfg = ExperimentConfig(task=TaskConfig(task="synthetic", num_clients=1),
+                           train=TrainConfig(model="mlp", clients_per_round=1)).validate()
+    first = evaluator_for(cfg, data)
+    copy = ClientArrays(test.x.copy(), test.y.copy())  # equal, not the same arrays (a run loads its own)
+    again = evaluator_for(cfg, FederatedData([copy], copy, (64,), 10, "random"))
+    assert again is first
+    for seed in (2, 3):  # other weights each time: the reused evaluator assigns them all
+        tf.keras.utils.set_random_seed(seed)
+        weights = tff.learning.models.ModelWeights.from_model(keras_model(cfg, data))
+        assert again(weights) == Evaluator(cfg, data)(weights)
+    other_y = ClientArrays(test.x, (test.y + 1) % 10)
+    assert evaluator_for(cfg, FederatedData([other_y], other_y, (64,), 10, "random")) is not first
+    assert evaluator_for(cfg, data) is not first  # the last one is kept, not this one
+    third = evaluator_for(cfg, data)
+    assert evaluator_for(cfg, data) is third
+    cnn = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, model="cnn"))
+    image = ClientArrays(test.x.reshape(50, 8, 8, 1), test.y)
+    assert evaluator_for(cnn, FederatedData([image], image, (8, 8, 1), 10, "random")) is not third
