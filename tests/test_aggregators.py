@@ -94,3 +94,36 @@ def test_adaptive_clip_moves_towards_the_update_norm_quantile(tff_context):
         clips.append(float(out.measurements["dp_query_metrics"]["clip"]))
     assert all(b > a for a, b in zip(clips, clips[1:]))
     assert clips[-1] == pytest.approx(0.1 * np.exp(0.2 * 0.5 * 5), rel=0.2)
+
+
+def test_a_structure_gets_one_joint_draw_of_independent_noise_of_the_right_std_shape_and_dtype():
+    """`Float64GaussianSumQuery` draws a structure's noise jointly (one sampler) and splits it back: every
+    tensor keeps its shape and dtype, each has std sigma, and the tensors' noise is uncorrelated; a tensor of
+    unknown shape (inside a tf.function without it) is drawn on its own."""
+    import tensorflow as tf
+
+    from dpfl_tff.privacy.queries import Float64GaussianSumQuery
+
+    sigma = 0.7
+    query = Float64GaussianSumQuery(1.0, sigma)
+    state = query.initial_global_state()
+    specs = [((200, 100), tf.float32), ((20_000,), tf.float32), ((3, 3, 3), tf.float64), ((), tf.float32)]
+    zeros = [tf.zeros(shape, dtype) for shape, dtype in specs]
+    noised, _, _ = query.get_noised_result(zeros, state)
+    assert [(tuple(t.shape), t.dtype) for t in noised] == [(s, d) for s, d in specs]
+    big = [np.asarray(noised[0], np.float64).ravel(), np.asarray(noised[1], np.float64)]
+    # Each check allows 6 standard errors of an asymptotically normal estimate over n = 20,000 iid normals:
+    # P(|Z| > 6) = 2e-9; 5 checks: failure probability < 1e-8 per run.
+    for x in big:
+        assert x.std() == pytest.approx(sigma, rel=6 / np.sqrt(2 * x.size))
+        assert abs(x.mean()) < 6 * sigma / np.sqrt(x.size)
+    # Independent tensors: the sample correlation of n pairs is ~ N(0, 1/n).
+    assert abs(np.corrcoef(big[0], big[1])[0, 1]) < 6 / np.sqrt(big[1].size)
+    assert np.all(np.asarray(noised[2]) != 0) and np.asarray(noised[3]) != 0  # the small ones are noised too
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.float32), tf.TensorSpec([5], tf.float32)])
+    def unknown(a, b):
+        return query.get_noised_result([a, b], state)[0]
+
+    a, b = unknown(tf.zeros([4, 5]), tf.zeros([5]))
+    assert tuple(a.shape) == (4, 5) and tuple(b.shape) == (5,) and np.all(np.asarray(a) != 0)
