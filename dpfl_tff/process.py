@@ -115,8 +115,21 @@ def local_dp_sgd(cfg: ExperimentConfig) -> dp_sgd.LocalDPSGD | None:
 
 
 def _update_specs(cfg: ExperimentConfig, data: FederatedData) -> list[tf.TensorSpec]:
-    """TensorSpecs of a client's model update (the trainable weights, as the grouped process lists them)."""
-    return [tf.TensorSpec(w.shape, w.dtype) for w in keras_model(cfg, data).trainable_weights]
+    """TensorSpecs of a client's model update (the trainable weights, as the grouped process lists them).
+
+    A registered model's are kept for the process (they do not depend on the seed); a custom model's are
+    read from a new build every time.
+    """
+    key = (cfg.train.model, tuple(data.input_shape), data.num_classes)
+    if key not in _UPDATE_SPECS:
+        specs = [tf.TensorSpec(w.shape, w.dtype) for w in keras_model(cfg, data).trainable_weights]
+        if ":" in cfg.train.model:
+            return specs
+        _UPDATE_SPECS[key] = specs
+    return list(_UPDATE_SPECS[key])
+
+
+_UPDATE_SPECS: dict[tuple, list[tf.TensorSpec]] = {}
 
 
 def _discard_client_metrics(metric_finalizers, local_unfinalized_metrics_type=None):
