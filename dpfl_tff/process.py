@@ -281,26 +281,34 @@ class Evaluator:
         return {"test_loss": float(loss), **{k: float(a) for k, a in zip(self._names, accuracies.numpy())}}
 
 
-_LAST_EVALUATOR: list[tuple[tuple, Evaluator]] = []  # (key, evaluator) of the last run of a registered model
+_EVALUATORS: list[tuple[tuple, Evaluator]] = []  # (key, evaluator), the most recently used last
+_EVALUATORS_KEPT = 8  # at most this many, holding test sets of at most _EVALUATOR_BYTES in all
+_EVALUATOR_BYTES = 256 * 2**20
 
 
 def evaluator_for(cfg: ExperimentConfig, data: FederatedData) -> Evaluator:
-    """The run's `Evaluator`: the previous run's if it evaluated the same registered model on an equal test set.
+    """The run's `Evaluator`: an earlier run's if it evaluated the same registered model on an equal test set.
 
     An `Evaluator` assigns all of the server model's weights before every evaluation, so reusing one gives
     the same figures; a sweep's later runs skip building the model and tracing the evaluation (~0.1 s of CPU
-    a run on the quickstart). A custom model (`module:function`) gets a new one every run (its code may
-    change). Only the last one is kept (with its test set).
+    a run on the quickstart). The last `_EVALUATORS_KEPT` are kept (with their test sets, at most
+    `_EVALUATOR_BYTES` in all): a task whose test split depends on the seed (digits) reuses them from its
+    second round of seeds on. A custom model (`module:function`) gets a new one every run (its code may
+    change) and is not kept.
     """
     name = cfg.train.model
     key = (name, tuple(data.input_shape), data.num_classes, tuple(data.label_shape),
            tuple((k, tuple(v)) for k, v in dict(data.test_accuracies).items()))
-    if _LAST_EVALUATOR:
-        last_key, last = _LAST_EVALUATOR[0]
-        if last_key == key and np.array_equal(last.test_x, data.test.x) and np.array_equal(last.test_y, data.test.y):
-            return last
+    for i, (kept_key, kept) in enumerate(_EVALUATORS):
+        if kept_key == key and np.array_equal(kept.test_x, data.test.x) and np.array_equal(kept.test_y, data.test.y):
+            _EVALUATORS.append(_EVALUATORS.pop(i))
+            return kept
     evaluator = Evaluator(cfg, data)
-    _LAST_EVALUATOR[:] = [] if ":" in name else [(key, evaluator)]
+    if ":" not in name:
+        _EVALUATORS.append((key, evaluator))
+        while len(_EVALUATORS) > 1 and (len(_EVALUATORS) > _EVALUATORS_KEPT or sum(
+                e.test_x.nbytes + e.test_y.nbytes for _, e in _EVALUATORS) > _EVALUATOR_BYTES):
+            _EVALUATORS.pop(0)
     return evaluator
 
 

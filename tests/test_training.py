@@ -129,14 +129,17 @@ def test_evaluator_gives_keras_evaluate_figures(model):
     assert ours["test_accuracy"] == pytest.approx(acc, abs=1e-6)
 
 
-def test_a_later_run_reuses_the_evaluator_only_for_the_same_registered_model_and_test_set():
+def test_a_later_run_reuses_an_evaluator_only_for_the_same_registered_model_and_test_set(monkeypatch):
     """`evaluator_for`: the same object for an equal test set and model (its figures those of a fresh one on
-    other weights); a new one when the test set, the model or its shapes differ."""
+    other weights); a new one when the test set, the model or its shapes differ; the last few are kept."""
     import tensorflow_federated as tff
 
+    from dpfl_tff import process
     from dpfl_tff.process import Evaluator, evaluator_for, keras_model
     from dpfl_tff.tasks.base import ClientArrays, FederatedData
 
+    monkeypatch.setattr(process, "_EVALUATORS", [])
+    monkeypatch.setattr(process, "_EVALUATORS_KEPT", 2)
     rng = np.random.default_rng(1)
     test = ClientArrays(rng.random((50, 64), dtype=np.float32), rng.integers(0, 10, 50).astype(np.int32))
     data = FederatedData([test], test, (64,), 10, "random")
@@ -151,10 +154,14 @@ def test_a_later_run_reuses_the_evaluator_only_for_the_same_registered_model_and
         weights = tff.learning.models.ModelWeights.from_model(keras_model(cfg, data))
         assert again(weights) == Evaluator(cfg, data)(weights)
     other_y = ClientArrays(test.x, (test.y + 1) % 10)
-    assert evaluator_for(cfg, FederatedData([other_y], other_y, (64,), 10, "random")) is not first
-    assert evaluator_for(cfg, data) is not first  # the last one is kept, not this one
-    third = evaluator_for(cfg, data)
-    assert evaluator_for(cfg, data) is third
+    other = evaluator_for(cfg, FederatedData([other_y], other_y, (64,), 10, "random"))
+    assert other is not first
+    assert evaluator_for(cfg, data) is first  # two kept: both are found again
     cnn = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, model="cnn"))
     image = ClientArrays(test.x.reshape(50, 8, 8, 1), test.y)
-    assert evaluator_for(cnn, FederatedData([image], image, (8, 8, 1), 10, "random")) is not third
+    image_data = FederatedData([image], image, (8, 8, 1), 10, "random")
+    third = evaluator_for(cnn, image_data)
+    assert third is not first and third is not other
+    assert evaluator_for(cnn, image_data) is third
+    assert evaluator_for(cfg, data) is first  # used after `other`: `other` was dropped for the third
+    assert evaluator_for(cfg, FederatedData([other_y], other_y, (64,), 10, "random")) is not other
