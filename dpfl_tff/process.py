@@ -283,7 +283,7 @@ class Evaluator:
 
 _EVALUATORS: list[tuple[tuple, Evaluator]] = []  # (key, evaluator), the most recently used last
 _EVALUATORS_KEPT = 8  # at most this many, holding test sets of at most _EVALUATOR_BYTES in all
-_EVALUATOR_BYTES = 256 * 2**20
+_EVALUATOR_BYTES = 512 * 2**20  # the arrays and their tensors: 256 MiB of test sets
 
 
 def evaluator_for(cfg: ExperimentConfig, data: FederatedData) -> Evaluator:
@@ -291,8 +291,8 @@ def evaluator_for(cfg: ExperimentConfig, data: FederatedData) -> Evaluator:
 
     An `Evaluator` assigns all of the server model's weights before every evaluation, so reusing one gives
     the same figures; a sweep's later runs skip building the model and tracing the evaluation (~0.1 s of CPU
-    a run on the quickstart). The last `_EVALUATORS_KEPT` are kept (with their test sets, at most
-    `_EVALUATOR_BYTES` in all): a task whose test split depends on the seed (digits) reuses them from its
+    a run on the quickstart). The last `_EVALUATORS_KEPT` are kept (with their test sets, as arrays and as
+    tensors: at most `_EVALUATOR_BYTES` in all, the last one always): a task whose test split depends on the seed (digits) reuses them from its
     second round of seeds on. A custom model (`module:function`) gets a new one every run (its code may
     change) and is not kept.
     """
@@ -307,7 +307,7 @@ def evaluator_for(cfg: ExperimentConfig, data: FederatedData) -> Evaluator:
     if ":" not in name:
         _EVALUATORS.append((key, evaluator))
         while len(_EVALUATORS) > 1 and (len(_EVALUATORS) > _EVALUATORS_KEPT or sum(
-                e.test_x.nbytes + e.test_y.nbytes for _, e in _EVALUATORS) > _EVALUATOR_BYTES):
+                2 * (e.test_x.nbytes + e.test_y.nbytes) for _, e in _EVALUATORS) > _EVALUATOR_BYTES):
             _EVALUATORS.pop(0)
     return evaluator
 
