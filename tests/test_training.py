@@ -166,5 +166,6 @@ def test_a_later_run_reuses_an_evaluator_only_for_the_same_registered_model_and_
     assert evaluator_for(cfg, data) is first  # used after `other`: `other` was dropped for the third
     assert evaluator_for(cfg, FederatedData([other_y], other_y, (64,), 10, "random")) is not other
     monkeypatch.setattr(process, "_EVALUATOR_BYTES", 1)  # past the bytes cap only the newest is kept
-    newest = evaluator_for(cfg, FederatedData([other_y], other_y, (64,), 10, "random"))
+    other_x = ClientArrays(test.x + 1, test.y)
+    newest = evaluator_for(cfg, FederatedData([other_x], other_x, (64,), 10, "random"))
     assert [e for _, e in process._EVALUATORS] == [newest]
