@@ -43,7 +43,11 @@ def _uninterrupted_epsilon(rounds):
 def _kill_after_round(out, k, *extra):
     """Starts the driver, SIGKILLs it once round k's metrics line is on disk; returns its worker pids."""
     before = set(worker_pids())
-    proc = subprocess.Popen(_cmd(out, *extra), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A SIGKILLed driver cannot remove its client-files folder: it goes beside `out`, not in /tmp.
+    tmp = os.path.join(os.path.dirname(os.path.abspath(out)), "driver_tmp")
+    os.makedirs(tmp, exist_ok=True)
+    proc = subprocess.Popen(_cmd(out, *extra), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "TMPDIR": tmp})
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:

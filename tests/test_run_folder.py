@@ -50,7 +50,9 @@ def test_second_run_on_a_folder_is_refused_and_a_sigkilled_run_resumes_with_each
     out = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "experiments.run_federated", *ARGS, "--rounds=100000", f"--output_dir={out}"]
     before = set(worker_pids())
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    # A SIGKILLed driver cannot remove its client-files folder: it goes under tmp_path, not /tmp.
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
         line = ""
         deadline = time.monotonic() + 240
