@@ -96,30 +96,41 @@ def test_adaptive_clip_moves_towards_the_update_norm_quantile(tff_context):
     assert clips[-1] == pytest.approx(0.1 * np.exp(0.2 * 0.5 * 5), rel=0.2)
 
 
-def test_a_structure_gets_one_joint_draw_of_independent_noise_of_the_right_std_shape_and_dtype():
-    """`Float64GaussianSumQuery` draws a structure's noise jointly (one sampler) and splits it back: every
-    tensor keeps its shape and dtype, each has std sigma, and the tensors' noise is uncorrelated; a tensor of
-    unknown shape (inside a tf.function without it) is drawn on its own."""
+def test_small_tensors_share_one_draw_of_independent_noise_of_the_right_std_shape_and_dtype():
+    """`Float64GaussianSumQuery`: tensors of at most 2^16 coordinates share one draw, split back; a larger one,
+    or one of unknown shape (inside a tf.function without it), is drawn on its own. Every tensor keeps its
+    shape and dtype and has std sigma; the tensors' noise is uncorrelated, also when seeded (the shared draw
+    and tensor 0's never use the same op seed)."""
     import tensorflow as tf
 
+    from dpfl_tff.privacy import queries
     from dpfl_tff.privacy.queries import Float64GaussianSumQuery
 
     sigma = 0.7
+    big_shape = (300, 250)  # 75,000 coordinates: its own draw
+    assert np.prod(big_shape) > queries._JOINT_DRAW_MAX_ELEMENTS >= 200 * 100
+    specs = [(big_shape, tf.float32), ((200, 100), tf.float32), ((20_000,), tf.float32), ((3, 3, 3), tf.float64),
+             ((), tf.float32)]
+    zeros = [tf.zeros(shape, dtype) for shape, dtype in specs]
+    n = 20_000
+    # Each check allows 6 standard errors of an asymptotically normal estimate over n >= 20,000 iid normals:
+    # P(|Z| > 6) = 2e-9; 2 x 9 checks: failure probability < 4e-8 per run.
+    for seed in (None, 5):
+        query = Float64GaussianSumQuery(1.0, sigma, seed)
+        noised, _, _ = query.get_noised_result(zeros, query.initial_global_state())
+        assert [(tuple(t.shape), t.dtype) for t in noised] == [(s, d) for s, d in specs]
+        big, joint_a, joint_b = (np.asarray(noised[i], np.float64).ravel() for i in range(3))
+        for x in (big, joint_a, joint_b):
+            assert x.std() == pytest.approx(sigma, rel=6 / np.sqrt(2 * x.size))
+            assert abs(x.mean()) < 6 * sigma / np.sqrt(x.size)
+        # Independent tensors: the sample correlation of n pairs is ~ N(0, 1/n).
+        assert abs(np.corrcoef(joint_a, joint_b)[0, 1]) < 6 / np.sqrt(n)
+        assert abs(np.corrcoef(big[:n], joint_a)[0, 1]) < 6 / np.sqrt(n)
+        assert abs(np.corrcoef(big[:n], joint_b)[0, 1]) < 6 / np.sqrt(n)
+        assert np.all(np.asarray(noised[3]) != 0) and np.asarray(noised[4]) != 0  # the small ones are noised too
+
     query = Float64GaussianSumQuery(1.0, sigma)
     state = query.initial_global_state()
-    specs = [((200, 100), tf.float32), ((20_000,), tf.float32), ((3, 3, 3), tf.float64), ((), tf.float32)]
-    zeros = [tf.zeros(shape, dtype) for shape, dtype in specs]
-    noised, _, _ = query.get_noised_result(zeros, state)
-    assert [(tuple(t.shape), t.dtype) for t in noised] == [(s, d) for s, d in specs]
-    big = [np.asarray(noised[0], np.float64).ravel(), np.asarray(noised[1], np.float64)]
-    # Each check allows 6 standard errors of an asymptotically normal estimate over n = 20,000 iid normals:
-    # P(|Z| > 6) = 2e-9; 5 checks: failure probability < 1e-8 per run.
-    for x in big:
-        assert x.std() == pytest.approx(sigma, rel=6 / np.sqrt(2 * x.size))
-        assert abs(x.mean()) < 6 * sigma / np.sqrt(x.size)
-    # Independent tensors: the sample correlation of n pairs is ~ N(0, 1/n).
-    assert abs(np.corrcoef(big[0], big[1])[0, 1]) < 6 / np.sqrt(big[1].size)
-    assert np.all(np.asarray(noised[2]) != 0) and np.asarray(noised[3]) != 0  # the small ones are noised too
 
     @tf.function(input_signature=[tf.TensorSpec(None, tf.float32), tf.TensorSpec([5], tf.float32)])
     def unknown(a, b):
